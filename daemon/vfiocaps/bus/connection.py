@@ -1,0 +1,154 @@
+"""Connecting to the message bus with a writer that waits on a full socket instead of dying.
+
+dbus-fast's asyncio writer treats ``EAGAIN`` from ``send()`` as fatal and drops the connection,
+so any local client that floods the service with calls and never reads the replies can knock the
+service off the bus (python-dbus-next issue #153, inherited by dbus-fast).
+:class:`ResilientMessageBus` replaces that writer with one that keeps the unsent remainder and
+resumes when the socket becomes writable.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import socket
+
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
+
+from ..config import BusChoice, BusKind
+from ..errors import BusError
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(fut: asyncio.Future[None] | None, err: Exception | None = None) -> None:
+    if fut is None or fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+class _BackpressureWriter(_MessageWriter):
+    """A message writer for which a full socket means "wait until writable", not "disconnect"."""
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        """Write queued messages until the queue is empty or the socket would block.
+
+        On ``EAGAIN``/``EINTR`` the partly written message stays in ``buf`` at ``offset`` (its file
+        descriptors, if any, unsent) and the event loop's writer resumes it. Any other socket error
+        ends the connection as the library does.
+        """
+        sock, fd = self.sock, self.fd
+        if sock is None or fd is None:
+            return
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(fd)
+                        return
+                    data, unix_fds, fut = self.messages.popleft()
+                    self.buf, self.offset = memoryview(data), 0
+                    self.unix_fds, self.fut = unix_fds, fut
+                pending = self.buf[self.offset :]
+                if self.unix_fds and self.negotiate_unix_fd:
+                    fds = array.array("i", self.unix_fds)
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                    self.offset += sock.sendmsg([pending], ancillary)
+                    self.unix_fds = None
+                else:
+                    self.offset += sock.send(pending)
+                if self.offset < len(self.buf):
+                    self._wait_writable()
+                    return
+                self.buf = None
+                _resolve(self.fut)
+        except (BlockingIOError, InterruptedError):
+            self._wait_writable()
+        except OSError as err:
+            _resolve(self.fut, None if self.bus._user_disconnect else err)
+            self.bus._finalize(err)
+
+    def _wait_writable(self) -> None:
+        if self.fd is not None:
+            self.loop.add_writer(self.fd, self.write_callback)
+
+
+class ResilientMessageBus(MessageBus):
+    """An asyncio :class:`MessageBus` whose writer survives a peer that stops reading."""
+
+    async def connect(self) -> ResilientMessageBus:
+        """Connect and authenticate, then install the back-pressure writer.
+
+        Raises:
+            OSError, dbus_fast.AuthError: as :meth:`MessageBus.connect`.
+        """
+        await super().connect()
+        old = self._writer
+        if old is None:  # connect() always creates one; be explicit rather than assert
+            raise OSError("the bus connection has no writer after connect()")
+        writer = _BackpressureWriter(self)
+        writer.messages = old.messages
+        writer.buf, writer.offset = old.buf, old.offset
+        writer.unix_fds, writer.fut = old.unix_fds, old.fut
+        self._writer = writer
+        if writer.buf is not None or writer.messages:
+            writer._wait_writable()
+        return self
+
+
+async def connect_bus(choice: BusChoice) -> ResilientMessageBus:
+    """Connect to the bus *choice* names.
+
+    Raises:
+        BusError: the bus cannot be reached or refuses authentication.
+    """
+    if choice.kind is BusKind.ADDRESS:
+        bus = ResilientMessageBus(bus_address=choice.address)
+    elif choice.kind is BusKind.SESSION:
+        bus = ResilientMessageBus(bus_type=BusType.SESSION)
+    else:
+        bus = ResilientMessageBus(bus_type=BusType.SYSTEM)
+    try:
+        await bus.connect()
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        raise BusError(f"cannot connect to the {choice.describe()}: {err}") from err
+    log.info("connected to the %s as %s", choice.describe(), bus.unique_name)
+    return bus
+
+
+async def wait_disconnected(bus: MessageBus) -> None:
+    """Wait until *bus* is disconnected, for whatever reason.
+
+    Raises:
+        Exception: the error that ended the connection, if it ended with one.
+    """
+    await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+
+async def close_bus(bus: MessageBus) -> None:
+    """Disconnect *bus* and wait until the library has finished with it.
+
+    Raises:
+        asyncio.CancelledError: only when the calling task itself is being cancelled.
+    """
+    if not bus.connected:
+        return
+    bus.disconnect()
+    try:
+        await wait_disconnected(bus)
+    except asyncio.CancelledError:
+        # the library cancels its disconnect future on a user disconnect; re-raise only our own
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception as err:  # noqa: BLE001 - a failing socket at close is only worth a line
+        log.debug("bus closed with an error: %s", err)

@@ -1,0 +1,123 @@
+"""Frozen daemon configuration: every system path and tunable, fixed once at start."""
+
+from __future__ import annotations
+
+import enum
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_PROBE_USER = "vfiocaps-probe"
+
+
+class BusKind(enum.Enum):
+    """Which message bus the daemon connects to."""
+
+    SYSTEM = "system"
+    SESSION = "session"
+    ADDRESS = "address"
+
+
+@dataclass(frozen=True)
+class BusChoice:
+    """The bus to connect to: the system bus, the session bus, or an explicit address."""
+
+    kind: BusKind = BusKind.SYSTEM
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind is BusKind.ADDRESS) != (self.address is not None):
+            raise ConfigError("a bus address is given exactly when the bus kind is 'address'")
+        if self.address is not None and ":" not in self.address:
+            raise ConfigError(f"not a D-Bus address: {self.address!r}")
+
+    def describe(self) -> str:
+        """Return a human description such as ``system bus`` or ``bus at unix:path=...``."""
+        if self.kind is BusKind.ADDRESS:
+            return f"bus at {self.address}"
+        return f"{self.kind.value} bus"
+
+
+def default_qemu_binary(machine: str | None = None) -> Path:
+    """Return the QEMU system emulator for this host's architecture (found on ``PATH`` if possible).
+
+    Raises nothing: a missing binary is reported when a probe needs it, not at start-up.
+    """
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        (machine or platform.machine()).lower(), machine or platform.machine()
+    )
+    name = f"qemu-system-{arch}"
+    found = shutil.which(name)
+    return Path(found) if found else Path("/usr/bin") / name
+
+
+def _first_directory(value: str | None) -> Path | None:
+    """systemd passes ``$CACHE_DIRECTORY`` etc. as colon-separated lists; take the first."""
+    if not value:
+        return None
+    first = value.split(":", 1)[0]
+    return Path(first) if first else None
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """``$CACHE_DIRECTORY`` (systemd), else the user's XDG cache, else /var/cache/vfiocaps."""
+    from_systemd = _first_directory(environ.get("CACHE_DIRECTORY"))
+    if from_systemd:
+        return from_systemd
+    if os.geteuid() != 0:
+        home = Path(environ.get("HOME") or Path.home())
+        xdg = environ.get("XDG_CACHE_HOME") or str(home / ".cache")
+        return Path(xdg) / "vfiocaps"
+    return Path("/var/cache/vfiocaps")
+
+
+def default_runtime_dir(environ: Mapping[str, str]) -> Path:
+    """``$RUNTIME_DIRECTORY`` (systemd), else ``$XDG_RUNTIME_DIR/vfiocaps``, else /run/vfiocaps."""
+    from_systemd = _first_directory(environ.get("RUNTIME_DIRECTORY"))
+    if from_systemd:
+        return from_systemd
+    xdg = environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.geteuid() != 0:
+        return Path(xdg) / "vfiocaps"
+    return Path("/run/vfiocaps")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to know about its host, fixed for the life of the process."""
+
+    bus: BusChoice = field(default_factory=BusChoice)
+    sysfs_root: Path = Path("/sys")
+    dev_root: Path = Path("/dev")
+    cache_dir: Path = Path("/var/cache/vfiocaps")
+    runtime_dir: Path = Path("/run/vfiocaps")
+    qemu_binary: Path = field(default_factory=default_qemu_binary)
+    probe_user: str = DEFAULT_PROBE_USER
+    probe_timeout: float = 30.0
+    probe_concurrency: int = 2
+    probe_types_without_instances: bool = False
+    watchdog_usec: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sysfs_root", "dev_root", "cache_dir", "runtime_dir", "qemu_binary"):
+            value = getattr(self, name)
+            if not isinstance(value, Path) or not value.is_absolute():
+                raise ConfigError(f"{name} must be an absolute path, got {value!r}")
+        if not 0 < self.probe_timeout <= 3600:
+            raise ConfigError(
+                f"probe timeout must be in (0, 3600] seconds, got {self.probe_timeout}"
+            )
+        if not 1 <= self.probe_concurrency <= 64:
+            raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")
+        if not self.probe_user or "\0" in self.probe_user or "/" in self.probe_user:
+            raise ConfigError(f"invalid probe user {self.probe_user!r}")
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite capability cache."""
+        return self.cache_dir / "capabilities.sqlite"

@@ -1,0 +1,188 @@
+"""``vfiocapsd``: command line, start-up and shutdown of the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dbus_fast import NameFlag, RequestNameReply
+
+from . import __version__
+from .bus.connection import ResilientMessageBus, close_bus, connect_bus, wait_disconnected
+from .bus.manager import ManagerInterface
+from .bus.names import BUS_NAME, ROOT_PATH
+from .config import (
+    BusChoice,
+    BusKind,
+    Config,
+    default_cache_dir,
+    default_qemu_binary,
+    default_runtime_dir,
+)
+from .errors import BusError, ConfigError, NameTakenError, VfiocapsError
+from .journal import setup_logging
+
+log = logging.getLogger("vfiocaps")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _absolute(value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute():
+        raise argparse.ArgumentTypeError(f"must be an absolute path: {value!r}")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vfiocapsd`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="vfiocapsd",
+        description="Probe VFIO devices for display, GL and migration, cache the results, "
+        "and serve them on D-Bus as org.vfiocaps.",
+    )
+    bus = parser.add_mutually_exclusive_group()
+    bus.add_argument("--system", action="store_true", help="use the system bus (default)")
+    bus.add_argument("--session", action="store_true", help="use the session bus")
+    bus.add_argument("--bus-address", metavar="ADDR", help="use the bus at this D-Bus address")
+    parser.add_argument("--sysfs-root", type=_absolute, metavar="DIR", help="default: /sys")
+    parser.add_argument("--dev-root", type=_absolute, metavar="DIR", help="default: /dev")
+    parser.add_argument(
+        "--cache-dir", type=_absolute, metavar="DIR", help="default: $CACHE_DIRECTORY"
+    )
+    parser.add_argument(
+        "--runtime-dir", type=_absolute, metavar="DIR", help="default: $RUNTIME_DIRECTORY"
+    )
+    parser.add_argument("--qemu", type=_absolute, metavar="PATH", help="QEMU system emulator")
+    parser.add_argument("--probe-user", metavar="USER", help="unprivileged user that runs QEMU")
+    parser.add_argument("--probe-timeout", type=float, metavar="SECONDS")
+    parser.add_argument("--probe-concurrency", type=int, metavar="N")
+    parser.add_argument(
+        "--probe-types-without-instances",
+        action="store_true",
+        help="create a temporary instance to probe a type nobody has instantiated yet",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Build the frozen configuration from parsed arguments and the environment.
+
+    Raises:
+        ConfigError: a value is out of range or inconsistent.
+    """
+    if args.bus_address:
+        bus = BusChoice(BusKind.ADDRESS, args.bus_address)
+    elif args.session:
+        bus = BusChoice(BusKind.SESSION)
+    else:
+        bus = BusChoice(BusKind.SYSTEM)
+    values: dict[str, object] = {
+        "bus": bus,
+        "cache_dir": args.cache_dir or default_cache_dir(environ),
+        "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
+        "qemu_binary": args.qemu or default_qemu_binary(),
+        "probe_types_without_instances": args.probe_types_without_instances,
+    }
+    optional = {
+        "sysfs_root": args.sysfs_root,
+        "dev_root": args.dev_root,
+        "probe_user": args.probe_user,
+        "probe_timeout": args.probe_timeout,
+        "probe_concurrency": args.probe_concurrency,
+    }
+    values.update({key: value for key, value in optional.items() if value is not None})
+    watchdog = environ.get("WATCHDOG_USEC", "")
+    if watchdog.isdigit() and environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+        values["watchdog_usec"] = int(watchdog)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+async def _own_name(bus: ResilientMessageBus) -> None:
+    """Request the well-known name without queueing.
+
+    Raises:
+        NameTakenError: another connection owns it.
+        BusError: the bus refused the request.
+    """
+    try:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        raise BusError(f"cannot request the name {BUS_NAME}: {err}") from err
+    if reply is RequestNameReply.EXISTS:
+        raise NameTakenError(f"{BUS_NAME} is already owned by another process on this bus")
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise BusError(f"unexpected reply to the request for {BUS_NAME}: {reply}")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Run the daemon until *stop* is set.
+
+    Raises:
+        BusError: the bus is unreachable, the name is taken, or the connection is lost.
+    """
+    bus = await connect_bus(config.bus)
+    manager = ManagerInterface()
+    try:
+        bus.export(ROOT_PATH, manager)
+        await _own_name(bus)
+        log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+        lost = asyncio.ensure_future(wait_disconnected(bus))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (lost, stopping):
+                task.cancel()
+        if lost.done() and not lost.cancelled():
+            raise BusError(f"lost the connection to the {config.bus.describe()}")
+    finally:
+        bus.unexport(ROOT_PATH)
+        await close_bus(bus)
+
+
+async def _main_async(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(config, stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("vfiocapsd stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vfiocapsd``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        config = config_from_args(args, os.environ)
+    except ConfigError as err:
+        print(f"vfiocapsd: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        asyncio.run(_main_async(config))
+    except VfiocapsError as err:
+        log.error("%s", err)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: a private bus per test and a helper to start the daemon on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from harness import DaemonProcess, PrivateBus
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    bus = PrivateBus(tmp_path / "bus").start()
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def start_daemon(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonFactory]:
+    started: list[DaemonProcess] = []
+
+    def start(
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+        name: str = "daemon",
+        bus: PrivateBus | None = None,
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(
+            bus=bus or private_bus,
+            workdir=tmp_path / name,
+            args=args,
+            env=dict(env or {}),
+            wrapper=wrapper,
+        )
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            if daemon.alive():
+                daemon.stop()
