@@ -94,6 +94,8 @@ class Config:
     bus: BusChoice = field(default_factory=BusChoice)
     sysfs_root: Path = Path("/sys")
     dev_root: Path = Path("/dev")
+    modules_root: Path = Path("/lib/modules")
+    kernel_release: str = field(default_factory=lambda: os.uname().release)
     cache_dir: Path = Path("/var/cache/vfiocaps")
     runtime_dir: Path = Path("/run/vfiocaps")
     qemu_binary: Path = field(default_factory=default_qemu_binary)
@@ -104,7 +106,14 @@ class Config:
     watchdog_usec: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("sysfs_root", "dev_root", "cache_dir", "runtime_dir", "qemu_binary"):
+        for name in (
+            "sysfs_root",
+            "dev_root",
+            "modules_root",
+            "cache_dir",
+            "runtime_dir",
+            "qemu_binary",
+        ):
             value = getattr(self, name)
             if not isinstance(value, Path) or not value.is_absolute():
                 raise ConfigError(f"{name} must be an absolute path, got {value!r}")

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sysfs-root", type=_absolute, metavar="DIR", help="default: /sys")
     parser.add_argument("--dev-root", type=_absolute, metavar="DIR", help="default: /dev")
     parser.add_argument(
+        "--modules-root", type=_absolute, metavar="DIR", help="default: /lib/modules"
+    )
+    parser.add_argument(
         "--cache-dir", type=_absolute, metavar="DIR", help="default: $CACHE_DIRECTORY"
     )
     parser.add_argument(
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     optional = {
         "sysfs_root": args.sysfs_root,
         "dev_root": args.dev_root,
+        "modules_root": args.modules_root,
         "probe_user": args.probe_user,
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
