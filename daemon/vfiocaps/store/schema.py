@@ -1,0 +1,79 @@
+"""The cache's schema as an ordered list of migrations; ``PRAGMA user_version`` is the version."""
+
+from __future__ import annotations
+
+# Each entry upgrades the database from version i to i + 1. Entries are never edited once
+# released: a change to the schema is a new entry at the end.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: capabilities keyed by driver, kernel, parent PCI id, type and QEMU binary identity
+    (
+        """
+        CREATE TABLE capabilities (
+            driver          TEXT    NOT NULL,
+            driver_version  TEXT    NOT NULL,
+            kernel_release  TEXT    NOT NULL,
+            parent_pci_id   TEXT    NOT NULL,
+            type_id         TEXT    NOT NULL,
+            qemu_path       TEXT    NOT NULL,
+            qemu_version    TEXT    NOT NULL,
+            qemu_ctime_ns   INTEGER NOT NULL,
+            outcome         TEXT    NOT NULL,
+            display         TEXT    NOT NULL,
+            gl_required     INTEGER NOT NULL,
+            migration       TEXT    NOT NULL,
+            blockers        TEXT    NOT NULL,
+            error           TEXT    NOT NULL,
+            probed_at_us    INTEGER NOT NULL,
+            PRIMARY KEY (driver, driver_version, kernel_release, parent_pci_id, type_id,
+                         qemu_path, qemu_version, qemu_ctime_ns)
+        )
+        """,
+        "CREATE INDEX capabilities_by_driver ON capabilities (driver, driver_version)",
+    ),
+    # 2: migration notes, and failures cached with a retry time instead of forever
+    (
+        "ALTER TABLE capabilities ADD COLUMN notes TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE capabilities ADD COLUMN retry_at_us INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE capabilities ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    ),
+    # 3: bounded probe history, last known devices, and QEMU versions by binary identity
+    (
+        """
+        CREATE TABLE probe_history (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            at_us           INTEGER NOT NULL,
+            driver          TEXT    NOT NULL,
+            driver_version  TEXT    NOT NULL,
+            type_id         TEXT    NOT NULL,
+            key_json        TEXT    NOT NULL,
+            outcome         TEXT    NOT NULL,
+            duration        REAL    NOT NULL,
+            launches        INTEGER NOT NULL,
+            error           TEXT    NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE known_devices (
+            device_id       TEXT    PRIMARY KEY,
+            kind            TEXT    NOT NULL,
+            sysfs_path      TEXT    NOT NULL,
+            parent          TEXT    NOT NULL,
+            type_id         TEXT    NOT NULL,
+            driver          TEXT    NOT NULL,
+            driver_version  TEXT    NOT NULL,
+            last_seen_us    INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE qemu_binaries (
+            path            TEXT    NOT NULL,
+            ctime_ns        INTEGER NOT NULL,
+            size            INTEGER NOT NULL,
+            version         TEXT    NOT NULL,
+            PRIMARY KEY (path, ctime_ns, size)
+        )
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

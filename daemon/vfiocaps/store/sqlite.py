@@ -1,0 +1,423 @@
+"""The SQLite file behind the cache: open, migrate, recover, and read/write records atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..capabilities import Capabilities, Display, Migration, ProbeOutcome
+from ..errors import StoreError
+from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+_KEY_COLUMNS = (
+    "driver",
+    "driver_version",
+    "kernel_release",
+    "parent_pci_id",
+    "type_id",
+    "qemu_path",
+    "qemu_version",
+    "qemu_ctime_ns",
+)
+_RECORD_COLUMNS = (
+    *_KEY_COLUMNS,
+    "outcome",
+    "display",
+    "gl_required",
+    "migration",
+    "blockers",
+    "notes",
+    "error",
+    "probed_at_us",
+    "retry_at_us",
+    "failures",
+)
+
+
+class StoreCorruptError(StoreError):
+    """The database file is not a usable SQLite database of ours."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be written now (read-only, disk full, locked); it may recover."""
+
+
+# Built once from the constant column names above; values are always bound parameters.
+_SELECT_RECORDS = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM capabilities"  # noqa: S608
+_UPSERT_RECORD = (
+    f"INSERT OR REPLACE INTO capabilities ({', '.join(_RECORD_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _RECORD_COLUMNS)})"
+)
+_DELETE_RECORD = "DELETE FROM capabilities WHERE " + " AND ".join(  # noqa: S608
+    f"{name} = ?" for name in _KEY_COLUMNS
+)
+
+
+def _row_to_record(row: Sequence[Any]) -> CapabilityRecord:
+    values = dict(zip(_RECORD_COLUMNS, row, strict=True))
+    key = CapabilityKey(**{name: values[name] for name in _KEY_COLUMNS})
+    outcome = ProbeOutcome(values["outcome"])
+    capabilities = None
+    if outcome is ProbeOutcome.OK:
+        capabilities = Capabilities(
+            display=Display(values["display"]),
+            gl_required=bool(values["gl_required"]),
+            migration=Migration(values["migration"]),
+            migration_blockers=tuple(json.loads(values["blockers"])),
+            migration_notes=tuple(json.loads(values["notes"])),
+            qemu_version=key.qemu_version,
+        )
+    return CapabilityRecord(
+        key=key,
+        outcome=outcome,
+        capabilities=capabilities,
+        error=values["error"],
+        probed_at_us=values["probed_at_us"],
+        retry_at_us=values["retry_at_us"],
+        failures=values["failures"],
+    )
+
+
+def _record_to_row(record: CapabilityRecord) -> tuple[Any, ...]:
+    caps = record.capabilities
+    return (
+        *(getattr(record.key, name) for name in _KEY_COLUMNS),
+        record.outcome.value,
+        (caps.display if caps else Display.UNKNOWN).value,
+        int(caps.gl_required) if caps else 0,
+        (caps.migration if caps else Migration.UNKNOWN).value,
+        json.dumps(list(caps.migration_blockers) if caps else []),
+        json.dumps(list(caps.migration_notes) if caps else []),
+        record.error,
+        record.probed_at_us,
+        record.retry_at_us,
+        record.failures,
+    )
+
+
+def _classify(err: sqlite3.Error, action: str) -> StoreError:
+    """Map an sqlite3 error to corrupt (rebuild) or unavailable (retry later)."""
+    text = str(err)
+    if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.OperationalError):
+        return StoreCorruptError(f"{action}: {text}")
+    if "malformed" in text or "not a database" in text:
+        return StoreCorruptError(f"{action}: {text}")
+    return StoreUnavailableError(f"{action}: {text}")
+
+
+class CapabilityStore:
+    """One SQLite file of cached capabilities, probe history and known devices.
+
+    Every write is one transaction, so a crash leaves either the old or the new rows, never a
+    half-written record. A corrupt file is moved aside (``<name>.corrupt-<unix time>``) and a
+    fresh database is created: the cache costs only probes to rebuild.
+    """
+
+    def __init__(self, path: Path, history_limit: int = 1000) -> None:
+        self.path = path
+        self.history_limit = history_limit
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether a database connection is open."""
+        return self._db is not None
+
+    async def open(self) -> None:
+        """Open (creating, migrating or rebuilding) the database.
+
+        Raises:
+            StoreUnavailableError: the file or its directory cannot be created or opened at all.
+        """
+        try:
+            await self._open_checked()
+        except StoreCorruptError as err:
+            await self._close_quietly()
+            self.move_aside(str(err))
+            await self._open_checked()
+
+    async def _open_checked(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreUnavailableError(f"cannot create {self.path.parent}: {err}") from err
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as err:
+            raise _classify(err, f"cannot open {self.path}") from err
+        self._db = db
+        try:
+            await db.execute("PRAGMA busy_timeout = 2000")
+            cursor = await db.execute("PRAGMA quick_check")
+            (verdict,) = await cursor.fetchone() or ("no answer",)
+            if verdict != "ok":
+                raise StoreCorruptError(f"{self.path} failed its integrity check: {verdict}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await self._migrate(db)
+        except sqlite3.Error as err:
+            raise _classify(err, f"cannot open {self.path}") from err
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        cursor = await db.execute("PRAGMA user_version")
+        row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreCorruptError(
+                f"{self.path} has schema version {version}, newer than {SCHEMA_VERSION}"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target - 1]:
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        log.info("cache %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def move_aside(self, reason: str) -> Path:
+        """Rename the database (and its WAL and shared-memory files) out of the way.
+
+        Raises:
+            StoreUnavailableError: the files cannot be renamed.
+        """
+        target = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    os.replace(source, f"{target}{suffix}")
+        except OSError as err:
+            raise StoreUnavailableError(f"cannot move {self.path} aside: {err}") from err
+        log.warning("cache %s is unusable (%s); moved to %s, rebuilding", self.path, reason, target)
+        return target
+
+    async def recover(self, reason: str) -> None:
+        """Close, move the damaged file aside and start a fresh database.
+
+        Raises:
+            StoreUnavailableError: the fresh database cannot be created either.
+        """
+        async with self._lock:
+            await self._close_quietly()
+            if self.path.exists():
+                self.move_aside(reason)
+            await self._open_checked()
+
+    async def close(self) -> None:
+        """Close the database. Idempotent; never raises."""
+        async with self._lock:
+            await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error as err:
+                log.debug("closing %s: %s", self.path, err)
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailableError(f"{self.path} is not open")
+        return self._db
+
+    async def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock:
+            db = self._connection()
+            try:
+                cursor = await db.execute(sql, params)
+                return list(await cursor.fetchall())
+            except sqlite3.Error as err:
+                raise _classify(err, action) from err
+
+    async def _write(self, action: str, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        async with self._lock:
+            db = self._connection()
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as err:
+                raise _classify(err, action) from err
+            try:
+                for sql, params in statements:
+                    await db.execute(sql, params)
+                await db.execute("COMMIT")
+            except BaseException as err:
+                try:
+                    await db.execute("ROLLBACK")
+                except sqlite3.Error as rollback_err:
+                    log.debug("rollback after failed %s: %s", action, rollback_err)
+                if isinstance(err, sqlite3.Error):
+                    raise _classify(err, action) from err
+                raise
+
+    async def load_records(self) -> list[CapabilityRecord]:
+        """Every cached record.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: the database cannot be read.
+        """
+        rows = await self._read("reading capabilities", _SELECT_RECORDS)
+        records = []
+        for row in rows:
+            try:
+                records.append(_row_to_record(row))
+            except (ValueError, TypeError, KeyError) as err:
+                log.warning("skipping an unreadable cache row: %s", err)
+        return records
+
+    async def put_records(self, records: Iterable[CapabilityRecord]) -> None:
+        """Insert or replace *records* in one transaction.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: nothing was written.
+        """
+        statements = [(_UPSERT_RECORD, _record_to_row(record)) for record in records]
+        await self._write("writing capabilities", statements)
+
+    async def delete_records(self, keys: Iterable[CapabilityKey]) -> None:
+        """Delete the records of *keys* in one transaction.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: nothing was deleted.
+        """
+        statements = [(_DELETE_RECORD, tuple(asdict(key).values())) for key in keys]
+        await self._write("deleting capabilities", statements)
+
+    async def add_history(self, entries: Iterable[ProbeHistoryEntry]) -> None:
+        """Append probe history entries, keeping only the newest ``history_limit``.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: nothing was written.
+        """
+        insert = (
+            "INSERT INTO probe_history (at_us, driver, driver_version, type_id, key_json, "
+            "outcome, duration, launches, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                insert,
+                (
+                    entry.at_us,
+                    entry.key.driver,
+                    entry.key.driver_version,
+                    entry.key.type_id,
+                    json.dumps(asdict(entry.key), sort_keys=True),
+                    entry.outcome.value,
+                    entry.duration,
+                    entry.launches,
+                    entry.error,
+                ),
+            )
+            for entry in entries
+        ]
+        statements.append(
+            (
+                "DELETE FROM probe_history WHERE id <= "
+                "(SELECT id FROM probe_history ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.history_limit,),
+            )
+        )
+        await self._write("writing probe history", statements)
+
+    async def history(self, limit: int = 100) -> list[ProbeHistoryEntry]:
+        """The newest *limit* history entries, newest first.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: the database cannot be read.
+        """
+        rows = await self._read(
+            "reading probe history",
+            "SELECT at_us, key_json, outcome, duration, launches, error FROM probe_history "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            ProbeHistoryEntry(
+                at_us=at_us,
+                key=CapabilityKey(**json.loads(key_json)),
+                outcome=ProbeOutcome(outcome),
+                duration=duration,
+                launches=launches,
+                error=error,
+            )
+            for at_us, key_json, outcome, duration, launches, error in rows
+        ]
+
+    async def replace_known_devices(self, devices: Iterable[KnownDevice]) -> None:
+        """Replace the remembered device list in one transaction.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: nothing was written.
+        """
+        insert = (
+            "INSERT INTO known_devices (device_id, kind, sysfs_path, parent, type_id, driver, "
+            "driver_version, last_seen_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        statements: list[tuple[str, Sequence[Any]]] = [("DELETE FROM known_devices", ())]
+        statements += [(insert, tuple(asdict(device).values())) for device in devices]
+        await self._write("writing known devices", statements)
+
+    async def known_devices(self) -> list[KnownDevice]:
+        """The remembered device list.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: the database cannot be read.
+        """
+        rows = await self._read(
+            "reading known devices",
+            "SELECT device_id, kind, sysfs_path, parent, type_id, driver, driver_version, "
+            "last_seen_us FROM known_devices ORDER BY device_id",
+        )
+        return [KnownDevice(*row) for row in rows]
+
+    async def qemu_version(self, path: str, ctime_ns: int, size: int) -> str | None:
+        """The version remembered for this exact binary, if any.
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: the database cannot be read.
+        """
+        rows = await self._read(
+            "reading QEMU versions",
+            "SELECT version FROM qemu_binaries WHERE path = ? AND ctime_ns = ? AND size = ?",
+            (path, ctime_ns, size),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def remember_qemu_version(
+        self, path: str, ctime_ns: int, size: int, version: str
+    ) -> None:
+        """Remember the version of this exact binary (replacing older entries for *path*).
+
+        Raises:
+            StoreCorruptError, StoreUnavailableError: nothing was written.
+        """
+        await self._write(
+            "writing QEMU version",
+            [
+                ("DELETE FROM qemu_binaries WHERE path = ?", (path,)),
+                (
+                    "INSERT INTO qemu_binaries (path, ctime_ns, size, version) VALUES (?, ?, ?, ?)",
+                    (path, ctime_ns, size, version),
+                ),
+            ],
+        )

@@ -1,0 +1,212 @@
+"""The SQLite cache: schema migrations from every older version, atomic writes, recovery."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from vfiocaps.capabilities import Capabilities, Display, Migration, ProbeOutcome
+from vfiocaps.store import (
+    CapabilityKey,
+    CapabilityRecord,
+    CapabilityStore,
+    KnownDevice,
+    ProbeHistoryEntry,
+)
+from vfiocaps.store.schema import SCHEMA_VERSION
+from vfiocaps.store.sqlite import StoreUnavailableError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "store"
+
+
+def key(type_id: str = "mtty-1", version: str = "0.1") -> CapabilityKey:
+    return CapabilityKey(
+        driver="mtty",
+        driver_version=version,
+        kernel_release="6.12.0",
+        parent_pci_id="",
+        type_id=type_id,
+        qemu_path="/usr/bin/qemu-system-x86_64",
+        qemu_version="10.0.3",
+        qemu_ctime_ns=123,
+    )
+
+
+def record(k: CapabilityKey, display: Display = Display.NONE) -> CapabilityRecord:
+    return CapabilityRecord(
+        key=k,
+        outcome=ProbeOutcome.OK,
+        capabilities=Capabilities(
+            display=display,
+            gl_required=display is Display.DMABUF,
+            migration=Migration.SUPPORTED,
+            migration_blockers=(),
+            migration_notes=("needs x-device-dirty-page-tracking=off",),
+            qemu_version=k.qemu_version,
+        ),
+        error="",
+        probed_at_us=1_700_000_000_000_000,
+    )
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+async def test_fresh_database_has_current_schema_and_wal(tmp_path: Path) -> None:
+    store = CapabilityStore(tmp_path / "c.sqlite")
+    await store.open()
+    await store.close()
+    assert user_version(tmp_path / "c.sqlite") == SCHEMA_VERSION
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_there_is_a_fixture_for_every_older_schema() -> None:
+    versions = sorted(int(p.stem.split("-v")[1]) for p in FIXTURES.glob("schema-v*.sql"))
+    assert versions == list(range(1, SCHEMA_VERSION))
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+async def test_old_database_is_migrated_with_its_rows(tmp_path: Path, version: int) -> None:
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript((FIXTURES / f"schema-v{version}.sql").read_text())
+    assert user_version(path) == version
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        records = {r.key.driver: r for r in await store.load_records()}
+        assert set(records) == {"mtty", "mdpy", "nvidia"}
+        mdpy = records["mdpy"].capabilities
+        assert mdpy is not None
+        assert mdpy.display is Display.REGION
+        assert mdpy.migration is Migration.UNSUPPORTED
+        assert mdpy.migration_blockers == ("vfio 0000: VFIO migration is not supported in kernel",)
+        assert records["nvidia"].outcome is ProbeOutcome.FAILED
+        assert records["nvidia"].capabilities is None
+        if version >= 2:
+            assert records["nvidia"].failures == 1
+            assert records["mtty"].capabilities is not None
+            assert records["mtty"].capabilities.migration_notes
+        else:
+            assert records["nvidia"].failures == 0
+        assert await store.history() == []
+        assert await store.known_devices() == []
+    finally:
+        await store.close()
+    assert user_version(path) == SCHEMA_VERSION
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+async def test_records_round_trip_replace_and_delete(tmp_path: Path) -> None:
+    store = CapabilityStore(tmp_path / "c.sqlite")
+    await store.open()
+    try:
+        first, second = record(key("mtty-1")), record(key("mtty-2"), Display.DMABUF)
+        await store.put_records([first, second])
+        assert sorted(await store.load_records(), key=lambda r: r.key.type_id) == [first, second]
+        failed = CapabilityRecord(
+            key=first.key,
+            outcome=ProbeOutcome.TIMEOUT,
+            capabilities=None,
+            error="no answer in 30 s",
+            probed_at_us=5,
+            retry_at_us=10,
+            failures=2,
+        )
+        await store.put_records([failed])
+        await store.delete_records([second.key])
+        assert await store.load_records() == [failed]
+    finally:
+        await store.close()
+
+
+async def test_history_is_bounded(tmp_path: Path) -> None:
+    store = CapabilityStore(tmp_path / "c.sqlite", history_limit=10)
+    await store.open()
+    try:
+        entries = [ProbeHistoryEntry(i, key(), ProbeOutcome.OK, 0.5, 1, "") for i in range(1, 26)]
+        for start in range(0, 25, 5):
+            await store.add_history(entries[start : start + 5])
+        history = await store.history(100)
+        assert [e.at_us for e in history] == list(range(25, 15, -1))
+        assert history[0].key == key()
+    finally:
+        await store.close()
+
+
+async def test_known_devices_and_qemu_versions(tmp_path: Path) -> None:
+    store = CapabilityStore(tmp_path / "c.sqlite")
+    await store.open()
+    try:
+        device = KnownDevice("uuid", "mdev", "/sys/x", "mtty", "mtty-1", "mtty", "0.1", 1)
+        await store.replace_known_devices([device])
+        await store.replace_known_devices([device])
+        assert await store.known_devices() == [device]
+        assert await store.qemu_version("/q", 1, 2) is None
+        await store.remember_qemu_version("/q", 1, 2, "10.0.3")
+        await store.remember_qemu_version("/q", 3, 2, "10.1.0")
+        assert await store.qemu_version("/q", 1, 2) is None
+        assert await store.qemu_version("/q", 3, 2) == "10.1.0"
+    finally:
+        await store.close()
+
+
+async def test_random_bytes_are_moved_aside_and_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    garbage = os.urandom(64 * 1024)
+    path.write_bytes(garbage)
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        await store.put_records([record(key())])
+        assert len(await store.load_records()) == 1
+    finally:
+        await store.close()
+    (aside,) = tmp_path.glob("c.sqlite.corrupt-*")
+    assert aside.read_bytes() == garbage
+    assert user_version(path) == SCHEMA_VERSION
+
+
+async def test_a_database_from_a_newer_daemon_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    store = CapabilityStore(path)
+    await store.open()
+    await store.close()
+    assert user_version(path) == SCHEMA_VERSION
+    assert len(list(tmp_path.glob("c.sqlite.corrupt-*"))) == 1
+
+
+async def test_corruption_while_open_is_recovered(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        await store.put_records([record(key())])
+        await store.close()
+        path.write_bytes(os.urandom(8192))
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        await store.open()
+        assert await store.load_records() == []
+        await store.put_records([record(key())])
+        assert len(await store.load_records()) == 1
+    finally:
+        await store.close()
+
+
+async def test_unopenable_directory_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = CapabilityStore(blocker / "sub" / "c.sqlite")
+    with pytest.raises(StoreUnavailableError):
+        await store.open()
+    with pytest.raises(StoreUnavailableError):
+        await store.load_records()
