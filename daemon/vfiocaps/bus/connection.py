@@ -13,15 +13,19 @@ import array
 import asyncio
 import logging
 import socket
+from typing import Any
 
-from dbus_fast import BusType
+from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
+from dbus_fast.service import ServiceInterface
 
 from ..config import BusChoice, BusKind
 from ..errors import BusError
 
 log = logging.getLogger(__name__)
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 def _resolve(fut: asyncio.Future[None] | None, err: Exception | None = None) -> None:
@@ -81,7 +85,61 @@ class _BackpressureWriter(_MessageWriter):
 
 
 class ResilientMessageBus(MessageBus):
-    """An asyncio :class:`MessageBus` whose writer survives a peer that stops reading."""
+    """An asyncio :class:`MessageBus` whose writer survives a peer that stops reading.
+
+    It also emits ObjectManager signals from the manager's object: with ``object_manager_root``
+    set, ``InterfacesAdded``/``InterfacesRemoved`` for objects below it come from that path, as
+    the D-Bus specification says (the library sends them from the object's own path).
+    """
+
+    object_manager_root: str | None = None
+
+    def _manager_for(self, path: str) -> str | None:
+        root = self.object_manager_root
+        if root is not None and path.startswith(root + "/"):
+            return root
+        return None
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        root = self._manager_for(path)
+        if root is None:
+            super()._emit_interface_added(path, interface)
+            return
+        if self._disconnected:
+            return
+
+        def send(_: ServiceInterface, values: Any, __: Any, err: Exception | None) -> None:
+            if err is not None:
+                log.error("properties of %s at %s unreadable: %s", interface.name, path, err)
+                return
+            self.send(
+                Message.new_signal(
+                    path=root,
+                    interface=OBJECT_MANAGER,
+                    member="InterfacesAdded",
+                    signature="oa{sa{sv}}",
+                    body=[path, {interface.name: values}],
+                )
+            )
+
+        ServiceInterface._get_all_property_values(interface, send)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        root = self._manager_for(path)
+        if root is None:
+            super()._emit_interface_removed(path, removed_interfaces)
+            return
+        if self._disconnected:
+            return
+        self.send(
+            Message.new_signal(
+                path=root,
+                interface=OBJECT_MANAGER,
+                member="InterfacesRemoved",
+                signature="oas",
+                body=[path, removed_interfaces],
+            )
+        )
 
     async def connect(self) -> ResilientMessageBus:
         """Connect and authenticate, then install the back-pressure writer.

@@ -1,0 +1,75 @@
+"""Per-call context for D-Bus methods: who is calling, and errors mapped through one table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from dbus_fast import Message, MessageFlag, MessageType
+
+from .errors import to_dbus_error
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The connection a method call came from."""
+
+    sender: str
+    interactive: bool
+
+
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+    "vfiocaps_caller", default=None
+)
+
+
+def note_caller(message: Message) -> None:
+    """A bus message handler: remember the sender of each incoming method call.
+
+    dbus-fast dispatches a call (and creates the task of an ``async`` method) right after the
+    message handlers run, in the same context, so the method sees this value. Returns None so
+    that dispatch continues.
+    """
+    if message.message_type is MessageType.METHOD_CALL:
+        interactive = bool(message.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        _CALLER.set(Caller(message.sender or "", interactive))
+
+
+def current_caller() -> Caller:
+    """The caller of the method being served.
+
+    Raises:
+        LookupError: called outside a D-Bus method call.
+    """
+    caller = _CALLER.get()
+    if caller is None:
+        raise LookupError("not inside a D-Bus method call")
+    return caller
+
+
+Method = Callable[P, Coroutine[Any, Any, R]]
+
+
+def mapped_errors(member: str) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Decorate an ``async`` D-Bus method so every exception becomes a named D-Bus error."""
+
+    def decorate(fn: Method[P, R]) -> Method[P, R]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                raise to_dbus_error(err, member) from err
+
+        return wrapper
+
+    return decorate

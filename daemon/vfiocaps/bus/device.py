@@ -1,0 +1,111 @@
+"""The ``org.vfiocaps1.Device`` interface: one object per VFIO device."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt64
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+from ..engine import DeviceView
+from .calls import mapped_errors
+from .names import DEVICE_INTERFACE
+from .values import DBusCapabilities, DBusStrList, DeviceProperties, device_properties
+
+RefreshHandler = Callable[[str], Awaitable[DBusCapabilities]]
+
+
+class DeviceInterface(ServiceInterface):
+    """A device's identity and capabilities as properties; changes emit PropertiesChanged."""
+
+    def __init__(self, view: DeviceView, refresh: RefreshHandler) -> None:
+        super().__init__(DEVICE_INTERFACE)
+        self._values: DeviceProperties = device_properties(view)
+        self._refresh = refresh
+
+    def update(self, view: DeviceView) -> None:
+        """Take a new view and signal the properties that changed."""
+        values = device_properties(view)
+        old: dict[str, object] = dict(self._values)
+        changed = {name: value for name, value in values.items() if old[name] != value}
+        self._values = values
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return self._values["Id"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Uuid(self) -> DBusStr:
+        return self._values["Uuid"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SysfsPath(self) -> DBusStr:
+        return self._values["SysfsPath"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Parent(self) -> DBusStr:
+        return self._values["Parent"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TypeId(self) -> DBusStr:
+        return self._values["TypeId"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TypeName(self) -> DBusStr:
+        return self._values["TypeName"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeviceApi(self) -> DBusStr:
+        return self._values["DeviceApi"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Driver(self) -> DBusStr:
+        return self._values["Driver"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DriverVersion(self) -> DBusStr:
+        return self._values["DriverVersion"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProbeState(self) -> DBusStr:
+        return self._values["ProbeState"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Display(self) -> DBusStr:
+        return self._values["Display"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GlRequired(self) -> DBusBool:
+        return self._values["GlRequired"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Migration(self) -> DBusStr:
+        return self._values["Migration"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationBlockers(self) -> DBusStrList:
+        return self._values["MigrationBlockers"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationNotes(self) -> DBusStrList:
+        return self._values["MigrationNotes"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProbedAt(self) -> DBusUInt64:
+        return self._values["ProbedAt"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def QemuVersion(self) -> DBusStr:
+        return self._values["QemuVersion"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastError(self) -> DBusStr:
+        return self._values["LastError"]
+
+    @dbus_method()
+    @mapped_errors("Device.Refresh")
+    async def Refresh(self) -> DBusCapabilities:
+        return await self._refresh(self._values["Id"])

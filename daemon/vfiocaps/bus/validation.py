@@ -1,0 +1,94 @@
+"""Checking callers' strings before they reach the engine: device ids and driver names."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+
+MAX_ID_LENGTH = 4096
+MAX_NAME_LENGTH = 64
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_PCI = re.compile(r"^(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+_MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """A validated device reference: exactly one of ``device_id`` or ``sysfs_path`` is set."""
+
+    device_id: str | None = None
+    sysfs_path: str | None = None
+
+
+def parse_device_id(value: str, sysfs_root: Path) -> DeviceRef:
+    """Validate a caller's device id: an mdev UUID, a PCI address, or a sysfs path.
+
+    UUIDs are normalised to lower case and PCI addresses to ``dddd:bb:ss.f``. A path must be
+    absolute, lie under *sysfs_root*, and resolve (following links) into the root's device
+    tree (``<root>/devices``), where every mdev and PCI device lives.
+
+    Raises:
+        InvalidArgumentError: the value is none of these, too long, or escapes sysfs.
+    """
+    if not value:
+        raise InvalidArgumentError("a device id is required (UUID, PCI address or sysfs path)")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgumentError(f"device id longer than {MAX_ID_LENGTH} characters")
+    if "\0" in value:
+        raise InvalidArgumentError("device id contains a NUL character")
+    if _UUID.match(value):
+        return DeviceRef(device_id=value.lower())
+    if _PCI.match(value):
+        address = value.lower()
+        if address.count(":") == 1:
+            address = "0000:" + address
+        return DeviceRef(device_id=address)
+    if value.startswith("/"):
+        return DeviceRef(sysfs_path=_resolve_sysfs_path(value, sysfs_root))
+    raise InvalidArgumentError(f"not a UUID, PCI address or absolute sysfs path: {value[:80]!r}")
+
+
+def _resolve_sysfs_path(value: str, sysfs_root: Path) -> str:
+    root = os.path.realpath(sysfs_root)
+    normal = os.path.normpath(value)
+    if os.path.commonpath([normal, root]) != root:
+        raise InvalidArgumentError(f"path is outside the sysfs root {root}: {value[:200]!r}")
+    try:
+        resolved = os.path.realpath(normal, strict=True)
+    except OSError as err:
+        raise InvalidArgumentError(f"no such sysfs path: {value[:200]!r}") from err
+    devices = os.path.join(root, "devices")
+    if os.path.commonpath([resolved, devices]) != devices or resolved == devices:
+        raise InvalidArgumentError(
+            f"path does not resolve into the sysfs device tree: {value[:200]!r}"
+        )
+    return resolved
+
+
+def parse_driver_name(value: str) -> str:
+    """Validate a kernel module name (also accepts ``kernel`` and ``qemu``).
+
+    Raises:
+        InvalidArgumentError: empty, too long, or not a module name.
+    """
+    if not value or len(value) > MAX_NAME_LENGTH or not _MODULE.match(value):
+        raise InvalidArgumentError(
+            f"not a kernel module name (letters, digits, '_' and '-', at most "
+            f"{MAX_NAME_LENGTH}): {value[:80]!r}"
+        )
+    return value
+
+
+def escape_path_element(value: str) -> str:
+    """Escape *value* into one D-Bus object path element (as sd-bus does: ``_xx`` hex)."""
+    if not value:
+        return "_"
+    return "".join(
+        char if char.isascii() and char.isalnum() else "".join(f"_{b:02x}" for b in char.encode())
+        for char in value
+    )

@@ -1,0 +1,186 @@
+"""Turning engine views into D-Bus values: capability dictionaries, type lists, domain XML."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypedDict
+from xml.sax.saxutils import quoteattr
+
+from dbus_fast import Variant
+from dbus_fast.annotations import DBusSignature
+
+from ..capabilities import Display, Migration
+from ..engine import DeviceView, ProbeState, TypeView
+from ..errors import ProbeBusyError, ProbeError
+from ..model import DeviceKind
+
+DBusCapabilities = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+DBusCapabilityList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+DBusStrList = Annotated[list[str], DBusSignature("as")]
+DBusPathList = Annotated[list[str], DBusSignature("ao")]
+
+
+class DeviceProperties(TypedDict):
+    """The ``org.vfiocaps1.Device`` properties as plain Python values."""
+
+    Id: str
+    Uuid: str
+    SysfsPath: str
+    Parent: str
+    TypeId: str
+    TypeName: str
+    DeviceApi: str
+    Driver: str
+    DriverVersion: str
+    ProbeState: str
+    Display: str
+    GlRequired: bool
+    Migration: str
+    MigrationBlockers: list[str]
+    MigrationNotes: list[str]
+    ProbedAt: int
+    QemuVersion: str
+    LastError: str
+
+
+def device_properties(view: DeviceView) -> DeviceProperties:
+    """The ``org.vfiocaps1.Device`` property values of *view*, as plain Python values."""
+    device, caps, driver = view.device, view.capabilities, view.driver
+    return {
+        "Id": device.device_id,
+        "Uuid": device.device_id if device.kind is DeviceKind.MDEV else "",
+        "SysfsPath": str(device.sysfs_path),
+        "Parent": device.parent,
+        "TypeId": device.type_id,
+        "TypeName": view.type_name,
+        "DeviceApi": device.device_api,
+        "Driver": driver.module if driver else "",
+        "DriverVersion": driver.version if driver else "",
+        "ProbeState": view.state.value,
+        "Display": (caps.display if caps else Display.UNKNOWN).value,
+        "GlRequired": bool(caps and caps.gl_required),
+        "Migration": (caps.migration if caps else Migration.UNKNOWN).value,
+        "MigrationBlockers": list(caps.migration_blockers) if caps else [],
+        "MigrationNotes": list(caps.migration_notes) if caps else [],
+        "ProbedAt": view.probed_at_us if caps else 0,
+        "QemuVersion": caps.qemu_version if caps else "",
+        "LastError": view.last_error,
+    }
+
+
+PROPERTY_SIGNATURES = {
+    "Id": "s",
+    "Uuid": "s",
+    "SysfsPath": "s",
+    "Parent": "s",
+    "TypeId": "s",
+    "TypeName": "s",
+    "DeviceApi": "s",
+    "Driver": "s",
+    "DriverVersion": "s",
+    "ProbeState": "s",
+    "Display": "s",
+    "GlRequired": "b",
+    "Migration": "s",
+    "MigrationBlockers": "as",
+    "MigrationNotes": "as",
+    "ProbedAt": "t",
+    "QemuVersion": "s",
+    "LastError": "s",
+}
+
+_CAPABILITY_KEYS = (
+    "Id",
+    "TypeId",
+    "Driver",
+    "DriverVersion",
+    "ProbeState",
+    "Display",
+    "GlRequired",
+    "Migration",
+    "MigrationBlockers",
+    "MigrationNotes",
+    "ProbedAt",
+    "QemuVersion",
+    "LastError",
+)
+
+
+def capabilities_dict(view: DeviceView) -> dict[str, Variant]:
+    """The ``a{sv}`` answer of GetCapabilities and Refresh."""
+    values: dict[str, object] = dict(device_properties(view))
+    answer = {key: Variant(PROPERTY_SIGNATURES[key], values[key]) for key in _CAPABILITY_KEYS}
+    answer["Kind"] = Variant("s", view.device.kind.value)
+    return answer
+
+
+def type_dict(view: TypeView) -> dict[str, Variant]:
+    """One entry of ListTypes."""
+    answer = {
+        "Parent": Variant("s", view.parent),
+        "TypeId": Variant("s", view.type_id),
+        "Name": Variant("s", view.name),
+        "Description": Variant("s", view.description),
+        "DeviceApi": Variant("s", view.device_api),
+        "AvailableInstances": Variant("u", max(0, min(view.available_instances, 2**32 - 1))),
+        "Instances": Variant("u", view.instances),
+        "Driver": Variant("s", view.driver.module if view.driver else ""),
+        "DriverVersion": Variant("s", view.driver.version if view.driver else ""),
+        "Probed": Variant("b", view.capabilities is not None),
+    }
+    if view.capabilities is not None:
+        answer["Display"] = Variant("s", view.capabilities.display.value)
+        answer["GlRequired"] = Variant("b", view.capabilities.gl_required)
+        answer["Migration"] = Variant("s", view.capabilities.migration.value)
+    return answer
+
+
+def domain_xml(view: DeviceView) -> str:
+    """A libvirt ``<hostdev>`` element for the device, from the probed truth.
+
+    Raises:
+        ProbeBusyError: the device is busy and nothing is known of its type yet.
+        ProbeError: the device has not been probed successfully.
+    """
+    caps = view.capabilities
+    if caps is None:
+        if view.state is ProbeState.BUSY:
+            raise ProbeBusyError(f"{view.device.device_id} is in use and its type is not known")
+        reason = view.last_error or f"probe state is {view.state.value}"
+        raise ProbeError(f"no capabilities for {view.device.device_id}: {reason}")
+    device = view.device
+    lines: list[str] = []
+    if device.kind is DeviceKind.MDEV:
+        has_display = caps.display in (Display.REGION, Display.DMABUF)
+        display = "on" if has_display else "off"
+        ramfb = " ramfb='on'" if has_display else ""
+        lines.append(
+            f"<hostdev mode='subsystem' type='mdev' model={quoteattr(device.device_api)} "
+            f"display='{display}'{ramfb}>"
+        )
+        lines.append("  <source>")
+        lines.append(f"    <address uuid={quoteattr(device.device_id)}/>")
+        lines.append("  </source>")
+        lines.append("</hostdev>")
+    else:
+        domain, bus, rest = device.device_id.split(":")
+        slot, function = rest.split(".")
+        lines.append("<hostdev mode='subsystem' type='pci' managed='no'>")
+        lines.append("  <source>")
+        lines.append(
+            f"    <address domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' "
+            f"function='0x{function}'/>"
+        )
+        lines.append("  </source>")
+        lines.append("</hostdev>")
+    if caps.display is Display.DMABUF:
+        lines.append(
+            "<!-- This device's display is a dma-buf display: it needs OpenGL on the host, e.g.\n"
+            "     <graphics type='spice'><gl enable='yes'/></graphics>\n"
+            "     or <graphics type='egl-headless'/> -->"
+        )
+    elif caps.display is Display.REGION:
+        lines.append("<!-- Region display: works without OpenGL (e.g. <graphics type='vnc'/>). -->")
+    migration = caps.migration.value
+    detail = "; ".join(caps.migration_blockers or caps.migration_notes).replace("--", "- -")
+    lines.append(f"<!-- Migration: {migration}{': ' + detail if detail else ''} -->")
+    return "\n".join(lines) + "\n"
