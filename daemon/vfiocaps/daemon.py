@@ -25,6 +25,7 @@ from .config import (
     default_qemu_binary,
     default_runtime_dir,
 )
+from .discovery import Discovery
 from .errors import BusError, ConfigError, NameTakenError, VfiocapsError
 from .journal import setup_logging
 
@@ -136,13 +137,16 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 
     Raises:
         BusError: the bus is unreachable, the name is taken, or the connection is lost.
+        DiscoveryError: udev cannot be monitored.
     """
     bus = await connect_bus(config.bus)
     manager = ManagerInterface()
+    discovery = Discovery(config)
     try:
         bus.export(ROOT_PATH, manager)
         await _own_name(bus)
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+        await discovery.start()
         lost = asyncio.ensure_future(wait_disconnected(bus))
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -153,6 +157,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if lost.done() and not lost.cancelled():
             raise BusError(f"lost the connection to the {config.bus.describe()}")
     finally:
+        await discovery.close()
         bus.unexport(ROOT_PATH)
         await close_bus(bus)
 

@@ -1,0 +1,266 @@
+"""Reading parents, mdev types and VFIO devices out of sysfs, one object or the whole host."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
+from .identity import IdentityResolver
+from .sysfs import SysfsTree
+
+log = logging.getLogger("vfiocaps.discovery")
+
+MDEV_BUS_CLASS = "class/mdev_bus"
+MDEV_DEVICES = "bus/mdev/devices"
+PCI_DEVICES = "bus/pci/devices"
+VFIO_PCI_SUFFIX = "vfio-pci"
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_MAX_NAME = 128
+
+
+def is_mdev_uuid(name: str) -> bool:
+    """Tell whether *name* is an mdev UUID as the kernel writes it (lower-case, dashed)."""
+    return _UUID.match(name) is not None
+
+
+def is_pci_address(name: str) -> bool:
+    """Tell whether *name* is a PCI address such as ``0000:65:00.4``."""
+    return _PCI_ADDRESS.match(name) is not None
+
+
+def _usable_name(name: str) -> bool:
+    return 0 < len(name) <= _MAX_NAME and name.isprintable() and "/" not in name
+
+
+def is_vfio_pci_driver(driver: str) -> bool:
+    """``vfio-pci`` or a variant (``mlx5_vfio_pci``, ``hisi_acc_vfio_pci``...)."""
+    return driver.replace("_", "-").endswith(VFIO_PCI_SUFFIX)
+
+
+@dataclass(frozen=True)
+class ParentReading:
+    """A registered parent and its types as read at one moment."""
+
+    parent: Parent
+    types: tuple[MdevType, ...]
+
+
+class HostReader:
+    """Reads host objects from a :class:`SysfsTree`; every method returns ``None`` rather than
+    raising when an object is absent, vanishes mid-read, or holds content it does not understand.
+    """
+
+    def __init__(self, sysfs: SysfsTree, identities: IdentityResolver) -> None:
+        self.sysfs = sysfs
+        self.identities = identities
+
+    # ---- parents and types ----------------------------------------------------------------
+
+    def parent_identity(self, parent_dir: Path, subsystem: str) -> DriverIdentity | None:
+        """The driver of a parent: its bound driver, else (virtual parents such as the kernel's
+        samples) the module named like its class, if that module is loaded."""
+        bound = self.identities.identify_driver(parent_dir)
+        if bound is not None:
+            return bound
+        if subsystem and subsystem != "pci":
+            return self.identities.identify(subsystem)
+        return None
+
+    def read_type(self, parent: str, type_dir: Path) -> MdevType | None:
+        """One entry of ``mdev_supported_types``."""
+        type_id = type_dir.name
+        if not _usable_name(type_id):
+            log.warning("sysfs: mdev type %r of %s has an unusable name; skipped", type_id, parent)
+            return None
+        real = self.sysfs.resolve(type_dir)
+        if real is None or not os.path.isdir(real):
+            return None
+        available_text = self.sysfs.read_attribute(real, "available_instances")
+        if available_text is None:
+            log.debug("sysfs: type %s of %s has no readable available_instances", type_id, parent)
+            return None
+        available = _parse_count(available_text)
+        if available is None:
+            log.warning(
+                "sysfs: %s/available_instances holds %r; type skipped", real, available_text[:64]
+            )
+            return None
+        return MdevType(
+            parent=parent,
+            type_id=type_id,
+            name=_printable_or_empty(self.sysfs.read_attribute(real, "name")),
+            description=_printable_or_empty(self.sysfs.read_attribute(real, "description")),
+            device_api=_printable_or_empty(self.sysfs.read_attribute(real, "device_api")),
+            available_instances=available,
+        )
+
+    def read_parent_dir(self, parent_dir: Path) -> ParentReading | None:
+        """A parent at its resolved device directory, if it is registered with mdev now
+        (listed in ``class/mdev_bus`` and offering ``mdev_supported_types``)."""
+        name = parent_dir.name
+        if not _usable_name(name):
+            return None
+        listed = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
+        if listed is None or listed != parent_dir:
+            return None
+        types_dir = parent_dir / "mdev_supported_types"
+        if not self.sysfs.is_dir(types_dir):
+            return None
+        subsystem = self.sysfs.link_name(parent_dir / "subsystem") or ""
+        vendor = device = None
+        if subsystem == "pci":
+            vendor = self.sysfs.read_int(parent_dir / "vendor", 16)
+            device = self.sysfs.read_int(parent_dir / "device", 16)
+        parent = Parent(
+            name=name,
+            sysfs_path=parent_dir,
+            subsystem=subsystem,
+            driver=self.parent_identity(parent_dir, subsystem),
+            pci_vendor=vendor,
+            pci_device=device,
+        )
+        types = []
+        for type_id in self.sysfs.list_dir(types_dir):
+            mdev_type = self.read_type(name, types_dir / type_id)
+            if mdev_type is not None:
+                types.append(mdev_type)
+        return ParentReading(parent, tuple(types))
+
+    def read_parent(self, devpath: str) -> ParentReading | None:
+        """A parent by its devpath (``/devices/...``)."""
+        real = self.sysfs.resolve(self.sysfs.path(devpath))
+        if real is None:
+            return None
+        return self.read_parent_dir(real)
+
+    def parents(self) -> list[ParentReading]:
+        """Every registered parent (``class/mdev_bus``)."""
+        readings = []
+        for name in self.sysfs.list_dir(self.sysfs.path(MDEV_BUS_CLASS)):
+            real = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
+            if real is None or real.name != name:
+                continue
+            reading = self.read_parent_dir(real)
+            if reading is not None:
+                readings.append(reading)
+        return readings
+
+    # ---- devices --------------------------------------------------------------------------
+
+    def read_mdev_dir(self, device_dir: Path) -> Device | None:
+        """An mdev instance at its resolved directory, if it is bound to a driver."""
+        uuid = device_dir.name
+        if not is_mdev_uuid(uuid):
+            return None
+        type_dir = self.sysfs.resolve(device_dir / "mdev_type")
+        if type_dir is None:
+            return None
+        parent_dir = type_dir.parent.parent
+        if type_dir.parent.name != "mdev_supported_types" or device_dir.parent != parent_dir:
+            log.warning("sysfs: %s/mdev_type points to %s; skipped", device_dir, type_dir)
+            return None
+        if self.sysfs.resolve(device_dir / "driver") is None:
+            log.debug("sysfs: mdev %s is not bound to a driver", uuid)
+            return None
+        subsystem = self.sysfs.link_name(parent_dir / "subsystem") or ""
+        return Device(
+            kind=DeviceKind.MDEV,
+            device_id=uuid,
+            sysfs_path=device_dir,
+            parent=parent_dir.name,
+            type_id=type_dir.name,
+            type_name=_printable_or_empty(self.sysfs.read_attribute(type_dir, "name")),
+            device_api=_printable_or_empty(self.sysfs.read_attribute(type_dir, "device_api")),
+            driver=self.parent_identity(parent_dir, subsystem),
+            iommu_group=self.sysfs.link_name(device_dir / "iommu_group"),
+        )
+
+    def read_pci_dir(self, device_dir: Path) -> Device | None:
+        """A PCI function at its resolved directory, if it is a VFIO device: bound to vfio-pci
+        or a variant of it, or an NVIDIA SR-IOV vGPU function with a vGPU type set."""
+        address = device_dir.name
+        if not is_pci_address(address):
+            return None
+        bound = self.identities.driver_module(device_dir)
+        if bound is None:
+            return None
+        driver, _module = bound
+        vgpu_type = None
+        if self.sysfs.exists(device_dir / "nvidia"):
+            vgpu_type = self.sysfs.read_text(device_dir / "nvidia" / "current_vgpu_type")
+        is_vgpu = vgpu_type is not None and vgpu_type not in ("", "0")
+        is_vfio = is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
+        if not (is_vgpu or is_vfio):
+            return None
+        if vgpu_type is not None and not _usable_name(vgpu_type):
+            log.warning("sysfs: %s/nvidia/current_vgpu_type is unusable; skipped", device_dir)
+            return None
+        vendor = self.sysfs.read_int(device_dir / "vendor", 16)
+        device = self.sysfs.read_int(device_dir / "device", 16)
+        if vendor is None or device is None:
+            return None
+        physfn = self.sysfs.link_name(device_dir / "physfn")
+        return Device(
+            kind=DeviceKind.PCI,
+            device_id=address,
+            sysfs_path=device_dir,
+            parent=physfn if physfn and is_pci_address(physfn) else "",
+            type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
+            device_api="vfio-pci",
+            driver=self.identities.identify_driver(device_dir),
+            iommu_group=self.sysfs.link_name(device_dir / "iommu_group"),
+            pci_vendor=vendor,
+            pci_device=device,
+        )
+
+    def read_device_path(self, path: Path) -> Device | None:
+        """The VFIO device at *path* (any path in the tree that leads to it), or ``None``."""
+        real = self.sysfs.resolve(path)
+        if real is None or not os.path.isdir(real):
+            return None
+        if is_mdev_uuid(real.name):
+            return self.read_mdev_dir(real)
+        if is_pci_address(real.name) and self.sysfs.link_name(real / "subsystem") == "pci":
+            return self.read_pci_dir(real)
+        return None
+
+    def devices(self) -> list[Device]:
+        """Every VFIO device: bound mdev instances and VFIO PCI functions."""
+        found = []
+        for listing in (MDEV_DEVICES, PCI_DEVICES):
+            for name in self.sysfs.list_dir(self.sysfs.path(listing)):
+                device = self.read_device_path(self.sysfs.path(f"{listing}/{name}"))
+                if device is not None and device.device_id == name:
+                    found.append(device)
+        return found
+
+    def host(self) -> HostSnapshot:
+        """Everything, read from scratch."""
+        parents: dict[str, Parent] = {}
+        types: dict[tuple[str, str], MdevType] = {}
+        for reading in self.parents():
+            parents[reading.parent.name] = reading.parent
+            for mdev_type in reading.types:
+                types[(mdev_type.parent, mdev_type.type_id)] = mdev_type
+        devices = {device.device_id: device for device in self.devices()}
+        return HostSnapshot(parents=parents, types=types, devices=devices)
+
+
+def _printable_or_empty(value: str | None) -> str:
+    if value is None:
+        return ""
+    if not value.isprintable():
+        return "".join(c if c.isprintable() else " " for c in value)
+    return value
+
+
+def _parse_count(text: str) -> int | None:
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)

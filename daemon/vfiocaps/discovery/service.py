@@ -1,0 +1,214 @@
+"""The discovery service: udev monitor first, then coldplug, then events as the host changes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from ..config import Config
+from ..model import Device, DiscoveryEvent, HostSnapshot
+from .errors import DiscoveryStateError
+from .eventlog import format_event
+from .identity import IdentityResolver, ModuleFiles
+from .monitor import Drained, UdevMonitor, Uevent
+from .scan import HostReader
+from .state import HostState
+from .sysfs import SysfsTree
+
+log = logging.getLogger("vfiocaps.discovery")
+
+# A burst of uevents (an instance is four, a module load dozens) is gathered for this long
+# before its domain events are published as one batch.
+COALESCE_SECONDS = 0.02
+# Uevents processed before the loop is given a chance to read the socket again.
+CHUNK = 256
+
+
+class DiscoveryState(enum.Enum):
+    """Life cycle of :class:`Discovery`."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+def _reader_for(config: Config) -> HostReader:
+    sysfs = SysfsTree(config.sysfs_root)
+    files = ModuleFiles(config.modules_root, config.kernel_release)
+    return HostReader(sysfs, IdentityResolver(sysfs, files))
+
+
+def read_device(config: Config, sysfs_path: Path) -> Device | None:
+    """The VFIO device at *sysfs_path*, read now, or ``None`` if it is not one discovery knows
+    (not an mdev bound to a driver, not a VFIO PCI function, absent, outside the sysfs root, or
+    unreadable).
+
+    Raises nothing: every problem with the tree is logged and answered with ``None``.
+    """
+    return _reader_for(config).read_device_path(sysfs_path)
+
+
+class Discovery:
+    """Knows which mdev parents, types and VFIO devices exist and tells of every change.
+
+    One consumer iterates :meth:`events`; batches come in the order the host changed.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        monitor_factory: Callable[[], UdevMonitor] = UdevMonitor,
+        coalesce_seconds: float = COALESCE_SECONDS,
+    ) -> None:
+        self.config = config
+        self._reader = _reader_for(config)
+        self._state = HostState(self._reader)
+        self._monitor_factory = monitor_factory
+        self._coalesce_seconds = coalesce_seconds
+        self._lifecycle = DiscoveryState.NEW
+        self._monitor: UdevMonitor | None = None
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: collections.deque[Uevent] = collections.deque()
+        self._overflowed = False
+        self._wakeup = asyncio.Event()
+        self._batches: asyncio.Queue[list[DiscoveryEvent] | None] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._snapshot = HostSnapshot()
+        self.resyncs = 0
+
+    @property
+    def state(self) -> DiscoveryState:
+        return self._lifecycle
+
+    @property
+    def snapshot(self) -> HostSnapshot:
+        """What is known now (kept up to date as batches are processed)."""
+        return self._snapshot
+
+    async def start(self) -> HostSnapshot:
+        """Open the udev monitor, then read the whole host; return what was found.
+
+        The first batch of :meth:`events` reports the same: every parent and device, then
+        ``Resynchronised``.
+
+        Raises:
+            DiscoveryStateError: called more than once.
+            UdevUnavailableError: libudev or its netlink socket cannot be used.
+        """
+        if self._lifecycle is not DiscoveryState.NEW:
+            raise DiscoveryStateError(f"discovery cannot start when {self._lifecycle.value}")
+        self._lifecycle = DiscoveryState.STARTING
+        self._loop = asyncio.get_running_loop()
+        try:
+            monitor = self._monitor_factory()
+            self._fd = monitor.open()
+            self._monitor = monitor
+            self._loop.add_reader(self._fd, self._on_readable)
+            events = self._state.resync(self._reader.host())
+        except BaseException:
+            await self.close()
+            raise
+        self._publish(events)
+        self._lifecycle = DiscoveryState.RUNNING
+        self._worker = asyncio.create_task(self._work(), name="vfiocaps-discovery")
+        snapshot = self._snapshot
+        log.info(
+            "discovery: %d parents, %d types, %d devices under %s",
+            len(snapshot.parents),
+            len(snapshot.types),
+            len(snapshot.devices),
+            self.config.sysfs_root,
+        )
+        return snapshot
+
+    async def events(self) -> AsyncIterator[list[DiscoveryEvent]]:
+        """Batches of domain events until :meth:`close`.
+
+        Raises:
+            DiscoveryStateError: discovery was never started.
+        """
+        if self._lifecycle is DiscoveryState.NEW:
+            raise DiscoveryStateError("discovery has not been started")
+        while True:
+            batch = await self._batches.get()
+            if batch is None:
+                self._batches.put_nowait(None)  # every later iterator ends too
+                return
+            yield batch
+
+    async def close(self) -> None:
+        """Stop reading udev, end :meth:`events`, release the socket. Idempotent; raises nothing."""
+        if self._lifecycle is DiscoveryState.CLOSED:
+            return
+        self._lifecycle = DiscoveryState.CLOSED
+        try:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.cancel()
+                # Waits for the worker to end without raising its cancellation here; a
+                # cancellation of close() itself still propagates.
+                await asyncio.wait({worker})
+        finally:
+            if self._fd is not None and self._loop is not None:
+                self._loop.remove_reader(self._fd)
+            self._fd = None
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
+            self._batches.put_nowait(None)
+
+    # ---- inside -----------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        monitor = self._monitor
+        if monitor is None:
+            return
+        drained: Drained = monitor.drain()
+        self._pending.extend(drained.uevents)
+        if drained.overflowed:
+            self._overflowed = True
+        if drained.uevents or drained.overflowed:
+            self._wakeup.set()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await asyncio.sleep(self._coalesce_seconds)
+            self._wakeup.clear()
+            events: list[DiscoveryEvent] = []
+            while self._pending:
+                for _ in range(min(CHUNK, len(self._pending))):
+                    events.extend(self._apply(self._pending.popleft()))
+                self._snapshot = self._state.snapshot()
+                if self._pending:
+                    await asyncio.sleep(0)
+            if self._overflowed:
+                self._overflowed = False
+                self.resyncs += 1
+                log.warning("discovery: events were lost; reading the host again")
+                events.extend(self._state.resync(self._reader.host()))
+            self._publish(events)
+
+    def _apply(self, uevent: Uevent) -> list[DiscoveryEvent]:
+        try:
+            return self._state.apply(uevent)
+        except (OSError, ValueError) as err:
+            log.warning(
+                "discovery: %s %s could not be followed: %s", uevent.action, uevent.devpath, err
+            )
+            return []
+
+    def _publish(self, events: list[DiscoveryEvent]) -> None:
+        self._snapshot = self._state.snapshot()
+        if not events:
+            return
+        for event in events:
+            log.info("%s", format_event(event))
+        self._batches.put_nowait(events)

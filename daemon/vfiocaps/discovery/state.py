@@ -1,0 +1,271 @@
+"""What discovery knows, and how each uevent or re-read changes it into domain events."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..model import (
+    Device,
+    DeviceAdded,
+    DeviceKind,
+    DeviceRemoved,
+    DiscoveryEvent,
+    DriverChanged,
+    DriverIdentity,
+    HostSnapshot,
+    MdevType,
+    Parent,
+    ParentRegistered,
+    ParentUnregistered,
+    Resynchronised,
+)
+from .monitor import Uevent
+from .scan import HostReader, ParentReading, is_mdev_uuid
+
+log = logging.getLogger("vfiocaps.discovery")
+
+_ARRIVALS = frozenset({"add", "bind", "change", "move", "online"})
+_DEPARTURES = frozenset({"remove", "unbind", "offline"})
+
+
+def _same_types(old: list[MdevType], new: tuple[MdevType, ...]) -> bool:
+    """Types are the same when everything but the instance count is."""
+
+    def strip(types: list[MdevType] | tuple[MdevType, ...]) -> list[MdevType]:
+        return sorted((replace(t, available_instances=0) for t in types), key=lambda t: t.type_id)
+
+    return strip(old) == strip(new)
+
+
+@dataclass
+class HostState:
+    """The mutable truth about the host, changed only through :meth:`apply` and :meth:`resync`.
+
+    Every change returns the domain events it amounts to, in order. A driver's identity is
+    remembered after its module is unloaded, so that loading another version of it is reported
+    as one :class:`DriverChanged` from the old identity to the new one.
+    """
+
+    reader: HostReader
+    parents: dict[str, Parent] = field(default_factory=dict)
+    types: dict[tuple[str, str], MdevType] = field(default_factory=dict)
+    devices: dict[str, Device] = field(default_factory=dict)
+    drivers: dict[str, DriverIdentity] = field(default_factory=dict)
+
+    def snapshot(self) -> HostSnapshot:
+        """A frozen copy of what is known now."""
+        return HostSnapshot(
+            parents=dict(self.parents), types=dict(self.types), devices=dict(self.devices)
+        )
+
+    # ---- drivers --------------------------------------------------------------------------
+
+    def _learn_driver(self, identity: DriverIdentity | None, events: list[DiscoveryEvent]) -> None:
+        if identity is None:
+            return
+        known = self.drivers.get(identity.module)
+        if known == identity:
+            return
+        self.drivers[identity.module] = identity
+        if known is not None:
+            events.append(DriverChanged(identity.module, known, identity))
+            self._retag(identity)
+
+    def _retag(self, identity: DriverIdentity) -> None:
+        """Carry a module's new identity into the parents and devices it serves."""
+        for name, parent in list(self.parents.items()):
+            if parent.driver is not None and parent.driver.module == identity.module:
+                self.parents[name] = replace(parent, driver=identity)
+        for device_id, device in list(self.devices.items()):
+            if device.driver is not None and device.driver.module == identity.module:
+                self.devices[device_id] = replace(device, driver=identity)
+
+    # ---- parents --------------------------------------------------------------------------
+
+    def _types_of(self, parent: str) -> list[MdevType]:
+        return [t for (p, _), t in self.types.items() if p == parent]
+
+    def _register(self, reading: ParentReading, events: list[DiscoveryEvent]) -> None:
+        parent = reading.parent
+        self._learn_driver(parent.driver, events)
+        known = self.parents.get(parent.name)
+        same = (
+            known is not None
+            and replace(known, sysfs_path=parent.sysfs_path) == parent
+            and _same_types(self._types_of(parent.name), reading.types)
+        )
+        for key in [k for k in self.types if k[0] == parent.name]:
+            del self.types[key]
+        for mdev_type in reading.types:
+            self.types[(parent.name, mdev_type.type_id)] = mdev_type
+        self.parents[parent.name] = parent
+        if not same:
+            events.append(ParentRegistered(parent, reading.types))
+
+    def _unregister(self, name: str, events: list[DiscoveryEvent]) -> None:
+        parent = self.parents.pop(name, None)
+        if parent is None:
+            return
+        for device in [d for d in self.devices.values() if self._served_by(d, name)]:
+            del self.devices[device.device_id]
+            events.append(DeviceRemoved(device))
+        for key in [k for k in self.types if k[0] == name]:
+            del self.types[key]
+        events.append(ParentUnregistered(parent))
+
+    @staticmethod
+    def _served_by(device: Device, parent: str) -> bool:
+        return device.kind is DeviceKind.MDEV and device.parent == parent
+
+    def _parent_named_by(self, devpath: str) -> str | None:
+        path = self.reader.sysfs.path(devpath)
+        for name, parent in self.parents.items():
+            if parent.sysfs_path == path:
+                return name
+        return None
+
+    def _refresh_parent(self, devpath: str, events: list[DiscoveryEvent]) -> None:
+        """Re-read a (possible) parent and report whatever changed."""
+        reading = self.reader.read_parent(devpath)
+        known = self._parent_named_by(devpath)
+        if reading is None:
+            if known is not None and not self.reader.sysfs.exists(self.reader.sysfs.path(devpath)):
+                self._unregister(known, events)
+            return
+        self._register(reading, events)
+
+    def _refresh_type_counts(self, parent_name: str, type_id: str) -> None:
+        key = (parent_name, type_id)
+        mdev_type = self.types.get(key)
+        parent = self.parents.get(parent_name)
+        if mdev_type is None or parent is None:
+            return
+        fresh = self.reader.read_type(
+            parent_name, parent.sysfs_path / "mdev_supported_types" / type_id
+        )
+        if fresh is not None:
+            self.types[key] = fresh
+
+    # ---- devices --------------------------------------------------------------------------
+
+    def _add_device(self, device: Device, events: list[DiscoveryEvent]) -> None:
+        self._learn_driver(device.driver, events)
+        if self.devices.get(device.device_id) == device:
+            return
+        self.devices[device.device_id] = device
+        events.append(DeviceAdded(device))
+
+    def _remove_device(self, device_id: str, events: list[DiscoveryEvent]) -> None:
+        device = self.devices.pop(device_id, None)
+        if device is not None:
+            events.append(DeviceRemoved(device))
+
+    # ---- uevents --------------------------------------------------------------------------
+
+    def apply(self, uevent: Uevent) -> list[DiscoveryEvent]:
+        """The domain events one uevent amounts to (possibly none).
+
+        The event's action is trusted for departures (the device may still be visible in sysfs
+        for a moment); arrivals and changes are read from sysfs, so a late event never resurrects
+        something that is gone.
+        """
+        events: list[DiscoveryEvent] = []
+        action, subsystem = uevent.action, uevent.subsystem
+        name = uevent.devpath.rsplit("/", 1)[-1]
+        if subsystem == "module":
+            self._module_event(name, action, events)
+        elif subsystem == "mdev" and is_mdev_uuid(name):
+            self._mdev_event(uevent, name, events)
+        else:
+            self._device_event(uevent, events)
+        return events
+
+    def _module_event(self, module: str, action: str, events: list[DiscoveryEvent]) -> None:
+        if action == "remove":
+            if module in self.drivers:
+                log.info("module %s unloaded", module)
+            return
+        if action in _ARRIVALS and module in self.drivers:
+            self._learn_driver(self.reader.identities.identify(module), events)
+
+    def _mdev_event(self, uevent: Uevent, uuid: str, events: list[DiscoveryEvent]) -> None:
+        known = self.devices.get(uuid)
+        if uevent.action in _DEPARTURES:
+            self._remove_device(uuid, events)
+            if known is not None:
+                self._refresh_type_counts(known.parent, known.type_id)
+            return
+        if uevent.action not in _ARRIVALS:
+            return
+        device = self.reader.read_device_path(self.reader.sysfs.path(uevent.devpath))
+        if device is None:
+            return
+        self._add_device(device, events)
+        self._refresh_type_counts(device.parent, device.type_id)
+
+    def _device_event(self, uevent: Uevent, events: list[DiscoveryEvent]) -> None:
+        action, devpath = uevent.action, uevent.devpath
+        known_parent = self._parent_named_by(devpath)
+        if uevent.mdev_state == "unregistered" or (action == "remove" and known_parent):
+            if known_parent is not None:
+                self._unregister(known_parent, events)
+        elif (
+            uevent.mdev_state == "registered"
+            or known_parent is not None
+            or (action in _ARRIVALS and self._listed_as_parent(devpath))
+        ):
+            self._refresh_parent(devpath, events)
+        if uevent.subsystem == "pci":
+            self._pci_event(uevent, events)
+
+    def _listed_as_parent(self, devpath: str) -> bool:
+        name = devpath.rsplit("/", 1)[-1]
+        sysfs = self.reader.sysfs
+        return sysfs.resolve(sysfs.path(f"class/mdev_bus/{name}")) == sysfs.path(devpath)
+
+    def _pci_event(self, uevent: Uevent, events: list[DiscoveryEvent]) -> None:
+        address = uevent.devpath.rsplit("/", 1)[-1]
+        known = self.devices.get(address)
+        if uevent.action == "remove" or (uevent.action == "unbind" and known is not None):
+            if known is not None and known.kind is DeviceKind.PCI:
+                self._remove_device(address, events)
+            return
+        if uevent.action not in _ARRIVALS:
+            return
+        device = self.reader.read_device_path(self.reader.sysfs.path(uevent.devpath))
+        if device is not None and device.kind is DeviceKind.PCI:
+            self._add_device(device, events)
+        elif known is not None and known.kind is DeviceKind.PCI:
+            self._remove_device(address, events)
+
+    # ---- re-reading -----------------------------------------------------------------------
+
+    def resync(self, fresh: HostSnapshot) -> list[DiscoveryEvent]:
+        """Replace what is known by *fresh* (read from scratch); return the difference as
+        events, removals first, ending with :class:`Resynchronised`."""
+        events: list[DiscoveryEvent] = []
+        for device_id, device in list(self.devices.items()):
+            if device_id not in fresh.devices:
+                del self.devices[device_id]
+                events.append(DeviceRemoved(device))
+        for name in list(self.parents):
+            if name not in fresh.parents:
+                self._unregister(name, events)
+        for parent in fresh.parents.values():
+            types = tuple(t for (p, _), t in fresh.types.items() if p == parent.name)
+            self._register(ParentReading(parent, types), events)
+        for device in fresh.devices.values():
+            self._add_device(device, events)
+        # Instance counts and anything else the events above did not carry.
+        self.types = dict(fresh.types)
+        events.append(Resynchronised(self.snapshot()))
+        return events
+
+    def device_at(self, path: Path) -> Device | None:
+        """The known device whose sysfs directory is *path*."""
+        for device in self.devices.values():
+            if device.sysfs_path == path:
+                return device
+        return None

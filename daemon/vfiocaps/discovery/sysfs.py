@@ -1,0 +1,214 @@
+"""Defensive sysfs access: bounded reads that never follow a link out of the sysfs root."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger("vfiocaps.discovery")
+
+# sysfs attributes are at most a page; anything longer is not what we expect to read.
+ATTRIBUTE_LIMIT = 4096
+# More entries than this in one sysfs directory is not a directory we understand.
+DIRECTORY_LIMIT = 65536
+_MAX_LINK_HOPS = 40
+
+
+class SysfsTree:
+    """Read-only view of a sysfs tree rooted at *root* (``/sys`` on a real host).
+
+    Every method returns ``None`` (or an empty list) for anything it cannot or must not read: a
+    vanished device, an unreadable or malformed attribute, a symlink loop, a link that leaves the
+    root. It logs why at DEBUG (vanishing is normal) or WARNING (hostile or malformed content),
+    and never raises for the content of the tree.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.normpath(root))
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of *relative* (``devices/...`` or ``/devices/...``) in the tree."""
+        return Path(os.path.normpath(self.root / relative.lstrip("/")))
+
+    def contains(self, path: Path) -> bool:
+        """Tell whether *path* (already normalised) lies inside the root."""
+        try:
+            return os.path.commonpath([self.root, path]) == str(self.root)
+        except ValueError:
+            return False
+
+    def relative(self, path: Path) -> str:
+        """*path* relative to the root, as a ``/devices/...`` style devpath."""
+        return "/" + os.path.relpath(path, self.root)
+
+    def resolve(self, path: Path) -> Path | None:
+        """Resolve every symlink in *path* without leaving the root.
+
+        Returns ``None`` when a link loops, points outside the root, or a component vanished.
+        Only links inside the root are followed; the root itself is taken as it is.
+        """
+        if not self.contains(Path(os.path.normpath(path))):
+            log.warning("sysfs: %s is outside %s; not read", path, self.root)
+            return None
+        parts = list(Path(os.path.relpath(path, self.root)).parts)
+        resolved = self.root
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                resolved = resolved.parent
+                if not self.contains(resolved):
+                    log.warning("sysfs: %s leads outside %s; not read", path, self.root)
+                    return None
+                continue
+            candidate = resolved / part
+            try:
+                target = os.readlink(candidate)
+            except OSError as err:
+                if err.errno == errno.EINVAL:  # not a link
+                    resolved = candidate
+                    continue
+                if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                    log.debug("sysfs: %s vanished", candidate)
+                else:
+                    log.warning("sysfs: cannot inspect %s: %s", candidate, err.strerror)
+                return None
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                log.warning("sysfs: too many links resolving %s (a loop?); not read", path)
+                return None
+            if os.path.isabs(target):
+                log.warning("sysfs: %s is an absolute link to %s; not followed", candidate, target)
+                return None
+            parts = list(Path(target).parts) + parts
+        return resolved
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def read_text(self, path: Path, limit: int = ATTRIBUTE_LIMIT) -> str | None:
+        """Read a text attribute, stripped of surrounding whitespace.
+
+        ``None`` when it is absent, unreadable, longer than *limit* bytes, not UTF-8, or contains
+        a NUL byte. The attribute itself is never a link; only its directory is resolved.
+        """
+        directory = self.resolve(path.parent)
+        if directory is None:
+            return None
+        return self.read_attribute(directory, path.name, limit)
+
+    def read_attribute(
+        self, directory: Path, name: str, limit: int = ATTRIBUTE_LIMIT
+    ) -> str | None:
+        """Like :meth:`read_text` for *name* in an already resolved *directory*."""
+        if "/" in name or name in ("", ".", "..") or not self.contains(directory):
+            return None
+        real = directory / name
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            log.debug("sysfs: %s vanished", real)
+            return None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                log.warning("sysfs: %s is a link, not an attribute; ignored", real)
+            else:
+                log.warning("sysfs: cannot open %s: %s", real, err.strerror)
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("sysfs: %s is not a regular file; ignored", real)
+                return None
+            chunks: list[bytes] = []
+            size = 0
+            while size <= limit:
+                chunk = os.read(fd, limit + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError as err:
+            if err.errno in (errno.ENODEV, errno.ENOENT):
+                log.debug("sysfs: %s vanished while read", real)
+            else:
+                log.warning("sysfs: cannot read %s: %s", real, err.strerror)
+            return None
+        finally:
+            os.close(fd)
+        return decode_attribute(b"".join(chunks), limit, real)
+
+    def read_int(self, path: Path, base: int = 10) -> int | None:
+        """Read an integer attribute (``0x``-prefixed when *base* is 16); ``None`` if malformed."""
+        text = self.read_text(path)
+        if text is None:
+            return None
+        return parse_int(text, base, path)
+
+    def link_name(self, path: Path) -> str | None:
+        """The last component of the target of the link *path*, if it resolves inside the root."""
+        real = self.resolve(path)
+        return real.name if real is not None else None
+
+    def is_dir(self, path: Path) -> bool:
+        """Tell whether *path* resolves, inside the root, to a directory."""
+        real = self.resolve(path)
+        return real is not None and os.path.isdir(real)
+
+    def exists(self, path: Path) -> bool:
+        """Tell whether *path* resolves inside the root to something that exists."""
+        real = self.resolve(path)
+        return real is not None and os.path.lexists(real)
+
+    def list_dir(self, path: Path) -> list[str]:
+        """Sorted entry names of a directory; empty when it is absent, unreadable or too large."""
+        real = self.resolve(path)
+        if real is None:
+            return []
+        names: list[str] = []
+        try:
+            with os.scandir(real) as entries:
+                for entry in entries:
+                    names.append(entry.name)
+                    if len(names) > DIRECTORY_LIMIT:
+                        log.warning("sysfs: %s has too many entries; ignored", path)
+                        return []
+        except FileNotFoundError:
+            log.debug("sysfs: %s vanished", path)
+            return []
+        except OSError as err:
+            log.warning("sysfs: cannot list %s: %s", path, err.strerror)
+            return []
+        return sorted(names)
+
+
+def decode_attribute(data: bytes, limit: int, where: Path) -> str | None:
+    """Turn raw attribute bytes into stripped text, or ``None`` (logged) if they are unusable."""
+    if len(data) > limit:
+        log.warning("sysfs: %s is longer than %d bytes; ignored", where, limit)
+        return None
+    if b"\0" in data:
+        log.warning("sysfs: %s contains a NUL byte; ignored", where)
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        log.warning("sysfs: %s is not UTF-8; ignored", where)
+        return None
+
+
+_DIGITS = {10: frozenset("0123456789"), 16: frozenset("0123456789abcdefABCDEF")}
+
+
+def parse_int(text: str, base: int, where: Path) -> int | None:
+    """Parse a plain sysfs integer (decimal, or hex with an optional ``0x``); ``None`` if not."""
+    digits = text[2:] if base == 16 and text[:2].lower() == "0x" else text
+    if not digits or len(digits) > 20 or not set(digits) <= _DIGITS[base]:
+        log.warning("sysfs: %s holds %r, not a base-%d integer; ignored", where, text[:64], base)
+        return None
+    return int(digits, base)
