@@ -134,7 +134,7 @@ def test_coldplug_of_every_fixture_host(start_daemon: DaemonFactory, mock_host: 
                 "nvidia-593",
                 "nvidia",
                 "550.54.14",
-            ),  # fmt: skip
+            ),
             (
                 "DeviceAdded",
                 "0000:65:00.4",
@@ -143,7 +143,7 @@ def test_coldplug_of_every_fixture_host(start_daemon: DaemonFactory, mock_host: 
                 "8086:1520",
                 "vfio_pci",
                 module_digest(mock_host, "kernel/vfio-pci.ko"),
-            ),  # fmt: skip
+            ),
             ("DeviceAdded", "0000:41:00.4", "pci", "0000:41:00.0", "594", "nvidia", "550.54.14"),
         ]
     )
