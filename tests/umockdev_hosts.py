@@ -374,8 +374,23 @@ class HostBuilder:
         path = self._type_dir(spec, type_id) / "available_instances"
         path.write_text(f"{int(path.read_text()) + delta}\n")
 
-    def add_instance(self, module: str, type_id: str, uuid: str | None = None) -> str:
-        """``echo UUID > create``: ``add`` mdev, ``add`` vfio group, ``add`` vfio-dev, ``bind``."""
+    def add_instance(
+        self,
+        module: str,
+        type_id: str,
+        uuid: str | None = None,
+        deferred: list[tuple[str, str]] | None = None,
+    ) -> str:
+        """``echo UUID > create``: ``add`` mdev, ``add`` vfio group, ``add`` vfio-dev, ``bind``.
+
+        With *deferred*, the uevents are appended there instead of sent (for a burst)."""
+
+        def emit(devpath: str, action: str) -> None:
+            if deferred is None:
+                self.uevent(devpath, action)
+            else:
+                deferred.append((devpath, action))
+
         spec = PARENTS[module]
         uuid = uuid or str(uuidlib.uuid4())
         parent = self.at(spec.devpath)
@@ -389,7 +404,7 @@ class HostBuilder:
         _relative_link(self._type_dir(spec, type_id) / "devices" / uuid, device)
         _relative_link(self.sys / "bus" / "mdev" / "devices" / uuid, device)
         self._adjust_available(spec, type_id, -1)
-        self.uevent(devpath, "add")
+        emit(devpath, "add")
         group = str(self.next_group)
         self.next_group += 1
         group_dir = self.sys / "kernel" / "iommu_groups" / group
@@ -399,18 +414,29 @@ class HostBuilder:
         vfio.mkdir(parents=True)
         _write(vfio / "uevent", f"MAJOR=243\nMINOR={group}\nDEVNAME=vfio/{group}\n")
         _relative_link(vfio / "subsystem", self.sys / "class" / "vfio")
-        self.uevent(f"/devices/virtual/vfio/{group}", "add")
+        emit(f"/devices/virtual/vfio/{group}", "add")
         vfio_dev = device / "vfio-dev" / "vfio0"
         vfio_dev.mkdir(parents=True)
         _write(vfio_dev / "uevent", "MAJOR=511\nMINOR=0\nDEVNAME=vfio/devices/vfio0\n")
         _relative_link(vfio_dev / "subsystem", self.sys / "class" / "vfio-dev")
-        self.uevent(f"{devpath}/vfio-dev/vfio0", "add")
+        emit(f"{devpath}/vfio-dev/vfio0", "add")
         driver_dir = self.sys / "bus" / "mdev" / "drivers" / spec.mdev_driver
         _relative_link(device / "driver", driver_dir)
         _write(device / "uevent", f"DRIVER={spec.mdev_driver}\n")
-        self.uevent(devpath, "bind")
+        emit(devpath, "bind")
         self.instances[uuid] = (module, type_id)
         return uuid
+
+    def storm(self, module: str, type_id: str, count: int) -> dict[str, Any]:
+        """Create *count* instances, then send all their uevents back to back, in order.
+
+        Returns the UUIDs and the wall-clock times the burst of uevents began and ended."""
+        deferred: list[tuple[str, str]] = []
+        uuids = [self.add_instance(module, type_id, deferred=deferred) for _ in range(count)]
+        began = time.time()
+        for devpath, action in deferred:
+            self.testbed.uevent(f"/sys{devpath}", action)
+        return {"uuids": uuids, "began": began, "ended": time.time()}
 
     def remove_instance(self, uuid: str) -> None:
         """``echo 1 > remove``: ``remove`` vfio-dev, ``remove`` group, ``unbind``, ``remove``."""
@@ -493,13 +519,7 @@ def serve(stdin: Iterator[str], stdout: Any) -> None:
         operation = request.pop("op")
         started = time.monotonic()
         try:
-            if operation == "storm":
-                result: Any = [
-                    builder.add_instance(request["module"], request["type_id"])
-                    for _ in range(request["count"])
-                ]
-            else:
-                result = getattr(builder, operation)(**request)
+            result = getattr(builder, operation)(**request)
             reply = {"ok": True, "result": result, "seconds": time.monotonic() - started}
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
             reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
@@ -532,7 +552,7 @@ class MockHost:
         return self
 
     def call(self, op: str, **arguments: Any) -> Any:
-        """Run one :class:`HostBuilder` method (or ``storm``) in the wrapped process."""
+        """Run one :class:`HostBuilder` method in the wrapped process."""
         assert self.process is not None
         assert self.process.stdin is not None
         assert self.process.stdout is not None
@@ -565,8 +585,8 @@ class MockHost:
     def reload_module(self, module: str, version: str | None = None) -> None:
         self.call("reload_module", module=module, version=version)
 
-    def storm(self, module: str, type_id: str, count: int) -> list[str]:
-        return list(self.call("storm", module=module, type_id=type_id, count=count))
+    def storm(self, module: str, type_id: str, count: int) -> dict[str, Any]:
+        return dict(self.call("storm", module=module, type_id=type_id, count=count))
 
     def daemon_env(self) -> dict[str, str]:
         return {"UMOCKDEV_DIR": str(self.root)}
