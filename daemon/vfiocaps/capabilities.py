@@ -66,6 +66,7 @@ class ProbeReport:
     error: str = ""
     stderr_excerpt: str = ""
     launches: tuple[LaunchRecord, ...] = ()
+    notes: tuple[str, ...] = ()  # how the probe ran: sandbox user, accelerator, fallbacks
 
     @property
     def duration(self) -> float:

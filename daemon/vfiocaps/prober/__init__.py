@@ -1,0 +1,27 @@
+"""Probe one VFIO device with a minimal sandboxed QEMU over QMP: display, GL need, migration."""
+
+from __future__ import annotations
+
+from .identity import QemuIdentity, QemuMissingError, QemuUnusableError
+from .launch import LaunchEvent, LaunchObserver, LaunchStage
+from .plan import Accel, DeviceSettings, OnOffAuto, ProbePlan, build_qemu_argv
+from .prober import Prober
+from .sandbox import ProbeSandboxError
+from .target import ProbeTarget
+
+__all__ = [
+    "Accel",
+    "DeviceSettings",
+    "LaunchEvent",
+    "LaunchObserver",
+    "LaunchStage",
+    "OnOffAuto",
+    "ProbePlan",
+    "ProbeSandboxError",
+    "ProbeTarget",
+    "Prober",
+    "QemuIdentity",
+    "QemuMissingError",
+    "QemuUnusableError",
+    "build_qemu_argv",
+]

@@ -1,0 +1,103 @@
+"""Which QEMU binary probes run: its path, version and change time, and its vfio-pci properties."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ProbeError
+from ..process import Credentials, ProcessStartError, minimal_environment, run_command
+
+VERSION_RE = re.compile(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)")
+PROPERTY_RE = re.compile(r"^\s+([A-Za-z][\w.-]*)=<", re.MULTILINE)
+IDENTITY_TIMEOUT = 10.0
+
+
+class QemuMissingError(ProbeError):
+    """The configured QEMU binary does not exist or cannot be executed."""
+
+
+class QemuUnusableError(ProbeError):
+    """The QEMU binary runs but does not identify itself as a QEMU system emulator."""
+
+
+@dataclass(frozen=True)
+class QemuIdentity:
+    """A QEMU binary as a cache key: resolved path, version, and inode change time."""
+
+    path: Path
+    version: str
+    ctime_ns: int
+    vfio_pci_properties: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        """The version as numbers, e.g. ``(10, 0, 13)``."""
+        return tuple(int(part) for part in self.version.split("."))
+
+
+def parse_version(output: str) -> str:
+    """The version from ``qemu-system-* -version`` output.
+
+    Raises :class:`QemuUnusableError` when *output* does not contain one.
+    """
+    found = VERSION_RE.search(output)
+    if found is None:
+        raise QemuUnusableError(f"not a QEMU version banner: {output.strip()[:200]!r}")
+    return found.group(1)
+
+
+def parse_device_properties(output: str) -> frozenset[str]:
+    """Property names from ``-device DRIVER,help`` output. Raises nothing."""
+    return frozenset(PROPERTY_RE.findall(output))
+
+
+def binary_stat(binary: Path) -> tuple[Path, os.stat_result]:
+    """Resolve *binary* and stat it. Raises :class:`QemuMissingError`."""
+    try:
+        resolved = binary.resolve(strict=True)
+        st = resolved.stat()
+    except OSError as err:
+        raise QemuMissingError(f"QEMU binary {binary}: {err.strerror}") from err
+    if not os.access(resolved, os.X_OK):
+        raise QemuMissingError(f"QEMU binary {resolved} is not executable")
+    return resolved, st
+
+
+async def read_identity(binary: Path, credentials: Credentials | None) -> QemuIdentity:
+    """Ask *binary* for its version and vfio-pci properties (run as *credentials*).
+
+    Raises :class:`QemuMissingError` when it cannot be executed and
+    :class:`QemuUnusableError` when it does not answer like QEMU.
+    """
+    resolved, st = binary_stat(binary)
+    env = minimal_environment()
+    try:
+        banner = await run_command(
+            [str(resolved), "-version"],
+            time_limit=IDENTITY_TIMEOUT,
+            env=env,
+            credentials=credentials,
+        )
+        device_help = await run_command(
+            [str(resolved), "-nodefaults", "-machine", "none", "-device", "vfio-pci,help"],
+            time_limit=IDENTITY_TIMEOUT,
+            env=env,
+            credentials=credentials,
+        )
+    except ProcessStartError as err:
+        raise QemuMissingError(str(err)) from err
+    except TimeoutError as err:
+        raise QemuUnusableError(f"{resolved} did not answer within {IDENTITY_TIMEOUT}s") from err
+    if banner.returncode != 0:
+        raise QemuUnusableError(
+            f"{resolved} -version exited with {banner.returncode}: {banner.stderr.strip()[:200]}"
+        )
+    return QemuIdentity(
+        path=resolved,
+        version=parse_version(banner.stdout),
+        ctime_ns=st.st_ctime_ns,
+        vfio_pci_properties=parse_device_properties(device_help.stdout + device_help.stderr),
+    )

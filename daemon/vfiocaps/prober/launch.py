@@ -1,0 +1,326 @@
+"""One probe launch: start QEMU sandboxed, talk QMP over a socketpair, stop it, reap it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from ..capabilities import LaunchRecord
+from ..process import ManagedProcess, ProcessSpec, ProcessState, minimal_environment
+from .plan import DeviceSettings, ProbePlan, build_qemu_argv
+from .sandbox import ProbeIdentity
+from .strategy import Attempt, LaunchEnd, LaunchObservation, MigrationResult, device_blockers
+
+log = logging.getLogger("vfiocaps.prober")
+
+MIGRATION_FD_NAME = "vfiocaps-migration"
+MIGRATION_POLL_SECONDS = 0.02
+QUIT_GRACE_SECONDS = 5.0
+FINAL_MIGRATION_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+class LaunchStage(enum.Enum):
+    """Moments of a launch an observer is told about."""
+
+    STARTED = "started"  # the QEMU process exists
+    QMP_READY = "qmp-ready"  # the QMP session is established
+    ENDED = "ended"  # the process has been reaped
+
+
+@dataclass(frozen=True)
+class LaunchEvent:
+    """A moment of a launch, for observers (logging, tests, history)."""
+
+    stage: LaunchStage
+    purpose: str
+    pid: int
+
+
+LaunchObserver = Callable[[LaunchEvent], None]
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What every launch of one probe shares."""
+
+    binary: Path
+    machine: str
+    vm_uuid: str
+    sysfsdev: Path | None
+    identity: ProbeIdentity
+    workdir: Path  # the probe's private runtime directory
+    timeout: float
+    environment: dict[str, str]
+    observer: LaunchObserver | None = None
+
+
+async def run_launch(
+    context: LaunchContext, attempt: Attempt
+) -> tuple[LaunchObservation, LaunchRecord]:
+    """Run one launch for *attempt* and return what it showed and its record.
+
+    Raises nothing for QEMU's failures (they are in the observation); cancellation propagates
+    after the process group has been killed and reaped and every file removed.
+    """
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    plan = ProbePlan(
+        machine=context.machine,
+        accel=attempt.accel,
+        vm_uuid=context.vm_uuid,
+        qmp_fd=child_sock.fileno(),
+        sysfsdev=context.sysfsdev if attempt.settings is not None else None,
+        settings=attempt.settings or DeviceSettings(),
+    )
+    argv = build_qemu_argv(context.binary, plan)
+    process = ManagedProcess(
+        ProcessSpec(
+            argv=argv,
+            env=context.environment,
+            pass_fds=(child_sock.fileno(),),
+            credentials=context.identity.credentials,
+        )
+    )
+    session = _Session(context, attempt)
+    started = time.monotonic()
+    try:
+        await process.start()
+        child_sock.close()
+        _notify(context, LaunchStage.STARTED, attempt, process.pid)
+        try:
+            async with asyncio.timeout(context.timeout):
+                await session.run(parent_sock, process)
+                result = await process.wait()
+        except TimeoutError:
+            result = await process.stop()
+            session.end = LaunchEnd.TIMEOUT
+        else:
+            session.end = _classify_end(session, result.returncode, result.killed_by_us)
+    finally:
+        await session.close()
+        if process.returncode is None and process.state is not ProcessState.NEW:
+            await process.stop()
+        parent_sock.close()
+        child_sock.close()
+        session.remove_files()
+    _notify(context, LaunchStage.ENDED, attempt, process.pid)
+    duration = time.monotonic() - started
+    observation = session.observation(result.returncode, result.stderr)
+    record = LaunchRecord(
+        purpose=attempt.purpose, argv=argv, duration=duration, exit_status=result.returncode
+    )
+    log.debug(
+        "launch %s ended %s (status %s) after %.3f s",
+        attempt.purpose,
+        observation.end.value,
+        result.returncode,
+        duration,
+    )
+    return observation, record
+
+
+def _classify_end(session: _Session, returncode: int, killed_by_us: bool) -> LaunchEnd:
+    if session.quit_acknowledged and returncode == 0:
+        return LaunchEnd.QUIT
+    if returncode < 0 and not killed_by_us:
+        return LaunchEnd.CRASHED
+    return LaunchEnd.EXITED
+
+
+def _notify(context: LaunchContext, stage: LaunchStage, attempt: Attempt, pid: int) -> None:
+    if context.observer is not None:
+        context.observer(LaunchEvent(stage, attempt.purpose, pid))
+
+
+class _Session:
+    """The QMP conversation of one launch (mutable state of :func:`run_launch`)."""
+
+    def __init__(self, context: LaunchContext, attempt: Attempt) -> None:
+        self.context = context
+        self.attempt = attempt
+        self.client = QMPClient(f"vfiocaps-{attempt.purpose}")
+        self.started = False
+        self.quit_sent = False
+        self.quit_acknowledged = False
+        self.end = LaunchEnd.EXITED
+        self.qmp_error = ""
+        self.qemu_version = ""
+        self.consoles: dict[str, str] = {}
+        self.blocked_reasons: tuple[str, ...] = ()
+        self.migration: MigrationResult | None = None
+        self.files: list[Path] = []
+
+    async def run(self, sock: socket.socket, process: ManagedProcess) -> None:
+        try:
+            await self.client.connect(sock)
+        except ConnectError as err:
+            # QEMU exited before it greeted us: a realize failure, stderr says why.
+            log.debug("QMP connection failed: %s", err)
+            return
+        self.started = True
+        self.qemu_version = _greeting_version(self.client)
+        _notify(self.context, LaunchStage.QMP_READY, self.attempt, process.pid)
+        try:
+            await self._inspect()
+            self.quit_sent = True
+            await self.client.execute("quit")
+            self.quit_acknowledged = True
+        except ExecuteError as err:
+            self.qmp_error = f"{err.error_class}: {err.error.error.desc}"
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as err:
+            self.qmp_error = f"QMP session lost: {err}"
+            if self.quit_sent:
+                # QEMU may close the connection before its reply to "quit" arrives.
+                self.quit_acknowledged = True
+        if not self.quit_acknowledged:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), QUIT_GRACE_SECONDS)
+
+    async def _inspect(self) -> None:
+        settings = self.attempt.settings
+        if settings is None:
+            await self.client.execute("query-status")
+            return
+        if settings.display.value != "off":
+            self.consoles = await self._consoles()
+        self.blocked_reasons = await self._blocked_reasons()
+        mine, _ = device_blockers(self.blocked_reasons, self._device_names())
+        if not mine:
+            self.migration = await self._migrate()
+
+    def _device_names(self) -> Iterable[str]:
+        sysfsdev = self.context.sysfsdev
+        return (sysfsdev.name,) if sysfsdev is not None else ()
+
+    async def _consoles(self) -> dict[str, str]:
+        try:
+            children = await self.client.execute("qom-list", {"path": "/backend"})
+        except ExecuteError as err:
+            if err.error_class == "DeviceNotFound":
+                return {}  # QEMU 7.2 creates /backend only with the first console
+            raise
+        consoles: dict[str, str] = {}
+        for name in console_names(children):
+            linked = await self.client.execute(
+                "qom-get", {"path": f"/backend/{name}", "property": "device"}
+            )
+            consoles[name] = linked if isinstance(linked, str) else ""
+        return consoles
+
+    async def _blocked_reasons(self) -> tuple[str, ...]:
+        return blocked_reasons(await self.client.execute("query-migrate"))
+
+    async def _migrate(self) -> MigrationResult:
+        target = self.context.workdir / f"migration-{self.attempt.purpose}.bin"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.files.append(target)
+        started = time.monotonic()
+        try:
+            self.client.send_fd_scm(fd)
+            await self.client.execute("getfd", {"fdname": MIGRATION_FD_NAME})
+        finally:
+            os.close(fd)
+        try:
+            await self.client.execute("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
+        except ExecuteError as err:
+            return MigrationResult("failed", err.error.error.desc, None, time.monotonic() - started)
+        while True:
+            result = migration_result(
+                await self.client.execute("query-migrate"), time.monotonic() - started
+            )
+            if result is not None:
+                return result
+            await asyncio.sleep(MIGRATION_POLL_SECONDS)
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.client.disconnect()
+
+    def remove_files(self) -> None:
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def observation(self, returncode: int, stderr: str) -> LaunchObservation:
+        return LaunchObservation(
+            attempt=self.attempt,
+            end=self.end,
+            started=self.started,
+            exit_status=returncode,
+            stderr=stderr,
+            qmp_error=self.qmp_error,
+            consoles=dict(self.consoles),
+            blocked_reasons=self.blocked_reasons,
+            migration=self.migration,
+            qemu_version=self.qemu_version,
+        )
+
+
+def _greeting_version(client: QMPClient) -> str:
+    greeting = client.greeting
+    if greeting is None:
+        return ""
+    qemu = greeting.QMP.version.get("qemu")
+    if not isinstance(qemu, dict):
+        return ""
+    return ".".join(str(qemu.get(part, 0)) for part in ("major", "minor", "micro"))
+
+
+def console_names(qom_list_reply: Any) -> tuple[str, ...]:
+    """The ``console[N]`` children in a ``qom-list /backend`` reply. Raises nothing."""
+    if not isinstance(qom_list_reply, list):
+        return ()
+    names = (str(child.get("name", "")) for child in qom_list_reply if isinstance(child, dict))
+    return tuple(name for name in names if name.startswith("console["))
+
+
+def blocked_reasons(query_migrate_reply: Any) -> tuple[str, ...]:
+    """The ``blocked-reasons`` of a ``query-migrate`` reply (absent: none). Raises nothing."""
+    if not isinstance(query_migrate_reply, dict):
+        return ()
+    reasons = query_migrate_reply.get("blocked-reasons", [])
+    return tuple(str(reason) for reason in reasons) if isinstance(reasons, list) else ()
+
+
+def migration_result(query_migrate_reply: Any, duration: float) -> MigrationResult | None:
+    """The final result in a ``query-migrate`` reply, or ``None`` while it is still running.
+
+    The device's saved state size is the ``vfio`` ``transferred`` counter. Raises nothing.
+    """
+    info = query_migrate_reply if isinstance(query_migrate_reply, dict) else {}
+    status = str(info.get("status", ""))
+    if status not in FINAL_MIGRATION_STATES:
+        return None
+    vfio = info.get("vfio")
+    device_bytes = vfio.get("transferred") if isinstance(vfio, dict) else None
+    return MigrationResult(
+        status=status,
+        error=str(info.get("error-desc", "")),
+        device_bytes=device_bytes if isinstance(device_bytes, int) else None,
+        duration=duration,
+    )
+
+
+def probe_environment() -> dict[str, str]:
+    """The environment of a probe QEMU: PATH and a C locale.
+
+    When vfiocapsd itself runs under ``umockdev-wrapper`` (``UMOCKDEV_DIR`` set), the preload
+    and the testbed location are passed on as well, so that a QEMU stand-in sees the same
+    emulated sysfs as the daemon.
+    """
+    extra: dict[str, str] = {}
+    if "UMOCKDEV_DIR" in os.environ:
+        for name in ("UMOCKDEV_DIR", "LD_PRELOAD"):
+            if name in os.environ:
+                extra[name] = os.environ[name]
+    return minimal_environment(extra)

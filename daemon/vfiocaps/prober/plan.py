@@ -1,0 +1,143 @@
+"""Probe plans and the pure function that turns one into a QEMU command line."""
+
+from __future__ import annotations
+
+import enum
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ProbeError
+
+QMP_CHARDEV_ID = "vfiocaps-qmp"
+DEVICE_ID = "vfiocaps-device"
+DEVICE_QOM_PATH = f"/machine/peripheral/{DEVICE_ID}"
+DEFAULT_MEMORY_MIB = 64
+SANDBOX_OPTIONS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+# The machine type that gives a vfio-pci device a PCI(e) bus, per host architecture.
+MACHINE_FOR_ARCHITECTURE = {
+    "x86_64": "q35",
+    "aarch64": "virt",
+    "ppc64le": "pseries",
+    "ppc64": "pseries",
+    "riscv64": "virt",
+    "loongarch64": "virt",
+}
+
+
+class UnsupportedArchitectureError(ProbeError):
+    """This host architecture has no known machine type for a vfio-pci probe."""
+
+
+def machine_for_architecture(architecture: str | None = None) -> str:
+    """The machine type for *architecture* (default: this host's).
+
+    Raises :class:`UnsupportedArchitectureError` for an architecture without one.
+    """
+    arch = (architecture or platform.machine()).lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    try:
+        return MACHINE_FOR_ARCHITECTURE[arch]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"no machine type known for architecture {arch!r}"
+        ) from None
+
+
+class Accel(enum.Enum):
+    """The accelerator a probe QEMU uses."""
+
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class OnOffAuto(enum.Enum):
+    """QEMU's OnOffAuto property values."""
+
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The vfio-pci properties one launch tries. ``None`` leaves QEMU's default in place."""
+
+    display: OnOffAuto = OnOffAuto.AUTO
+    migration: OnOffAuto | None = OnOffAuto.AUTO
+    device_dirty_tracking: bool | None = None
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """Everything one probe launch of QEMU is made of."""
+
+    machine: str
+    accel: Accel
+    vm_uuid: str
+    qmp_fd: int
+    sysfsdev: Path | None = None
+    settings: DeviceSettings = DeviceSettings()
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    sandbox: bool = True
+
+
+def qemu_option_value(value: str) -> str:
+    """Escape *value* for QEMU's ``key=value,...`` option syntax (a comma is doubled)."""
+    return value.replace(",", ",,")
+
+
+def device_option(plan: ProbePlan) -> str | None:
+    """The ``-device vfio-pci,...`` argument of *plan*, or ``None`` for a bare launch."""
+    if plan.sysfsdev is None:
+        return None
+    settings = plan.settings
+    parts = [
+        "vfio-pci",
+        f"id={DEVICE_ID}",
+        f"sysfsdev={qemu_option_value(str(plan.sysfsdev))}",
+        f"display={settings.display.value}",
+    ]
+    if settings.migration is not None:
+        parts.append(f"enable-migration={settings.migration.value}")
+    if settings.device_dirty_tracking is not None:
+        parts.append(
+            f"x-device-dirty-page-tracking={'on' if settings.device_dirty_tracking else 'off'}"
+        )
+    return ",".join(parts)
+
+
+def build_qemu_argv(binary: Path, plan: ProbePlan) -> tuple[str, ...]:
+    """The complete QEMU command line for *plan*; pure (no I/O), raises nothing.
+
+    A paused (``-S``) machine without defaults, user config, display or network, the QMP monitor
+    on the inherited socket *plan.qmp_fd*, ``-uuid`` (some vendor managers read it), and the
+    seccomp sandbox with every optional restriction.
+    """
+    argv = [
+        str(binary),
+        "-S",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-nic",
+        "none",
+        "-machine",
+        f"{plan.machine},accel={plan.accel.value}",
+        "-m",
+        str(plan.memory_mib),
+        "-uuid",
+        plan.vm_uuid,
+        "-chardev",
+        f"socket,id={QMP_CHARDEV_ID},fd={plan.qmp_fd}",
+        "-mon",
+        f"chardev={QMP_CHARDEV_ID},mode=control",
+    ]
+    if plan.sandbox:
+        argv += ["-sandbox", SANDBOX_OPTIONS]
+    device = device_option(plan)
+    if device is not None:
+        argv += ["-device", device]
+    return tuple(argv)

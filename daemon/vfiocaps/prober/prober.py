@@ -1,0 +1,197 @@
+"""The prober: one device in, a ProbeReport out, after as few sandboxed QEMU launches as needed."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
+from ..config import Config
+from ..errors import ProbeBusyError, ProbeError
+from ..process import ProcessStartError
+from .identity import QemuIdentity, QemuMissingError, binary_stat, read_identity
+from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
+from .plan import Accel, machine_for_architecture
+from .sandbox import (
+    NodeGrants,
+    check_group_not_busy,
+    group_node,
+    kvm_access,
+    private_directory,
+    resolve_probe_identity,
+)
+from .strategy import Attempt, ProbeStrategy, Step, Verdict
+from .target import ProbeTarget
+
+log = logging.getLogger("vfiocaps.prober")
+
+
+class ProbeState(enum.Enum):
+    """Where one probe is."""
+
+    PREPARING = "preparing"  # identity, QEMU, busy check, grants
+    LAUNCHING = "launching"  # a QEMU launch is running
+    DONE = "done"
+
+
+@dataclass
+class _ProbeRun:
+    """Mutable state of one probe."""
+
+    state: ProbeState = ProbeState.PREPARING
+    launches: list[LaunchRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Prober:
+    """Probes devices with a minimal sandboxed QEMU; safe to use from several tasks at once.
+
+    *observer*, when given, is told when each QEMU launch starts, has its QMP session and has
+    been reaped (with the QEMU pid); *architecture* overrides the host's for the machine type.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        observer: LaunchObserver | None = None,
+        architecture: str | None = None,
+    ) -> None:
+        self.config = config
+        self.observer = observer
+        self.architecture = architecture
+        self.grants = NodeGrants()
+        self._identities: dict[tuple[Path, int, int, int], QemuIdentity] = {}
+
+    async def qemu_identity(self) -> QemuIdentity:
+        """The configured QEMU binary's identity (cached until the binary changes).
+
+        Raises :class:`~vfiocaps.prober.QemuMissingError` when the binary does not exist or
+        cannot be executed, :class:`~vfiocaps.prober.QemuUnusableError` when it does not answer
+        like QEMU, :class:`~vfiocaps.prober.ProbeSandboxError` when the probe user is unusable.
+        """
+        resolved, st = binary_stat(self.config.qemu_binary)
+        key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
+        cached = self._identities.get(key)
+        if cached is not None:
+            return cached
+        identity = await read_identity(
+            resolved, resolve_probe_identity(self.config.probe_user).credentials
+        )
+        self._identities = {key: identity}
+        return identity
+
+    async def probe(self, target: ProbeTarget) -> ProbeReport:
+        """Probe *target* and report; never raises for device- or host-level failures.
+
+        The outcome says what happened (``ok``, ``busy``, ``no-kvm``, ``qemu-missing``,
+        ``timeout``, ``crashed``, ``failed``). Cancellation propagates, after QEMU's process
+        group has been killed and reaped, device nodes restored and files removed.
+        """
+        return await self._run(target)
+
+    async def check_qemu(self) -> ProbeReport:
+        """Start the sandboxed QEMU without a device, complete a QMP session and stop it.
+
+        A self-test of the binary, the probe user and the sandbox; never raises (see
+        :meth:`probe`).
+        """
+        return await self._run(None)
+
+    async def _run(self, target: ProbeTarget | None) -> ProbeReport:
+        run = _ProbeRun()
+        try:
+            verdict = await self._probe(target, run)
+        except QemuMissingError as err:
+            verdict = Verdict(ProbeOutcome.QEMU_MISSING, error=str(err))
+        except ProbeBusyError as err:
+            verdict = Verdict(ProbeOutcome.BUSY, error=str(err))
+        except ProbeError as err:
+            verdict = Verdict(ProbeOutcome.FAILED, error=str(err))
+        run.state = ProbeState.DONE
+        report = ProbeReport(
+            outcome=verdict.outcome,
+            capabilities=verdict.capabilities,
+            error=verdict.error,
+            stderr_excerpt=verdict.stderr_excerpt,
+            launches=tuple(run.launches),
+            notes=tuple(dict.fromkeys((*run.notes, *verdict.notes))),
+        )
+        log.info(
+            "probe of %s: %s after %d launch(es), %.3f s%s",
+            target.device_id if target else "QEMU",
+            report.outcome.value,
+            len(report.launches),
+            report.duration,
+            f": {report.error}" if report.error else "",
+        )
+        return report
+
+    async def _probe(self, target: ProbeTarget | None, run: _ProbeRun) -> Verdict:
+        identity = resolve_probe_identity(self.config.probe_user)
+        run.notes.append(identity.description)
+        qemu = await self.qemu_identity()
+        machine = machine_for_architecture(self.architecture)
+        node: Path | None = None
+        if target is not None:
+            if not target.iommu_group:
+                raise ProbeError(f"{target.device_id} has no IOMMU group")
+            node = group_node(self.config.dev_root, target.iommu_group)
+            check_group_not_busy(node)
+        kvm = kvm_access(self.config.dev_root, identity)
+        if kvm.usable:
+            accel = Accel.KVM
+        else:
+            accel = Accel.TCG
+            run.notes.append(f"KVM is not usable ({kvm.reason}); probing with TCG")
+        with contextlib.ExitStack() as stack:
+            workdir = stack.enter_context(private_directory(self.config.runtime_dir))
+            if identity.credentials is not None:
+                if node is not None:
+                    stack.enter_context(self.grants.granted(node, identity.uid))
+                if kvm.usable and kvm.needs_grant:
+                    stack.enter_context(self.grants.granted(kvm.node, identity.uid))
+                if kvm.usable and kvm.group is not None:
+                    identity = identity.with_groups(kvm.group)
+            context = LaunchContext(
+                binary=qemu.path,
+                machine=machine,
+                vm_uuid=str(uuid.uuid4()),
+                sysfsdev=target.sysfs_path if target else None,
+                identity=identity,
+                workdir=workdir,
+                timeout=self.config.probe_timeout,
+                environment=probe_environment(),
+                observer=self.observer,
+            )
+            strategy = ProbeStrategy(
+                vfio_pci_properties=qemu.vfio_pci_properties,
+                accel=accel,
+                device_names=(target.qemu_name,) if target else (),
+            )
+            attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
+            return await self._launches(context, strategy, attempt, run)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _launches(
+        self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun
+    ) -> Verdict:
+        while True:
+            run.state = ProbeState.LAUNCHING
+            try:
+                observation, record = await run_launch(context, attempt)
+            except ProcessStartError as err:
+                try:
+                    binary_stat(context.binary)
+                except QemuMissingError as missing:
+                    raise missing from err
+                raise ProbeError(str(err)) from err
+            run.launches.append(record)
+            decision = strategy.next(observation)
+            if isinstance(decision, Verdict):
+                return decision
+            attempt = decision

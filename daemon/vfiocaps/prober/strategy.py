@@ -1,0 +1,369 @@
+"""Pure probe decisions: which launch comes next, and what the evidence of each launch means.
+
+A probe starts with the configuration most likely to tell everything in one launch (display and
+migration on ``auto``, cold-plugged, then a real ``migrate`` of the paused VM) and falls back
+only where QEMU's answer leaves a question open:
+
+* ``opengl not available`` at realize: a dma-buf display that needs GL; relaunch with display off
+  to learn about migration;
+* the migration of the paused VM fails in device dirty tracking (mtty): relaunch with
+  ``x-device-dirty-page-tracking=off,enable-migration=on`` and migrate again;
+* ``failed to initialize kvm``: the same launch again with TCG.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from ..capabilities import Capabilities, Display, Migration, ProbeOutcome
+from .messages import Meaning, excerpt, findings, first_failure
+from .plan import DEVICE_QOM_PATH, Accel, DeviceSettings, OnOffAuto
+
+ENABLE_MIGRATION = "enable-migration"
+DEVICE_DIRTY_TRACKING = "x-device-dirty-page-tracking"
+MAX_LAUNCHES = 4
+TRACKING_OFF_NOTE = (
+    "migrates only with x-device-dirty-page-tracking=off and enable-migration=on: the device "
+    "has no dirty page tracking of its own, QEMU then tracks dirty pages in the IOMMU container"
+)
+
+
+class Step(enum.Enum):
+    """The purpose of one launch."""
+
+    BARE = "bare"  # no device: QEMU and sandbox self-test
+    DISCOVER = "discover"  # display=auto, migration=auto, migrate the paused VM
+    DISPLAY_OFF = "display-off"  # the display is known; learn about migration
+    MIGRATION_OFF = "migration-off"  # migration is known (refused at realize); learn the display
+    TRACKING_OFF = "tracking-off"  # migrate again without device dirty tracking
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One launch to make."""
+
+    step: Step
+    settings: DeviceSettings | None
+    accel: Accel
+
+    @property
+    def purpose(self) -> str:
+        """The launch's purpose as recorded in its :class:`LaunchRecord`."""
+        return self.step.value
+
+
+class LaunchEnd(enum.Enum):
+    """How a launch ended."""
+
+    QUIT = "quit"  # the session completed and QEMU quit when asked
+    EXITED = "exited"  # QEMU exited on its own (realize failure, error)
+    CRASHED = "crashed"  # QEMU died from a signal we did not send
+    TIMEOUT = "timeout"  # we killed it at the deadline
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """The outcome of migrating the paused VM to a file."""
+
+    status: str  # QEMU's final status: completed, failed, cancelled
+    error: str = ""
+    device_bytes: int | None = None  # query-migrate "vfio" "transferred"
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class LaunchObservation:
+    """Everything one launch showed: how it ended, stderr, and what QMP answered."""
+
+    attempt: Attempt
+    end: LaunchEnd
+    started: bool  # the QMP session was established
+    exit_status: int | None = None
+    stderr: str = ""
+    qmp_error: str = ""
+    consoles: Mapping[str, str] = field(default_factory=dict)  # console -> device QOM path
+    blocked_reasons: tuple[str, ...] = ()
+    migration: MigrationResult | None = None
+    qemu_version: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The end of a probe."""
+
+    outcome: ProbeOutcome
+    capabilities: Capabilities | None = None
+    error: str = ""
+    stderr_excerpt: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def display_from_consoles(consoles: Mapping[str, str], device_path: str) -> Display:
+    """REGION when a console's ``device`` link names the device, else NONE. Raises nothing."""
+    wanted = device_path.rstrip("/")
+    for linked in consoles.values():
+        if linked and linked.rstrip("/") == wanted:
+            return Display.REGION
+    return Display.NONE
+
+
+def device_blockers(
+    blocked_reasons: Iterable[str], names: Iterable[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split migration blockers into (this device's, others').
+
+    A blocker is the device's when it names the device (QEMU 10 prefixes them with the device
+    name) or is one of the known VFIO migration blocker texts (QEMU 7.2 names no device).
+    """
+    names = [name for name in names if name]
+    mine: list[str] = []
+    others: list[str] = []
+    for reason in blocked_reasons:
+        failure = first_failure(reason)
+        known_vfio = failure is not None and failure.meaning in (
+            Meaning.MIGRATION_UNSUPPORTED,
+            Meaning.DIRTY_TRACKING_UNSUPPORTED,
+        )
+        (mine if known_vfio or any(name in reason for name in names) else others).append(reason)
+    return tuple(mine), tuple(others)
+
+
+@dataclass
+class Knowledge:
+    """What the probe has learned so far (mutable runtime state of a :class:`ProbeStrategy`)."""
+
+    display: Display = Display.UNKNOWN
+    gl_required: bool = False
+    migration: Migration = Migration.UNKNOWN
+    blockers: tuple[str, ...] = ()
+    migration_notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    qemu_version: str = ""
+
+
+class ProbeStrategy:
+    """Decides each next launch from the previous launches' observations; no I/O."""
+
+    def __init__(
+        self,
+        *,
+        vfio_pci_properties: frozenset[str],
+        accel: Accel,
+        device_names: Iterable[str],
+    ) -> None:
+        self.properties = vfio_pci_properties
+        self.accel = accel
+        self.names = tuple(device_names)
+        self.knowledge = Knowledge()
+        self.launches = 0
+        self._kvm_retried = False
+
+    @property
+    def can_disable_device_tracking(self) -> bool:
+        """Whether this QEMU has both properties the dirty-tracking retry needs."""
+        return {ENABLE_MIGRATION, DEVICE_DIRTY_TRACKING} <= self.properties
+
+    def _settings(self, display: OnOffAuto, migration: OnOffAuto | None) -> DeviceSettings:
+        if ENABLE_MIGRATION not in self.properties:
+            migration = None
+        return DeviceSettings(display=display, migration=migration)
+
+    def first(self) -> Attempt:
+        """The first launch: everything on ``auto``."""
+        return Attempt(Step.DISCOVER, self._settings(OnOffAuto.AUTO, OnOffAuto.AUTO), self.accel)
+
+    def next(self, observation: LaunchObservation) -> Attempt | Verdict:
+        """The launch to make after *observation*, or the probe's verdict. Raises nothing."""
+        self.launches += 1
+        if observation.qemu_version:
+            self.knowledge.qemu_version = observation.qemu_version
+        decision = self._decide(observation)
+        if isinstance(decision, Attempt) and self.launches >= MAX_LAUNCHES:
+            return self._failed(observation, f"no answer after {self.launches} launches")
+        return decision
+
+    def _decide(self, obs: LaunchObservation) -> Attempt | Verdict:
+        if obs.end is LaunchEnd.TIMEOUT:
+            return Verdict(
+                ProbeOutcome.TIMEOUT,
+                error=f"QEMU ({obs.attempt.purpose}) did not finish in time and was killed",
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(self.knowledge.notes),
+            )
+        if obs.end is LaunchEnd.CRASHED:
+            return Verdict(
+                ProbeOutcome.CRASHED,
+                error=f"QEMU ({obs.attempt.purpose}) {describe_status(obs.exit_status)}",
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(self.knowledge.notes),
+            )
+        if obs.end is LaunchEnd.QUIT and obs.started:
+            return self._after_session(obs)
+        return self._after_failure(obs)
+
+    # -- a launch that failed before or during its session -------------------------------
+
+    def _after_failure(self, obs: LaunchObservation) -> Attempt | Verdict:
+        attempt = obs.attempt
+        failure = first_failure(f"{obs.stderr}\n{obs.qmp_error}")
+        if failure is None:
+            what = describe_status(obs.exit_status)
+            detail = f": {obs.qmp_error}" if obs.qmp_error else ""
+            return self._failed(obs, f"QEMU ({attempt.purpose}) {what}{detail}")
+        meaning = failure.meaning
+        settings = attempt.settings
+        know = self.knowledge
+        if meaning is Meaning.BUSY:
+            return Verdict(
+                ProbeOutcome.BUSY,
+                error=failure.line,
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(know.notes),
+            )
+        if meaning is Meaning.KVM_REQUIRED:
+            outcome = ProbeOutcome.NO_KVM if attempt.accel is Accel.TCG else ProbeOutcome.FAILED
+            return Verdict(
+                outcome,
+                error=failure.line,
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(know.notes),
+            )
+        if (
+            meaning is Meaning.KVM_UNAVAILABLE
+            and attempt.accel is Accel.KVM
+            and not self._kvm_retried
+        ):
+            self._kvm_retried = True
+            self.accel = Accel.TCG
+            know.notes.append(f"KVM could not be used ({failure.line}); probed with TCG")
+            return replace(attempt, accel=Accel.TCG)
+        if (
+            settings is not None
+            and meaning in (Meaning.GL_REQUIRED, Meaning.NO_DISPLAY)
+            and settings.display is not OnOffAuto.OFF
+        ):
+            if meaning is Meaning.GL_REQUIRED:
+                know.display, know.gl_required = Display.DMABUF, True
+            else:
+                know.display, know.gl_required = Display.NONE, False
+            if know.migration is not Migration.UNKNOWN:
+                return self._ok()
+            display_off = self._settings(OnOffAuto.OFF, settings.migration)
+            return Attempt(Step.DISPLAY_OFF, display_off, attempt.accel)
+        if settings is not None and meaning in (
+            Meaning.MIGRATION_UNSUPPORTED,
+            Meaning.DIRTY_TRACKING_UNSUPPORTED,
+        ):
+            know.migration = Migration.UNSUPPORTED
+            know.blockers = (*know.blockers, _strip_option_prefix(failure.line))
+            if know.display is not Display.UNKNOWN or settings.display is OnOffAuto.OFF:
+                return self._ok()
+            migration_off = self._settings(settings.display, OnOffAuto.OFF)
+            return Attempt(Step.MIGRATION_OFF, migration_off, attempt.accel)
+        return self._failed(obs, failure.line)
+
+    # -- a launch whose session completed ------------------------------------------------
+
+    def _after_session(self, obs: LaunchObservation) -> Attempt | Verdict:
+        attempt = obs.attempt
+        settings = attempt.settings
+        know = self.knowledge
+        if settings is None:  # a bare launch: QEMU and the sandbox work
+            return Verdict(ProbeOutcome.OK, notes=tuple(know.notes))
+        if settings.display is not OnOffAuto.OFF and know.display is Display.UNKNOWN:
+            know.display = display_from_consoles(obs.consoles, DEVICE_QOM_PATH)
+            know.gl_required = False
+        if know.migration is not Migration.UNKNOWN:
+            return self._ok()
+        mine, others = device_blockers(obs.blocked_reasons, self.names)
+        if others:
+            know.notes.append("migration blockers of other origin: " + "; ".join(others))
+        if mine:
+            know.migration = Migration.UNSUPPORTED
+            know.blockers = (*know.blockers, *mine)
+            return self._ok()
+        result = obs.migration
+        if result is None:
+            know.notes.append("the migration of the paused VM was not attempted")
+            return self._ok()
+        if result.status == "completed":
+            know.migration = Migration.SUPPORTED
+            if attempt.step is Step.TRACKING_OFF:
+                know.migration_notes.append(TRACKING_OFF_NOTE)
+            if result.device_bytes is not None:
+                know.migration_notes.append(
+                    f"device state saved: {result.device_bytes} bytes in {result.duration:.2f} s"
+                )
+            return self._ok()
+        # QEMU 10 reports "ram_save_setup failed" to QMP; the cause is on stderr.
+        tracking_failed = any(
+            found.meaning is Meaning.DEVICE_DIRTY_TRACKING_FAILED
+            for found in findings(f"{result.error}\n{obs.stderr}")
+        )
+        if (
+            tracking_failed
+            and attempt.step is not Step.TRACKING_OFF
+            and self.can_disable_device_tracking
+        ):
+            know.migration_notes.append(
+                "with device dirty page tracking (the default) the migration fails: "
+                + (result.error or result.status)
+            )
+            retry = DeviceSettings(
+                display=OnOffAuto.OFF, migration=OnOffAuto.ON, device_dirty_tracking=False
+            )
+            return Attempt(Step.TRACKING_OFF, retry, attempt.accel)
+        know.migration = Migration.UNSUPPORTED
+        know.blockers = (*know.blockers, result.error or f"migration {result.status}")
+        return self._ok()
+
+    # -- verdicts ------------------------------------------------------------------------
+
+    def _ok(self) -> Verdict:
+        know = self.knowledge
+        return Verdict(
+            ProbeOutcome.OK,
+            Capabilities(
+                display=know.display,
+                gl_required=know.gl_required,
+                migration=know.migration,
+                migration_blockers=know.blockers,
+                migration_notes=tuple(know.migration_notes),
+                qemu_version=know.qemu_version,
+            ),
+            notes=tuple(know.notes),
+        )
+
+    def _failed(self, obs: LaunchObservation, error: str) -> Verdict:
+        return Verdict(
+            ProbeOutcome.FAILED,
+            error=error,
+            stderr_excerpt=excerpt(f"{obs.stderr}\n{obs.qmp_error}".strip()),
+            notes=tuple(self.knowledge.notes),
+        )
+
+
+def describe_status(status: int | None) -> str:
+    """``exited with status 1`` / ``was killed by SIGSYS`` / ``ended``. Raises nothing."""
+    if status is None:
+        return "ended"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        hint = " (a seccomp sandbox violation)" if -status == signal.SIGSYS else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {status}"
+
+
+def _strip_option_prefix(line: str) -> str:
+    """Drop ``qemu-system-x86_64: -device vfio-pci,...: `` in front of a realize error."""
+    if ": -device " in line:
+        _, _, rest = line.partition(": -device ")
+        _, sep, message = rest.partition(": ")
+        return message if sep else line
+    return line

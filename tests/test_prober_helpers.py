@@ -1,0 +1,131 @@
+"""Shared pieces of the prober tests: probe user, scratch trees, emulated sysfs, the fake QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import REPO
+from vfiocaps.config import DEFAULT_PROBE_USER
+
+FAKE_QEMU_DIR = REPO / "tests" / "fake_qemu"
+FIXTURES = REPO / "tests" / "fixtures" / "qemu"
+REAL_QEMU = shutil.which("qemu-system-x86_64")
+
+
+def ensure_probe_user() -> str:
+    """As root, make sure the probe user exists (as a system user); return its name."""
+    if os.geteuid() != 0:
+        return DEFAULT_PROBE_USER
+    try:
+        pwd.getpwnam(DEFAULT_PROBE_USER)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                DEFAULT_PROBE_USER,
+            ],
+            check=True,
+        )
+    return DEFAULT_PROBE_USER
+
+
+@pytest.fixture(scope="session")
+def probe_user() -> str:
+    return ensure_probe_user()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory the probe user can read (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="vfiocaps-prober-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class FakeHost:
+    """An emulated sysfs and /dev tree for the fake QEMU to read."""
+
+    root: Path
+
+    @property
+    def sysfs(self) -> Path:
+        return self.root / "sys"
+
+    @property
+    def dev(self) -> Path:
+        return self.root / "dev"
+
+    def add_mdev(
+        self, uuid: str, type_id: str, driver: str, group: str, parent: str = "mtty"
+    ) -> Path:
+        parent_dir = self.sysfs / "devices" / "virtual" / parent / parent
+        (parent_dir / "mdev_supported_types" / type_id).mkdir(parents=True, exist_ok=True)
+        device = parent_dir / uuid
+        device.mkdir(parents=True)
+        (self.sysfs / "bus" / "mdev" / "drivers" / driver).mkdir(parents=True, exist_ok=True)
+        (self.sysfs / "bus" / "mdev" / "devices").mkdir(parents=True, exist_ok=True)
+        (self.sysfs / "kernel" / "iommu_groups" / group).mkdir(parents=True, exist_ok=True)
+        os.symlink(f"../mdev_supported_types/{type_id}", device / "mdev_type")
+        os.symlink(self.sysfs / "bus" / "mdev" / "drivers" / driver, device / "driver")
+        os.symlink(self.sysfs / "kernel" / "iommu_groups" / group, device / "iommu_group")
+        os.symlink(self.sysfs / "bus" / "mdev", device / "subsystem")
+        os.symlink(device, self.sysfs / "bus" / "mdev" / "devices" / uuid)
+        node = self.dev / "vfio" / group
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.write_text("")
+        node.chmod(0o600)
+        return device
+
+    def link_kvm(self) -> None:
+        """Make the host's /dev/kvm visible in this tree."""
+        self.dev.mkdir(parents=True, exist_ok=True)
+        os.symlink("/dev/kvm", self.dev / "kvm")
+
+
+@pytest.fixture
+def fake_host(scratch: Path) -> FakeHost:
+    return FakeHost(scratch / "host")
+
+
+def install_fake_qemu(directory: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Copy the fake QEMU and its data into *directory* (plus overrides); return the binary."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "qemu-system-x86_64"
+    shutil.copy2(FAKE_QEMU_DIR / "qemu-system-x86_64", binary)
+    shutil.copy2(FAKE_QEMU_DIR / "behaviours.json", directory / "behaviours.json")
+    if overrides is not None:
+        (directory / "overrides.json").write_text(json.dumps(overrides))
+    for path in directory.iterdir():
+        path.chmod(0o755 if path == binary else 0o644)
+    return binary
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return data
+
+
+def leftovers(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*")) if directory.exists() else []
