@@ -498,6 +498,39 @@ class HostBuilder:
             self.uevent(devpath, "bind")
 
 
+class DirectoryTestbed:
+    """A plain directory in the shape of a Testbed, for in-process tests without umockdev: the
+    uevents are recorded (with the properties the device's ``uevent`` file holds at that
+    moment, as umockdev sends them) instead of sent."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "sys").mkdir(parents=True, exist_ok=True)
+        self.uevents: list[dict[str, str]] = []
+
+    def get_root_dir(self) -> str:
+        return str(self.root)
+
+    def get_sys_dir(self) -> str:
+        return str(self.root / "sys")
+
+    def uevent(self, syspath: str, action: str) -> None:
+        devpath = syspath.removeprefix("/sys")
+        device = self.root / "sys" / devpath.lstrip("/")
+        subsystem = "module" if devpath.startswith("/module/") else ""
+        if not subsystem:
+            subsystem = os.readlink(device / "subsystem").rsplit("/", 1)[-1]
+        properties = {"ACTION": action, "DEVPATH": devpath, "SUBSYSTEM": subsystem}
+        uevent_file = device / "uevent"
+        if uevent_file.exists():
+            for line in uevent_file.read_text().splitlines():
+                key, sep, value = line.partition("=")
+                if sep:
+                    properties[key] = value
+        properties["SEQNUM"] = str(len(self.uevents) + 1)
+        self.uevents.append(properties)
+
+
 # ---- the wrapped process and its client --------------------------------------------------------
 
 
