@@ -122,6 +122,15 @@ def install_fake_qemu(directory: Path, overrides: dict[str, Any] | None = None) 
     return binary
 
 
+def make_readable(root: Path) -> None:
+    """Let the probe user read and traverse everything under *root* (links left alone)."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink() or path.parent.name == "vfio":
+            continue
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o555 if path.is_dir() else 0o444))
+
+
 def load_fixture(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
     return data
