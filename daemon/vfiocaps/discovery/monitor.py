@@ -82,7 +82,10 @@ class UdevMonitor:
             return Drained(uevents, overflowed, more=False)
         while len(uevents) < DRAIN_LIMIT:
             try:
-                device = monitor.poll(timeout=0)
+                # Not Monitor.poll(): its poll(2) turns the socket's pending ENOBUFS into a
+                # POLLERR without an errno, and the error is never consumed. Receiving directly
+                # (the socket is non-blocking) returns None on EAGAIN and raises ENOBUFS once.
+                device = monitor._receive_device()
             except OSError as err:
                 if err.errno == errno.ENOBUFS:
                     log.warning("udev: the receive buffer overflowed; events were lost")
