@@ -1,0 +1,106 @@
+"""``vfiocapsctl probe``: a one-shot local probe, run as a real command against the fake QEMU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from test_prober_helpers import (
+    FakeHost,
+    fake_host,
+    install_fake_qemu,
+    leftovers,
+    make_readable,
+    probe_user,
+    scratch,
+)
+
+__all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
+
+MDPY = "22222222-3333-4444-8555-000000000001"
+
+
+def vfiocapsctl(
+    scratch: Path, host: FakeHost, probe_user: str, *args: str, overrides: Any = None
+) -> subprocess.CompletedProcess[str]:
+    qemu = install_fake_qemu(scratch / "qemu", overrides)
+    make_readable(scratch)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfiocaps.ctl",
+            "probe",
+            *args,
+            "--sysfs-root",
+            str(host.sysfs),
+            "--dev-root",
+            str(host.dev),
+            "--runtime-dir",
+            str(scratch / "run"),
+            "--qemu",
+            str(qemu),
+            "--probe-user",
+            probe_user,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_probe_by_uuid_prints_json(scratch: Path, fake_host: FakeHost, probe_user: str) -> None:
+    fake_host.add_mdev(MDPY, "mdpy-vga", "mdpy", "3", parent="mdpy")
+    result = vfiocapsctl(scratch, fake_host, probe_user, MDPY, "--json")
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["device"] == str(fake_host.sysfs / "bus" / "mdev" / "devices" / MDPY)
+    assert values["outcome"] == "ok"
+    assert values["capabilities"]["display"] == "region"
+    assert values["capabilities"]["gl_required"] is False
+    assert values["capabilities"]["migration"] == "unsupported"
+    assert values["launches"][0]["purpose"] == "discover"
+    assert values["launches"][0]["argv"][0].endswith("qemu-system-x86_64")
+    assert leftovers(scratch / "run") == []
+
+
+def test_probe_by_path_prints_a_table(scratch: Path, fake_host: FakeHost, probe_user: str) -> None:
+    device = fake_host.add_mdev(MDPY, "mbochs-small", "mbochs", "3", parent="mbochs")
+    result = vfiocapsctl(scratch, fake_host, probe_user, str(device))
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines["outcome"].strip() == "ok"
+    assert lines["display"].strip() == "dmabuf"
+    assert lines["gl"].strip() == "required"
+
+
+def test_busy_device_exits_4(scratch: Path, fake_host: FakeHost, probe_user: str) -> None:
+    fake_host.add_mdev(MDPY, "mdpy-vga", "mdpy", "3", parent="mdpy")
+    overrides = {"devices": {MDPY: {"busy": True}}}
+    result = vfiocapsctl(scratch, fake_host, probe_user, MDPY, "--json", overrides=overrides)
+    assert result.returncode == 4, result.stderr
+    assert json.loads(result.stdout)["outcome"] == "busy"
+
+
+def test_failure_exits_1(scratch: Path, fake_host: FakeHost, probe_user: str) -> None:
+    fake_host.add_mdev(MDPY, "strange-1", "strange", "3", parent="strange")
+    result = vfiocapsctl(scratch, fake_host, probe_user, MDPY)
+    assert result.returncode == 1, result.stderr
+    assert "failed" in result.stdout
+    assert "QEMU said:" in result.stdout
+
+
+def test_unknown_uuid_and_foreign_paths_exit_2(
+    scratch: Path, fake_host: FakeHost, probe_user: str
+) -> None:
+    fake_host.add_mdev(MDPY, "mdpy-vga", "mdpy", "3", parent="mdpy")
+    missing = vfiocapsctl(scratch, fake_host, probe_user, "22222222-3333-4444-8555-0000000000ff")
+    assert missing.returncode == 2
+    assert "no device" in missing.stderr
+    outside = vfiocapsctl(scratch, fake_host, probe_user, str(scratch))
+    assert outside.returncode == 2
+    assert "is not under" in outside.stderr
