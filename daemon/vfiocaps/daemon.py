@@ -11,12 +11,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dbus_fast import NameFlag, RequestNameReply
-
 from . import __version__
-from .bus.connection import ResilientMessageBus, close_bus, connect_bus, wait_disconnected
-from .bus.manager import ManagerInterface
-from .bus.names import BUS_NAME, ROOT_PATH
+from .app import serve
 from .config import (
     BusChoice,
     BusKind,
@@ -25,8 +21,7 @@ from .config import (
     default_qemu_binary,
     default_runtime_dir,
 )
-from .discovery import Discovery
-from .errors import BusError, ConfigError, NameTakenError, VfiocapsError
+from .errors import ConfigError, VfiocapsError
 from .journal import setup_logging
 
 log = logging.getLogger("vfiocaps")
@@ -111,55 +106,6 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     if watchdog.isdigit() and environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
         values["watchdog_usec"] = int(watchdog)
     return Config(**values)  # type: ignore[arg-type]
-
-
-async def _own_name(bus: ResilientMessageBus) -> None:
-    """Request the well-known name without queueing.
-
-    Raises:
-        NameTakenError: another connection owns it.
-        BusError: the bus refused the request.
-    """
-    try:
-        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:
-        raise BusError(f"cannot request the name {BUS_NAME}: {err}") from err
-    if reply is RequestNameReply.EXISTS:
-        raise NameTakenError(f"{BUS_NAME} is already owned by another process on this bus")
-    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise BusError(f"unexpected reply to the request for {BUS_NAME}: {reply}")
-
-
-async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Run the daemon until *stop* is set.
-
-    Raises:
-        BusError: the bus is unreachable, the name is taken, or the connection is lost.
-        DiscoveryError: udev cannot be monitored.
-    """
-    bus = await connect_bus(config.bus)
-    manager = ManagerInterface()
-    discovery = Discovery(config)
-    try:
-        bus.export(ROOT_PATH, manager)
-        await _own_name(bus)
-        log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
-        await discovery.start()
-        lost = asyncio.ensure_future(wait_disconnected(bus))
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (lost, stopping):
-                task.cancel()
-        if lost.done() and not lost.cancelled():
-            raise BusError(f"lost the connection to the {config.bus.describe()}")
-    finally:
-        await discovery.close()
-        bus.unexport(ROOT_PATH)
-        await close_bus(bus)
 
 
 async def _main_async(config: Config) -> None:

@@ -1,21 +1,175 @@
 """The ``org.vfiocaps1.Manager`` interface on ``/org/vfiocaps``."""
 
 # dbus-fast reads the annotations at class creation: keep them real objects, not strings.
-from dbus_fast.annotations import DBusStr
+from dataclasses import asdict, dataclass
+from typing import Annotated, Protocol
+
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusObjectPath,
+    DBusSignature,
+    DBusStr,
+    DBusUInt32,
+    DBusUInt64,
+)
 from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_property
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from .. import __version__
+from .calls import mapped_errors
 from .names import MANAGER_INTERFACE
+from .values import DBusCapabilities, DBusCapabilityList, DBusPathList
+
+
+class ManagerBackend(Protocol):
+    """What the Manager interface asks of the adaptor behind it."""
+
+    def list_devices(self) -> list[str]: ...
+
+    def get_device(self, device_id: str) -> str: ...
+
+    async def get_capabilities(self, device_id: str) -> DBusCapabilities: ...
+
+    def list_types(self) -> DBusCapabilityList: ...
+
+    async def refresh(self, device_id: str) -> DBusCapabilities: ...
+
+    async def invalidate(self, driver: str) -> int: ...
+
+    async def domain_xml(self, device_id: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class ManagerState:
+    """The Manager's property values."""
+
+    qemu_binary: str = ""
+    qemu_version: str = ""
+    kernel_release: str = ""
+    kvm_available: bool = False
+    probing: bool = False
+    device_count: int = 0
+    probe_count: int = 0
+    cache_state: str = "ok"
+
+
+_PROPERTY_NAMES = {
+    "qemu_binary": "QemuBinary",
+    "qemu_version": "QemuVersion",
+    "kernel_release": "KernelRelease",
+    "kvm_available": "KvmAvailable",
+    "probing": "Probing",
+    "device_count": "DeviceCount",
+    "probe_count": "ProbeCount",
+    "cache_state": "CacheState",
+}
 
 
 class ManagerInterface(ServiceInterface):
-    """Daemon-wide facts and queries."""
+    """Daemon-wide facts and queries; a thin translation onto a :class:`ManagerBackend`."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: ManagerBackend, qemu_binary: str) -> None:
         super().__init__(MANAGER_INTERFACE)
+        self._backend = backend
+        self._state = ManagerState(qemu_binary=qemu_binary)
+
+    def update(self, state: ManagerState) -> None:
+        """Take new property values and signal those that changed."""
+        old, new = asdict(self._state), asdict(state)
+        self._state = state
+        changed = {_PROPERTY_NAMES[k]: v for k, v in new.items() if old[k] != v}
+        if changed:
+            self.emit_properties_changed(changed)
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> DBusStr:
-        """The daemon's version."""
         return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def QemuBinary(self) -> DBusStr:
+        return self._state.qemu_binary
+
+    @dbus_property(access=PropertyAccess.READ)
+    def QemuVersion(self) -> DBusStr:
+        return self._state.qemu_version
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KernelRelease(self) -> DBusStr:
+        return self._state.kernel_release
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KvmAvailable(self) -> DBusBool:
+        return self._state.kvm_available
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Probing(self) -> DBusBool:
+        return self._state.probing
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeviceCount(self) -> DBusUInt32:
+        return self._state.device_count
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProbeCount(self) -> DBusUInt64:
+        return self._state.probe_count
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CacheState(self) -> DBusStr:
+        return self._state.cache_state
+
+    @dbus_method()
+    @mapped_errors("ListDevices")
+    async def ListDevices(self) -> DBusPathList:
+        return self._backend.list_devices()
+
+    @dbus_method()
+    @mapped_errors("GetDevice")
+    async def GetDevice(self, id: DBusStr) -> DBusObjectPath:
+        return self._backend.get_device(id)
+
+    @dbus_method()
+    @mapped_errors("GetCapabilities")
+    async def GetCapabilities(self, id: DBusStr) -> DBusCapabilities:
+        return await self._backend.get_capabilities(id)
+
+    @dbus_method()
+    @mapped_errors("ListTypes")
+    async def ListTypes(self) -> DBusCapabilityList:
+        return self._backend.list_types()
+
+    @dbus_method()
+    @mapped_errors("Refresh")
+    async def Refresh(self, id: DBusStr) -> DBusCapabilities:
+        return await self._backend.refresh(id)
+
+    @dbus_method()
+    @mapped_errors("Invalidate")
+    async def Invalidate(self, driver: DBusStr) -> DBusUInt32:
+        return await self._backend.invalidate(driver)
+
+    @dbus_method()
+    @mapped_errors("DomainXml")
+    async def DomainXml(self, id: DBusStr) -> DBusStr:
+        return await self._backend.domain_xml(id)
+
+    @dbus_signal()
+    def CacheInvalidated(
+        self, driver: DBusStr, old_version: DBusStr, new_version: DBusStr, records: DBusUInt32
+    ) -> Annotated[tuple[str, str, str, int], DBusSignature("sssu")]:
+        return (driver, old_version, new_version, records)
+
+
+def _name_signal_arguments(signal: object, names: tuple[str, ...]) -> None:
+    """Give a signal's arguments their contract names in the introspection data.
+
+    dbus-fast derives a signal's arguments from its return annotation, which carries types but
+    no names; consumers (and the contract) see the names.
+    """
+    arguments = signal.__dict__["__DBUS_SIGNAL"].introspection.args
+    for argument, name in zip(arguments, names, strict=True):
+        argument.name = name
+
+
+_name_signal_arguments(
+    ManagerInterface.CacheInvalidated, ("driver", "old_version", "new_version", "records")
+)

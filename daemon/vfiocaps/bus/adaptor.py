@@ -1,0 +1,150 @@
+"""The D-Bus adaptor: publishes the engine's devices as objects and serves the Manager's calls."""
+
+from __future__ import annotations
+
+import logging
+
+from dbus_fast import Variant
+
+from ..config import Config
+from ..engine import DeviceView, Engine, EngineStatus
+from ..errors import NotFoundError
+from .calls import current_caller, note_caller
+from .connection import ResilientMessageBus
+from .device import DeviceInterface
+from .manager import ManagerInterface, ManagerState
+from .names import DEVICES_PATH, ROOT_PATH
+from .polkit import Authority
+from .validation import escape_path_element, parse_device_id, parse_driver_name
+from .values import capabilities_dict, domain_xml, type_dict
+
+log = logging.getLogger(__name__)
+
+ACTION_REFRESH = "org.vfiocaps.refresh"
+ACTION_INVALIDATE = "org.vfiocaps.invalidate"
+
+
+def device_path(device_id: str) -> str:
+    """The object path of the device with *device_id*."""
+    return f"{DEVICES_PATH}/{escape_path_element(device_id)}"
+
+
+class BusAdaptor:
+    """Keeps the bus objects in step with the engine; everything it registers it unregisters."""
+
+    def __init__(self, bus: ResilientMessageBus, engine: Engine, config: Config) -> None:
+        self._bus = bus
+        self._engine = engine
+        self._config = config
+        self._authority = Authority(bus)
+        self._manager = ManagerInterface(self, str(config.qemu_binary))
+        self._devices: dict[str, DeviceInterface] = {}
+        self._started = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Export the root object and every current device, then follow the engine."""
+        self._bus.object_manager_root = ROOT_PATH
+        self._bus.add_message_handler(note_caller)
+        self._bus.export(ROOT_PATH, self._manager)
+        self._started = True
+        self._engine.subscribe(self)
+        for view in self._engine.views():
+            self.device_added(view)
+        self.status_changed(self._engine.status)
+
+    def stop(self) -> None:
+        """Unexport everything and stop following the engine. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        self._engine.unsubscribe(self)
+        for device_id in list(self._devices):
+            self.device_removed(device_id)
+        self._bus.unexport(ROOT_PATH, self._manager)
+        self._bus.remove_message_handler(note_caller)
+
+    # ---- engine listener ------------------------------------------------------------------
+
+    def device_added(self, view: DeviceView) -> None:
+        device_id = view.device.device_id
+        if device_id in self._devices:
+            self.device_changed(view)
+            return
+        interface = DeviceInterface(view, self._refresh_by_id)
+        self._devices[device_id] = interface
+        self._bus.export(device_path(device_id), interface)
+
+    def device_changed(self, view: DeviceView) -> None:
+        interface = self._devices.get(view.device.device_id)
+        if interface is None:
+            self.device_added(view)
+        else:
+            interface.update(view)
+
+    def device_removed(self, device_id: str) -> None:
+        interface = self._devices.pop(device_id, None)
+        if interface is not None:
+            self._bus.unexport(device_path(device_id), interface)
+
+    def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None:
+        self._manager.CacheInvalidated(driver, old, new, records)
+
+    def status_changed(self, status: EngineStatus) -> None:
+        self._manager.update(
+            ManagerState(
+                qemu_binary=str(self._config.qemu_binary),
+                qemu_version=status.qemu.version if status.qemu else "",
+                kernel_release=status.kernel_release,
+                kvm_available=status.kvm_available,
+                probing=status.probing,
+                device_count=status.device_count,
+                probe_count=status.probes_launched,
+                cache_state=status.cache_state,
+            )
+        )
+
+    # ---- manager backend ------------------------------------------------------------------
+
+    def _lookup(self, device_id: str) -> DeviceView:
+        ref = parse_device_id(device_id, self._config.sysfs_root)
+        return self._engine.find(device_id=ref.device_id, sysfs_path=ref.sysfs_path)
+
+    def list_devices(self) -> list[str]:
+        return [device_path(device_id) for device_id in self._engine.device_ids()]
+
+    def get_device(self, device_id: str) -> str:
+        view = self._lookup(device_id)
+        if view.device.device_id not in self._devices:
+            raise NotFoundError(f"no device {device_id!r}")
+        return device_path(view.device.device_id)
+
+    async def _settled(self, device_id: str) -> DeviceView:
+        view = self._lookup(device_id)
+        wait = self._config.probe_timeout * 3
+        return await self._engine.settled(view.device.device_id, wait)
+
+    async def get_capabilities(self, device_id: str) -> dict[str, Variant]:
+        return capabilities_dict(await self._settled(device_id))
+
+    def list_types(self) -> list[dict[str, Variant]]:
+        return [type_dict(view) for view in self._engine.types()]
+
+    async def refresh(self, device_id: str) -> dict[str, Variant]:
+        view = self._lookup(device_id)
+        return await self._refresh_by_id(view.device.device_id)
+
+    async def _refresh_by_id(self, device_id: str) -> dict[str, Variant]:
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_REFRESH, caller.interactive)
+        return capabilities_dict(await self._engine.refresh(device_id))
+
+    async def invalidate(self, driver: str) -> int:
+        module = parse_driver_name(driver)
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_INVALIDATE, caller.interactive)
+        return self._engine.invalidate(module)
+
+    async def domain_xml(self, device_id: str) -> str:
+        return domain_xml(await self._settled(device_id))
