@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from umockdev_hosts import MDPY, MTTY, DirectoryTestbed, HostBuilder
 from vfiocaps.config import Config
-from vfiocaps.discovery import read_device
+from vfiocaps.discovery import Discovery, DiscoveryState, DiscoveryStateError, read_device
 from vfiocaps.discovery.eventlog import format_event, quote_value
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
 from vfiocaps.discovery.monitor import Uevent
@@ -428,3 +428,31 @@ def test_event_lines_are_stable_and_quoted(tmp_path: Path) -> None:
     assert quote_value("a b\nc=d") == "a%20b%0Ac%3Dd"
     assert quote_value("") == "-"
     assert quote_value("é") == "%C3%A9"
+
+
+# ---- the service's life cycle -----------------------------------------------------------------
+
+
+async def test_discovery_life_cycle(tmp_path: Path) -> None:
+    builder = make_host(tmp_path)
+    uuid = builder.add_instance("mbochs", "mbochs-medium")
+    discovery = Discovery(config_for(builder))
+    with pytest.raises(DiscoveryStateError):
+        async for _ in discovery.events():
+            pass
+    snapshot = await discovery.start()
+    assert snapshot is discovery.snapshot
+    assert sorted(snapshot.parents) == ["mbochs", "mdpy", "mtty"]
+    assert list(snapshot.devices) == [uuid]
+    assert discovery.state is DiscoveryState.RUNNING
+    with pytest.raises(DiscoveryStateError):
+        await discovery.start()
+    batches = discovery.events()
+    first = await anext(batches)
+    assert [type(e) for e in first] == [ParentRegistered] * 3 + [DeviceAdded, Resynchronised]
+    await discovery.close()
+    await discovery.close()
+    assert discovery.state is DiscoveryState.CLOSED
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+    assert [b async for b in discovery.events()] == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import UdevUnavailableError
@@ -13,6 +15,8 @@ log = logging.getLogger("vfiocaps.discovery")
 
 # udevd itself asks for 128 MiB; the kernel caps it at net.core.rmem_max unless we may force it.
 RECEIVE_BUFFER_BYTES = 128 * 1024 * 1024
+# udevd's control socket; libudev ignores udev events when it is missing and /dev is no devtmpfs.
+UDEV_CONTROL = Path("/run/udev/control")
 # At most this many uevents are read in one go, so that a storm cannot starve the loop.
 DRAIN_LIMIT = 4096
 
@@ -41,8 +45,11 @@ class Drained:
 class UdevMonitor:
     """A pyudev netlink monitor (source ``udev``) with a large receive buffer, non-blocking."""
 
-    def __init__(self, receive_buffer: int = RECEIVE_BUFFER_BYTES) -> None:
+    def __init__(
+        self, receive_buffer: int = RECEIVE_BUFFER_BYTES, udev_control: Path = UDEV_CONTROL
+    ) -> None:
         self._receive_buffer = receive_buffer
+        self._udev_control = udev_control
         self._monitor: Any = None
 
     def open(self) -> int:
@@ -58,6 +65,12 @@ class UdevMonitor:
             monitor = pyudev.Monitor.from_netlink(context, source="udev")
         except (ImportError, OSError) as err:
             raise UdevUnavailableError(f"cannot open a udev monitor: {err}") from err
+        if not os.path.exists(self._udev_control):
+            log.warning(
+                "udev: %s is missing, udevd does not seem to run; changes will be seen only "
+                "when udevd runs (or at the next start)",
+                self._udev_control,
+            )
         try:
             monitor.set_receive_buffer_size(self._receive_buffer)
         except OSError as err:
