@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ..model import (
     Device,
@@ -262,10 +261,3 @@ class HostState:
         self.types = dict(fresh.types)
         events.append(Resynchronised(self.snapshot()))
         return events
-
-    def device_at(self, path: Path) -> Device | None:
-        """The known device whose sysfs directory is *path*."""
-        for device in self.devices.values():
-            if device.sysfs_path == path:
-                return device
-        return None

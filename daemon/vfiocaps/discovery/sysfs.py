@@ -42,10 +42,6 @@ class SysfsTree:
         except ValueError:
             return False
 
-    def relative(self, path: Path) -> str:
-        """*path* relative to the root, as a ``/devices/...`` style devpath."""
-        return "/" + os.path.relpath(path, self.root)
-
     def resolve(self, path: Path) -> Path | None:
         """Resolve every symlink in *path* without leaving the root.
 
