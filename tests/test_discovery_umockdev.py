@@ -226,6 +226,33 @@ def test_driver_update_reports_old_and_new_version(
     assert daemon.stop() == 0
 
 
+def test_pci_functions_bound_to_vfio_pci_come_and_go(
+    start_daemon: DaemonFactory, mock_host: MockHost
+) -> None:
+    mock_host.build("pci")
+    daemon = start(start_daemon, mock_host)
+    seen = len(events_in(daemon.log()))
+    mock_host.rebind_pci("0000:66:00.0", "vfio-pci", "vfio_pci")
+    events = new_events(daemon, seen, 1)
+    kind, fields = events[0]
+    assert (kind, fields["id"], fields["kind"], fields["type"], fields["driver"]) == (
+        "DeviceAdded",
+        "0000:66:00.0",
+        "pci",
+        "8086:1521",
+        "vfio_pci",
+    )
+    assert fields["group"].startswith("9")
+    mock_host.rebind_pci("0000:66:00.0", "igb")
+    mock_host.rebind_pci("0000:65:00.4", "igb")
+    events = new_events(daemon, seen + 1, 2)
+    assert [(k, f["id"]) for k, f in events] == [
+        ("DeviceRemoved", "0000:66:00.0"),
+        ("DeviceRemoved", "0000:65:00.4"),
+    ]
+    assert daemon.stop() == 0
+
+
 @pytest.mark.slow
 def test_storm_of_a_thousand_instances(start_daemon: DaemonFactory, mock_host: MockHost) -> None:
     count = 1000

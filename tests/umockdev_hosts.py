@@ -497,6 +497,24 @@ class HostBuilder:
             self.uevent(devpath, "add")
             self.uevent(devpath, "bind")
 
+    def rebind_pci(self, address: str, driver: str, module: str | None = None) -> None:
+        """``driver_override`` and a re-probe: ``unbind`` from the old driver, ``bind`` to *driver*
+        (provided by *module*, which must be loaded; ``None``: built in)."""
+        device = (self.sys / "bus" / "pci" / "devices" / address).resolve()
+        devpath = "/" + str(device.relative_to(self.sys))
+        uevent_file = device / "uevent"
+        kept = [x for x in uevent_file.read_text().splitlines() if not x.startswith("DRIVER=")]
+        (device / "driver").unlink(missing_ok=True)
+        uevent_file.write_text("".join(f"{line}\n" for line in kept))
+        self.uevent(devpath, "unbind")
+        driver_dir = self.sys / "bus" / "pci" / "drivers" / driver
+        driver_dir.mkdir(parents=True, exist_ok=True)
+        if module is not None:
+            _relative_link(driver_dir / "module", self.sys / "module" / module)
+        _relative_link(device / "driver", driver_dir)
+        uevent_file.write_text(f"DRIVER={driver}\n" + "".join(f"{line}\n" for line in kept))
+        self.uevent(devpath, "bind")
+
 
 class DirectoryTestbed:
     """A plain directory in the shape of a Testbed, for in-process tests without umockdev: the
@@ -611,6 +629,9 @@ class MockHost:
 
     def register_parent(self, module: str) -> None:
         self.call("register_parent", module=module)
+
+    def rebind_pci(self, address: str, driver: str, module: str | None = None) -> None:
+        self.call("rebind_pci", address=address, driver=driver, module=module)
 
     def unregister_parent(self, module: str) -> None:
         self.call("unregister_parent", module=module)

@@ -183,7 +183,9 @@ class Discovery:
             await asyncio.sleep(self._coalesce_seconds)
             self._wakeup.clear()
             events: list[DiscoveryEvent] = []
+            uevents = 0
             while self._pending:
+                uevents += min(CHUNK, len(self._pending))
                 for _ in range(min(CHUNK, len(self._pending))):
                     events.extend(self._apply(self._pending.popleft()))
                 self._snapshot = self._state.snapshot()
@@ -194,6 +196,7 @@ class Discovery:
                 self.resyncs += 1
                 log.warning("discovery: events were lost; reading the host again")
                 events.extend(self._state.resync(self._reader.host()))
+            log.debug("discovery: %d uevents gave %d events", uevents, len(events))
             self._publish(events)
 
     def _apply(self, uevent: Uevent) -> list[DiscoveryEvent]:
