@@ -64,7 +64,8 @@ class Prober:
         self.config = config
         self.observer = observer
         self.architecture = architecture
-        self.grants = NodeGrants()
+        self.grants = NodeGrants(journal=config.runtime_dir / "grants")
+        self._recovered = False
         self._identities: dict[tuple[Path, int, int, int], QemuIdentity] = {}
 
     async def qemu_identity(self) -> QemuIdentity:
@@ -132,6 +133,10 @@ class Prober:
         return report
 
     async def _probe(self, target: ProbeTarget | None, run: _ProbeRun) -> Verdict:
+        if not self._recovered:
+            self._recovered = True
+            for restored in self.grants.recover():
+                run.notes.append(f"restored {restored}, left granted by an earlier vfiocapsd")
         identity = resolve_probe_identity(self.config.probe_user)
         run.notes.append(identity.description)
         qemu = await self.qemu_identity()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import pwd
@@ -105,9 +107,12 @@ class NodeGrants:
     """Temporary ownership of device nodes, shared by concurrent probes (reference counted).
 
     The first grant of a node records its owner and mode and makes the probe user its owner;
-    the last release restores both exactly. Only used when vfiocapsd is root.
+    the last release restores both exactly. Only used when vfiocapsd is root. With a *journal*
+    directory each active grant is also written there before the node changes, so that
+    :meth:`recover` can restore nodes a killed vfiocapsd left granted.
     """
 
+    journal: Path | None = None
     _grants: dict[Path, _Grant] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -122,19 +127,40 @@ class NodeGrants:
         finally:
             self._release(node)
 
+    def _record(self, node: Path) -> Path | None:
+        if self.journal is None:
+            return None
+        name = hashlib.sha256(os.fsencode(node)).hexdigest()[:32]
+        return self.journal / f"{name}.json"
+
     def _acquire(self, node: Path, uid: int) -> None:
         grant = self._grants.get(node)
         if grant is None:
             try:
                 st = os.stat(node)
                 original = NodeState(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+                self._write_record(node, original)
                 os.chown(node, uid, -1)
                 if original.mode & 0o600 != 0o600:
                     os.chmod(node, original.mode | 0o600)
             except OSError as err:
+                self._restore(node, None)
                 raise ProbeSandboxError(f"cannot grant {node} to uid {uid}: {err}") from err
             grant = self._grants[node] = _Grant(original)
         grant.holders += 1
+
+    def _write_record(self, node: Path, original: NodeState) -> None:
+        record = self._record(node)
+        if record is None:
+            return
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = record.with_suffix(".tmp")
+        temporary.write_text(
+            json.dumps(
+                {"node": str(node), "uid": original.uid, "gid": original.gid, "mode": original.mode}
+            )
+        )
+        os.replace(temporary, record)
 
     def _release(self, node: Path) -> None:
         grant = self._grants[node]
@@ -142,13 +168,49 @@ class NodeGrants:
         if grant.holders > 0:
             return
         del self._grants[node]
+        self._restore(node, grant.original)
+
+    def _restore(self, node: Path, original: NodeState | None) -> None:
         try:
-            os.chown(node, grant.original.uid, grant.original.gid)
-            os.chmod(node, grant.original.mode)
+            if original is not None:
+                os.chown(node, original.uid, original.gid)
+                os.chmod(node, original.mode)
         except FileNotFoundError:
             pass  # the device went away with its node
         except OSError as err:
             log.error("cannot restore owner and mode of %s: %s", node, err)
+            return
+        record = self._record(node)
+        if record is not None:
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
+            with contextlib.suppress(OSError):
+                record.parent.rmdir()  # only when no other grant is recorded
+
+    def recover(self) -> list[Path]:
+        """Restore nodes recorded in the journal by an earlier process; return them.
+
+        Raises nothing: unreadable records are logged and removed.
+        """
+        if self.journal is None or not self.journal.is_dir():
+            return []
+        restored = []
+        for record in sorted(self.journal.glob("*.json")):
+            try:
+                values = json.loads(record.read_text())
+                node = Path(values["node"])
+                original = NodeState(int(values["uid"]), int(values["gid"]), int(values["mode"]))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.error("discarding unreadable grant record %s: %s", record, err)
+                with contextlib.suppress(FileNotFoundError):
+                    record.unlink()
+                continue
+            if node in self._grants:
+                continue
+            log.warning("restoring %s, left granted by an earlier vfiocapsd", node)
+            self._restore(node, original)
+            restored.append(node)
+        return restored
 
     def active(self) -> dict[Path, NodeState]:
         """Nodes currently granted, with the state they will be restored to."""

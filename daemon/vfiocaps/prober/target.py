@@ -52,11 +52,13 @@ class ProbeTarget:
         if subsystem == "mdev" or UUID_RE.match(name):
             kind = DeviceKind.MDEV
             type_id = _link_name(path / "mdev_type")
-            parent_driver = _link_name(real.parent / "driver") or _link_name(path / "driver")
+            parent_driver = _driver_module(real.parent / "driver") or _driver_module(
+                path / "driver"
+            )
         elif subsystem == "pci" or PCI_ADDRESS_RE.match(name):
             kind = DeviceKind.PCI
             type_id = _read(path / "nvidia" / "current_vgpu_type") or _pci_id(path)
-            parent_driver = _link_name(path / "driver")
+            parent_driver = _driver_module(path / "driver")
         else:
             raise InvalidArgumentError(f"{path} is neither an mdev nor a PCI device")
         return cls(
@@ -79,6 +81,11 @@ def _link_name(link: Path) -> str:
         return os.path.basename(os.readlink(link))
     except OSError:
         return ""
+
+
+def _driver_module(driver_link: Path) -> str:
+    """The module behind a ``driver`` link (its ``module`` link), else the driver's name."""
+    return _link_name(driver_link / "module") or _link_name(driver_link)
 
 
 def _read(path: Path) -> str:
