@@ -102,6 +102,7 @@ class Config:
     probe_user: str = DEFAULT_PROBE_USER
     probe_timeout: float = 30.0
     probe_concurrency: int = 2
+    probe_retry_seconds: float = 30.0
     probe_types_without_instances: bool = False
     watchdog_usec: int = 0
 
@@ -120,6 +121,10 @@ class Config:
         if not 0 < self.probe_timeout <= 3600:
             raise ConfigError(
                 f"probe timeout must be in (0, 3600] seconds, got {self.probe_timeout}"
+            )
+        if not 0 < self.probe_retry_seconds <= 86400:
+            raise ConfigError(
+                f"probe retry must be in (0, 86400] seconds, got {self.probe_retry_seconds}"
             )
         if not 1 <= self.probe_concurrency <= 64:
             raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-timeout", type=float, metavar="SECONDS")
     parser.add_argument("--probe-concurrency", type=int, metavar="N")
     parser.add_argument(
+        "--probe-retry-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="first retry after a failed or busy probe (doubling up to an hour; default 30)",
+    )
+    parser.add_argument(
         "--probe-types-without-instances",
         action="store_true",
         help="create a temporary instance to probe a type nobody has instantiated yet",
@@ -100,6 +106,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_user": args.probe_user,
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
+        "probe_retry_seconds": args.probe_retry_seconds,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")

@@ -57,8 +57,6 @@ from .store.sqlite import StoreCorruptError
 
 log = logging.getLogger(__name__)
 
-BUSY_RETRY_SECONDS = 30.0
-FAILURE_BACKOFF_FIRST = 30.0
 FAILURE_BACKOFF_MAX = 3600.0
 QEMU_CHECK_SECONDS = 30.0
 STORE_RETRY_SECONDS = 5.0
@@ -796,7 +794,7 @@ class Engine:
 
     def _busy_record(self, key: CapabilityKey) -> CapabilityRecord:
         """Every instance of *key* is held by someone: retry later, cache nothing."""
-        at = self._clock_us() + int(BUSY_RETRY_SECONDS * 1e6)
+        at = self._clock_us() + int(self.config.probe_retry_seconds * 1e6)
         for entry in self._waiting(key):
             self._set_state(entry, ProbeState.BUSY, "device is in use; will retry")
         self._schedule_retry(key, at)
@@ -830,7 +828,8 @@ class Engine:
     def _failure(self, key: CapabilityKey, outcome: ProbeOutcome, error: str) -> CapabilityRecord:
         previous = self._records.get(key)
         failures = (previous.failures if previous else 0) + 1
-        backoff = min(FAILURE_BACKOFF_MAX, FAILURE_BACKOFF_FIRST * 2 ** (failures - 1))
+        first = self.config.probe_retry_seconds
+        backoff = min(max(first, FAILURE_BACKOFF_MAX), first * 2 ** (failures - 1))
         now = self._clock_us()
         return CapabilityRecord(key, outcome, None, error, now, now + int(backoff * 1e6), failures)
 

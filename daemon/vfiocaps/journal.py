@@ -60,3 +60,5 @@ def setup_logging(level: int = logging.INFO, *, journald: bool | None = None) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # aiosqlite logs every statement at debug level: never useful in the daemon's log
+    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
