@@ -118,6 +118,7 @@ class Discovery:
         self._publish(events)
         self._lifecycle = DiscoveryState.RUNNING
         self._worker = asyncio.create_task(self._work(), name="vfiocaps-discovery")
+        self._worker.add_done_callback(self._worker_ended)
         snapshot = self._snapshot
         log.info(
             "discovery: %d parents, %d types, %d devices under %s",
@@ -198,6 +199,14 @@ class Discovery:
                 events.extend(self._state.resync(self._reader.host()))
             log.debug("discovery: %d uevents gave %d events", uevents, len(events))
             self._publish(events)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("discovery stopped following the host: internal error", exc_info=error)
+            self._batches.put_nowait(None)
 
     def _apply(self, uevent: Uevent) -> list[DiscoveryEvent]:
         try:
