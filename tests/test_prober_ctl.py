@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from test_prober_helpers import (
     FakeHost,
@@ -21,6 +24,7 @@ from test_prober_helpers import (
 __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
 
 MDPY = "22222222-3333-4444-8555-000000000001"
+NOBODY = 65534
 
 
 def vfiocapsctl(
@@ -104,3 +108,50 @@ def test_unknown_uuid_and_foreign_paths_exit_2(
     outside = vfiocapsctl(scratch, fake_host, probe_user, str(scratch))
     assert outside.returncode == 2
     assert "is not under" in outside.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_unprivileged_vfiocapsctl_runs_qemu_as_itself(scratch: Path, fake_host: FakeHost) -> None:
+    """Not root: nothing is granted, QEMU runs as the caller, and the report says so."""
+    fake_host.add_mdev(MDPY, "mdpy-vga", "mdpy", "3", parent="mdpy")
+    node = fake_host.dev / "vfio" / "3"
+    os.chown(node, NOBODY, -1)  # the caller's own node, as a udev rule could arrange
+    (scratch / "run").mkdir(mode=0o700)
+    os.chown(scratch / "run", NOBODY, -1)
+    qemu = install_fake_qemu(scratch / "qemu")
+    make_readable(scratch)
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-m",
+            "vfiocaps.ctl",
+            "probe",
+            MDPY,
+            "--json",
+            "--sysfs-root",
+            str(fake_host.sysfs),
+            "--dev-root",
+            str(fake_host.dev),
+            "--runtime-dir",
+            str(scratch / "run"),
+            "--qemu",
+            str(qemu),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"},
+    )
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["capabilities"]["display"] == "region"
+    expected = f"not root: QEMU runs as vfiocapsd's own user (uid {NOBODY})"
+    assert any(expected in note for note in values["notes"])
+    assert node.stat().st_uid == NOBODY
+    assert leftovers(scratch / "run") == []
