@@ -136,6 +136,7 @@ class NodeGrants:
     def _acquire(self, node: Path, uid: int) -> None:
         grant = self._grants.get(node)
         if grant is None:
+            original: NodeState | None = None
             try:
                 st = os.stat(node)
                 original = NodeState(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
@@ -144,7 +145,7 @@ class NodeGrants:
                 if original.mode & 0o600 != 0o600:
                     os.chmod(node, original.mode | 0o600)
             except OSError as err:
-                self._restore(node, None)
+                self._restore(node, original)
                 raise ProbeSandboxError(f"cannot grant {node} to uid {uid}: {err}") from err
             grant = self._grants[node] = _Grant(original)
         grant.holders += 1
