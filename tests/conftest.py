@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_lab import Lab, make_lab
 from harness import DaemonProcess, PrivateBus
 
 
@@ -50,3 +51,9 @@ def start_daemon(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonFact
         for daemon in started:
             if daemon.alive():
                 daemon.stop()
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A daemon host: umockdev sysfs, the fake QEMU, /dev/vfio nodes, a private bus."""
+    yield from make_lab()

@@ -6,126 +6,20 @@ prober against the fake QEMU that speaks real QMP (no mdev can exist here), over
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness import BUS_NAME, ROOT_PATH, DaemonProcess, PrivateBus, busctl, wait_until
-from test_prober_helpers import ensure_probe_user, install_fake_qemu
-from umockdev_hosts import MockHost
+from daemon_lab import Lab, capabilities, manager_property
+from harness import BUS_NAME, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"
 )
-
-MANAGER = "org.vfiocaps1.Manager"
-
-
-def manager_property(bus: PrivateBus, name: str) -> Any:
-    out = busctl(bus.address, "get-property", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, name)
-    return json.loads(out.stdout)["data"]
-
-
-def capabilities(bus: PrivateBus, device_id: str) -> dict[str, Any]:
-    out = busctl(
-        bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "GetCapabilities",
-        "s", device_id, timeout=120,
-    )  # fmt: skip
-    return {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
-
-
-@dataclass
-class Lab:
-    """A scratch tree the probe user can read: bus, umockdev host, fake QEMU, /dev/vfio."""
-
-    directory: Path
-    bus: PrivateBus
-    host: MockHost
-    qemu: Path
-    dev: Path
-    daemons: list[DaemonProcess] = field(default_factory=list)
-
-    def start(self, *args: str, name: str = "daemon") -> DaemonProcess:
-        daemon = DaemonProcess(
-            bus=self.bus,
-            workdir=self.directory / name,
-            args=[
-                *self.host.daemon_args(),
-                "--qemu",
-                str(self.qemu),
-                "--dev-root",
-                str(self.dev),
-                "--cache-dir",
-                str(self.directory / "cache"),
-                *args,
-            ],
-            env=self.host.daemon_env(),
-            wrapper=self.host.daemon_wrapper(),
-        )
-        self.daemons.append(daemon)
-        daemon.start()
-        wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")
-        return daemon
-
-    def overrides(self, value: dict[str, Any]) -> None:
-        (self.qemu.parent / "overrides.json").write_text(json.dumps(value))
-        (self.qemu.parent / "overrides.json").chmod(0o644)
-
-    def states(self) -> dict[str, str]:
-        out = busctl(
-            self.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH,
-            "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
-        )  # fmt: skip
-        objects = json.loads(out.stdout)["data"][0]
-        return {
-            props["Id"]["data"]: props["ProbeState"]["data"]
-            for interfaces in objects.values()
-            if (props := interfaces.get("org.vfiocaps1.Device"))
-        }
-
-    def wait_states(self, wanted: dict[str, str], timeout: float = 60) -> None:
-        wait_until(
-            lambda: all(self.states().get(i) == s for i, s in wanted.items()),
-            timeout,
-            f"device states {wanted}",
-            interval=0.2,
-        )
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    ensure_probe_user()
-    directory = Path(tempfile.mkdtemp(prefix="vfiocaps-engine-"))
-    directory.chmod(0o755)
-    dev = directory / "dev"
-    (dev / "vfio").mkdir(parents=True)
-    for group in range(64):
-        node = dev / "vfio" / str(group)
-        node.write_text("")
-        node.chmod(0o600)
-    bus = PrivateBus(directory / "bus").start()
-    host = MockHost().start()
-    host.root.chmod(0o755)
-    lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
-    try:
-        yield lab
-    finally:
-        for daemon in lab.daemons:
-            if daemon.alive():
-                daemon.stop()
-        host.stop()
-        bus.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def history_rows(lab: Lab) -> list[tuple[str, str, str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, TypedDict
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
@@ -134,6 +134,11 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
     return answer
 
 
+def _attribute(value: str) -> str:
+    """An XML attribute value in single quotes, as libvirt writes them."""
+    return "'" + escape(value, {"'": "&apos;", '"': "&quot;"}) + "'"
+
+
 def domain_xml(view: DeviceView) -> str:
     """A libvirt ``<hostdev>`` element for the device, from the probed truth.
 
@@ -154,11 +159,11 @@ def domain_xml(view: DeviceView) -> str:
         display = "on" if has_display else "off"
         ramfb = " ramfb='on'" if has_display else ""
         lines.append(
-            f"<hostdev mode='subsystem' type='mdev' model={quoteattr(device.device_api)} "
+            f"<hostdev mode='subsystem' type='mdev' model={_attribute(device.device_api)} "
             f"display='{display}'{ramfb}>"
         )
         lines.append("  <source>")
-        lines.append(f"    <address uuid={quoteattr(device.device_id)}/>")
+        lines.append(f"    <address uuid={_attribute(device.device_id)}/>")
         lines.append("  </source>")
         lines.append("</hostdev>")
     else:

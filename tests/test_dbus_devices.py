@@ -1,0 +1,154 @@
+"""Device objects on the bus: contract, ObjectManager signals, property changes, XML, refresh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from typing import Any
+
+import contract
+from daemon_lab import Lab, capabilities, manager_property
+from harness import BUS_NAME, ROOT_PATH, busctl, gdbus
+
+DEVICE = "org.vfiocaps1.Device"
+MANAGER = "org.vfiocaps1.Manager"
+
+
+def device_path(lab: Lab, device_id: str) -> str:
+    out = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "GetDevice", "s", device_id)
+    return out.stdout.split('"')[1]
+
+
+def call_json(lab: Lab, method: str, *args: str) -> Any:
+    out = busctl(
+        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, method, *args,
+        timeout=120,
+    )  # fmt: skip
+    return json.loads(out.stdout)["data"]
+
+
+class Monitor:
+    """``gdbus monitor`` on the daemon, collecting what it prints."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.process = subprocess.Popen(
+            ["gdbus", "monitor", "--address", lab.bus.address, "--dest", BUS_NAME],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.5)
+
+    def stop(self) -> str:
+        time.sleep(0.5)
+        self.process.terminate()
+        return self.process.communicate(timeout=10)[0]
+
+
+def test_device_interface_equals_the_contract(lab: Lab) -> None:
+    lab.host.build("mtty")
+    lab.start()
+    uuid = lab.host.add_instance("mtty", "mtty-1")
+    lab.wait_states({uuid: "done"})
+    xml = busctl(lab.bus.address, "introspect", "--xml-interface", BUS_NAME, device_path(lab, uuid))
+    assert contract.interfaces(xml.stdout)[DEVICE] == contract.contract()[DEVICE]
+
+
+def test_devices_come_and_go_with_object_manager_signals(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    monitor = Monitor(lab)
+    uuid = lab.host.add_instance("mdpy", "mdpy-vga")
+    lab.wait_states({uuid: "done"})
+    path = device_path(lab, uuid)
+    lab.host.remove_instance(uuid)
+    for _ in range(100):
+        if uuid not in lab.states():
+            break
+        time.sleep(0.05)
+    output = monitor.stop()
+    added = [line for line in output.splitlines() if "InterfacesAdded" in line]
+    removed = [line for line in output.splitlines() if "InterfacesRemoved" in line]
+    assert len(added) == 1
+    assert added[0].startswith(f"{ROOT_PATH}: org.freedesktop.DBus.ObjectManager.InterfacesAdded")
+    assert f"objectpath '{path}'" in added[0]
+    assert len(removed) == 1
+    assert f"objectpath '{path}', ['{DEVICE}']" in removed[0]
+    changes = [line for line in output.splitlines() if f"{path}: org.freedesktop.DBus.Prop" in line]
+    assert any("'ProbeState': <'done'>" in line for line in changes)
+    assert any("'Display': <'region'>" in line for line in changes)
+    assert uuid not in lab.states()
+
+
+def test_ids_by_uuid_path_and_upper_case_name_the_same_device(lab: Lab) -> None:
+    lab.host.build("mtty")
+    lab.start()
+    uuid = lab.host.add_instance("mtty", "mtty-2")
+    lab.wait_states({uuid: "done"})
+    by_uuid = capabilities(lab.bus, uuid)
+    by_path = capabilities(lab.bus, f"/sys/bus/mdev/devices/{uuid}")
+    by_upper = capabilities(lab.bus, uuid.upper())
+    assert by_uuid == by_path == by_upper
+    assert by_uuid["TypeId"] == "mtty-2"
+
+
+def test_domain_xml_follows_the_truth(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    mtty = lab.host.add_instance("mtty", "mtty-1")
+    mdpy = lab.host.add_instance("mdpy", "mdpy-xga")
+    mbochs = lab.host.add_instance("mbochs", "mbochs-medium")
+    lab.wait_states({mtty: "done", mdpy: "done", mbochs: "done"})
+    xml_mtty = call_json(lab, "DomainXml", "s", mtty)[0]
+    xml_mdpy = call_json(lab, "DomainXml", "s", mdpy)[0]
+    xml_mbochs = call_json(lab, "DomainXml", "s", mbochs)[0]
+    assert f"<address uuid='{mtty}'/>" in xml_mtty
+    assert "display='off'" in xml_mtty
+    assert "ramfb" not in xml_mtty
+    assert "display='on' ramfb='on'" in xml_mdpy
+    assert "<gl enable='yes'/>" not in xml_mdpy
+    assert "display='on' ramfb='on'" in xml_mbochs
+    assert "<gl enable='yes'/>" in xml_mbochs
+    assert "Migration: unsupported" in xml_mbochs
+
+
+def test_list_types_reports_probed_types(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    uuid = lab.host.add_instance("mbochs", "mbochs-large")
+    lab.wait_states({uuid: "done"})
+    types = {(t["Parent"]["data"], t["TypeId"]["data"]): t for t in call_json(lab, "ListTypes")[0]}
+    assert len(types) == 8
+    large = types[("mbochs", "mbochs-large")]
+    assert large["Instances"]["data"] == 1
+    assert large["Probed"]["data"] is True
+    assert large["Display"]["data"] == "dmabuf"
+    assert large["GlRequired"]["data"] is True
+    assert types[("mtty", "mtty-1")]["Probed"]["data"] is False
+    assert types[("mtty", "mtty-1")]["AvailableInstances"]["data"] == 24
+
+
+def test_refresh_and_invalidate_reprobe(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    uuid = lab.host.add_instance("mtty", "mtty-1")
+    lab.wait_states({uuid: "done"})
+    before = capabilities(lab.bus, uuid)["ProbedAt"]
+    fresh = call_json(lab, "Refresh", "s", uuid)[0]
+    assert fresh["ProbeState"]["data"] == "done"
+    assert fresh["ProbedAt"]["data"] > before
+    assert manager_property(lab.bus, "ProbeCount") == 2
+    device_fresh = gdbus(
+        lab.bus.address, "call", "--dest", BUS_NAME, "--object-path", device_path(lab, uuid),
+        "--method", f"{DEVICE}.Refresh", timeout=120,
+    )  # fmt: skip
+    assert "'ProbeState': <'done'>" in device_fresh.stdout
+    assert manager_property(lab.bus, "ProbeCount") == 3
+    monitor = Monitor(lab)
+    assert call_json(lab, "Invalidate", "s", "mtty") == [1]
+    lab.wait_states({uuid: "done"})
+    assert manager_property(lab.bus, "ProbeCount") == 4
+    assert call_json(lab, "Invalidate", "s", "nvidia") == [0]
+    output = monitor.stop()
+    assert "CacheInvalidated ('mtty', '0.1', '0.1', uint32 1)" in output
+    assert "CacheInvalidated ('nvidia', '', '', uint32 0)" in output
