@@ -277,3 +277,18 @@ async def test_nodes_left_granted_by_a_killed_daemon_are_restored(
     assert report.outcome is ProbeOutcome.OK, report
     assert any(f"restored {node}" in note for note in report.notes)
     assert node_state(node) == before
+
+
+async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
+    scratch: Path, probe_user: str
+) -> None:
+    qemu = install_fake_qemu(scratch / "qemu")
+    make_readable(scratch)
+    prober = Prober(Config(runtime_dir=scratch / "run", qemu_binary=qemu, probe_user=probe_user))
+    identity = await prober.qemu_identity()
+    assert identity.version == "10.0.13"
+    assert {"enable-migration", "x-device-dirty-page-tracking"} <= identity.vfio_pci_properties
+    report = await prober.check_qemu()
+    assert report.outcome is ProbeOutcome.OK, report
+    assert [launch.purpose for launch in report.launches] == ["bare"]
+    assert leftovers(scratch / "run") == []
