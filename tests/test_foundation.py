@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import socket
+import time
+from pathlib import Path
 
 from conftest import DaemonFactory
 from harness import BUS_NAME, ROOT_PATH, PrivateBus, busctl, gdbus, wait_until
@@ -79,3 +82,32 @@ def test_unreachable_bus_is_a_clear_failure(
     assert daemon.process is not None
     assert daemon.process.wait(20) != 0
     assert "cannot connect to the bus at unix:path=/nonexistent/bus" in daemon.log()
+
+
+def test_service_manager_notifications(
+    private_bus: PrivateBus, start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """READY once serving, STATUS lines, WATCHDOG pings at half the timeout, STOPPING at the end."""
+    address = tmp_path / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    receiver.settimeout(10)
+    try:
+        daemon = start_daemon(env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "400000"})
+        messages: list[str] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            messages.append(receiver.recv(4096).decode())
+            if sum("WATCHDOG=1" in m for m in messages) >= 4 and any(
+                "STATUS=" in m for m in messages
+            ):
+                break
+        assert messages[0].startswith("READY=1\nSTATUS=serving org.vfiocaps")
+        assert sum("WATCHDOG=1" in m for m in messages) >= 4
+        assert any(m.startswith("STATUS=0 devices") for m in messages), messages
+        assert daemon.stop() == 0
+        while not (message := receiver.recv(4096).decode()).startswith("STOPPING=1"):
+            pass
+        assert message.startswith("STOPPING=1")
+    finally:
+        receiver.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from dbus_fast import NameFlag, RequestNameReply
@@ -15,9 +17,10 @@ from .bus.names import BUS_NAME
 from .capabilities import ProbeReport
 from .config import Config
 from .discovery import Discovery
-from .engine import Engine
+from .engine import DeviceView, Engine, EngineStatus
 from .errors import BusError, NameTakenError, VfiocapsError
 from .model import Device, Parent
+from .notify import Notifier, NotifyError, watchdog_interval
 from .prober import Prober, ProbeTarget
 from .store import CapabilityStore, QemuIdentity
 
@@ -46,6 +49,21 @@ class ProberRunner:
         return await self._prober.probe(ProbeTarget.from_device(device))
 
 
+def _notifier() -> Notifier | None:
+    try:
+        return Notifier.from_environment(os.environ)
+    except NotifyError as err:
+        log.warning("not notifying the service manager: %s", err)
+        return None
+
+
+async def _notify(message: Awaitable[None]) -> None:
+    try:
+        await message
+    except NotifyError as err:
+        log.warning("%s", err)
+
+
 async def own_name(bus: ResilientMessageBus) -> None:
     """Request the well-known name without queueing.
 
@@ -63,6 +81,62 @@ async def own_name(bus: ResilientMessageBus) -> None:
         raise NameTakenError(f"{BUS_NAME} is already owned by another process on this bus")
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         raise BusError(f"unexpected reply to the request for {BUS_NAME}: {reply}")
+
+
+class ServiceStatus:
+    """Tells the service manager how the daemon is doing (``STATUS=``), at most once a second."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._latest: EngineStatus | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def describe(status: EngineStatus) -> str:
+        """One line for ``systemctl status``."""
+        probing = ", probing" if status.probing else ""
+        return (
+            f"{status.device_count} devices, {status.probes_launched} probes since start"
+            f"{probing}; cache {status.cache_state}"
+        )
+
+    def status_changed(self, status: EngineStatus) -> None:
+        self._latest = status
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send_soon())
+
+    async def _send_soon(self) -> None:
+        await asyncio.sleep(1.0)
+        if self._latest is not None:
+            try:
+                await self._notifier.status(self.describe(self._latest))
+            except NotifyError as err:
+                log.warning("%s", err)
+
+    def device_added(self, view: DeviceView) -> None:
+        pass
+
+    def device_changed(self, view: DeviceView) -> None:
+        pass
+
+    def device_removed(self, device_id: str) -> None:
+        pass
+
+    def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        """Stop a pending status update."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
+    try:
+        await notifier.keep_watchdog(interval)
+    except NotifyError as err:
+        log.error("watchdog pings stopped: %s", err)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -83,11 +157,20 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     )
     adaptor = BusAdaptor(bus, engine, config)
     engine_task: asyncio.Task[None] | None = None
+    notifier = _notifier()
+    reporter = ServiceStatus(notifier) if notifier else None
+    watchdog: asyncio.Task[None] | None = None
     try:
         adaptor.start()
         await own_name(bus)
         engine_task = asyncio.create_task(engine.run(), name="engine")
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+        if notifier is not None and reporter is not None:
+            engine.subscribe(reporter)
+            await _notify(notifier.ready(f"serving {BUS_NAME}"))
+            interval = watchdog_interval(config.watchdog_usec)
+            if interval is not None:
+                watchdog = asyncio.create_task(_keep_watchdog(notifier, interval))
         waits = {
             asyncio.ensure_future(wait_disconnected(bus)): "bus",
             asyncio.ensure_future(stop.wait()): "stop",
@@ -106,6 +189,14 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if "bus" in reasons:
             raise BusError(f"lost the connection to the {config.bus.describe()}")
     finally:
+        if notifier is not None:
+            await _notify(notifier.stopping("stopping"))
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        if reporter is not None:
+            engine.unsubscribe(reporter)
+            await reporter.close()
         adaptor.stop()
         if engine_task is not None and not engine_task.done():
             engine_task.cancel()
