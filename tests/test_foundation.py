@@ -99,7 +99,7 @@ def test_service_manager_notifications(
         while time.monotonic() < deadline:
             messages.append(receiver.recv(4096).decode())
             if sum("WATCHDOG=1" in m for m in messages) >= 4 and any(
-                "STATUS=" in m for m in messages
+                m.startswith("STATUS=") for m in messages
             ):
                 break
         assert messages[0].startswith("READY=1\nSTATUS=serving org.vfiocaps")
