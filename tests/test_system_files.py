@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonFactory
-from harness import BUS_NAME, REPO, ROOT_PATH, PrivateBus, busctl, have, wait_until
+from harness import BUS_NAME, REPO, ROOT_PATH, DaemonFactory, PrivateBus, busctl, have, wait_until
 
 PREFIX = "/usr"
 UNIT = f"{PREFIX}/lib/systemd/system/vfiocapsd.service"
@@ -214,7 +213,12 @@ def test_unit_keeps_what_a_probe_needs(destdir: Path) -> None:
     assert settings["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     assert "seccomp" in settings["SystemCallFilter"][0].split()
     assert "MemoryDenyWriteExecute" not in settings  # QEMU's TCG needs W+X
-    assert "PrivateDevices" not in settings  # would hide /dev/vfio and /dev/kvm
+    assert "ProtectKernelModules" not in settings  # would hide /usr/lib/modules
+    # a private /dev, with the VFIO directory (nodes appear later) and KVM bound in
+    assert settings["PrivateDevices"] == ["yes"]
+    assert set(settings["BindPaths"]) == {"-/dev/vfio", "-/dev/kvm"}
+    assert settings["ProtectKernelTunables"] == ["yes"]
+    assert "ReadWritePaths" not in settings  # /sys stays read-only unless an admin opts in
 
 
 # --- sysusers ----------------------------------------------------------------------------------
