@@ -108,6 +108,9 @@ async def test_bare_probe_start_qmp_quit(scratch: Path, probe_user: str) -> None
     ]
     assert all(gone(pid) for pid in recorder.pids)
     assert leftovers(scratch / "run") == []
+    saved = [note for note in report.notes if note.startswith("the paused VM saved")]
+    assert saved, report.notes
+    assert int(saved[0].split()[4]) > 64 * 1024  # a QEMU migration stream of a 64 MiB VM
     if kvm_before is not None:
         assert node_state(kvm) == kvm_before
     if os.geteuid() == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -162,6 +163,8 @@ class _Session:
         self.blocked_reasons: tuple[str, ...] = ()
         self.migration: MigrationResult | None = None
         self.files: list[Path] = []
+        self.sockets: list[socket.socket] = []
+        self.tasks: list[asyncio.Task[int]] = []
 
     async def run(self, sock: socket.socket, process: ManagedProcess) -> None:
         try:
@@ -192,7 +195,9 @@ class _Session:
     async def _inspect(self) -> None:
         settings = self.attempt.settings
         if settings is None:
+            # The self-test: QMP answers, and the paused VM can be saved through a socket.
             await self.client.execute("query-status")
+            self.migration = await self._migrate()
             return
         if settings.display.value != "off":
             self.consoles = await self._consoles()
@@ -224,15 +229,22 @@ class _Session:
         return blocked_reasons(await self.client.execute("query-migrate"))
 
     async def _migrate(self) -> MigrationResult:
+        """Migrate the paused VM into a file of the private directory, through a socket.
+
+        QEMU gets one end of a socketpair (``getfd`` + ``fd:``, understood by every QEMU
+        version; an ``fd:`` to a plain file is deprecated since 9.1) and we copy the stream
+        into the file, which is removed with the launch.
+        """
         target = self.context.workdir / f"migration-{self.attempt.purpose}.bin"
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.files.append(target)
-        started = time.monotonic()
-        try:
-            self.client.send_fd_scm(fd)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(ours)
+        with theirs:
+            self.client.send_fd_scm(theirs.fileno())
             await self.client.execute("getfd", {"fdname": MIGRATION_FD_NAME})
-        finally:
-            os.close(fd)
+        self.files.append(target)
+        drain = asyncio.create_task(_drain_into(ours, target))
+        self.tasks.append(drain)
+        started = time.monotonic()
         try:
             await self.client.execute("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
         except ExecuteError as err:
@@ -242,12 +254,25 @@ class _Session:
                 await self.client.execute("query-migrate"), time.monotonic() - started
             )
             if result is not None:
-                return result
+                break
             await asyncio.sleep(MIGRATION_POLL_SECONDS)
+        # QEMU closes its end when the migration ends; the file then holds the whole stream.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(drain), QUIT_GRACE_SECONDS)
+        if drain.done() and not drain.cancelled() and drain.exception() is None:
+            result = dataclasses.replace(result, stream_bytes=drain.result())
+        return result
 
     async def close(self) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.client.disconnect()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+        for sock in self.sockets:
+            sock.close()
 
     def remove_files(self) -> None:
         for path in self.files:
@@ -277,6 +302,22 @@ def _greeting_version(client: QMPClient) -> str:
     if not isinstance(qemu, dict):
         return ""
     return ".".join(str(qemu.get(part, 0)) for part in ("major", "minor", "micro"))
+
+
+async def _drain_into(sock: socket.socket, target: Path) -> int:
+    """Copy everything *sock* receives into *target* until EOF; return the byte count.
+
+    Raises ``OSError`` when the file cannot be written.
+    """
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    total = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            out.write(chunk)
+            total += len(chunk)
+    return total
 
 
 def console_names(qom_list_reply: Any) -> tuple[str, ...]:

@@ -72,6 +72,7 @@ class MigrationResult:
     error: str = ""
     device_bytes: int | None = None  # query-migrate "vfio" "transferred"
     duration: float = 0.0
+    stream_bytes: int | None = None  # the size of the whole migration stream we received
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,16 @@ class ProbeStrategy:
         attempt = obs.attempt
         settings = attempt.settings
         know = self.knowledge
-        if settings is None:  # a bare launch: QEMU and the sandbox work
+        if settings is None:  # a bare launch: QEMU, QMP, the sandbox and migration work
+            result = obs.migration
+            if result is not None and result.status != "completed":
+                return self._failed(
+                    obs, f"the paused VM could not be migrated: {result.error or result.status}"
+                )
+            if result is not None and result.stream_bytes is not None:
+                know.notes.append(
+                    f"the paused VM saved {result.stream_bytes} bytes in {result.duration:.2f} s"
+                )
             return Verdict(ProbeOutcome.OK, notes=tuple(know.notes))
         if settings.display is not OnOffAuto.OFF and know.display is Display.UNKNOWN:
             know.display = display_from_consoles(obs.consoles, DEVICE_QOM_PATH)
