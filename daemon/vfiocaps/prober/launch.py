@@ -108,9 +108,10 @@ async def run_launch(
         else:
             session.end = _classify_end(session, result.returncode, result.killed_by_us)
     finally:
-        await session.close()
+        # Kill first: a stopped or hung QEMU must not hold up closing the QMP session.
         if process.returncode is None and process.state is not ProcessState.NEW:
             await process.stop()
+        await session.close()
         parent_sock.close()
         child_sock.close()
         session.remove_files()
