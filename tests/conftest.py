@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from daemon_lab import Lab, make_lab
-from harness import DaemonProcess, PrivateBus
+from harness import DaemonFactory, DaemonProcess, PrivateBus
 
 
 @pytest.fixture
@@ -18,9 +18,6 @@ def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
         yield bus
     finally:
         bus.stop()
-
-
-DaemonFactory = Callable[..., DaemonProcess]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +210,10 @@ class DaemonProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+DaemonFactory = Callable[..., DaemonProcess]
+"""The ``start_daemon`` fixture: start vfiocapsd on a private bus with extra arguments."""
 
 
 def have(tool: str) -> bool:

@@ -13,8 +13,7 @@ import pytest
 from dbus_fast import Message
 from dbus_fast.aio.message_bus import _MessageWriter
 
-from conftest import DaemonFactory
-from harness import BUS_NAME, ROOT_PATH, PrivateBus, busctl
+from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl
 from vfiocaps.bus.connection import _BackpressureWriter
 
 

@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import contract
-from conftest import DaemonFactory
-from harness import BUS_NAME, ROOT_PATH, PrivateBus, busctl, gdbus, wait_until
+from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, gdbus, wait_until
 
 MANAGER = "org.vfiocaps1.Manager"
 ERROR_NAMES = {

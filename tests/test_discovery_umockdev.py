@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import DaemonFactory
-from harness import DaemonProcess, wait_until
+from harness import DaemonFactory, DaemonProcess, wait_until
 from umockdev_hosts import GVTG, MBOCHS, MDPY, MTTY, NVIDIA, MockHost
 
 pytestmark = pytest.mark.skipif(

@@ -7,8 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import DaemonFactory
-from harness import BUS_NAME, ROOT_PATH, PrivateBus, busctl, gdbus, wait_until
+from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, gdbus, wait_until
 
 
 def test_introspection_shows_object_manager_and_manager(
