@@ -10,7 +10,9 @@
 # $(PREFIX)/bin. The programs land in $(PREFIX)/bin, which the unit and the bus activation
 # file name; uninstall removes exactly what install put in place.
 
-PREFIX ?= /usr/local
+# /usr, not /usr/local: udev rules, the bus policy and polkit actions are read only from fixed
+# directories under /usr (and /etc), so under /usr/local they would be installed but ignored.
+PREFIX ?= /usr
 DESTDIR ?=
 PYTHON ?= python3
 INSTALL ?= install
