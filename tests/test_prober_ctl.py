@@ -103,7 +103,7 @@ def test_unknown_uuid_and_foreign_paths_exit_2(
 ) -> None:
     fake_host.add_mdev(MDPY, "mdpy-vga", "mdpy", "3", parent="mdpy")
     missing = vfiocapsctl(scratch, fake_host, probe_user, "22222222-3333-4444-8555-0000000000ff")
-    assert missing.returncode == 2
+    assert missing.returncode == 5
     assert "no device" in missing.stderr
     outside = vfiocapsctl(scratch, fake_host, probe_user, str(scratch))
     assert outside.returncode == 2

@@ -12,12 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-
 from .bus.connection import close_bus, connect_bus
-from .bus.names import BUS_NAME, MANAGER_INTERFACE, ROOT_PATH
 from .capabilities import ProbeOutcome, ProbeReport
+from .client import ClientError, Column, VfiocapsClient, as_json, key_values, table
 from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu_binary
 from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
 from .prober import Prober, ProbeTarget
@@ -28,72 +25,30 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_BUSY = 4
+EXIT_NOT_FOUND = 5
+EXIT_NOT_AUTHORIZED = 6
 
-PROBE_EXIT_CODES = (
-    f"exit status: {EXIT_OK} the probe answered (outcome ok), {EXIT_FAILURE} it gave no answer "
-    f"(failed, crashed, timeout, no-kvm, qemu-missing), {EXIT_USAGE} bad command line or no such "
-    f"device, {EXIT_BUSY} the device is in use (a VM holds it; it was not disturbed)"
+EXIT_CODES = (
+    f"exit status: {EXIT_OK} success; {EXIT_FAILURE} no answer (the probe failed, crashed or "
+    f"timed out); {EXIT_USAGE} bad command line or malformed argument; {EXIT_UNAVAILABLE} "
+    f"vfiocapsd is not reachable; {EXIT_BUSY} the device is in use by a VM (not disturbed); "
+    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized"
 )
+PROBE_EXIT_CODES = EXIT_CODES
 
-
-def _plain(value: Any) -> Any:
-    """Unwrap dbus-fast variants into JSON-friendly values."""
-    if isinstance(value, Variant):
-        return _plain(value.value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
-
-
-async def _call(
-    bus: MessageBus, path: str, interface: str, member: str, signature: str = "", body: Any = ()
-) -> list[Any]:
-    reply = await bus.call(
-        Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
-    )
-    if reply is None:
-        raise BusError(f"no reply to {interface}.{member}")
-    if reply.message_type is MessageType.ERROR:
-        detail = reply.body[0] if reply.body else ""
-        raise BusError(f"{reply.error_name}: {detail}")
-    return list(reply.body)
-
-
-async def _status(bus: MessageBus, as_json: bool) -> int:
-    (props,) = await _call(
-        bus, ROOT_PATH, "org.freedesktop.DBus.Properties", "GetAll", "s", [MANAGER_INTERFACE]
-    )
-    values = _plain(props)
-    if as_json:
-        print(json.dumps(values, indent=2, sort_keys=True))
-    else:
-        width = max(map(len, values), default=0)
-        for key in sorted(values):
-            print(f"{key:<{width}}  {values[key]}")
-    return EXIT_OK
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``vfiocapsctl`` command line."""
-    parser = argparse.ArgumentParser(prog="vfiocapsctl", description="Query vfiocapsd.")
-    bus = parser.add_mutually_exclusive_group()
-    bus.add_argument("--system", action="store_true", help="use the system bus (default)")
-    bus.add_argument("--session", action="store_true", help="use the session bus")
-    bus.add_argument("--bus-address", metavar="ADDR", help="use the bus at this D-Bus address")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="the daemon's state")
-    _add_probe_parser(commands)
-    return parser
+# D-Bus error names of the daemon (and of the bus) to exit codes.
+ERROR_EXIT_CODES = {
+    "org.vfiocaps1.Error.NotFound": EXIT_NOT_FOUND,
+    "org.vfiocaps1.Error.InvalidArgument": EXIT_USAGE,
+    "org.vfiocaps1.Error.NotAuthorized": EXIT_NOT_AUTHORIZED,
+    "org.vfiocaps1.Error.Busy": EXIT_BUSY,
+    "org.vfiocaps1.Error.Timeout": EXIT_FAILURE,
+    "org.vfiocaps1.Error.ProbeFailed": EXIT_FAILURE,
+    "org.freedesktop.DBus.Error.ServiceUnknown": EXIT_UNAVAILABLE,
+    "org.freedesktop.DBus.Error.NameHasNoOwner": EXIT_UNAVAILABLE,
+    "org.freedesktop.DBus.Error.NoReply": EXIT_UNAVAILABLE,
+    "timeout": EXIT_UNAVAILABLE,
+}
 
 
 def _absolute(value: str) -> Path:
@@ -220,6 +175,115 @@ async def _probe(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
+DEVICE_COLUMNS = (
+    Column("ID", "Id"),
+    Column("TYPE", "TypeId"),
+    Column("DRIVER", "Driver"),
+    Column("STATE", "ProbeState"),
+    Column("DISPLAY", "Display"),
+    Column("GL", "GlRequired"),
+    Column("MIGRATION", "Migration"),
+)
+TYPE_COLUMNS = (
+    Column("PARENT", "Parent"),
+    Column("TYPE", "TypeId"),
+    Column("NAME", "Name"),
+    Column("DRIVER", "Driver"),
+    Column("VERSION", "DriverVersion"),
+    Column("INSTANCES", "Instances"),
+    Column("AVAILABLE", "AvailableInstances"),
+    Column("DISPLAY", "Display"),
+    Column("GL", "GlRequired"),
+    Column("MIGRATION", "Migration"),
+)
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vfiocapsctl`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="vfiocapsctl",
+        description="Ask vfiocapsd what VFIO devices can do: display, GL, migration.",
+        epilog=EXIT_CODES,
+    )
+    bus = parser.add_mutually_exclusive_group()
+    bus.add_argument("--system", action="store_true", help="use the system bus (default)")
+    bus.add_argument("--session", action="store_true", help="use the session bus")
+    bus.add_argument("--bus-address", metavar="ADDR", help="use the bus at this D-Bus address")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS", help="per call (default 120)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _json_flag(commands.add_parser("status", help="the daemon's state"))
+    _json_flag(commands.add_parser("list", help="every device and its capabilities"))
+    show = commands.add_parser("show", help="one device, every property")
+    show.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
+    _json_flag(show)
+    _json_flag(commands.add_parser("types", help="every mdev type and what is known of it"))
+    refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")
+    refresh.add_argument("id", metavar="ID")
+    _json_flag(refresh)
+    invalidate = commands.add_parser(
+        "invalidate", help="drop a driver's cached records (needs authorization)"
+    )
+    invalidate.add_argument("driver", metavar="DRIVER", help="kernel module, e.g. nvidia")
+    _json_flag(invalidate)
+    xml = commands.add_parser("xml", help="libvirt <hostdev> XML for a device")
+    xml.add_argument("id", metavar="ID")
+    _json_flag(xml)
+    _json_flag(commands.add_parser("monitor", help="print device and cache changes as they happen"))
+    _add_probe_parser(commands)
+    return parser
+
+
+async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> int:
+    want_json = bool(getattr(args, "json", False))
+    command = args.command
+    if command == "status":
+        values = await client.manager_properties()
+        print(as_json(values) if want_json else key_values(values))
+    elif command == "list":
+        devices = await client.devices()
+        print(as_json(devices) if want_json else table(devices, DEVICE_COLUMNS))
+    elif command == "show":
+        values = await client.device(args.id)
+        print(as_json(values) if want_json else key_values(values))
+    elif command == "types":
+        types = await client.types()
+        print(as_json(types) if want_json else table(types, TYPE_COLUMNS))
+    elif command == "refresh":
+        values = await client.refresh(args.id)
+        print(as_json(values) if want_json else key_values(values))
+    elif command == "invalidate":
+        count = await client.invalidate(args.driver)
+        print(as_json({"records": count}) if want_json else f"{count} records dropped")
+    elif command == "xml":
+        xml = await client.domain_xml(args.id)
+        print(as_json({"xml": xml}) if want_json else xml, end="" if not want_json else "\n")
+    elif command == "monitor":
+        async for event in client.changes():
+            if want_json:
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(_describe_event(event), flush=True)
+    return EXIT_OK
+
+
+def _describe_event(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    details = " ".join(
+        f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in sorted(event.items())
+        if key not in ("event", "path")
+    )
+    target = event.get("path", "")
+    return f"{kind} {target} {details}".replace("  ", " ").strip()
+
+
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         return await _probe(args)
@@ -231,7 +295,7 @@ async def _run(args: argparse.Namespace) -> int:
         choice = BusChoice(BusKind.SYSTEM)
     bus = await connect_bus(choice)
     try:
-        return await _status(bus, args.json)
+        return await _daemon_command(args, VfiocapsClient(bus, args.timeout))
     finally:
         await close_bus(bus)
 
@@ -241,10 +305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "monitor" else EXIT_FAILURE
+    except ClientError as err:
+        print(f"vfiocapsctl: {err.message or err.name}", file=sys.stderr)
+        return ERROR_EXIT_CODES.get(err.name, EXIT_FAILURE)
     except BusError as err:
         print(f"vfiocapsctl: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ConfigError, InvalidArgumentError, NotFoundError) as err:
+    except NotFoundError as err:
+        print(f"vfiocapsctl: {err}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (ConfigError, InvalidArgumentError) as err:
         print(f"vfiocapsctl: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,0 +1,136 @@
+"""``vfiocapsctl`` as a user runs it, against the real daemon on a private bus."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from daemon_lab import Lab
+from harness import DaemonFactory, PrivateBus
+
+
+def ctl(bus: PrivateBus, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", bus.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ctl_json(bus: PrivateBus, *args: str) -> Any:
+    result = ctl(bus, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_command_in_tables_and_json(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    mtty = lab.host.add_instance("mtty", "mtty-1")
+    mbochs = lab.host.add_instance("mbochs", "mbochs-small")
+    lab.wait_states({mtty: "done", mbochs: "done"})
+
+    status = ctl_json(lab.bus, "status")
+    assert status["DeviceCount"] == 2
+    assert status["ProbeCount"] == 2
+    assert status["CacheState"] == "ok"
+    assert "DeviceCount" in ctl(lab.bus, "status").stdout
+
+    listed = ctl(lab.bus, "list")
+    assert listed.returncode == 0
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "TYPE", "DRIVER", "STATE", "DISPLAY", "GL", "MIGRATION"]
+    assert any(row.split()[:7] == [mbochs, "mbochs-small", "mbochs", "done", "dmabuf", "yes",
+                                   "unsupported"] for row in rows)  # fmt: skip
+    assert {d["Id"] for d in ctl_json(lab.bus, "list")} == {mtty, mbochs}
+
+    shown = ctl_json(lab.bus, "show", mtty)
+    assert shown["Display"] == "none"
+    assert shown["Migration"] == "supported"
+    assert shown["MigrationNotes"]
+    assert "SysfsPath" in ctl(lab.bus, "show", mtty).stdout
+
+    types = ctl_json(lab.bus, "types")
+    assert len(types) == 8
+    assert "mbochs-small" in ctl(lab.bus, "types").stdout
+
+    xml = ctl(lab.bus, "xml", mbochs)
+    assert xml.returncode == 0
+    assert xml.stdout.startswith("<hostdev mode='subsystem' type='mdev'")
+    assert ctl_json(lab.bus, "xml", mtty)["xml"].startswith("<hostdev")
+
+    refreshed = ctl_json(lab.bus, "refresh", mtty)
+    assert refreshed["ProbeState"] == "done"
+    assert ctl_json(lab.bus, "invalidate", "mbochs") == {"records": 1}
+    assert ctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
+
+
+def test_exit_codes_scripts_can_rely_on(
+    private_bus: PrivateBus, start_daemon: DaemonFactory
+) -> None:
+    start_daemon()
+    missing = ctl(private_bus, "show", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01")
+    assert missing.returncode == 5
+    assert missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith("vfiocapsctl: no device")
+    malformed = ctl(private_bus, "xml", "not a device")
+    assert malformed.returncode == 2
+    assert "not a UUID, PCI address or absolute sysfs path" in malformed.stderr
+    bad_driver = ctl(private_bus, "invalidate", "../etc")
+    assert bad_driver.returncode == 2
+    usage = ctl(private_bus, "frobnicate")
+    assert usage.returncode == 2
+
+
+def test_no_daemon_is_exit_status_three(tmp_path: object) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", "unix:path=/nonexistent", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert result.stderr.startswith("vfiocapsctl: cannot connect")
+
+
+def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -> None:
+    result = ctl(private_bus, "status")
+    assert result.returncode == 3
+    assert "org.vfiocaps" in result.stderr
+
+
+def test_monitor_streams_changes(lab: Lab) -> None:
+    lab.host.build("mtty")
+    lab.start()
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
+         "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        uuid = lab.host.add_instance("mtty", "mtty-2")
+        lab.wait_states({uuid: "done"})
+        lab.host.remove_instance(uuid)
+        time.sleep(1.0)
+    finally:
+        monitor.send_signal(signal.SIGINT)
+        out, err = monitor.communicate(timeout=10)
+    assert monitor.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "device-added"
+    assert events[0]["Id"] == uuid
+    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
+    assert "device-removed" in kinds
+    assert kinds.index("device-removed") > kinds.index("device-added")
+    assert any(e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events)
