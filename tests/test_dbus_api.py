@@ -175,6 +175,8 @@ def test_unprivileged_invalidate_is_denied_then_allowed_by_polkit(
     denied = call(shared_bus.address, "Invalidate", "s", "mtty", as_user="65534")
     assert denied.returncode != 0
     assert "not authorized to org.vfiocaps.invalidate" in denied.stderr
+    type_probe = call(shared_bus.address, "ProbeType", "ss", "mtty", "mtty-1", as_user="65534")
+    assert "not authorized to org.vfiocaps.probe-type" in type_probe.stderr
     allow_actions(shared_bus, "org.vfiocaps.invalidate")
     allowed = call(shared_bus.address, "Invalidate", "s", "mtty", as_user="65534")
     assert allowed.returncode == 0, allowed.stderr

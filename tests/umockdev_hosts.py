@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -459,6 +460,35 @@ class HostBuilder:
         shutil.rmtree(device)
         self._adjust_available(spec, type_id, +1)
 
+    def answer_writes(self) -> int:
+        """Act on UUIDs written to ``create`` and ``1`` written to ``remove``, as mdev does.
+
+        Returns how many writes were answered."""
+        answered = 0
+        for module, spec in PARENTS.items():
+            types_dir = self.at(spec.devpath) / "mdev_supported_types"
+            if not types_dir.is_dir():
+                continue
+            for mdev_type in spec.types:
+                create = types_dir / mdev_type.type_id / "create"
+                try:
+                    written = create.read_text().strip()
+                except OSError:
+                    continue
+                if written:
+                    _write(create, "")
+                    self.add_instance(module, mdev_type.type_id, uuid=written)
+                    answered += 1
+        for uuid, (module, _) in list(self.instances.items()):
+            remove = self.at(PARENTS[module].devpath) / uuid / "remove"
+            try:
+                if remove.read_text().strip() == "1":
+                    self.remove_instance(uuid)
+                    answered += 1
+            except OSError:
+                continue
+        return answered
+
     # ---- VFIO PCI functions -------------------------------------------------------------------
 
     def add_pci_functions(self) -> None:
@@ -565,17 +595,32 @@ def serve(stdin: Iterator[str], stdout: Any) -> None:
     hello = {"root": str(builder.root), "modules_root": str(builder.modules_root)}
     stdout.write(json.dumps(hello) + "\n")
     stdout.flush()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def kernel() -> None:
+        """Answer the daemon's writes to ``create``/``remove`` while the host runs."""
+        while not stop.wait(0.02):
+            with lock:
+                try:
+                    builder.answer_writes()
+                except (OSError, KeyError, ValueError) as err:
+                    sys.stderr.write(f"umockdev host: answering a write failed: {err}\n")
+
+    threading.Thread(target=kernel, daemon=True).start()
     for line in stdin:
         request = json.loads(line)
         operation = request.pop("op")
         started = time.monotonic()
-        try:
-            result = getattr(builder, operation)(**request)
-            reply = {"ok": True, "result": result, "seconds": time.monotonic() - started}
-        except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
-            reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        with lock:
+            try:
+                result = getattr(builder, operation)(**request)
+                reply = {"ok": True, "result": result, "seconds": time.monotonic() - started}
+            except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
+                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         stdout.write(json.dumps(reply) + "\n")
         stdout.flush()
+    stop.set()
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Protocol
 from .capabilities import Capabilities, ProbeOutcome, ProbeReport
 from .config import Config
 from .errors import (
+    DiscoveryError,
     NotFoundError,
     ProbeBusyError,
     ProbeError,
@@ -58,6 +59,7 @@ from .store.sqlite import StoreCorruptError
 log = logging.getLogger(__name__)
 
 FAILURE_BACKOFF_MAX = 3600.0
+INSTANCE_APPEAR_SECONDS = 10.0
 QEMU_CHECK_SECONDS = 30.0
 STORE_RETRY_SECONDS = 5.0
 
@@ -83,6 +85,10 @@ class DeviceSource(Protocol):
     def events(self) -> AsyncIterator[list[DiscoveryEvent]]: ...
 
     async def close(self) -> None: ...
+
+    def create_instance(self, parent: Parent, type_id: str) -> str: ...
+
+    def remove_instance(self, device: Device) -> None: ...
 
 
 class ProbeRunner(Protocol):
@@ -207,6 +213,9 @@ class Engine:
         self._store_wakeup = asyncio.Event()
         self._cache_state = "ok"
         self._started = asyncio.Event()
+        self._device_waiters: dict[str, asyncio.Future[None]] = {}
+        self._type_probes: set[tuple[str, str]] = set()
+        self._idle_types_wakeup = asyncio.Event()
 
     # ---- subscription -------------------------------------------------------------------
 
@@ -401,6 +410,9 @@ class Engine:
             self._spawn(self._qemu_watcher())
             snapshot = await self._source.start()
             self._apply_snapshot(snapshot)
+            if self.config.probe_types_without_instances:
+                self._spawn(self._idle_type_prober())
+                self._idle_types_wakeup.set()
             self._started.set()
             self._emit_status()
             async for batch in self._source.events():
@@ -628,6 +640,8 @@ class Engine:
             self._apply_snapshot(event.snapshot)
         elif isinstance(event, ParentRegistered | ParentUnregistered):
             self._rekey_all()
+        if isinstance(event, ParentRegistered | DriverChanged | Resynchronised):
+            self._idle_types_wakeup.set()
 
     def _add_device(self, device: Device) -> None:
         existing = self._devices.get(device.device_id)
@@ -635,6 +649,9 @@ class Engine:
             return
         entry = _DeviceEntry(device=device, key=self._key_for(device))
         self._devices[device.device_id] = entry
+        waiter = self._device_waiters.get(device.device_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self._devices_dirty = True
         self._resolve(entry)
         view = self._view(entry)
@@ -932,6 +949,105 @@ class Engine:
                 if job.future.cancelled() and not _current_task_cancelling():
                     continue
                 raise
+
+    async def probe_type(self, parent_name: str, type_id: str) -> TypeView:
+        """Learn a type's capabilities by probing a temporary instance of it, then removing it.
+
+        A type already known from the cache is answered without creating anything.
+
+        Raises:
+            NotFoundError: no such parent or type.
+            ProbeError: no instance can be created, or the probe gave no answer.
+            ProbeTimeoutError: the instance did not appear or the probe did not finish in time.
+        """
+        snapshot = self._source.snapshot
+        parent = snapshot.parents.get(parent_name)
+        mdev_type = snapshot.types.get((parent_name, type_id))
+        if parent is None or mdev_type is None:
+            raise NotFoundError(f"no mdev type {type_id!r} on parent {parent_name!r}")
+        if self._type_capabilities(parent, mdev_type) is None:
+            await self._probe_with_temporary_instance(parent, mdev_type)
+        for view in self.types():
+            if (view.parent, view.type_id) == (parent_name, type_id):
+                return view
+        raise NotFoundError(f"mdev type {type_id!r} on {parent_name!r} disappeared")
+
+    async def _probe_with_temporary_instance(self, parent: Parent, mdev_type: MdevType) -> None:
+        if mdev_type.available_instances <= 0:
+            raise ProbeError(f"{mdev_type.type_id} on {parent.name} has no instance available")
+        ident = (parent.name, mdev_type.type_id)
+        if ident in self._type_probes:
+            raise ProbeError(f"{mdev_type.type_id} on {parent.name} is being probed already")
+        self._type_probes.add(ident)
+        try:
+            try:
+                device_id = self._source.create_instance(parent, mdev_type.type_id)
+            except DiscoveryError as err:
+                raise ProbeError(f"cannot create an instance to probe: {err}") from err
+            waiter = asyncio.get_running_loop().create_future()
+            self._device_waiters[device_id] = waiter
+            try:
+                if device_id not in self._devices:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(waiter), INSTANCE_APPEAR_SECONDS)
+                    except TimeoutError as err:
+                        raise ProbeTimeoutError(
+                            f"the temporary instance {device_id} did not appear"
+                        ) from err
+                view = await self.settled(device_id, self.config.probe_timeout * 3)
+            finally:
+                del self._device_waiters[device_id]
+                self._remove_temporary(parent, mdev_type, device_id)
+        finally:
+            self._type_probes.discard(ident)
+        if view.state is ProbeState.FAILED:
+            raise ProbeError(view.last_error or "the probe failed")
+
+    def _remove_temporary(self, parent: Parent, mdev_type: MdevType, device_id: str) -> None:
+        entry = self._devices.get(device_id)
+        device = entry.device if entry else None
+        if device is None:
+            device = Device(
+                kind=DeviceKind.MDEV,
+                device_id=device_id,
+                sysfs_path=parent.sysfs_path / device_id,
+                parent=parent.name,
+                type_id=mdev_type.type_id,
+            )
+        try:
+            self._source.remove_instance(device)
+        except DiscoveryError as err:
+            log.error("cannot remove the temporary instance %s: %s", device_id, err)
+
+    def _idle_types(self) -> list[tuple[Parent, MdevType]]:
+        """Types with room for an instance, no live instance, and nothing cached."""
+        snapshot = self._source.snapshot
+        live = {(entry.device.parent, entry.device.type_id) for entry in self._devices.values()}
+        idle = []
+        for (parent_name, type_id), mdev_type in sorted(snapshot.types.items()):
+            parent = snapshot.parents.get(parent_name)
+            if parent is None or parent.driver is None or self._qemu is None:
+                continue
+            if (parent_name, type_id) in live or mdev_type.available_instances <= 0:
+                continue
+            record = self._records.get(self._make_key(parent.driver, parent.pci_id, type_id))
+            if record is not None and (
+                record.outcome is ProbeOutcome.OK or record.retry_at_us > self._clock_us()
+            ):
+                continue
+            idle.append((parent, mdev_type))
+        return idle
+
+    async def _idle_type_prober(self) -> None:
+        """Probe, one at a time, every type nobody has instantiated (opt-in)."""
+        while True:
+            await self._idle_types_wakeup.wait()
+            self._idle_types_wakeup.clear()
+            for parent, mdev_type in self._idle_types():
+                try:
+                    await self._probe_with_temporary_instance(parent, mdev_type)
+                except (ProbeError, NotFoundError) as err:
+                    log.warning("probing type %s on %s: %s", mdev_type.type_id, parent.name, err)
 
     def record_for(self, device_id: str) -> CapabilityRecord | None:
         """The cache record behind a device, if any (for diagnostics)."""

@@ -15,13 +15,19 @@ from .device import DeviceInterface
 from .manager import ManagerInterface, ManagerState
 from .names import DEVICES_PATH, ROOT_PATH
 from .polkit import Authority
-from .validation import escape_path_element, parse_device_id, parse_driver_name
+from .validation import (
+    escape_path_element,
+    parse_device_id,
+    parse_driver_name,
+    parse_type_name,
+)
 from .values import capabilities_dict, domain_xml, type_dict
 
 log = logging.getLogger(__name__)
 
 ACTION_REFRESH = "org.vfiocaps.refresh"
 ACTION_INVALIDATE = "org.vfiocaps.invalidate"
+ACTION_PROBE_TYPE = "org.vfiocaps.probe-type"
 
 
 def device_path(device_id: str) -> str:
@@ -145,6 +151,12 @@ class BusAdaptor:
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_INVALIDATE, caller.interactive)
         return self._engine.invalidate(module)
+
+    async def probe_type(self, parent: str, type_id: str) -> dict[str, Variant]:
+        parent_name, mdev_type = parse_type_name(parent, type_id)
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_PROBE_TYPE, caller.interactive)
+        return type_dict(await self._engine.probe_type(parent_name, mdev_type))
 
     async def domain_xml(self, device_id: str) -> str:
         return domain_xml(await self._settled(device_id))

@@ -38,6 +38,8 @@ class ManagerBackend(Protocol):
 
     async def domain_xml(self, device_id: str) -> str: ...
 
+    async def probe_type(self, parent: str, type_id: str) -> DBusCapabilities: ...
+
 
 @dataclass(frozen=True)
 class ManagerState:
@@ -146,6 +148,11 @@ class ManagerInterface(ServiceInterface):
     @mapped_errors("Invalidate")
     async def Invalidate(self, driver: DBusStr) -> DBusUInt32:
         return await self._backend.invalidate(driver)
+
+    @dbus_method()
+    @mapped_errors("ProbeType")
+    async def ProbeType(self, parent: DBusStr, type_id: DBusStr) -> DBusCapabilities:
+        return await self._backend.probe_type(parent, type_id)
 
     @dbus_method()
     @mapped_errors("DomainXml")

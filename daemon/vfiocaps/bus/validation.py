@@ -84,6 +84,21 @@ def parse_driver_name(value: str) -> str:
     return value
 
 
+_SYSFS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+
+
+def parse_type_name(parent: str, type_id: str) -> tuple[str, str]:
+    """Validate a parent device name and an mdev type id (sysfs directory names).
+
+    Raises:
+        InvalidArgumentError: either is empty, too long, or has characters sysfs names lack.
+    """
+    for what, value in (("parent name", parent), ("mdev type id", type_id)):
+        if not _SYSFS_NAME.match(value):
+            raise InvalidArgumentError(f"not a valid {what}: {value[:80]!r}")
+    return parent, type_id
+
+
 def escape_path_element(value: str) -> str:
     """Escape *value* into one D-Bus object path element (as sd-bus does: ``_xx`` hex)."""
     if not value:

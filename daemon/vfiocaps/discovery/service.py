@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ..config import Config
-from ..model import Device, DiscoveryEvent, HostSnapshot
+from ..model import Device, DiscoveryEvent, HostSnapshot, Parent
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
+from .instances import create_instance, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
 from .scan import HostReader
 from .state import HostState
@@ -166,6 +167,22 @@ class Discovery:
             self._batches.put_nowait(None)
 
     # ---- inside -----------------------------------------------------------------------------
+
+    def create_instance(self, parent: Parent, type_id: str) -> str:
+        """Create a temporary mdev instance of *type_id* on *parent*; return its UUID.
+
+        Raises:
+            InstanceError: the kernel refused or the type does not exist.
+        """
+        return create_instance(self.config.sysfs_root, parent, type_id)
+
+    def remove_instance(self, device: Device) -> None:
+        """Remove an mdev instance.
+
+        Raises:
+            InstanceError: the kernel refused (the instance is in use) or it is not an mdev.
+        """
+        remove_instance(self.config.sysfs_root, device)
 
     def _on_readable(self) -> None:
         monitor = self._monitor

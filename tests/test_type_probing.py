@@ -1,0 +1,77 @@
+"""Probing a type nobody instantiated: a temporary instance is created, probed and removed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from daemon_lab import Lab, manager_property
+from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+
+MANAGER = "org.vfiocaps1.Manager"
+
+
+def types(lab: Lab) -> dict[tuple[str, str], dict[str, Any]]:
+    out = busctl(lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ListTypes")
+    entries = json.loads(out.stdout)["data"][0]
+    return {
+        (e["Parent"]["data"], e["TypeId"]["data"]): {k: v["data"] for k, v in e.items()}
+        for e in entries
+    }
+
+
+def test_probe_type_creates_probes_and_removes_an_instance(lab: Lab) -> None:
+    lab.host.build("samples")
+    daemon = lab.start()
+    out = busctl(
+        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType",
+        "ss", "mdpy", "mdpy-vga", timeout=120,
+    )  # fmt: skip
+    answer = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+    assert answer["Probed"] is True
+    assert answer["Display"] == "region"
+    assert answer["GlRequired"] is False
+    wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 10, "the removal")
+    assert types(lab)[("mdpy", "mdpy-vga")]["Instances"] == 0
+    assert manager_property(lab.bus, "ProbeCount") == 1
+    assert "created temporary instance" in daemon.log()
+    assert "removed temporary instance" in daemon.log()
+    # a second request is answered from the cache: no instance, no probe
+    busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType", "ss", "mdpy",
+           "mdpy-vga")  # fmt: skip
+    assert manager_property(lab.bus, "ProbeCount") == 1
+    assert daemon.log().count("created temporary instance") == 1
+
+
+def test_probe_type_rejects_bad_names_and_unknown_types(lab: Lab) -> None:
+    lab.host.build("mtty")
+    lab.start()
+    bad = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType", "ss",
+                 "../mtty", "mtty-1", check=False)  # fmt: skip
+    assert "not a valid parent name" in bad.stderr
+    unknown = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType", "ss",
+                     "mtty", "mtty-9", check=False)  # fmt: skip
+    assert "no mdev type 'mtty-9'" in unknown.stderr
+    assert manager_property(lab.bus, "DeviceCount") == 0
+
+
+def test_opt_in_probes_every_uninstantiated_type_by_itself(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start("--probe-types-without-instances")
+    wait_until(lambda: all(t["Probed"] for t in types(lab).values()), 120, "every type probed", 0.5)
+    known = types(lab)
+    assert len(known) == 8
+    assert known[("mbochs", "mbochs-large")]["Display"] == "dmabuf"
+    assert known[("mtty", "mtty-2")]["Migration"] == "supported"
+    assert all(t["Instances"] == 0 for t in known.values())
+    wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 10, "every removal")
+    assert manager_property(lab.bus, "ProbeCount") == 8
+
+
+def test_without_the_opt_in_nothing_is_created(lab: Lab) -> None:
+    lab.host.build("samples")
+    daemon = lab.start()
+    wait_until(lambda: "event Resynchronised" in daemon.log(), 10, "coldplug")
+    assert not any(t["Probed"] for t in types(lab).values())
+    assert manager_property(lab.bus, "ProbeCount") == 0
+    assert "created temporary instance" not in daemon.log()
