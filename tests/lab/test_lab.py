@@ -1,0 +1,74 @@
+"""The real-kernel lab: a Debian trixie guest with the kernel's sample mdev drivers runs the
+guest-side suite (tests/lab/guest) against the installed daemon; this test boots it and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from harness import REPO
+
+RUNNER = REPO / "tests" / "lab" / "run"
+# A cold build (about 2 minutes) plus boot, install and the guest suite under emulation.
+LAB_TIMEOUT = 2400
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(LAB_TIMEOUT + 120)]
+
+
+def skip_reason() -> str | None:
+    """Why the lab cannot run here, or None."""
+    wanted = os.environ.get("VFIOCAPS_LAB", "")
+    if wanted == "0":
+        return "VFIOCAPS_LAB=0"
+    if wanted != "1" and not Path("/dev/kvm").exists():
+        return "no /dev/kvm: not a virtualization host (set VFIOCAPS_LAB=1 to run the lab anyway)"
+    if os.geteuid() != 0 and not (
+        shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], check=False).returncode == 0
+    ):
+        return "the lab build needs root or a password-less sudo (mmdebstrap, apt-get)"
+    return None
+
+
+def failures(junit: Path) -> list[str]:
+    """`name: message` of every failed or erroring guest test."""
+    found = []
+    # The file comes from the lab's own guest over its results share.
+    for case in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
+        for problem in (*case.findall("failure"), *case.findall("error")):
+            message = (problem.get("message") or "").splitlines()
+            found.append(f"{case.get('name')}: {message[0] if message else problem.tag}")
+    return found
+
+
+def test_guest_suite_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    results = tmp_path / "results"
+    run = subprocess.run(
+        [str(RUNNER), "--results", str(results), "--timeout", str(LAB_TIMEOUT - 300)],
+        capture_output=True,
+        text=True,
+        timeout=LAB_TIMEOUT,
+        check=False,
+    )
+    table = results / "capabilities.md"
+    timings = results / "timings.json"
+    with capsys.disabled():
+        print(f"\nlab results: {results}")
+        if table.exists():
+            print(table.read_text())
+        if timings.exists():
+            print("lab timings:", json.loads(timings.read_text()))
+    assert run.returncode != 2, f"the lab itself failed:\n{run.stderr[-6000:]}"
+    junit = results / "junit.xml"
+    assert junit.exists(), f"no junit.xml from the guest:\n{run.stderr[-6000:]}"
+    failed = failures(junit)
+    assert run.returncode == 0, "guest tests failed:\n" + "\n".join(failed)
+    assert not failed
