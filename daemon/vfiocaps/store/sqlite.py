@@ -130,6 +130,7 @@ class CapabilityStore:
         self.path = path
         self.history_limit = history_limit
         self._db: aiosqlite.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -171,6 +172,24 @@ class CapabilityStore:
             await self._migrate(db)
         except sqlite3.Error as err:
             raise _classify(err, f"cannot open {self.path}") from err
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_not_replaced(self, action: str) -> None:
+        """Writes through an open descriptor to a file replaced or removed behind our back
+        would be lost at the next start; treat that file as damaged instead.
+
+        Raises:
+            StoreCorruptError: the path no longer names the file that was opened.
+        """
+        if self._identity is not None and self._file_identity() != self._identity:
+            raise StoreCorruptError(f"{action}: {self.path} was replaced or removed while open")
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         cursor = await db.execute("PRAGMA user_version")
@@ -230,6 +249,7 @@ class CapabilityStore:
 
     async def _close_quietly(self) -> None:
         db, self._db = self._db, None
+        self._identity = None
         if db is not None:
             try:
                 await db.close()
@@ -253,6 +273,7 @@ class CapabilityStore:
     async def _write(self, action: str, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
         async with self._lock:
             db = self._connection()
+            self._check_not_replaced(action)
             try:
                 await db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as err:
