@@ -119,8 +119,8 @@ def test_fuzzing_every_object_method_and_property(lab: Lab) -> None:
     mtty = lab.host.add_instance("mtty", "mtty-1")
     mdpy = lab.host.add_instance("mdpy", "mdpy-hd")
     lab.wait_states({mtty: "done", mdpy: "done"})
-    paths = [ROOT_PATH, device_path(mtty), device_path(mdpy), "/org/vfiocaps/devices/none",
-             "/org/vfiocaps/devices", "/", "/org"]  # fmt: skip
+    paths = [ROOT_PATH, device_path(lab.bus.address, mtty), device_path(lab.bus.address, mdpy),
+             "/org/vfiocaps/devices/none", "/org/vfiocaps/devices", "/", "/org"]  # fmt: skip
     ids = st.one_of(
         st.sampled_from(
             [mtty, mdpy, mtty.upper(), f"/sys/bus/mdev/devices/{mdpy}", "mtty", "mdpy", "mtty-1",

@@ -86,8 +86,13 @@ def probe_leftovers(daemon: DaemonProcess) -> list[Path]:
     return left
 
 
-def device_path(uuid: str) -> str:
-    return "/org/vfiocaps/devices/" + uuid.replace("-", "_")
+def device_path(bus_address: str, device_id: str) -> str:
+    """The device's object path, as Manager.GetDevice gives it."""
+    out = busctl(
+        bus_address, "call", "--json=short", BUS_NAME, ROOT_PATH, "org.vfiocaps1.Manager",
+        "GetDevice", "s", device_id,
+    )  # fmt: skip
+    return str(json.loads(out.stdout)["data"][0])
 
 
 def device_properties(lab: Lab, object_path: str) -> dict[str, Any]:
