@@ -1,0 +1,75 @@
+"""The naive way to learn capabilities: one QEMU per device and per question, one after another.
+
+This is how a per-device probing script does it: for every device, start QEMU once with
+``display=on`` (does it have a display?) and once with ``enable-migration=on`` (can it
+migrate?), and read the answer from whether QEMU came up. The launches use vfiocaps' own launch
+code (same sandbox, same probe user, same QMP session), so the two ways differ only in how many
+launches they make. Run under ``umockdev-wrapper`` as ``python naive_probe.py SPEC_JSON``; prints
+one JSON line.
+"""
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
+from vfiocaps.prober.sandbox import (
+    NodeGrants,
+    group_node,
+    kvm_access,
+    private_directory,
+    resolve_probe_identity,
+)
+from vfiocaps.prober.strategy import Attempt, Step
+from vfiocaps.prober.target import ProbeTarget
+
+QUESTIONS = {
+    "display": DeviceSettings(display=OnOffAuto.ON, migration=None),
+    "migration": DeviceSettings(display=OnOffAuto.OFF, migration=OnOffAuto.ON),
+}
+
+
+async def probe_all(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ask every question of every device in turn; count launches and time them."""
+    identity = resolve_probe_identity(spec["probe_user"])
+    dev_root = Path(spec["dev_root"])
+    kvm = kvm_access(dev_root, identity)
+    accel = Accel.KVM if kvm.usable else Accel.TCG
+    grants = NodeGrants(journal=Path(spec["runtime_dir"]) / "naive-grants")
+    launches, answers = [], {}
+    began = time.monotonic()
+    for path in spec["devices"]:
+        target = ProbeTarget.from_sysfs(Path(path))
+        node = group_node(dev_root, target.iommu_group or "")
+        with contextlib.ExitStack() as stack:
+            workdir = stack.enter_context(private_directory(Path(spec["runtime_dir"])))
+            if identity.credentials is not None:
+                stack.enter_context(grants.granted(node, identity.uid))
+            context = LaunchContext(
+                binary=Path(spec["qemu"]),
+                machine=machine_for_architecture(None),
+                vm_uuid=str(uuid.uuid4()),
+                sysfsdev=target.sysfs_path,
+                identity=identity,
+                workdir=workdir,
+                timeout=spec["timeout"],
+                environment=probe_environment(),
+            )
+            for question, settings in QUESTIONS.items():
+                observation, record = await run_launch(
+                    context, Attempt(Step.DISCOVER, settings, accel)
+                )
+                launches.append(record.duration)
+                answers[f"{target.device_id} {question}"] = observation.started
+    return {"wall": time.monotonic() - began, "launches": launches, "answers": answers}
+
+
+if __name__ == "__main__":
+    result = asyncio.run(probe_all(json.loads(sys.argv[1])))
+    sys.stdout.write(json.dumps(result) + "\n")

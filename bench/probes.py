@@ -1,0 +1,183 @@
+"""Probe cost: launches and wall time of vfiocapsd against the naive per-device way, and one
+probe QEMU against a bare QEMU start-QMP-quit with the real ``qemu-system-x86_64``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import Progress, summary
+from daemon_lab import Lab, make_lab, manager_property
+from harness import wait_until
+from test_prober_helpers import REAL_QEMU, ensure_probe_user
+from umockdev_hosts import PARENTS
+from vfiocaps.config import DEFAULT_PROBE_USER, Config
+from vfiocaps.prober import Prober
+from vfiocaps.prober.plan import Accel, ProbePlan, build_qemu_argv, machine_for_architecture
+
+HERE = Path(__file__).resolve().parent
+DEVICES_PER_TYPE = 4
+REAL_QEMU_REPEATS = 5
+LAUNCH_LINE = re.compile(r"probe of \S+: \S+ after (\d+) launch")
+
+
+def _sample_types() -> list[tuple[str, str]]:
+    return [(m, t.type_id) for m in ("mtty", "mdpy", "mbochs") for t in PARENTS[m].types]
+
+
+def _all_done(lab: Lab, uuids: list[str]) -> bool:
+    states = lab.states()
+    return all(states.get(u) == "done" for u in uuids)
+
+
+def vfiocaps_way(lab: Lab, progress: Progress) -> tuple[dict[str, Any], list[str]]:
+    """Cold cache, every device present at start: probes until every device is published."""
+    types = _sample_types()
+    uuids: list[str] = []
+    for module, type_id in types:
+        uuids += lab.host.storm(module, type_id, DEVICES_PER_TYPE)["uuids"]
+    progress.note(f"vfiocapsd probing {len(uuids)} devices of {len(types)} types")
+    began = time.monotonic()
+    daemon = lab.start()
+    coldplugged = time.monotonic() - began
+    wait_until(lambda: _all_done(lab, uuids), 120, "every device probed", interval=0.02)
+    wall = time.monotonic() - began
+    launches = sum(int(n) for n in LAUNCH_LINE.findall(daemon.log()))
+    result = {
+        "devices": len(uuids),
+        "types": len(types),
+        "probes": manager_property(lab.bus, "ProbeCount"),
+        "launches": launches,
+        "wall": wall,
+        "start_to_coldplug": coldplugged,
+    }
+    daemon.stop()
+    return result, uuids
+
+
+def naive_way(lab: Lab, uuids: list[str], progress: Progress) -> dict[str, Any]:
+    """The same devices, one QEMU per device and per question, sequentially."""
+    progress.note(f"naive way: {2 * len(uuids)} launches, sequential")
+    runtime = lab.directory / "naive-run"
+    spec = {
+        "qemu": str(lab.qemu),
+        "dev_root": str(lab.dev),
+        "runtime_dir": str(runtime),
+        "probe_user": DEFAULT_PROBE_USER,
+        "timeout": 30,
+        "devices": [f"/sys/bus/mdev/devices/{u}" for u in uuids],
+    }
+    command = [*lab.host.daemon_wrapper(), sys.executable, str(HERE / "naive_probe.py")]
+    began = time.monotonic()
+    out = subprocess.run(
+        [*command, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **lab.host.daemon_env()},
+        timeout=600,
+    )
+    data: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return {
+        "devices": len(uuids),
+        "launches": len(data["launches"]),
+        "wall": time.monotonic() - began,
+        "wall_launches_only": data["wall"],
+        "launch_seconds": summary(data["launches"]),
+    }
+
+
+async def _bare_qemu(binary: Path, accel: Accel) -> float:
+    """Start QEMU with no device and the QMP monitor on a socketpair, handshake, quit, reap."""
+    from qemu.qmp import QMPClient
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    plan = ProbePlan(
+        machine=machine_for_architecture(None),
+        accel=accel,
+        vm_uuid=str(uuid.uuid4()),
+        qmp_fd=theirs.fileno(),
+        sandbox=False,
+    )
+    began = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *build_qemu_argv(binary, plan),
+        pass_fds=(theirs.fileno(),),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    theirs.close()
+    client = QMPClient("bench-floor")
+    await client.connect(ours)
+    await client.execute("quit")
+    await process.wait()
+    with contextlib.suppress(EOFError):  # QEMU closes the socket as it quits
+        await client.disconnect()
+    ours.close()
+    return time.monotonic() - began
+
+
+async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, Any]:
+    """The prober's bare self-test against a bare start-QMP-quit, both with the real QEMU."""
+    config = Config(
+        qemu_binary=Path(qemu), runtime_dir=scratch / "run", cache_dir=scratch / "cache"
+    )
+    prober = Prober(config)
+    await prober.qemu_identity()
+    probes: list[float] = []
+    launches: list[float] = []
+    floors: list[float] = []
+    accel = Accel.TCG
+    for index in range(REAL_QEMU_REPEATS):
+        progress.note(f"real QEMU {index + 1}/{REAL_QEMU_REPEATS}")
+        began = time.monotonic()
+        report = await prober.check_qemu()
+        probes.append(time.monotonic() - began)
+        if report.outcome.value != "ok":
+            raise RuntimeError(f"the prober's self-test failed: {report.error}")
+        launches.append(report.duration)
+        machine = next(a for a in report.launches[-1].argv if "accel=" in a)
+        accel = Accel.KVM if "accel=kvm" in machine else Accel.TCG
+        floors.append(await _bare_qemu(Path(qemu), accel))
+    return {
+        "accel": accel.value,
+        "probe": summary(probes),
+        "probe_launch": summary(launches),
+        "floor": summary(floors),
+    }
+
+
+def run(progress: Progress) -> dict[str, Any]:
+    """Probe cost on a sample-driver host, then the real QEMU comparison."""
+    lab_iter = make_lab()
+    lab = next(lab_iter)
+    try:
+        lab.host.build("samples")
+        ours, uuids = vfiocaps_way(lab, progress)
+        naive = naive_way(lab, uuids, progress)
+    finally:
+        lab_iter.close()
+    if REAL_QEMU is None:
+        return {"vfiocaps": ours, "naive": naive, "real_qemu": {"skipped": "no QEMU installed"}}
+    ensure_probe_user()
+    scratch = Path(tempfile.mkdtemp(prefix="vfiocaps-bench-qemu-"))
+    scratch.chmod(0o755)
+    try:
+        real = asyncio.run(real_qemu(REAL_QEMU, scratch, progress))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    version = subprocess.run(
+        [REAL_QEMU, "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
+    return {"vfiocaps": ours, "naive": naive, "real_qemu": {"qemu": version, **real}}
