@@ -15,7 +15,6 @@ TESTS = REPO / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-BENCH_INTERFACE = "org.vfiocaps.BenchFloor"
 BENCH_FLOOR_NAME = "org.vfiocaps.BenchFloor"
 BENCH_FLOOR_PATH = "/org/vfiocaps/BenchFloor"
 
