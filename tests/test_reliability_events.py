@@ -3,6 +3,7 @@ removed in a race, a parent unregistering while its device is being probed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -56,8 +57,17 @@ def test_ten_thousand_uevents_in_one_burst(lab: Lab) -> None:
     )
 
 
+def more_group_nodes(lab: Lab, count: int) -> None:
+    """Every add makes a new IOMMU group; the lab has nodes for the first 64 only."""
+    for group in range(64, count):
+        node = lab.dev / "vfio" / str(group)
+        node.write_text("")
+        node.chmod(0o600)
+
+
 def test_the_same_uuid_added_and_removed_in_a_race(lab: Lab) -> None:
     lab.host.build("mtty")
+    more_group_nodes(lab, 256)
     daemon = lab.start()
     cycles = 40
     for _ in range(cycles):
@@ -73,7 +83,11 @@ def test_the_same_uuid_added_and_removed_in_a_race(lab: Lab) -> None:
     for _ in range(cycles):
         lab.host.remove_instance(lab.host.add_instance("mtty", "mtty-1", uuid=RACER))
     lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
-    lab.wait_states({RACER: "done"})
+    try:
+        lab.wait_states({RACER: "done"}, timeout=20)
+    except AssertionError:
+        quiet = [line for line in daemon.log().splitlines() if "event " not in line]
+        raise AssertionError(f"{lab.states()}: {quiet[-20:]}") from None
     assert manager_property(lab.bus, "DeviceCount") == 1
     assert list(device_objects(lab)) == [RACER]
     assert capabilities(lab.bus, RACER)["Display"] == "none"
@@ -98,3 +112,37 @@ def test_a_parent_unregistering_while_its_device_is_probed(lab: Lab) -> None:
     assert capabilities(lab.bus, again)["Migration"] == "supported"
     assert daemon.alive()
     assert "engine task failed" not in daemon.log()
+
+
+def test_a_device_removed_during_its_probe_does_not_fail_its_type(lab: Lab) -> None:
+    """The probe of a vanished device fails ("no such host device"); that says nothing about
+    its type, so the UUID created again (or a sibling) must not inherit a cached failure."""
+    lab.host.build("mtty")
+    lab.overrides({"devices": {RACER: {"fault": {"on": "realize", "pause_seconds": 1}}}})
+    daemon = lab.start("--probe-retry-seconds", "600")
+    lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
+    wait_until(lambda: qemu_pids(lab), 20, "the probe QEMU")
+    lab.host.remove_instance(RACER)
+    wait_until(lambda: not qemu_pids(lab), 20, "the probe to fail")
+    lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
+    lab.wait_states({RACER: "done"}, timeout=20)
+    assert capabilities(lab.bus, RACER)["Migration"] == "supported"
+    assert "no such host device" in daemon.log()
+
+
+def test_a_device_without_its_iommu_group_yet_is_probed_once_it_has_one(lab: Lab) -> None:
+    """An mdev gets its IOMMU group when its driver binds, after its ``add`` uevent: a device
+    seen before that must wait for the group, not cache a failure for its type."""
+    lab.host.build("mtty")
+    uuid = lab.host.add_instance("mtty", "mtty-1")
+    link = lab.host.root / "sys/devices/virtual/mtty/mtty" / uuid / "iommu_group"
+    target = os.readlink(link)
+    link.unlink()
+    lab.start("--probe-retry-seconds", "600")
+    wait_until(lambda: uuid in lab.states(), 10, "the device")
+    time.sleep(0.5)
+    assert lab.states()[uuid] != "done"
+    os.symlink(target, link)
+    lab.host.call("uevent", devpath=f"/devices/virtual/mtty/mtty/{uuid}", action="bind")
+    lab.wait_states({uuid: "done"}, timeout=20)
+    assert capabilities(lab.bus, uuid)["Migration"] == "supported"

@@ -783,15 +783,30 @@ class Engine:
         key = job.key
         while True:
             candidates = [e for e in self._waiting(key) if e.device.device_id not in job.tried]
-            if not candidates:
+            ready = [e for e in candidates if e.device.iommu_group]
+            if candidates and not ready:
+                return self._not_ready_record(key, candidates)
+            if not ready:
                 return self._busy_record(key)
-            entry = candidates[0]
+            entry = ready[0]
             job.tried.add(entry.device.device_id)
             for waiting in self._waiting(key):
                 self._set_state(waiting, ProbeState.PROBING, "")
             report = await self._probe(entry.device)
             if report.outcome is ProbeOutcome.BUSY:
                 self._set_state(entry, ProbeState.BUSY, report.error or "device is in use")
+                continue
+            if (
+                report.outcome is not ProbeOutcome.OK
+                and self._devices.get(entry.device.device_id) is not entry
+            ):
+                # The device went away while it was probed: its failure says nothing about
+                # the type. Try the instances still waiting (a re-created one included).
+                log.info(
+                    "%s went away during its probe; its failure is not cached",
+                    entry.device.device_id,
+                )
+                job.tried.discard(entry.device.device_id)
                 continue
             record = self._record_from(key, report)
             self._remember(record)
@@ -808,6 +823,16 @@ class Engine:
             self._store_wakeup.set()
             self._settle(key, record)
             return record
+
+    def _not_ready_record(
+        self, key: CapabilityKey, entries: list[_DeviceEntry]
+    ) -> CapabilityRecord:
+        """The devices have no IOMMU group yet (an mdev gets it when its driver binds): probe
+        when they are updated, cache nothing."""
+        error = "waiting for the device's IOMMU group"
+        for entry in entries:
+            self._set_state(entry, ProbeState.PENDING, error)
+        return CapabilityRecord(key, ProbeOutcome.FAILED, None, error, 0, 0, 0)
 
     def _busy_record(self, key: CapabilityKey) -> CapabilityRecord:
         """Every instance of *key* is held by someone: retry later, cache nothing."""
