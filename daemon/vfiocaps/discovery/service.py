@@ -22,9 +22,11 @@ from .sysfs import SysfsTree
 
 log = logging.getLogger("vfiocaps.discovery")
 
-# A burst of uevents (an instance is four, a module load dozens) is gathered for this long
-# before its domain events are published as one batch.
+# A burst of uevents (an instance is four, a module load dozens) is gathered into one batch:
+# the batch closes once the socket has been quiet for QUIET_SECONDS, or COALESCE_SECONDS after
+# its first uevent, whichever comes first. A lone hotplug is published within milliseconds.
 COALESCE_SECONDS = 0.02
+QUIET_SECONDS = 0.002
 # Uevents processed before the loop is given a chance to read the socket again.
 CHUNK = 256
 
@@ -72,6 +74,7 @@ class Discovery:
         self._state = HostState(self._reader)
         self._monitor_factory = monitor_factory
         self._coalesce_seconds = coalesce_seconds
+        self._received = 0
         self._lifecycle = DiscoveryState.NEW
         self._monitor: UdevMonitor | None = None
         self._fd: int | None = None
@@ -190,6 +193,7 @@ class Discovery:
             return
         drained: Drained = monitor.drain()
         self._pending.extend(drained.uevents)
+        self._received += len(drained.uevents)
         if drained.overflowed:
             self._overflowed = True
         if drained.uevents or drained.overflowed:
@@ -198,7 +202,7 @@ class Discovery:
     async def _work(self) -> None:
         while True:
             await self._wakeup.wait()
-            await asyncio.sleep(self._coalesce_seconds)
+            await self._gather_burst()
             self._wakeup.clear()
             events: list[DiscoveryEvent] = []
             uevents = 0
@@ -216,6 +220,16 @@ class Discovery:
                 events.extend(self._state.resync(self._reader.host()))
             log.debug("discovery: %d uevents gave %d events", uevents, len(events))
             self._publish(events)
+
+    async def _gather_burst(self) -> None:
+        """Wait until the uevents of a burst have arrived (quiet socket) or the window closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._coalesce_seconds
+        while True:
+            seen = self._received
+            await asyncio.sleep(min(QUIET_SECONDS, max(0.0, deadline - loop.time())))
+            if self._received == seen or loop.time() >= deadline:
+                return
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
