@@ -124,6 +124,47 @@ class ResilientMessageBus(MessageBus):
 
         ServiceInterface._get_all_property_values(interface, send)
 
+    def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
+        """``GetManagedObjects`` in one pass (the library re-walks its result per interface).
+
+        The reply is sent when the last property getter has answered; the first error is sent
+        instead, once.
+        """
+        prefix = "/" if msg.path == "/" else f"{msg.path}/"
+        exports = {
+            node: interfaces
+            for node, interfaces in self._path_exports.items()
+            if node.startswith(prefix)
+        }
+        result: dict[str, dict[str, Any]] = {node: {} for node in exports}
+        pending = sum(len(interfaces) for interfaces in exports.values())
+        failed = False
+
+        def reply() -> None:
+            send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
+
+        def collected(
+            interface: ServiceInterface, values: Any, node: str, err: Exception | None
+        ) -> None:
+            nonlocal pending, failed
+            if failed:
+                return
+            if err is not None:
+                failed = True
+                send_reply.send_error(err)
+                return
+            result[node][interface.name] = values
+            pending -= 1
+            if pending == 0:
+                reply()
+
+        if pending == 0:
+            reply()
+            return
+        for node, interfaces in exports.items():
+            for interface in interfaces.values():
+                ServiceInterface._get_all_property_values(interface, collected, node)
+
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         root = self._manager_for(path)
         if root is None:
