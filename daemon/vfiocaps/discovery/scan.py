@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +61,22 @@ class HostReader:
     def __init__(self, sysfs: SysfsTree, identities: IdentityResolver) -> None:
         self.sysfs = sysfs
         self.identities = identities
+        self._parent_identities: dict[tuple[str, str], DriverIdentity | None] | None = None
 
     # ---- parents and types ----------------------------------------------------------------
 
     def parent_identity(self, parent_dir: Path, subsystem: str) -> DriverIdentity | None:
         """The driver of a parent: its bound driver, else (virtual parents such as the kernel's
         samples) the module named like its class, if that module is loaded."""
+        memo = self._parent_identities
+        if memo is None:
+            return self._read_parent_identity(parent_dir, subsystem)
+        key = (str(parent_dir), subsystem)
+        if key not in memo:
+            memo[key] = self._read_parent_identity(parent_dir, subsystem)
+        return memo[key]
+
+    def _read_parent_identity(self, parent_dir: Path, subsystem: str) -> DriverIdentity | None:
         bound = self.identities.identify_driver(parent_dir)
         if bound is not None:
             return bound
@@ -244,12 +256,22 @@ class HostReader:
         """Everything, read from scratch."""
         parents: dict[str, Parent] = {}
         types: dict[tuple[str, str], MdevType] = {}
-        for reading in self.parents():
-            parents[reading.parent.name] = reading.parent
-            for mdev_type in reading.types:
-                types[(mdev_type.parent, mdev_type.type_id)] = mdev_type
-        devices = {device.device_id: device for device in self.devices()}
+        with self.sysfs.scan(), self._identities_memoized():
+            for reading in self.parents():
+                parents[reading.parent.name] = reading.parent
+                for mdev_type in reading.types:
+                    types[(mdev_type.parent, mdev_type.type_id)] = mdev_type
+            devices = {device.device_id: device for device in self.devices()}
         return HostSnapshot(parents=parents, types=types, devices=devices)
+
+    @contextlib.contextmanager
+    def _identities_memoized(self) -> Iterator[None]:
+        """Within one full scan, a parent's driver identity is read once, not per device."""
+        self._parent_identities = {}
+        try:
+            yield
+        finally:
+            self._parent_identities = None
 
 
 def _printable_or_empty(value: str | None) -> str:

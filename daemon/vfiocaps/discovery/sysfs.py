@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("vfiocaps.discovery")
@@ -28,6 +31,25 @@ class SysfsTree:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.normpath(root))
+        self._root = str(self.root)
+        # During one full scan: directories already seen not to be links (see :meth:`scan`).
+        self._plain: set[str] | None = None
+
+    @contextlib.contextmanager
+    def scan(self) -> Iterator[None]:
+        """Within this block, remember which path components are not links.
+
+        A full scan resolves the same parent directories for every device; remembering them
+        saves most ``readlink`` calls. Outside a scan nothing is remembered, so a tree that
+        changes is always read as it is now.
+        """
+        outer = self._plain
+        if outer is None:
+            self._plain = set()
+        try:
+            yield
+        finally:
+            self._plain = outer
 
     # ---- paths ----------------------------------------------------------------------------
 
@@ -37,10 +59,11 @@ class SysfsTree:
 
     def contains(self, path: Path) -> bool:
         """Tell whether *path* (already normalised) lies inside the root."""
-        try:
-            return os.path.commonpath([self.root, path]) == str(self.root)
-        except ValueError:
-            return False
+        return self._inside(str(path))
+
+    def _inside(self, path: str) -> bool:
+        root = self._root
+        return path == root or path.startswith(root + "/") or root == "/"
 
     def resolve(self, path: Path) -> Path | None:
         """Resolve every symlink in *path* without leaving the root.
@@ -48,27 +71,36 @@ class SysfsTree:
         Returns ``None`` when a link loops, points outside the root, or a component vanished.
         Only links inside the root are followed; the root itself is taken as it is.
         """
-        if not self.contains(Path(os.path.normpath(path))):
+        normal = os.path.normpath(path)
+        if not self._inside(normal):
             log.warning("sysfs: %s is outside %s; not read", path, self.root)
             return None
-        parts = list(Path(os.path.relpath(path, self.root)).parts)
-        resolved = self.root
+        root = self._root
+        relative = normal[len(root) :].lstrip("/")
+        parts = collections.deque(relative.split("/") if relative else ())
+        resolved = root
+        plain = self._plain
         hops = 0
         while parts:
-            part = parts.pop(0)
+            part = parts.popleft()
             if part in ("", "."):
                 continue
             if part == "..":
-                resolved = resolved.parent
-                if not self.contains(resolved):
+                resolved = os.path.dirname(resolved)
+                if not self._inside(resolved):
                     log.warning("sysfs: %s leads outside %s; not read", path, self.root)
                     return None
                 continue
-            candidate = resolved / part
+            candidate = resolved + "/" + part if resolved != "/" else "/" + part
+            if plain is not None and candidate in plain:
+                resolved = candidate
+                continue
             try:
                 target = os.readlink(candidate)
             except OSError as err:
                 if err.errno == errno.EINVAL:  # not a link
+                    if plain is not None:
+                        plain.add(candidate)
                     resolved = candidate
                     continue
                 if err.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -83,8 +115,8 @@ class SysfsTree:
             if os.path.isabs(target):
                 log.warning("sysfs: %s is an absolute link to %s; not followed", candidate, target)
                 return None
-            parts = list(Path(target).parts) + parts
-        return resolved
+            parts.extendleft(reversed(target.split("/")))
+        return Path(resolved)
 
     # ---- reads ----------------------------------------------------------------------------
 
