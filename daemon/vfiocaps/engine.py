@@ -12,12 +12,13 @@ disturbed: another instance of the same key is tried, else the key is retried la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -216,6 +217,8 @@ class Engine:
         self._device_waiters: dict[str, asyncio.Future[None]] = {}
         self._type_probes: set[tuple[str, str]] = set()
         self._idle_types_wakeup = asyncio.Event()
+        self._status_deferred = False
+        self._status_pending = False
 
     # ---- subscription -------------------------------------------------------------------
 
@@ -265,6 +268,17 @@ class Engine:
         if entry is None:
             raise NotFoundError(f"no device {device_id!r}")
         return self._view(entry)
+
+    def probe_state(self, device_id: str) -> ProbeState:
+        """Where a live device stands, without building its view.
+
+        Raises:
+            NotFoundError: no live device has this id.
+        """
+        entry = self._devices.get(device_id)
+        if entry is None:
+            raise NotFoundError(f"no device {device_id!r}")
+        return entry.state
 
     def views(self) -> list[DeviceView]:
         """Views of every live device, sorted by id."""
@@ -409,15 +423,17 @@ class Engine:
             self._spawn(self._store_writer())
             self._spawn(self._qemu_watcher())
             snapshot = await self._source.start()
-            self._apply_snapshot(snapshot)
+            with self._one_status_update():
+                self._apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
                 self._spawn(self._idle_type_prober())
                 self._idle_types_wakeup.set()
             self._started.set()
             self._emit_status()
             async for batch in self._source.events():
-                for event in batch:
-                    self._handle(event)
+                with self._one_status_update():
+                    for event in batch:
+                        self._handle(event)
         finally:
             await self._shutdown()
 
@@ -896,8 +912,25 @@ class Engine:
         self._emit(lambda lis: lis.cache_invalidated(driver, old, new, count))
 
     def _emit_status(self) -> None:
+        if self._status_deferred:
+            self._status_pending = True
+            return
         status = self.status
         self._emit(lambda lis: lis.status_changed(status))
+
+    @contextlib.contextmanager
+    def _one_status_update(self) -> Iterator[None]:
+        """Within this block, status changes are told once at the end (a batch of events)."""
+        if self._status_deferred:
+            yield
+            return
+        self._status_deferred, self._status_pending = True, False
+        try:
+            yield
+        finally:
+            self._status_deferred = False
+            if self._status_pending:
+                self._emit_status()
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import logging
 from dbus_fast import Variant
 
 from ..config import Config
-from ..engine import DeviceView, Engine, EngineStatus
+from ..engine import DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import NotFoundError
 from .calls import current_caller, note_caller
 from .connection import ResilientMessageBus
@@ -132,7 +132,16 @@ class BusAdaptor:
         return await self._engine.settled(view.device.device_id, wait)
 
     async def get_capabilities(self, device_id: str) -> dict[str, Variant]:
-        return capabilities_dict(await self._settled(device_id))
+        ref = parse_device_id(device_id, self._config.sysfs_root)
+        known = ref.device_id
+        if known is None:
+            known = self._engine.find(sysfs_path=ref.sysfs_path).device.device_id
+        if self._engine.probe_state(known) in (ProbeState.PENDING, ProbeState.PROBING):
+            await self._engine.settled(known, self._config.probe_timeout * 3)
+        interface = self._devices.get(known)
+        if interface is not None:
+            return interface.capabilities()
+        return capabilities_dict(self._engine.view(known))
 
     def list_types(self) -> list[dict[str, Variant]]:
         return [type_dict(view) for view in self._engine.types()]

@@ -11,7 +11,13 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from ..engine import DeviceView
 from .calls import mapped_errors
 from .names import DEVICE_INTERFACE
-from .values import DBusCapabilities, DBusStrList, DeviceProperties, device_properties
+from .values import (
+    DBusCapabilities,
+    DBusStrList,
+    DeviceProperties,
+    capabilities_from_properties,
+    device_properties,
+)
 
 RefreshHandler = Callable[[str], Awaitable[DBusCapabilities]]
 
@@ -22,7 +28,15 @@ class DeviceInterface(ServiceInterface):
     def __init__(self, view: DeviceView, refresh: RefreshHandler) -> None:
         super().__init__(DEVICE_INTERFACE)
         self._values: DeviceProperties = device_properties(view)
+        self._kind = view.device.kind.value
+        self._answer: DBusCapabilities | None = None
         self._refresh = refresh
+
+    def capabilities(self) -> DBusCapabilities:
+        """The GetCapabilities answer for the current values (built once per change)."""
+        if self._answer is None:
+            self._answer = capabilities_from_properties(self._values, self._kind)
+        return self._answer
 
     def update(self, view: DeviceView) -> None:
         """Take a new view and signal the properties that changed."""
@@ -31,6 +45,7 @@ class DeviceInterface(ServiceInterface):
         changed = {name: value for name, value in values.items() if old[name] != value}
         self._values = values
         if changed:
+            self._answer = None
             self.emit_properties_changed(changed)
 
     @dbus_property(access=PropertyAccess.READ)

@@ -107,9 +107,14 @@ _CAPABILITY_KEYS = (
 
 def capabilities_dict(view: DeviceView) -> dict[str, Variant]:
     """The ``a{sv}`` answer of GetCapabilities and Refresh."""
-    values: dict[str, object] = dict(device_properties(view))
+    return capabilities_from_properties(device_properties(view), view.device.kind.value)
+
+
+def capabilities_from_properties(properties: DeviceProperties, kind: str) -> dict[str, Variant]:
+    """The ``a{sv}`` answer built from a device's property values."""
+    values: dict[str, object] = dict(properties)
     answer = {key: Variant(PROPERTY_SIGNATURES[key], values[key]) for key in _CAPABILITY_KEYS}
-    answer["Kind"] = Variant("s", view.device.kind.value)
+    answer["Kind"] = Variant("s", kind)
     return answer
 
 
