@@ -51,8 +51,11 @@ def test_unprivileged_callers_read_but_cannot_refresh_or_invalidate(
     lab.host.build("mtty")
     daemon = start_on(lab, shared_bus)
     uuid = lab.host.add_instance("mtty", "mtty-1")
-    lab.bus = shared_bus  # for the lab's own reads
-    lab.wait_states({uuid: "done"})
+    own_bus, lab.bus = lab.bus, shared_bus  # the lab's reads go to the shared bus
+    try:
+        lab.wait_states({uuid: "done"})
+    finally:
+        lab.bus = own_bus
     probes = manager_property(shared_bus, "ProbeCount")
     denied = {
         "Refresh": call(shared_bus.address, "Refresh", "s", uuid, as_user=NOBODY),
