@@ -35,7 +35,7 @@ class ProbeOutcome(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """The truth about one device type, as one QEMU version saw it."""
 
@@ -47,7 +47,7 @@ class Capabilities:
     qemu_version: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LaunchRecord:
     """One QEMU launch made by a probe, for the probe history and benchmarks."""
 
@@ -57,7 +57,7 @@ class LaunchRecord:
     exit_status: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProbeReport:
     """The result of probing one device: outcome, capabilities when OK, and the evidence."""
 

@@ -100,7 +100,7 @@ class ProbeRunner(Protocol):
     async def probe(self, device: Device, parent: Parent | None) -> ProbeReport: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceView:
     """A device as consumers see it: discovery's facts plus what the cache says."""
 
@@ -113,7 +113,7 @@ class DeviceView:
     last_error: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TypeView:
     """An mdev type (or a PCI device type) with its live instances and cached answer."""
 
@@ -128,7 +128,7 @@ class TypeView:
     capabilities: Capabilities | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineStatus:
     """Daemon-wide state for the Manager interface."""
 
@@ -164,7 +164,7 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-@dataclass
+@dataclass(slots=True)
 class _DeviceEntry:
     device: Device
     key: CapabilityKey | None
@@ -172,7 +172,7 @@ class _DeviceEntry:
     last_error: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _ProbeJob:
     key: CapabilityKey
     future: asyncio.Future[CapabilityRecord]

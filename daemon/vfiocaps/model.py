@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DriverIdentity:
     """Which driver code serves a parent, precise enough to key a capability cache.
 
@@ -37,7 +37,7 @@ class DeviceKind(enum.Enum):
     PCI = "pci"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Parent:
     """A device that offers mdev types (``/sys/class/mdev_bus/<name>``)."""
 
@@ -56,7 +56,7 @@ class Parent:
         return f"{self.pci_vendor:04x}:{self.pci_device:04x}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MdevType:
     """One entry of a parent's ``mdev_supported_types``."""
 
@@ -68,7 +68,7 @@ class MdevType:
     available_instances: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     """A VFIO device that a VM could be given: an mdev instance or a VFIO PCI function.
 
@@ -90,7 +90,7 @@ class Device:
     pci_device: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostSnapshot:
     """Everything discovery knows at one moment."""
 
@@ -103,28 +103,28 @@ class HostSnapshot:
 # uevents.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceAdded:
     device: Device
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceRemoved:
     device: Device
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParentRegistered:
     parent: Parent
     types: tuple[MdevType, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParentUnregistered:
     parent: Parent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DriverChanged:
     """A driver's identity changed: module reloaded with another version, or a parent re-bound."""
 
@@ -133,7 +133,7 @@ class DriverChanged:
     new: DriverIdentity | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Resynchronised:
     """Discovery re-read sysfs from scratch (start-up or a lost-event overflow)."""
 

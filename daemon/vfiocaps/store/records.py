@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..capabilities import Capabilities, ProbeOutcome
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QemuIdentity:
     """Which QEMU binary answered: path, version and inode change time (as libvirt keys it)."""
 
@@ -16,7 +16,7 @@ class QemuIdentity:
     ctime_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CapabilityKey:
     """Everything that can change a probe's answer. Two devices with equal keys share one probe."""
 
@@ -37,7 +37,7 @@ class CapabilityKey:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CapabilityRecord:
     """A cached answer for one key: capabilities when the probe succeeded, else the failure.
 
@@ -54,7 +54,7 @@ class CapabilityRecord:
     failures: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProbeHistoryEntry:
     """One probe as it happened: when, for which key, how it ended and how long it took."""
 
@@ -66,7 +66,7 @@ class ProbeHistoryEntry:
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownDevice:
     """A device seen on the host, remembered across restarts."""
 
