@@ -226,7 +226,7 @@ async def test_real_qemu_probe_runs_without_privilege_under_seccomp(tmp_path: Pa
     print(f"real QEMU: Uid {seen['Uid']} CapEff {seen['CapEff']} NoNewPrivs 1 Seccomp 2")
 
 
-def test_sigstopped_daemon_restart_leaves_no_stopped_qemu(lab: Lab) -> None:
+def test_a_qemu_stopped_from_outside_is_killed_at_its_timeout(lab: Lab) -> None:
     """A probe QEMU stopped by someone else is killed on timeout even when never resumed."""
     pid, daemon = fault_lab(lab, {"pause_seconds": 30}, "--probe-timeout", "2")
     lab.host.add_instance("mtty", "mtty-1", uuid=FAULTY)
