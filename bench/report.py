@@ -103,11 +103,11 @@ def service_rows(service: dict[str, Any]) -> list[Row]:
         )
     )
     rows.append(Row("  hotplug p99", _ms(hot["p99"]), "", "", "", None))
-    window = hot.get("discovery_coalesce_seconds")
+    window = hot.get("discovery_quiet_seconds")
     if window:
         rows.append(
             Row(
-                "  of which the discovery's fixed coalescing wait",
+                "  of which the discovery's quiet-socket wait (at least)",
                 _ms(window),
                 "",
                 "",
@@ -312,9 +312,9 @@ def plot_latency(path: Path, results: dict[str, Any]) -> Path | None:
     hot = sorted(s * 1000 for s in service["hotplug"]["samples"])
     right.plot(hot, [(i + 1) / len(hot) for i in range(len(hot))], marker=".", label="vfiocapsd")
     right.axvline(HOTPLUG_GOAL_S * 1000, color="red", linestyle="--", label="goal (p50)")
-    window = service["hotplug"].get("discovery_coalesce_seconds")
+    window = service["hotplug"].get("discovery_quiet_seconds")
     if window:
-        right.axvspan(0, window * 1000, color="grey", alpha=0.15, label="discovery's fixed wait")
+        right.axvspan(0, window * 1000, color="grey", alpha=0.15, label="discovery's quiet wait")
     right.set_xlim(left=0)
     right.axhline(0.5, color="grey", linewidth=0.5)
     right.set_xlabel("add uevent to InterfacesAdded with ProbeState=done (ms)")

@@ -28,7 +28,7 @@ from bench.common import (
 from daemon_lab import MANAGER, Lab, make_lab
 from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from vfiocaps.bus.adaptor import device_path
-from vfiocaps.discovery.service import COALESCE_SECONDS
+from vfiocaps.discovery.service import QUIET_SECONDS
 
 HERE = Path(__file__).resolve().parent
 LATENCY_ROUNDS = 3
@@ -227,7 +227,7 @@ def measure_hotplug(lab: Lab, progress: Progress) -> dict[str, Any]:
         "samples": samples,
         "uevent_sending": summary(sending),
         "states_at_interfaces_added": sorted(states),
-        "discovery_coalesce_seconds": COALESCE_SECONDS,
+        "discovery_quiet_seconds": QUIET_SECONDS,
     }
 
 
