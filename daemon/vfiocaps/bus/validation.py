@@ -99,11 +99,15 @@ def parse_type_name(parent: str, type_id: str) -> tuple[str, str]:
     return parent, type_id
 
 
+_UNSAFE_IN_PATH = re.compile(r"[^A-Za-z0-9]")
+
+
+def _escape_match(match: re.Match[str]) -> str:
+    return "".join(f"_{byte:02x}" for byte in match.group().encode())
+
+
 def escape_path_element(value: str) -> str:
     """Escape *value* into one D-Bus object path element (as sd-bus does: ``_xx`` hex)."""
     if not value:
         return "_"
-    return "".join(
-        char if char.isascii() and char.isalnum() else "".join(f"_{b:02x}" for b in char.encode())
-        for char in value
-    )
+    return _UNSAFE_IN_PATH.sub(_escape_match, value)
