@@ -95,11 +95,6 @@ def test_qemu_flooding_stderr_costs_no_memory(lab: Lab) -> None:
     assert_clean_after(lab, pid, daemon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="only the first 64 KiB of QEMU's stderr are kept (process.STDERR_LIMIT); the cause of "
-    "a failed migration, printed after the noise, is lost and mtty is cached as not migratable",
-)
 def test_qemu_flooding_stderr_does_not_change_the_answer(lab: Lab) -> None:
     fault_lab(lab, {"stderr_bytes": 1024 * 1024})
     lab.host.add_instance("mtty", "mtty-1", uuid=FAULTY)

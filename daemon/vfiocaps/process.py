@@ -62,7 +62,8 @@ class ProcessState(enum.Enum):
 
 @dataclass(frozen=True)
 class ProcessResult:
-    """How a child ended and what it said on stderr (the first :data:`STDERR_LIMIT` bytes)."""
+    """How a child ended and what it said on stderr (its first and last ``STDERR_LIMIT / 2``
+    bytes)."""
 
     returncode: int
     stderr: str
@@ -92,6 +93,8 @@ class ManagedProcess:
         self.state = ProcessState.NEW
         self._process: asyncio.subprocess.Process | None = None
         self._stderr = bytearray()
+        self._stderr_tail = bytearray()
+        self._stderr_dropped = 0
         self._stderr_task: asyncio.Task[None] | None = None
         self._started = 0.0
         self._ended: float | None = None
@@ -148,14 +151,27 @@ class ManagedProcess:
         stream = self._started_process().stderr
         if stream is None:
             return
+        half = STDERR_LIMIT // 2
         while chunk := await stream.read(4096):
-            room = STDERR_LIMIT - len(self._stderr)
+            room = half - len(self._stderr)
             if room > 0:
                 self._stderr += chunk[:room]
+                chunk = chunk[room:]
+            if chunk:
+                self._stderr_tail += chunk
+                excess = len(self._stderr_tail) - half
+                if excess > 0:
+                    self._stderr_dropped += excess
+                    del self._stderr_tail[:excess]
 
     def stderr_text(self) -> str:
-        """What the child wrote to stderr so far (decoded leniently)."""
-        return self._stderr.decode("utf-8", errors="replace")
+        """The first and the last ``STDERR_LIMIT / 2`` bytes the child wrote to stderr (decoded
+        leniently), with a line saying how much was left out between them: a cause printed
+        after a flood of noise is still seen."""
+        text = self._stderr.decode("utf-8", errors="replace")
+        if self._stderr_dropped:
+            text += f"\n[{self._stderr_dropped} bytes of stderr left out]\n"
+        return text + self._stderr_tail.decode("utf-8", errors="replace")
 
     async def wait(self) -> ProcessResult:
         """Wait until the child ends on its own; raises nothing (cancellation propagates)."""
