@@ -41,9 +41,9 @@ def parse_device_id(value: str, sysfs_root: Path) -> DeviceRef:
         raise InvalidArgumentError(f"device id longer than {MAX_ID_LENGTH} characters")
     if "\0" in value:
         raise InvalidArgumentError("device id contains a NUL character")
-    if _UUID.match(value):
+    if _UUID.fullmatch(value):
         return DeviceRef(device_id=value.lower())
-    if _PCI.match(value):
+    if _PCI.fullmatch(value):
         address = value.lower()
         if address.count(":") == 1:
             address = "0000:" + address
@@ -76,7 +76,7 @@ def parse_driver_name(value: str) -> str:
     Raises:
         InvalidArgumentError: empty, too long, or not a module name.
     """
-    if not value or len(value) > MAX_NAME_LENGTH or not _MODULE.match(value):
+    if not value or len(value) > MAX_NAME_LENGTH or not _MODULE.fullmatch(value):
         raise InvalidArgumentError(
             f"not a kernel module name (letters, digits, '_' and '-', at most "
             f"{MAX_NAME_LENGTH}): {value[:80]!r}"
@@ -94,7 +94,7 @@ def parse_type_name(parent: str, type_id: str) -> tuple[str, str]:
         InvalidArgumentError: either is empty, too long, or has characters sysfs names lack.
     """
     for what, value in (("parent name", parent), ("mdev type id", type_id)):
-        if not _SYSFS_NAME.match(value):
+        if not _SYSFS_NAME.fullmatch(value):
             raise InvalidArgumentError(f"not a valid {what}: {value[:80]!r}")
     return parent, type_id
 

@@ -190,7 +190,7 @@ class HostReader:
             type_name=_printable_or_empty(self.sysfs.read_attribute(type_dir, "name")),
             device_api=_printable_or_empty(self.sysfs.read_attribute(type_dir, "device_api")),
             driver=self.parent_identity(parent_dir, subsystem),
-            iommu_group=self.sysfs.link_name(device_dir / "iommu_group"),
+            iommu_group=self.iommu_group(device_dir),
         )
 
     def read_pci_dir(self, device_dir: Path) -> Device | None:
@@ -226,10 +226,22 @@ class HostReader:
             type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
             driver=self.identities.identify_driver(device_dir),
-            iommu_group=self.sysfs.link_name(device_dir / "iommu_group"),
+            iommu_group=self.iommu_group(device_dir),
             pci_vendor=vendor,
             pci_device=device,
         )
+
+    def iommu_group(self, device_dir: Path) -> str | None:
+        """The device's IOMMU group number: its ``iommu_group`` link must resolve to
+        ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
+        real = self.sysfs.resolve(device_dir / "iommu_group")
+        if real is None:
+            return None
+        groups = self.sysfs.path("kernel/iommu_groups")
+        if real.parent != groups or not real.name.isascii() or not real.name.isdigit():
+            log.warning("sysfs: %s/iommu_group points to %s; not a group", device_dir, real)
+            return None
+        return real.name
 
     def read_device_path(self, path: Path) -> Device | None:
         """The VFIO device at *path* (any path in the tree that leads to it), or ``None``."""
