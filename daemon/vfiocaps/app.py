@@ -64,6 +64,21 @@ async def _notify(message: Awaitable[None]) -> None:
         log.warning("%s", err)
 
 
+async def _stop_early(engine_task: asyncio.Task[None]) -> None:
+    """The engine ended, or a stop came, before the daemon served.
+
+    Raises:
+        VfiocapsError: the engine failed.
+    """
+    if not engine_task.done():
+        engine_task.cancel()
+        await asyncio.gather(engine_task, return_exceptions=True)
+        return
+    error = None if engine_task.cancelled() else engine_task.exception()
+    if error is not None:
+        raise VfiocapsError(f"the engine stopped: {error}") from error
+
+
 async def own_name(bus: ResilientMessageBus) -> None:
     """Request the well-known name without queueing.
 
@@ -161,13 +176,30 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     reporter = ServiceStatus(notifier) if notifier else None
     watchdog: asyncio.Task[None] | None = None
     try:
+        # Learn the host before taking the name: nobody can be listening to org.vfiocaps yet,
+        # so the objects are exported silently, and the first caller finds them all.
+        bus.announcing = False
         adaptor.start()
-        await own_name(bus)
         engine_task = asyncio.create_task(engine.run(), name="engine")
+        started = asyncio.ensure_future(engine.wait_started())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {started, stopping, engine_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            started.cancel()
+            stopping.cancel()
+        if engine_task.done() or stop.is_set():
+            await _stop_early(engine_task)
+            return
+        bus.announcing = True
+        await own_name(bus)
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
         if notifier is not None and reporter is not None:
             engine.subscribe(reporter)
             await _notify(notifier.ready(f"serving {BUS_NAME}"))
+            reporter.status_changed(engine.status)
             interval = watchdog_interval(config.watchdog_usec)
             if interval is not None:
                 watchdog = asyncio.create_task(_keep_watchdog(notifier, interval))

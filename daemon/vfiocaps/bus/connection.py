@@ -93,6 +93,9 @@ class ResilientMessageBus(MessageBus):
     """
 
     object_manager_root: str | None = None
+    # False while the well-known name is not owned yet: nobody can be listening, so objects
+    # exported then are not announced (clients call GetManagedObjects once the name appears).
+    announcing: bool = True
 
     def _manager_for(self, path: str) -> str | None:
         root = self.object_manager_root
@@ -105,7 +108,7 @@ class ResilientMessageBus(MessageBus):
         if root is None:
             super()._emit_interface_added(path, interface)
             return
-        if self._disconnected:
+        if self._disconnected or not self.announcing:
             return
 
         def send(_: ServiceInterface, values: Any, __: Any, err: Exception | None) -> None:
@@ -170,7 +173,7 @@ class ResilientMessageBus(MessageBus):
         if root is None:
             super()._emit_interface_removed(path, removed_interfaces)
             return
-        if self._disconnected:
+        if self._disconnected or not self.announcing:
             return
         self.send(
             Message.new_signal(
