@@ -62,6 +62,7 @@ class HostReader:
         self.sysfs = sysfs
         self.identities = identities
         self._parent_identities: dict[tuple[str, str], DriverIdentity | None] | None = None
+        self._parent_subsystems: dict[str, str] | None = None
 
     # ---- parents and types ----------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class HostReader:
         if self.sysfs.resolve(device_dir / "driver") is None:
             log.debug("sysfs: mdev %s is not bound to a driver", uuid)
             return None
-        subsystem = self.sysfs.link_name(parent_dir / "subsystem") or ""
+        subsystem = self._parent_subsystem(parent_dir)
         return Device(
             kind=DeviceKind.MDEV,
             device_id=uuid,
@@ -231,6 +232,17 @@ class HostReader:
             pci_device=device,
         )
 
+    def _parent_subsystem(self, parent_dir: Path) -> str:
+        """The parent's subsystem (its class), read once per parent during a full scan."""
+        memo = self._parent_subsystems
+        key = str(parent_dir)
+        if memo is not None and key in memo:
+            return memo[key]
+        subsystem = self.sysfs.link_name(parent_dir / "subsystem") or ""
+        if memo is not None:
+            memo[key] = subsystem
+        return subsystem
+
     def iommu_group(self, device_dir: Path) -> str | None:
         """The device's IOMMU group number: its ``iommu_group`` link must resolve to
         ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
@@ -279,11 +291,11 @@ class HostReader:
     @contextlib.contextmanager
     def _identities_memoized(self) -> Iterator[None]:
         """Within one full scan, a parent's driver identity is read once, not per device."""
-        self._parent_identities = {}
+        self._parent_identities, self._parent_subsystems = {}, {}
         try:
             yield
         finally:
-            self._parent_identities = None
+            self._parent_identities, self._parent_subsystems = None, None
 
 
 def _printable_or_empty(value: str | None) -> str:

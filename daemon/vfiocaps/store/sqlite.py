@@ -395,7 +395,22 @@ class CapabilityStore:
             "driver_version, last_seen_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
         statements: list[tuple[str, Sequence[Any]]] = [("DELETE FROM known_devices", ())]
-        statements += [(insert, tuple(asdict(device).values())) for device in devices]
+        statements += [
+            (
+                insert,
+                (
+                    device.device_id,
+                    device.kind,
+                    device.sysfs_path,
+                    device.parent,
+                    device.type_id,
+                    device.driver,
+                    device.driver_version,
+                    device.last_seen_us,
+                ),
+            )
+            for device in devices
+        ]
         await self._write("writing known devices", statements)
 
     async def known_devices(self) -> list[KnownDevice]:
