@@ -9,9 +9,6 @@ process can ``populate`` the host with many instances at once without sending th
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,20 +57,8 @@ class ScaleBuilder(HostBuilder):
 class ScaleHost(MockHost):
     """:class:`MockHost` running this module (so the scale parents exist in the wrapped process)."""
 
-    def start(self) -> ScaleHost:
-        env = {k: v for k, v in os.environ.items() if k != "UMOCKDEV_DIR"}
-        self.process = subprocess.Popen(
-            ["umockdev-wrapper", sys.executable, str(Path(__file__).resolve())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert self.process.stdout is not None
-        hello = json.loads(self.process.stdout.readline())
-        self.root = Path(hello["root"])
-        self.modules_root = Path(hello["modules_root"])
-        return self
+    def script(self) -> Path:
+        return Path(__file__).resolve()
 
     def populate(self, count: int) -> dict[str, Any]:
         return dict(self.call("populate", count=count))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,26 @@ class DaemonProcess:
 
 DaemonFactory = Callable[..., DaemonProcess]
 """The ``start_daemon`` fixture: start vfiocapsd on a private bus with extra arguments."""
+
+
+def raw_bus_connection(address: str) -> socket.socket:
+    """A D-Bus connection by hand: authenticated, Hello sent, nothing read after that."""
+    from dbus_fast import Message
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address.removeprefix("unix:path="))
+    sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+    assert sock.recv(4096).startswith(b"OK")
+    sock.sendall(b"BEGIN\r\n")
+    hello = Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="Hello",
+        serial=1,
+    )
+    sock.sendall(hello._marshall(False))
+    return sock
 
 
 def have(tool: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ import pytest
 from dbus_fast import Message
 from dbus_fast.aio.message_bus import _MessageWriter
 
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl
+from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, raw_bus_connection
 from vfiocaps.bus.connection import _BackpressureWriter
 
 
@@ -82,30 +81,12 @@ async def test_backpressure_writer_waits_and_delivers_every_byte() -> None:
     assert received == expected
 
 
-def _raw_connection(address: str) -> socket.socket:
-    path = address.removeprefix("unix:path=")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-    assert sock.recv(4096).startswith(b"OK")
-    sock.sendall(b"BEGIN\r\n")
-    hello = Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member="Hello",
-        serial=1,
-    )
-    sock.sendall(hello._marshall(False))
-    return sock
-
-
 def test_flooding_client_cannot_knock_the_daemon_off_the_bus(
     private_bus: PrivateBus, start_daemon: DaemonFactory
 ) -> None:
     """20,000 pipelined calls whose replies are never read; the daemon keeps its name and serves."""
     daemon = start_daemon()
-    flooder = _raw_connection(private_bus.address)
+    flooder = raw_bus_connection(private_bus.address)
     flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         batch = bytearray()

@@ -18,7 +18,15 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, wait_until
+from harness import (
+    BUS_NAME,
+    ROOT_PATH,
+    DaemonFactory,
+    PrivateBus,
+    busctl,
+    raw_bus_connection,
+    wait_until,
+)
 from test_reliability_helpers import daemon_pid, qemu_pids
 
 pytestmark = pytest.mark.skipif(
@@ -27,24 +35,6 @@ pytestmark = pytest.mark.skipif(
 
 MANAGER = "org.vfiocaps1.Manager"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-
-
-def raw_connection(address: str) -> socket.socket:
-    """A D-Bus connection by hand: authenticated, Hello sent, nothing read after that."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address.removeprefix("unix:path="))
-    sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-    assert sock.recv(4096).startswith(b"OK")
-    sock.sendall(b"BEGIN\r\n")
-    hello = Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member="Hello",
-        serial=1,
-    )
-    sock.sendall(hello._marshall(False))
-    return sock
 
 
 def count_messages(data: bytes) -> dict[int, int]:
@@ -95,7 +85,7 @@ def test_a_client_pipelining_100000_calls_starves_nobody_and_loses_nothing(
     daemon = start_daemon(bus=generous_bus)
     address = generous_bus.address
     calls = 100_000
-    flooder = raw_connection(address)
+    flooder = raw_bus_connection(address)
     flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     batch = bytearray()
     for serial in range(2, calls + 2):
@@ -196,7 +186,7 @@ def test_a_client_hanging_up_during_a_slow_refresh(lab: Lab) -> None:
     lab.wait_states({slow: "done"}, timeout=30)
     probes = manager_property(lab.bus, "ProbeCount")
     for serial in range(2, 5):  # three callers, each gone before its answer
-        leaver = raw_connection(lab.bus.address)
+        leaver = raw_bus_connection(lab.bus.address)
         leaver.sendall(
             Message(
                 destination=BUS_NAME,
