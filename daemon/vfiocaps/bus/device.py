@@ -16,6 +16,7 @@ from .values import (
     DBusStrList,
     DeviceProperties,
     capabilities_from_properties,
+    changed_properties,
     device_properties,
 )
 
@@ -41,8 +42,7 @@ class DeviceInterface(ServiceInterface):
     def update(self, view: DeviceView) -> None:
         """Take a new view and signal the properties that changed."""
         values = device_properties(view)
-        old: dict[str, object] = dict(self._values)
-        changed = {name: value for name, value in values.items() if old[name] != value}
+        changed = changed_properties(self._values, values)
         self._values = values
         if changed:
             self._answer = None
@@ -50,77 +50,77 @@ class DeviceInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> DBusStr:
-        return self._values["Id"]
+        return self._values.Id
 
     @dbus_property(access=PropertyAccess.READ)
     def Uuid(self) -> DBusStr:
-        return self._values["Uuid"]
+        return self._values.Uuid
 
     @dbus_property(access=PropertyAccess.READ)
     def SysfsPath(self) -> DBusStr:
-        return self._values["SysfsPath"]
+        return self._values.SysfsPath
 
     @dbus_property(access=PropertyAccess.READ)
     def Parent(self) -> DBusStr:
-        return self._values["Parent"]
+        return self._values.Parent
 
     @dbus_property(access=PropertyAccess.READ)
     def TypeId(self) -> DBusStr:
-        return self._values["TypeId"]
+        return self._values.TypeId
 
     @dbus_property(access=PropertyAccess.READ)
     def TypeName(self) -> DBusStr:
-        return self._values["TypeName"]
+        return self._values.TypeName
 
     @dbus_property(access=PropertyAccess.READ)
     def DeviceApi(self) -> DBusStr:
-        return self._values["DeviceApi"]
+        return self._values.DeviceApi
 
     @dbus_property(access=PropertyAccess.READ)
     def Driver(self) -> DBusStr:
-        return self._values["Driver"]
+        return self._values.Driver
 
     @dbus_property(access=PropertyAccess.READ)
     def DriverVersion(self) -> DBusStr:
-        return self._values["DriverVersion"]
+        return self._values.DriverVersion
 
     @dbus_property(access=PropertyAccess.READ)
     def ProbeState(self) -> DBusStr:
-        return self._values["ProbeState"]
+        return self._values.ProbeState
 
     @dbus_property(access=PropertyAccess.READ)
     def Display(self) -> DBusStr:
-        return self._values["Display"]
+        return self._values.Display
 
     @dbus_property(access=PropertyAccess.READ)
     def GlRequired(self) -> DBusBool:
-        return self._values["GlRequired"]
+        return self._values.GlRequired
 
     @dbus_property(access=PropertyAccess.READ)
     def Migration(self) -> DBusStr:
-        return self._values["Migration"]
+        return self._values.Migration
 
     @dbus_property(access=PropertyAccess.READ)
     def MigrationBlockers(self) -> DBusStrList:
-        return self._values["MigrationBlockers"]
+        return list(self._values.MigrationBlockers)
 
     @dbus_property(access=PropertyAccess.READ)
     def MigrationNotes(self) -> DBusStrList:
-        return self._values["MigrationNotes"]
+        return list(self._values.MigrationNotes)
 
     @dbus_property(access=PropertyAccess.READ)
     def ProbedAt(self) -> DBusUInt64:
-        return self._values["ProbedAt"]
+        return self._values.ProbedAt
 
     @dbus_property(access=PropertyAccess.READ)
     def QemuVersion(self) -> DBusStr:
-        return self._values["QemuVersion"]
+        return self._values.QemuVersion
 
     @dbus_property(access=PropertyAccess.READ)
     def LastError(self) -> DBusStr:
-        return self._values["LastError"]
+        return self._values.LastError
 
     @dbus_method()
     @mapped_errors("Device.Refresh")
     async def Refresh(self) -> DBusCapabilities:
-        return await self._refresh(self._values["Id"])
+        return await self._refresh(self._values.Id)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypedDict
+from dataclasses import dataclass
+from typing import Annotated
 from xml.sax.saxutils import escape
 
 from dbus_fast import Variant
@@ -19,8 +20,10 @@ DBusStrList = Annotated[list[str], DBusSignature("as")]
 DBusPathList = Annotated[list[str], DBusSignature("ao")]
 
 
-class DeviceProperties(TypedDict):
-    """The ``org.vfiocaps1.Device`` properties as plain Python values."""
+@dataclass(frozen=True, slots=True)
+class DeviceProperties:
+    """The ``org.vfiocaps1.Device`` properties as plain Python values (one per device, so kept
+    small: a slotted record rather than a dictionary)."""
 
     Id: str
     Uuid: str
@@ -35,8 +38,8 @@ class DeviceProperties(TypedDict):
     Display: str
     GlRequired: bool
     Migration: str
-    MigrationBlockers: list[str]
-    MigrationNotes: list[str]
+    MigrationBlockers: tuple[str, ...]
+    MigrationNotes: tuple[str, ...]
     ProbedAt: int
     QemuVersion: str
     LastError: str
@@ -45,25 +48,40 @@ class DeviceProperties(TypedDict):
 def device_properties(view: DeviceView) -> DeviceProperties:
     """The ``org.vfiocaps1.Device`` property values of *view*, as plain Python values."""
     device, caps, driver = view.device, view.capabilities, view.driver
+    return DeviceProperties(
+        Id=device.device_id,
+        Uuid=device.device_id if device.kind is DeviceKind.MDEV else "",
+        SysfsPath=str(device.sysfs_path),
+        Parent=device.parent,
+        TypeId=device.type_id,
+        TypeName=view.type_name,
+        DeviceApi=device.device_api,
+        Driver=driver.module if driver else "",
+        DriverVersion=driver.version if driver else "",
+        ProbeState=view.state.value,
+        Display=(caps.display if caps else Display.UNKNOWN).value,
+        GlRequired=bool(caps and caps.gl_required),
+        Migration=(caps.migration if caps else Migration.UNKNOWN).value,
+        MigrationBlockers=caps.migration_blockers if caps else (),
+        MigrationNotes=caps.migration_notes if caps else (),
+        ProbedAt=view.probed_at_us if caps else 0,
+        QemuVersion=caps.qemu_version if caps else "",
+        LastError=view.last_error,
+    )
+
+
+def property_value(properties: DeviceProperties, name: str) -> object:
+    """One property in its D-Bus form (arrays as lists)."""
+    value = getattr(properties, name)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def changed_properties(old: DeviceProperties, new: DeviceProperties) -> dict[str, object]:
+    """The properties whose values differ, in their D-Bus form."""
     return {
-        "Id": device.device_id,
-        "Uuid": device.device_id if device.kind is DeviceKind.MDEV else "",
-        "SysfsPath": str(device.sysfs_path),
-        "Parent": device.parent,
-        "TypeId": device.type_id,
-        "TypeName": view.type_name,
-        "DeviceApi": device.device_api,
-        "Driver": driver.module if driver else "",
-        "DriverVersion": driver.version if driver else "",
-        "ProbeState": view.state.value,
-        "Display": (caps.display if caps else Display.UNKNOWN).value,
-        "GlRequired": bool(caps and caps.gl_required),
-        "Migration": (caps.migration if caps else Migration.UNKNOWN).value,
-        "MigrationBlockers": list(caps.migration_blockers) if caps else [],
-        "MigrationNotes": list(caps.migration_notes) if caps else [],
-        "ProbedAt": view.probed_at_us if caps else 0,
-        "QemuVersion": caps.qemu_version if caps else "",
-        "LastError": view.last_error,
+        name: property_value(new, name)
+        for name in PROPERTY_SIGNATURES
+        if getattr(old, name) != getattr(new, name)
     }
 
 
@@ -112,8 +130,10 @@ def capabilities_dict(view: DeviceView) -> dict[str, Variant]:
 
 def capabilities_from_properties(properties: DeviceProperties, kind: str) -> dict[str, Variant]:
     """The ``a{sv}`` answer built from a device's property values."""
-    values: dict[str, object] = dict(properties)
-    answer = {key: Variant(PROPERTY_SIGNATURES[key], values[key]) for key in _CAPABILITY_KEYS}
+    answer = {
+        key: Variant(PROPERTY_SIGNATURES[key], property_value(properties, key))
+        for key in _CAPABILITY_KEYS
+    }
     answer["Kind"] = Variant("s", kind)
     return answer
 
