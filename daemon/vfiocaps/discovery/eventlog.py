@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..model import (
     Device,
     DeviceAdded,
@@ -15,12 +17,15 @@ from ..model import (
 )
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:+@/-,")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9._:+@/,-]+")
 
 
 def quote_value(value: str | None) -> str:
     """``-`` for nothing; otherwise the value with every byte outside a safe set as ``%XX``."""
     if not value:
         return "-"
+    if _ALL_SAFE.fullmatch(value):  # the usual case: nothing to quote
+        return value
     return "".join(
         char if char in _SAFE else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
         for char in value
