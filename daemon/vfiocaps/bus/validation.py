@@ -106,8 +106,13 @@ def _escape_match(match: re.Match[str]) -> str:
     return "".join(f"_{byte:02x}" for byte in match.group().encode())
 
 
+_ALNUM_AND_DASHES = re.compile(r"[A-Za-z0-9-]+")
+
+
 def escape_path_element(value: str) -> str:
     """Escape *value* into one D-Bus object path element (as sd-bus does: ``_xx`` hex)."""
     if not value:
         return "_"
+    if _ALNUM_AND_DASHES.fullmatch(value):  # a UUID: only its dashes need escaping
+        return value.replace("-", "_2d")
     return _UNSAFE_IN_PATH.sub(_escape_match, value)

@@ -63,6 +63,7 @@ class HostReader:
         self.identities = identities
         self._parent_identities: dict[tuple[str, str], DriverIdentity | None] | None = None
         self._parent_subsystems: dict[str, str] | None = None
+        self._iommu_groups = sysfs.path("kernel/iommu_groups")
 
     # ---- parents and types ----------------------------------------------------------------
 
@@ -249,8 +250,7 @@ class HostReader:
         real = self.sysfs.resolve(device_dir / "iommu_group")
         if real is None:
             return None
-        groups = self.sysfs.path("kernel/iommu_groups")
-        if real.parent != groups or not real.name.isascii() or not real.name.isdigit():
+        if real.parent != self._iommu_groups or not (real.name.isascii() and real.name.isdigit()):
             log.warning("sysfs: %s/iommu_group points to %s; not a group", device_dir, real)
             return None
         return real.name
