@@ -270,7 +270,13 @@ class CapabilityStore:
             except sqlite3.Error as err:
                 raise _classify(err, action) from err
 
-    async def _write(self, action: str, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+    async def _write(
+        self, action: str, statements: Iterable[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        """Run each statement once per row of parameters, all in one transaction.
+
+        Each statement goes to the database thread once, however many rows it has.
+        """
         async with self._lock:
             db = self._connection()
             self._check_not_replaced(action)
@@ -279,8 +285,9 @@ class CapabilityStore:
             except sqlite3.Error as err:
                 raise _classify(err, action) from err
             try:
-                for sql, params in statements:
-                    await db.execute(sql, params)
+                for sql, rows in statements:
+                    if rows:
+                        await db.executemany(sql, rows)
                 await db.execute("COMMIT")
             except BaseException as err:
                 try:
@@ -312,8 +319,8 @@ class CapabilityStore:
         Raises:
             StoreCorruptError, StoreUnavailableError: nothing was written.
         """
-        statements = [(_UPSERT_RECORD, _record_to_row(record)) for record in records]
-        await self._write("writing capabilities", statements)
+        rows = [_record_to_row(record) for record in records]
+        await self._write("writing capabilities", [(_UPSERT_RECORD, rows)])
 
     async def delete_records(self, keys: Iterable[CapabilityKey]) -> None:
         """Delete the records of *keys* in one transaction.
@@ -321,8 +328,8 @@ class CapabilityStore:
         Raises:
             StoreCorruptError, StoreUnavailableError: nothing was deleted.
         """
-        statements = [(_DELETE_RECORD, tuple(asdict(key).values())) for key in keys]
-        await self._write("deleting capabilities", statements)
+        rows = [tuple(asdict(key).values()) for key in keys]
+        await self._write("deleting capabilities", [(_DELETE_RECORD, rows)])
 
     async def add_history(self, entries: Iterable[ProbeHistoryEntry]) -> None:
         """Append probe history entries, keeping only the newest ``history_limit``.
@@ -334,31 +341,27 @@ class CapabilityStore:
             "INSERT INTO probe_history (at_us, driver, driver_version, type_id, key_json, "
             "outcome, duration, launches, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        statements: list[tuple[str, Sequence[Any]]] = [
+        rows = [
             (
-                insert,
-                (
-                    entry.at_us,
-                    entry.key.driver,
-                    entry.key.driver_version,
-                    entry.key.type_id,
-                    json.dumps(asdict(entry.key), sort_keys=True),
-                    entry.outcome.value,
-                    entry.duration,
-                    entry.launches,
-                    entry.error,
-                ),
+                entry.at_us,
+                entry.key.driver,
+                entry.key.driver_version,
+                entry.key.type_id,
+                json.dumps(asdict(entry.key), sort_keys=True),
+                entry.outcome.value,
+                entry.duration,
+                entry.launches,
+                entry.error,
             )
             for entry in entries
         ]
-        statements.append(
-            (
-                "DELETE FROM probe_history WHERE id <= "
-                "(SELECT id FROM probe_history ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (self.history_limit,),
-            )
+        trim = (
+            "DELETE FROM probe_history WHERE id <= "
+            "(SELECT id FROM probe_history ORDER BY id DESC LIMIT 1 OFFSET ?)"
         )
-        await self._write("writing probe history", statements)
+        await self._write(
+            "writing probe history", [(insert, rows), (trim, [(self.history_limit,)])]
+        )
 
     async def history(self, limit: int = 100) -> list[ProbeHistoryEntry]:
         """The newest *limit* history entries, newest first.
@@ -394,24 +397,22 @@ class CapabilityStore:
             "INSERT INTO known_devices (device_id, kind, sysfs_path, parent, type_id, driver, "
             "driver_version, last_seen_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        statements: list[tuple[str, Sequence[Any]]] = [("DELETE FROM known_devices", ())]
-        statements += [
+        rows = [
             (
-                insert,
-                (
-                    device.device_id,
-                    device.kind,
-                    device.sysfs_path,
-                    device.parent,
-                    device.type_id,
-                    device.driver,
-                    device.driver_version,
-                    device.last_seen_us,
-                ),
+                device.device_id,
+                device.kind,
+                device.sysfs_path,
+                device.parent,
+                device.type_id,
+                device.driver,
+                device.driver_version,
+                device.last_seen_us,
             )
             for device in devices
         ]
-        await self._write("writing known devices", statements)
+        await self._write(
+            "writing known devices", [("DELETE FROM known_devices", [()]), (insert, rows)]
+        )
 
     async def known_devices(self) -> list[KnownDevice]:
         """The remembered device list.
@@ -450,10 +451,10 @@ class CapabilityStore:
         await self._write(
             "writing QEMU version",
             [
-                ("DELETE FROM qemu_binaries WHERE path = ?", (path,)),
+                ("DELETE FROM qemu_binaries WHERE path = ?", [(path,)]),
                 (
                     "INSERT INTO qemu_binaries (path, ctime_ns, size, version) VALUES (?, ?, ?, ?)",
-                    (path, ctime_ns, size, version),
+                    [(path, ctime_ns, size, version)],
                 ),
             ],
         )
