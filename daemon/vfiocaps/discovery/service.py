@@ -99,8 +99,8 @@ class Discovery:
     async def start(self) -> HostSnapshot:
         """Open the udev monitor, then read the whole host; return what was found.
 
-        The first batch of :meth:`events` reports the same: every parent and device, then
-        ``Resynchronised``.
+        What was found is logged as events (every parent and device, then ``Resynchronised``)
+        but not queued: :meth:`events` reports only what changes after this snapshot.
 
         Raises:
             DiscoveryStateError: called more than once.
@@ -119,7 +119,7 @@ class Discovery:
         except BaseException:
             await self.close()
             raise
-        self._publish(events)
+        self._publish(events, queue=False)
         self._lifecycle = DiscoveryState.RUNNING
         self._worker = asyncio.create_task(self._work(), name="vfiocaps-discovery")
         self._worker.add_done_callback(self._worker_ended)
@@ -248,10 +248,9 @@ class Discovery:
             )
             return []
 
-    def _publish(self, events: list[DiscoveryEvent]) -> None:
+    def _publish(self, events: list[DiscoveryEvent], queue: bool = True) -> None:
         self._snapshot = self._state.snapshot()
-        if not events:
-            return
         for event in events:
             log.info("%s", format_event(event))
-        self._batches.put_nowait(events)
+        if events and queue:
+            self._batches.put_nowait(events)
