@@ -293,7 +293,7 @@ class Engine:
         if device_id is not None:
             return self.view(device_id)
         for entry in self._devices.values():
-            if str(entry.device.sysfs_path) == sysfs_path:
+            if entry.device.sysfs_path == sysfs_path:
                 return self._view(entry)
         raise NotFoundError(f"no device at {sysfs_path!r}")
 
@@ -557,7 +557,7 @@ class Engine:
                 KnownDevice(
                     device_id=entry.device.device_id,
                     kind=entry.device.kind.value,
-                    sysfs_path=str(entry.device.sysfs_path),
+                    sysfs_path=entry.device.sysfs_path,
                     parent=entry.device.parent,
                     type_id=entry.device.type_id,
                     driver=driver.module if driver else "",
@@ -1068,7 +1068,7 @@ class Engine:
             device = Device(
                 kind=DeviceKind.MDEV,
                 device_id=device_id,
-                sysfs_path=parent.sysfs_path / device_id,
+                sysfs_path=str(parent.sysfs_path / device_id),
                 parent=parent.name,
                 type_id=mdev_type.type_id,
             )

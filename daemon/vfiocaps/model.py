@@ -74,12 +74,13 @@ class Device:
 
     ``device_id`` is the UUID for an mdev and the PCI address (``0000:65:00.4``) for a PCI
     device. For a PCI device, ``type_id`` is the vGPU type where one is set (NVIDIA SR-IOV
-    ``nvidia/current_vgpu_type``), else ``vendor:device``.
+    ``nvidia/current_vgpu_type``), else ``vendor:device``. ``sysfs_path`` is the resolved
+    device directory, kept as a string: a host can have many thousands of devices.
     """
 
     kind: DeviceKind
     device_id: str
-    sysfs_path: Path
+    sysfs_path: str
     parent: str
     type_id: str
     type_name: str = ""

@@ -51,7 +51,7 @@ def device_properties(view: DeviceView) -> DeviceProperties:
     return DeviceProperties(
         Id=device.device_id,
         Uuid=device.device_id if device.kind is DeviceKind.MDEV else "",
-        SysfsPath=str(device.sysfs_path),
+        SysfsPath=device.sysfs_path,
         Parent=device.parent,
         TypeId=device.type_id,
         TypeName=view.type_name,

@@ -66,5 +66,5 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
     """
     if device.kind is not DeviceKind.MDEV:
         raise InstanceError(f"{device.device_id} is not an mdev instance")
-    _write_attribute(SysfsTree(sysfs_root), device.sysfs_path / "remove", "1")
+    _write_attribute(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
     log.info("removed temporary instance %s", device.device_id)

@@ -61,9 +61,12 @@ class HostReader:
     def __init__(self, sysfs: SysfsTree, identities: IdentityResolver) -> None:
         self.sysfs = sysfs
         self.identities = identities
+        # Within one full scan (see :meth:`host`): what every instance of a parent or a type
+        # would otherwise read again.
         self._parent_identities: dict[tuple[str, str], DriverIdentity | None] | None = None
-        self._parent_subsystems: dict[str, str] | None = None
-        self._iommu_groups = sysfs.path("kernel/iommu_groups")
+        self._mdev_parents: dict[str, tuple[str, DriverIdentity | None]] | None = None
+        self._type_labels: dict[str, tuple[str, str]] | None = None
+        self._iommu_groups = str(sysfs.path("kernel/iommu_groups"))
 
     # ---- parents and types ----------------------------------------------------------------
 
@@ -169,30 +172,35 @@ class HostReader:
 
     def read_mdev_dir(self, device_dir: Path) -> Device | None:
         """An mdev instance at its resolved directory, if it is bound to a driver."""
-        uuid = device_dir.name
+        return self._read_mdev(str(device_dir))
+
+    def _read_mdev(self, device_dir: str) -> Device | None:
+        parent_dir, _, uuid = device_dir.rpartition("/")
         if not is_mdev_uuid(uuid):
             return None
-        type_dir = self.sysfs.resolve(device_dir / "mdev_type")
+        type_dir = self.sysfs.resolve_str(device_dir + "/mdev_type")
         if type_dir is None:
             return None
-        parent_dir = type_dir.parent.parent
-        if type_dir.parent.name != "mdev_supported_types" or device_dir.parent != parent_dir:
+        types_dir, _, type_id = type_dir.rpartition("/")
+        types_parent, _, types_name = types_dir.rpartition("/")
+        if types_name != "mdev_supported_types" or types_parent != parent_dir:
             log.warning("sysfs: %s/mdev_type points to %s; skipped", device_dir, type_dir)
             return None
-        if self.sysfs.resolve(device_dir / "driver") is None:
+        if self.sysfs.resolve_str(device_dir + "/driver") is None:
             log.debug("sysfs: mdev %s is not bound to a driver", uuid)
             return None
-        subsystem = self._parent_subsystem(parent_dir)
+        _subsystem, driver = self._mdev_parent(parent_dir)
+        type_name, device_api = self._labels_of_type(type_dir)
         return Device(
             kind=DeviceKind.MDEV,
             device_id=uuid,
             sysfs_path=device_dir,
-            parent=parent_dir.name,
-            type_id=type_dir.name,
-            type_name=_printable_or_empty(self.sysfs.read_attribute(type_dir, "name")),
-            device_api=_printable_or_empty(self.sysfs.read_attribute(type_dir, "device_api")),
-            driver=self.parent_identity(parent_dir, subsystem),
-            iommu_group=self.iommu_group(device_dir),
+            parent=parent_dir.rpartition("/")[2],
+            type_id=type_id,
+            type_name=type_name,
+            device_api=device_api,
+            driver=driver,
+            iommu_group=self._iommu_group(device_dir),
         )
 
     def read_pci_dir(self, device_dir: Path) -> Device | None:
@@ -223,7 +231,7 @@ class HostReader:
         return Device(
             kind=DeviceKind.PCI,
             device_id=address,
-            sysfs_path=device_dir,
+            sysfs_path=str(device_dir),
             parent=physfn if physfn and is_pci_address(physfn) else "",
             type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
@@ -233,45 +241,69 @@ class HostReader:
             pci_device=device,
         )
 
-    def _parent_subsystem(self, parent_dir: Path) -> str:
-        """The parent's subsystem (its class), read once per parent during a full scan."""
-        memo = self._parent_subsystems
-        key = str(parent_dir)
-        if memo is not None and key in memo:
-            return memo[key]
-        subsystem = self.sysfs.link_name(parent_dir / "subsystem") or ""
+    def _mdev_parent(self, parent_dir: str) -> tuple[str, DriverIdentity | None]:
+        """The subsystem (class) and driver of an instance's parent, read once per parent
+        during a full scan."""
+        memo = self._mdev_parents
+        if memo is not None and parent_dir in memo:
+            return memo[parent_dir]
+        path = Path(parent_dir)
+        subsystem = self.sysfs.link_name(path / "subsystem") or ""
+        found = (subsystem, self.parent_identity(path, subsystem))
         if memo is not None:
-            memo[key] = subsystem
-        return subsystem
+            memo[parent_dir] = found
+        return found
+
+    def _labels_of_type(self, type_dir: str) -> tuple[str, str]:
+        """A type's ``name`` and ``device_api``, read once per type during a full scan."""
+        memo = self._type_labels
+        if memo is not None and type_dir in memo:
+            return memo[type_dir]
+        labels = (
+            _printable_or_empty(self.sysfs.read_attribute(type_dir, "name")),
+            _printable_or_empty(self.sysfs.read_attribute(type_dir, "device_api")),
+        )
+        if memo is not None:
+            memo[type_dir] = labels
+        return labels
 
     def iommu_group(self, device_dir: Path) -> str | None:
         """The device's IOMMU group number: its ``iommu_group`` link must resolve to
         ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
-        real = self.sysfs.resolve(device_dir / "iommu_group")
+        return self._iommu_group(str(device_dir))
+
+    def _iommu_group(self, device_dir: str) -> str | None:
+        real = self.sysfs.resolve_str(device_dir + "/iommu_group")
         if real is None:
             return None
-        if real.parent != self._iommu_groups or not (real.name.isascii() and real.name.isdigit()):
+        groups, _, group = real.rpartition("/")
+        if groups != self._iommu_groups or not (group.isascii() and group.isdigit()):
             log.warning("sysfs: %s/iommu_group points to %s; not a group", device_dir, real)
             return None
-        return real.name
+        return group
 
     def read_device_path(self, path: Path) -> Device | None:
         """The VFIO device at *path* (any path in the tree that leads to it), or ``None``."""
-        real = self.sysfs.resolve(path)
+        return self._read_device(str(path))
+
+    def _read_device(self, path: str) -> Device | None:
+        real = self.sysfs.resolve_str(path)
         if real is None or not os.path.isdir(real):
             return None
-        if is_mdev_uuid(real.name):
-            return self.read_mdev_dir(real)
-        if is_pci_address(real.name) and self.sysfs.link_name(real / "subsystem") == "pci":
-            return self.read_pci_dir(real)
+        name = real.rpartition("/")[2]
+        if is_mdev_uuid(name):
+            return self._read_mdev(real)
+        if is_pci_address(name) and self.sysfs.link_name(Path(real) / "subsystem") == "pci":
+            return self.read_pci_dir(Path(real))
         return None
 
     def devices(self) -> list[Device]:
         """Every VFIO device: bound mdev instances and VFIO PCI functions."""
         found = []
         for listing in (MDEV_DEVICES, PCI_DEVICES):
-            for name in self.sysfs.list_dir(self.sysfs.path(listing)):
-                device = self.read_device_path(self.sysfs.path(f"{listing}/{name}"))
+            directory = self.sysfs.path(listing)
+            for name in self.sysfs.list_dir(directory):
+                device = self._read_device(f"{directory}/{name}")
                 if device is not None and device.device_id == name:
                     found.append(device)
         return found
@@ -290,12 +322,13 @@ class HostReader:
 
     @contextlib.contextmanager
     def _identities_memoized(self) -> Iterator[None]:
-        """Within one full scan, a parent's driver identity is read once, not per device."""
-        self._parent_identities, self._parent_subsystems = {}, {}
+        """Within one full scan, what instances share (their parent's driver identity and
+        subsystem, their type's labels) is read once, not per device."""
+        self._parent_identities, self._mdev_parents, self._type_labels = {}, {}, {}
         try:
             yield
         finally:
-            self._parent_identities, self._parent_subsystems = None, None
+            self._parent_identities, self._mdev_parents, self._type_labels = None, None, None
 
 
 def _printable_or_empty(value: str | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
@@ -71,24 +70,31 @@ class SysfsTree:
         Returns ``None`` when a link loops, points outside the root, or a component vanished.
         Only links inside the root are followed; the root itself is taken as it is.
         """
+        resolved = self.resolve_str(str(path))
+        return Path(resolved) if resolved is not None else None
+
+    def resolve_str(self, path: str) -> str | None:
+        """:meth:`resolve` on plain strings, for readers that walk many paths."""
         normal = os.path.normpath(path)
-        if not self._inside(normal):
-            log.warning("sysfs: %s is outside %s; not read", path, self.root)
-            return None
         root = self._root
-        relative = normal[len(root) :].lstrip("/")
-        parts = collections.deque(relative.split("/") if relative else ())
+        if not self._inside(normal):
+            log.warning("sysfs: %s is outside %s; not read", path, root)
+            return None
+        # Components still to walk, the next one last.
+        pending = normal[len(root) :].split("/")
+        pending.reverse()
         resolved = root
         plain = self._plain
         hops = 0
-        while parts:
-            part = parts.popleft()
+        while pending:
+            part = pending.pop()
             if part in ("", "."):
                 continue
             if part == "..":
-                resolved = os.path.dirname(resolved)
-                if not self._inside(resolved):
-                    log.warning("sysfs: %s leads outside %s; not read", path, self.root)
+                resolved = resolved.rpartition("/")[0] or "/"
+                # *resolved* was inside the root; its parent is too unless it is shorter.
+                if len(resolved) < len(root):
+                    log.warning("sysfs: %s leads outside %s; not read", path, root)
                     return None
                 continue
             candidate = resolved + "/" + part if resolved != "/" else "/" + part
@@ -112,11 +118,13 @@ class SysfsTree:
             if hops > _MAX_LINK_HOPS:
                 log.warning("sysfs: too many links resolving %s (a loop?); not read", path)
                 return None
-            if os.path.isabs(target):
+            if target.startswith("/"):
                 log.warning("sysfs: %s is an absolute link to %s; not followed", candidate, target)
                 return None
-            parts.extendleft(reversed(target.split("/")))
-        return Path(resolved)
+            walk = target.split("/")
+            walk.reverse()
+            pending += walk
+        return resolved
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -132,12 +140,13 @@ class SysfsTree:
         return self.read_attribute(directory, path.name, limit)
 
     def read_attribute(
-        self, directory: Path, name: str, limit: int = ATTRIBUTE_LIMIT
+        self, directory: Path | str, name: str, limit: int = ATTRIBUTE_LIMIT
     ) -> str | None:
         """Like :meth:`read_text` for *name* in an already resolved *directory*."""
-        if "/" in name or name in ("", ".", "..") or not self.contains(directory):
+        directory = os.fspath(directory)
+        if "/" in name or name in ("", ".", "..") or not self._inside(directory):
             return None
-        real = directory / name
+        real = directory + "/" + name
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -215,7 +224,7 @@ class SysfsTree:
         return sorted(names)
 
 
-def decode_attribute(data: bytes, limit: int, where: Path) -> str | None:
+def decode_attribute(data: bytes, limit: int, where: Path | str) -> str | None:
     """Turn raw attribute bytes into stripped text, or ``None`` (logged) if they are unusable."""
     if len(data) > limit:
         log.warning("sysfs: %s is longer than %d bytes; ignored", where, limit)

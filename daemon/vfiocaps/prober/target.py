@@ -29,7 +29,7 @@ class ProbeTarget:
     def from_device(cls, device: Device) -> ProbeTarget:
         """The target for a discovered device. Raises nothing."""
         return cls(
-            sysfs_path=device.sysfs_path,
+            sysfs_path=Path(device.sysfs_path),
             device_id=device.device_id,
             kind=device.kind,
             iommu_group=device.iommu_group,
