@@ -26,6 +26,9 @@ RefreshHandler = Callable[[str], Awaitable[DBusCapabilities]]
 class DeviceInterface(ServiceInterface):
     """A device's identity and capabilities as properties; changes emit PropertiesChanged."""
 
+    # One per device, thousands of them: no per-instance dictionary.
+    __slots__ = ("_answer", "_kind", "_refresh", "_values")
+
     def __init__(self, view: DeviceView, refresh: RefreshHandler) -> None:
         super().__init__(DEVICE_INTERFACE)
         self._values: DeviceProperties = device_properties(view)
