@@ -23,6 +23,7 @@ from .config import (
 )
 from .errors import ConfigError, VfiocapsError
 from .journal import setup_logging
+from .memory import return_large_buffers
 
 log = logging.getLogger("vfiocaps")
 
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vfiocapsd: {err}", file=sys.stderr)
         return EXIT_USAGE
+    return_large_buffers()
     try:
         asyncio.run(_main_async(config))
     except VfiocapsError as err:
