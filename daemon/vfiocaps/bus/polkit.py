@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from dbus_fast import Message, MessageType, Variant
@@ -71,10 +70,7 @@ class Authority:
             signature="(sa{sv})sa{ss}us",
             body=[subject, action, {}, ALLOW_USER_INTERACTION if interactive else 0, ""],
         )
-        try:
-            reply = await self._call(message)
-        except asyncio.CancelledError:
-            raise
+        reply = await self._call(message)
         (is_authorized, is_challenge, _details) = reply.body[0]
         if is_authorized:
             return
