@@ -64,7 +64,7 @@ class HostReader:
         # Within one full scan (see :meth:`host`): what every instance of a parent or a type
         # would otherwise read again.
         self._parent_identities: dict[tuple[str, str], DriverIdentity | None] | None = None
-        self._mdev_parents: dict[str, tuple[str, DriverIdentity | None]] | None = None
+        self._mdev_parents: dict[str, DriverIdentity | None] | None = None
         self._type_labels: dict[str, tuple[str, str]] | None = None
         self._iommu_groups = str(sysfs.path("kernel/iommu_groups"))
 
@@ -170,11 +170,8 @@ class HostReader:
 
     # ---- devices --------------------------------------------------------------------------
 
-    def read_mdev_dir(self, device_dir: Path) -> Device | None:
-        """An mdev instance at its resolved directory, if it is bound to a driver."""
-        return self._read_mdev(str(device_dir))
-
     def _read_mdev(self, device_dir: str) -> Device | None:
+        """An mdev instance at its resolved directory, if it is bound to a driver."""
         parent_dir, _, uuid = device_dir.rpartition("/")
         if not is_mdev_uuid(uuid):
             return None
@@ -189,7 +186,6 @@ class HostReader:
         if self.sysfs.resolve_str(device_dir + "/driver") is None:
             log.debug("sysfs: mdev %s is not bound to a driver", uuid)
             return None
-        _subsystem, driver = self._mdev_parent(parent_dir)
         type_name, device_api = self._labels_of_type(type_dir)
         return Device(
             kind=DeviceKind.MDEV,
@@ -199,7 +195,7 @@ class HostReader:
             type_id=type_id,
             type_name=type_name,
             device_api=device_api,
-            driver=driver,
+            driver=self._mdev_parent_driver(parent_dir),
             iommu_group=self._iommu_group(device_dir),
         )
 
@@ -236,23 +232,22 @@ class HostReader:
             type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
             driver=self.identities.identify_driver(device_dir),
-            iommu_group=self.iommu_group(device_dir),
+            iommu_group=self._iommu_group(str(device_dir)),
             pci_vendor=vendor,
             pci_device=device,
         )
 
-    def _mdev_parent(self, parent_dir: str) -> tuple[str, DriverIdentity | None]:
-        """The subsystem (class) and driver of an instance's parent, read once per parent
-        during a full scan."""
+    def _mdev_parent_driver(self, parent_dir: str) -> DriverIdentity | None:
+        """The driver of an instance's parent, read once per parent during a full scan."""
         memo = self._mdev_parents
         if memo is not None and parent_dir in memo:
             return memo[parent_dir]
         path = Path(parent_dir)
         subsystem = self.sysfs.link_name(path / "subsystem") or ""
-        found = (subsystem, self.parent_identity(path, subsystem))
+        driver = self.parent_identity(path, subsystem)
         if memo is not None:
-            memo[parent_dir] = found
-        return found
+            memo[parent_dir] = driver
+        return driver
 
     def _labels_of_type(self, type_dir: str) -> tuple[str, str]:
         """A type's ``name`` and ``device_api``, read once per type during a full scan."""
@@ -267,12 +262,9 @@ class HostReader:
             memo[type_dir] = labels
         return labels
 
-    def iommu_group(self, device_dir: Path) -> str | None:
+    def _iommu_group(self, device_dir: str) -> str | None:
         """The device's IOMMU group number: its ``iommu_group`` link must resolve to
         ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
-        return self._iommu_group(str(device_dir))
-
-    def _iommu_group(self, device_dir: str) -> str | None:
         real = self.sysfs.resolve_str(device_dir + "/iommu_group")
         if real is None:
             return None
