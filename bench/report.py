@@ -15,7 +15,8 @@ THROUGHPUT_GOAL = 0.7  # at least this share of the floor's calls per second
 HOTPLUG_GOAL_S = 0.020
 SCALE_DEVICES = 10000
 SCALE_SERVING_GOAL_S = 2.0
-SCALE_RSS_GOAL_KIB = 80 * 1024
+# 80 MB, read strictly (decimal): while serving and after answering GetManagedObjects.
+SCALE_RSS_GOAL_KIB = 80_000_000 // 1024
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,10 @@ def scale_rows(scale: dict[str, Any]) -> list[Row]:
                 _mib(entry["rss_kib_serving"]),
                 f"{_mib(entry['rss_kib_after_gmo'])} ({_mib(entry['hwm_kib_after_gmo'])})",
                 "",
-                f"< {SCALE_RSS_GOAL_KIB // 1024} MiB" if goal else "",
-                entry["rss_kib_serving"] < SCALE_RSS_GOAL_KIB if goal else None,
+                f"< 80 MB ({_mib(SCALE_RSS_GOAL_KIB)}), both" if goal else "",
+                max(entry["rss_kib_serving"], entry["rss_kib_after_gmo"]) < SCALE_RSS_GOAL_KIB
+                if goal
+                else None,
             )
         )
     return rows
