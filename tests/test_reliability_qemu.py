@@ -166,6 +166,8 @@ def test_probe_qemu_runs_unprivileged_with_a_validated_argv(lab: Lab) -> None:
     assert "0" not in status.get("Groups", "").split()
     for capability_set in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         assert int(status[capability_set], 16) == 0, (capability_set, status[capability_set])
+    # Inherited from the daemon, which sets it on itself however it was started.
+    assert status["NoNewPrivs"] == "1"
     argv = cmdline(qemu)
     lab.wait_states({FAULTY: "done"}, timeout=30)
     launched = [json.loads(line) for line in argv_log.read_text().splitlines()]

@@ -22,6 +22,7 @@ from .config import (
     default_runtime_dir,
 )
 from .errors import ConfigError, VfiocapsError
+from .hardening import forbid_new_privileges
 from .journal import setup_logging
 from .memory import return_large_buffers
 
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     return_large_buffers()
     try:
+        forbid_new_privileges()
         asyncio.run(_main_async(config))
     except VfiocapsError as err:
         log.error("%s", err)

@@ -15,6 +15,7 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
      |    +-- ProbeBusyError    the device is held by someone else (a VM); never disturbed
      |    +-- ProbeTimeoutError the probe QEMU did not answer in time
      +-- StoreError             the capability cache cannot be read or written
+     +-- HardeningError         a restriction the daemon puts on itself was refused
 
 Subsystems may refine these further (the prober's outcomes, the store's corruption) but always
 below one of the classes above, so that the D-Bus adaptor maps every error through one table.
@@ -69,3 +70,7 @@ class ProbeTimeoutError(ProbeError):
 
 class StoreError(VfiocapsError):
     """The capability cache could not be read or written."""
+
+
+class HardeningError(VfiocapsError):
+    """A restriction the daemon puts on its own process could not be applied."""
