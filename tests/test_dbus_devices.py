@@ -80,6 +80,27 @@ def test_devices_come_and_go_with_object_manager_signals(lab: Lab) -> None:
     assert uuid not in lab.states()
 
 
+def test_stopping_releases_the_name_without_a_signal_per_device(lab: Lab) -> None:
+    lab.host.build("samples")
+    daemon = lab.start()
+    uuids = [lab.host.add_instance("mtty", "mtty-1") for _ in range(5)]
+    lab.wait_states(dict.fromkeys(uuids, "done"))
+    # dbus-monitor sees every message, also those sent after the name is gone.
+    monitor = subprocess.Popen(
+        ["dbus-monitor", "--address", lab.bus.address, "--monitor",
+         f"type='signal',sender='{BUS_NAME}'", "type='signal',member='InterfacesRemoved'",
+         "type='signal',member='NameOwnerChanged'"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+    assert daemon.stop() == 0
+    time.sleep(0.5)
+    monitor.terminate()
+    output = monitor.communicate(timeout=10)[0]
+    assert f'string "{BUS_NAME}"' in output  # NameOwnerChanged: the name went
+    assert "member=InterfacesRemoved" not in output
+
+
 def test_ids_by_uuid_path_and_upper_case_name_the_same_device(lab: Lab) -> None:
     lab.host.build("mtty")
     lab.start()

@@ -26,6 +26,9 @@ from .store import CapabilityStore, QemuIdentity
 
 log = logging.getLogger("vfiocaps")
 
+# On the way out, how long the bus may take to confirm that the name is released.
+NAME_RELEASE_SECONDS = 2.0
+
 
 class ProberRunner:
     """The engine's view of the prober: devices in, reports out."""
@@ -88,14 +91,26 @@ async def own_name(bus: ResilientMessageBus) -> None:
     """
     try:
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    except asyncio.CancelledError:
-        raise
     except Exception as err:
         raise BusError(f"cannot request the name {BUS_NAME}: {err}") from err
     if reply is RequestNameReply.EXISTS:
         raise NameTakenError(f"{BUS_NAME} is already owned by another process on this bus")
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         raise BusError(f"unexpected reply to the request for {BUS_NAME}: {reply}")
+
+
+async def release_name(bus: ResilientMessageBus) -> None:
+    """Give the well-known name back: its owner going away tells every client that all of the
+    daemon's objects are gone. Raises nothing; a bus that is already gone took the name along.
+    """
+    if not bus.connected:
+        return
+    try:
+        await asyncio.wait_for(bus.release_name(BUS_NAME), NAME_RELEASE_SECONDS)
+    except TimeoutError:
+        log.debug("the bus did not answer the release of %s in time", BUS_NAME)
+    except Exception as err:  # noqa: BLE001 - on the way out a failing bus is only worth a line
+        log.debug("releasing %s: %s", BUS_NAME, err)
 
 
 class ServiceStatus:
@@ -175,6 +190,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     notifier = _notifier()
     reporter = ServiceStatus(notifier) if notifier else None
     watchdog: asyncio.Task[None] | None = None
+    named = False
     try:
         # Learn the host before taking the name: nobody can be listening to org.vfiocaps yet,
         # so the objects are exported silently, and the first caller finds them all.
@@ -195,6 +211,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             return
         bus.announcing = True
         await own_name(bus)
+        named = True
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
         if notifier is not None and reporter is not None:
             engine.subscribe(reporter)
@@ -229,6 +246,11 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if reporter is not None:
             engine.unsubscribe(reporter)
             await reporter.close()
+        if named:
+            await release_name(bus)
+        # Clients saw the name go; one InterfacesRemoved per device (thousands of them) would
+        # only flood the bus on the way out.
+        bus.announcing = False
         adaptor.stop()
         if engine_task is not None and not engine_task.done():
             engine_task.cancel()

@@ -93,8 +93,9 @@ class ResilientMessageBus(MessageBus):
     """
 
     object_manager_root: str | None = None
-    # False while the well-known name is not owned yet: nobody can be listening, so objects
-    # exported then are not announced (clients call GetManagedObjects once the name appears).
+    # False while the well-known name is not owned (before it is taken, after it is released):
+    # objects exported or unexported then are not announced. Clients call GetManagedObjects when
+    # the name appears and drop everything when it goes.
     announcing: bool = True
 
     def _manager_for(self, path: str) -> str | None:
@@ -104,11 +105,11 @@ class ResilientMessageBus(MessageBus):
         return None
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected or not self.announcing:
+            return
         root = self._manager_for(path)
         if root is None:
             super()._emit_interface_added(path, interface)
-            return
-        if self._disconnected or not self.announcing:
             return
 
         def send(_: ServiceInterface, values: Any, __: Any, err: Exception | None) -> None:
@@ -169,11 +170,11 @@ class ResilientMessageBus(MessageBus):
                 ServiceInterface._get_all_property_values(interface, collected, node)
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected or not self.announcing:
+            return
         root = self._manager_for(path)
         if root is None:
             super()._emit_interface_removed(path, removed_interfaces)
-            return
-        if self._disconnected or not self.announcing:
             return
         self.send(
             Message.new_signal(
