@@ -62,8 +62,10 @@ def mock_host() -> Iterator[MockHost]:
         host.stop()
 
 
-def start(start_daemon: DaemonFactory, host: MockHost) -> DaemonProcess:
-    daemon = start_daemon(*host.daemon_args(), env=host.daemon_env(), wrapper=host.daemon_wrapper())
+def start(start_daemon: DaemonFactory, host: MockHost, *extra: str) -> DaemonProcess:
+    daemon = start_daemon(
+        *host.daemon_args(), *extra, env=host.daemon_env(), wrapper=host.daemon_wrapper()
+    )
     wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")
     return daemon
 
@@ -94,7 +96,7 @@ def test_coldplug_of_every_fixture_host(start_daemon: DaemonFactory, mock_host: 
     mock_host.build("pci")
     mtty_instance = mock_host.add_instance("mtty", "mtty-2")
     nvidia_instance = mock_host.add_instance("nvidia", "nvidia-593")
-    daemon = start(start_daemon, mock_host)
+    daemon = start(start_daemon, mock_host, "--verbose")  # coldplugged devices are DEBUG lines
     events = events_in(daemon.log())
     rows = summary(events)
     parents = sorted(r for r in rows if r[0] == "ParentRegistered")
@@ -147,8 +149,24 @@ def test_coldplug_of_every_fixture_host(start_daemon: DaemonFactory, mock_host: 
         ]
     )
     # The NIC bound to igb is not a VFIO device.
-    assert "0000:66:00.0" not in daemon.log()
+    assert not [f for _, f in events if "0000:66:00.0" in f.values()]  # not a VFIO device
     assert rows[-1] == ("Resynchronised", "5", "14", "4")
+    assert daemon.stop() == 0
+
+
+def test_coldplug_logs_each_device_only_at_debug(
+    start_daemon: DaemonFactory, mock_host: MockHost
+) -> None:
+    mock_host.build("samples")
+    present = mock_host.add_instance("mtty", "mtty-2")
+    daemon = start(start_daemon, mock_host)
+    kinds = [kind for kind, _ in events_in(daemon.log())]
+    assert kinds == ["ParentRegistered"] * 3 + ["Resynchronised"]
+    assert "devices=1" in daemon.log()
+    assert f"id={present}" not in daemon.log()
+    added = mock_host.add_instance("mdpy", "mdpy-vga")  # a change: logged at INFO
+    (event,) = new_events(daemon, len(kinds), 1)
+    assert summary([event])[0][:2] == ("DeviceAdded", added)
     assert daemon.stop() == 0
 
 

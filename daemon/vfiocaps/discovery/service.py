@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ..config import Config
-from ..model import Device, DiscoveryEvent, HostSnapshot, Parent
+from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
@@ -99,8 +99,9 @@ class Discovery:
     async def start(self) -> HostSnapshot:
         """Open the udev monitor, then read the whole host; return what was found.
 
-        What was found is logged as events (every parent and device, then ``Resynchronised``)
-        but not queued: :meth:`events` reports only what changes after this snapshot.
+        What was found is logged as events (every parent, then ``Resynchronised`` with the
+        counts; every device too, at DEBUG: a large host has thousands) but not queued:
+        :meth:`events` reports only what changes after this snapshot.
 
         Raises:
             DiscoveryStateError: called more than once.
@@ -119,7 +120,7 @@ class Discovery:
         except BaseException:
             await self.close()
             raise
-        self._publish(events, queue=False)
+        self._publish(events, coldplug=True)
         self._lifecycle = DiscoveryState.RUNNING
         self._worker = asyncio.create_task(self._work(), name="vfiocaps-discovery")
         self._worker.add_done_callback(self._worker_ended)
@@ -248,9 +249,13 @@ class Discovery:
             )
             return []
 
-    def _publish(self, events: list[DiscoveryEvent], queue: bool = True) -> None:
+    def _publish(self, events: list[DiscoveryEvent], coldplug: bool = False) -> None:
+        """Log *events* and queue them for :meth:`events`; the coldplug is only logged, and its
+        devices at DEBUG (thousands of lines at every start would hit journald's rate limit)."""
         self._snapshot = self._state.snapshot()
         for event in events:
-            log.info("%s", format_event(event))
-        if events and queue:
+            level = logging.DEBUG if coldplug and isinstance(event, DeviceAdded) else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "%s", format_event(event))
+        if events and not coldplug:
             self._batches.put_nowait(events)
