@@ -15,6 +15,7 @@ THROUGHPUT_GOAL = 0.7  # at least this share of the floor's calls per second
 HOTPLUG_GOAL_S = 0.020
 SCALE_DEVICES = 10000
 SCALE_SERVING_GOAL_S = 2.0
+LATENCY_TICKS_US = (50, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 # 80 MB, read strictly (decimal): while serving and after answering GetManagedObjects.
 SCALE_RSS_GOAL_KIB = 80_000_000 // 1024
 
@@ -288,6 +289,7 @@ def plot_latency(path: Path, results: dict[str, Any]) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
     except ImportError:
         return None
     service = results.get("service")
@@ -305,6 +307,10 @@ def plot_latency(path: Path, results: dict[str, Any]) -> Path | None:
         p50 = summary(samples)["p50"] * 1e6
         left.plot(ordered, fractions, label=f"{labels.get(name, name)} (p50 {p50:.0f} µs)")
     left.set_xscale("log")
+    # Plain numbers at a few round values; a log axis would otherwise label every minor tick.
+    left.xaxis.set_major_locator(FixedLocator(LATENCY_TICKS_US))
+    left.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("round trip (µs, log scale)")
     left.set_ylabel("fraction of calls")
     left.set_title("Query latency, one client, warm cache")
