@@ -43,33 +43,9 @@ def _daemon(lab: Lab, name: str, plain: bool = False) -> DaemonProcess:
         return DaemonProcess(
             bus=lab.bus,
             workdir=lab.directory / name,
-            args=[
-                *lab.host.daemon_args(),
-                "--sysfs-root",
-                str(lab.host.root / "sys"),
-                "--qemu",
-                str(lab.qemu),
-                "--dev-root",
-                str(lab.dev),
-                "--cache-dir",
-                str(lab.directory / "cache"),
-            ],
+            args=lab.daemon_args("--sysfs-root", str(lab.host.root / "sys")),
         )
-    return DaemonProcess(
-        bus=lab.bus,
-        workdir=lab.directory / name,
-        args=[
-            *lab.host.daemon_args(),
-            "--qemu",
-            str(lab.qemu),
-            "--dev-root",
-            str(lab.dev),
-            "--cache-dir",
-            str(lab.directory / "cache"),
-        ],
-        env=lab.host.daemon_env(),
-        wrapper=lab.host.daemon_wrapper(),
-    )
+    return lab.daemon(name=name)
 
 
 def warm_cache(lab: Lab, host: ScaleHost, progress: Progress) -> dict[str, Any]:

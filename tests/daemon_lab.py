@@ -41,23 +41,33 @@ class Lab:
     dev: Path
     daemons: list[DaemonProcess] = field(default_factory=list)
 
-    def start(self, *args: str, name: str = "daemon") -> DaemonProcess:
-        daemon = DaemonProcess(
-            bus=self.bus,
+    def daemon_args(self, *args: str) -> list[str]:
+        """A daemon's arguments on this lab: its host, QEMU stand-in, group nodes and cache."""
+        return [
+            *self.host.daemon_args(),
+            "--qemu",
+            str(self.qemu),
+            "--dev-root",
+            str(self.dev),
+            "--cache-dir",
+            str(self.directory / "cache"),
+            *args,
+        ]
+
+    def daemon(
+        self, *args: str, name: str = "daemon", bus: PrivateBus | None = None
+    ) -> DaemonProcess:
+        """A daemon on this lab's host under umockdev, not started yet (see :meth:`start`)."""
+        return DaemonProcess(
+            bus=bus or self.bus,
             workdir=self.directory / name,
-            args=[
-                *self.host.daemon_args(),
-                "--qemu",
-                str(self.qemu),
-                "--dev-root",
-                str(self.dev),
-                "--cache-dir",
-                str(self.directory / "cache"),
-                *args,
-            ],
+            args=self.daemon_args(*args),
             env=self.host.daemon_env(),
             wrapper=self.host.daemon_wrapper(),
         )
+
+    def start(self, *args: str, name: str = "daemon") -> DaemonProcess:
+        daemon = self.daemon(*args, name=name)
         self.daemons.append(daemon)
         daemon.start()
         wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")
@@ -67,17 +77,22 @@ class Lab:
         (self.qemu.parent / "overrides.json").write_text(json.dumps(value))
         (self.qemu.parent / "overrides.json").chmod(0o644)
 
-    def states(self) -> dict[str, str]:
+    def devices(self) -> dict[str, dict[str, Any]]:
+        """Device id -> Device properties, from ObjectManager.GetManagedObjects."""
         out = busctl(
             self.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH,
             "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
         )  # fmt: skip
         objects = json.loads(out.stdout)["data"][0]
         return {
-            props["Id"]["data"]: props["ProbeState"]["data"]
+            props["Id"]["data"]: {key: value["data"] for key, value in props.items()}
             for interfaces in objects.values()
             if (props := interfaces.get("org.vfiocaps1.Device"))
         }
+
+    def states(self) -> dict[str, str]:
+        """Device id -> ProbeState."""
+        return {device_id: props["ProbeState"] for device_id, props in self.devices().items()}
 
     def wait_states(self, wanted: dict[str, str], timeout: float = 60) -> None:
         wait_until(

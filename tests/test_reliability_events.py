@@ -13,7 +13,6 @@ from daemon_lab import Lab, capabilities, manager_property
 from harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
 from test_reliability_helpers import (
     daemon_pid,
-    device_objects,
     probe_leftovers,
     qemu_pids,
     zombie_children,
@@ -40,13 +39,13 @@ def test_ten_thousand_uevents_in_one_burst(lab: Lab) -> None:
         interval=0.5,
     )
     wait_until(
-        lambda: all(p["ProbeState"] == "done" for p in device_objects(lab).values()),
+        lambda: all(p["ProbeState"] == "done" for p in lab.devices().values()),
         60,
         "every device answered",
         interval=0.5,
     )
     elapsed = time.monotonic() - started
-    objects = device_objects(lab)
+    objects = lab.devices()
     assert set(objects) == set(storm["uuids"])
     assert manager_property(lab.bus, "ProbeCount") == 1
     assert capabilities(lab.bus, storm["uuids"][-1])["Migration"] == "supported"
@@ -89,7 +88,7 @@ def test_the_same_uuid_added_and_removed_in_a_race(lab: Lab) -> None:
         quiet = [line for line in daemon.log().splitlines() if "event " not in line]
         raise AssertionError(f"{lab.states()}: {quiet[-20:]}") from None
     assert manager_property(lab.bus, "DeviceCount") == 1
-    assert list(device_objects(lab)) == [RACER]
+    assert list(lab.devices()) == [RACER]
     assert capabilities(lab.bus, RACER)["Display"] == "none"
     assert daemon.alive()
     print(f"{2 * cycles + 1} add/remove cycles of one UUID ({(4 * 2) * 2 * cycles + 4} uevents)")

@@ -103,20 +103,6 @@ def device_properties(lab: Lab, object_path: str) -> dict[str, Any]:
     return {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
 
 
-def device_objects(lab: Lab) -> dict[str, dict[str, Any]]:
-    """Device id -> Device properties, from ObjectManager.GetManagedObjects."""
-    out = busctl(
-        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH,
-        "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
-    )  # fmt: skip
-    objects = json.loads(out.stdout)["data"][0]
-    return {
-        props["Id"]["data"]: {k: v["data"] for k, v in props.items()}
-        for interfaces in objects.values()
-        if (props := interfaces.get(DEVICE))
-    }
-
-
 def history(database: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(database) as db:
         return db.execute(

@@ -27,18 +27,7 @@ NOBODY = "65534"
 
 
 def start_on(lab: Lab, bus: PrivateBus) -> DaemonProcess:
-    daemon = DaemonProcess(
-        bus=bus,
-        workdir=lab.directory / "daemon",
-        args=[
-            *lab.host.daemon_args(),
-            "--qemu", str(lab.qemu),
-            "--dev-root", str(lab.dev),
-            "--cache-dir", str(lab.directory / "cache"),
-        ],
-        env=lab.host.daemon_env(),
-        wrapper=lab.host.daemon_wrapper(),
-    )  # fmt: skip
+    daemon = lab.daemon(bus=bus)
     lab.daemons.append(daemon)
     daemon.start()
     wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")

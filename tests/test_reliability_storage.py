@@ -37,13 +37,7 @@ def start_on_tmpfs(lab: Lab, options: str) -> tuple[DaemonProcess, Path, int]:
     daemon = DaemonProcess(
         bus=lab.bus,
         workdir=lab.directory / "daemon",
-        args=[
-            *lab.host.daemon_args(),
-            "--qemu", str(lab.qemu),
-            "--dev-root", str(lab.dev),
-            "--cache-dir", str(cache),
-            "--probe-retry-seconds", "600",
-        ],
+        args=lab.daemon_args("--probe-retry-seconds", "600"),  # its cache is the tmpfs
         env=lab.host.daemon_env(),
         wrapper=[
             "unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh",
