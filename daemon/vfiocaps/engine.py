@@ -264,10 +264,7 @@ class Engine:
         Raises:
             NotFoundError: no live device has this id.
         """
-        entry = self._devices.get(device_id)
-        if entry is None:
-            raise NotFoundError(f"no device {device_id!r}")
-        return self._view(entry)
+        return self._view(self._live_entry(device_id))
 
     def probe_state(self, device_id: str) -> ProbeState:
         """Where a live device stands, without building its view.
@@ -275,10 +272,18 @@ class Engine:
         Raises:
             NotFoundError: no live device has this id.
         """
+        return self._live_entry(device_id).state
+
+    def _live_entry(self, device_id: str) -> _DeviceEntry:
+        """The entry of a live device.
+
+        Raises:
+            NotFoundError: no live device has this id.
+        """
         entry = self._devices.get(device_id)
         if entry is None:
             raise NotFoundError(f"no device {device_id!r}")
-        return entry.state
+        return entry
 
     def views(self) -> list[DeviceView]:
         """Views of every live device, sorted by id."""
@@ -943,9 +948,7 @@ class Engine:
             ProbeTimeoutError: QEMU did not answer in time.
             ProbeError: the probe failed for another reason.
         """
-        entry = self._devices.get(device_id)
-        if entry is None:
-            raise NotFoundError(f"no device {device_id!r}")
+        entry = self._live_entry(device_id)
         await self._check_qemu()
         entry.key = self._key_for(entry.device)
         if entry.key is None:
@@ -992,9 +995,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
-            entry = self._devices.get(device_id)
-            if entry is None:
-                raise NotFoundError(f"no device {device_id!r}")
+            entry = self._live_entry(device_id)
             job = self._jobs.get(entry.key) if entry.key else None
             remaining = deadline - loop.time()
             if job is None or job.future.done() or remaining <= 0:
