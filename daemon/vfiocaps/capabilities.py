@@ -37,7 +37,13 @@ class ProbeOutcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """The truth about one device type, as one QEMU version saw it."""
+    """The truth about one device type, as one QEMU version saw it.
+
+    ``migration`` describes the device as consumers start it, with QEMU's defaults (libvirt,
+    KubeVirt and Nova add no device options). When the device migrates only with extra ``-device``
+    properties, ``migration_options`` names them (property, value) and ``migration_with_options``
+    is the verdict with them set.
+    """
 
     display: Display
     gl_required: bool
@@ -45,6 +51,8 @@ class Capabilities:
     migration_blockers: tuple[str, ...] = ()
     migration_notes: tuple[str, ...] = ()
     qemu_version: str = ""
+    migration_options: tuple[tuple[str, str], ...] = ()
+    migration_with_options: Migration = Migration.UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
