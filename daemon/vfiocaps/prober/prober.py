@@ -172,6 +172,7 @@ class Prober:
                 timeout=self.config.probe_timeout,
                 environment=probe_environment(),
                 observer=self.observer,
+                stream_limit=self.config.migration_stream_limit,
             )
             strategy = ProbeStrategy(
                 vfio_pci_properties=qemu.vfio_pci_properties,
