@@ -396,6 +396,7 @@ def test_a_state_that_saves_but_does_not_load_is_unsupported_with_the_destinatio
         IncomingResult("failed", error="Unable to read from socket: Connection reset by peer"),
         IncomingResult("completed", runstate="inmigrate", realized=True),
         IncomingResult("completed", runstate="paused", realized=None),
+        IncomingResult("completed", runstate="running", realized=True),
     ],
 )
 def test_a_destination_that_does_not_reach_paused_with_the_device_is_not_proven(

@@ -326,9 +326,11 @@ class _Session:
                 await asyncio.sleep(MIGRATION_POLL_SECONDS)
             duration = time.monotonic() - started
             runstate = await self.client.execute("query-status")
-            realized = await self.client.execute(
-                "qom-get", {"path": DEVICE_QOM_PATH, "property": "realized"}
-            )
+            realized: object = None
+            if self.context.sysfsdev is not None:
+                realized = await self.client.execute(
+                    "qom-get", {"path": DEVICE_QOM_PATH, "property": "realized"}
+                )
             self.incoming = IncomingResult(
                 status,
                 error,

@@ -29,6 +29,12 @@ P2P_RULE = (
 )
 
 
+# A destination started with -S that loaded the state stays stopped: "paused", or the source's
+# own state when the source never ran ("prelaunch": QEMU restores the runstate the stream
+# carries; observed with QEMU 7.2).
+LOADED_RUNSTATES = frozenset({"paused", "prelaunch"})
+
+
 class Configuration(enum.Enum):
     """The VM configuration a migration verdict is about."""
 
@@ -56,7 +62,7 @@ class IncomingResult:
 
     status: str  # the destination's final migration status ("completed", "failed", ...)
     error: str = ""
-    runstate: str = ""  # query-status after the load ("paused" when it worked)
+    runstate: str = ""  # query-status after the load (see LOADED_RUNSTATES)
     realized: bool | None = None  # the device's "realized" property after the load
     duration: float = 0.0
 
@@ -197,7 +203,7 @@ def destination_error(stderr: str, qmp_error: str, incoming: IncomingResult | No
     if incoming is not None:
         if incoming.status != "completed":
             return f"the incoming migration ended {incoming.status or 'without a status'}"
-        if incoming.runstate != "paused":
+        if incoming.runstate not in LOADED_RUNSTATES:
             return f"the destination is {incoming.runstate or 'in no state'}, not paused"
         if incoming.realized is not True:
             return "the device is not realized on the destination"

@@ -26,6 +26,7 @@ from .messages import Meaning, excerpt, findings, first_failure
 from .migration import (
     DEVICE_DIRTY_TRACKING,
     ENABLE_MIGRATION,
+    LOADED_RUNSTATES,
     TRACKING_OFF_OPTIONS,
     Configuration,
     IncomingResult,
@@ -362,7 +363,7 @@ class ProbeStrategy:
             obs.end is LaunchEnd.QUIT
             and incoming is not None
             and incoming.status == "completed"
-            and incoming.runstate == "paused"
+            and incoming.runstate in LOADED_RUNSTATES
             and incoming.realized is True
         ):
             know.ledger.loaded(configuration, incoming)
