@@ -214,6 +214,9 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         answer["Display"] = Variant("s", view.capabilities.display.value)
         answer["GlRequired"] = Variant("b", view.capabilities.gl_required)
         answer["Migration"] = Variant("s", view.capabilities.migration.value)
+        answer["MigrationWithOptions"] = Variant(
+            "s", view.capabilities.migration_with_options.value
+        )
     return answer
 
 
