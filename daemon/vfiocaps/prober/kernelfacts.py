@@ -1,0 +1,85 @@
+"""The kernel's migration facts for a device, read by the VFIO feature reader as the probe user."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..process import Credentials, ProcessStartError, minimal_environment, run_command
+from . import vfiofeatures
+from .migration import KernelMigrationFacts
+
+log = logging.getLogger("vfiocaps.prober")
+
+READER_TIME_LIMIT = 10.0
+KNOWN_FLAGS = frozenset(name for _, name in vfiofeatures.MIGRATION_FLAGS)
+
+
+def reader_argv(container: Path, group: Path, device: str) -> tuple[str, ...]:
+    """The reader's command line: the daemon's interpreter, isolated (no environment, no site)."""
+    return (
+        sys.executable,
+        "-I",
+        "-S",
+        str(Path(vfiofeatures.__file__)),
+        "--container",
+        str(container),
+        "--group",
+        str(group),
+        "--device",
+        device,
+    )
+
+
+async def read_kernel_facts(
+    dev_root: Path, group: Path, device: str, credentials: Credentials | None
+) -> KernelMigrationFacts:
+    """Ask the kernel about *device* through *group*, as the probe user; never raises.
+
+    Whatever stops the answer (the reader cannot start, times out, the vendor driver refuses
+    the open) gives facts that are not observable, with the reason.
+    """
+    argv = reader_argv(dev_root / "vfio" / "vfio", group, device)
+    try:
+        output = await run_command(
+            argv,
+            time_limit=READER_TIME_LIMIT,
+            env=minimal_environment(),
+            credentials=credentials,
+        )
+    except ProcessStartError as err:
+        return KernelMigrationFacts(False, reason=f"the VFIO feature reader did not start: {err}")
+    except TimeoutError:
+        return KernelMigrationFacts(
+            False, reason=f"the VFIO feature reader gave no answer in {READER_TIME_LIMIT:.0f} s"
+        )
+    facts = parse_reader_output(output.stdout)
+    if output.returncode != 0 and facts.observable:
+        facts = KernelMigrationFacts(False, reason=f"the reader exited with {output.returncode}")
+    if not facts.observable:
+        log.debug("kernel migration facts of %s not observable: %s", device, facts.reason)
+    return facts
+
+
+def parse_reader_output(text: str) -> KernelMigrationFacts:
+    """The reader's JSON as facts; anything malformed is "not observable". Raises nothing."""
+    try:
+        answer = json.loads(text.strip().splitlines()[-1]) if text.strip() else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return KernelMigrationFacts(False, reason="the VFIO feature reader gave no answer")
+    if answer.get("observable") is not True:
+        reason = answer.get("reason")
+        return KernelMigrationFacts(False, reason=str(reason) if reason else "not observable")
+    flags = answer.get("flags", [])
+    tracking = answer.get("dirty_tracking")
+    if not isinstance(flags, list) or not all(flag in KNOWN_FLAGS for flag in flags):
+        return KernelMigrationFacts(False, reason=f"unknown migration flags {flags!r}")
+    return KernelMigrationFacts(
+        True,
+        flags=tuple(str(flag) for flag in flags),
+        dirty_tracking=tracking if isinstance(tracking, bool) else None,
+    )
