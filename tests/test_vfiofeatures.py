@@ -335,3 +335,19 @@ def test_reader_output_becomes_facts() -> None:
     assert facts.observable
     assert facts.flags == ("stop-copy", "p2p", "pre-copy")
     assert facts.dirty_tracking is True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--container", "/dev/vfio/vfio", "--group", "/dev/vfio/7"],
+        ["--container", "a", "--container", "b", "--device", "c"],
+        ["--container", "a", "--group", "b", "--device", "c", "--extra", "d"],
+    ],
+)
+def test_bad_arguments_are_refused_with_the_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert vf.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
