@@ -20,7 +20,13 @@ from test_prober_helpers import (
     scratch,
 )
 from vfiocaps.capabilities import Migration, ProbeOutcome, ProbeReport
-from vfiocaps.config import Config
+from vfiocaps.config import (
+    DEFAULT_MIGRATION_STREAM_LIMIT,
+    MAX_MIGRATION_STREAM_LIMIT,
+    Config,
+)
+from vfiocaps.daemon import build_parser, config_from_args
+from vfiocaps.errors import ConfigError
 from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, ProbeTarget
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto
@@ -199,3 +205,13 @@ async def test_real_qemu_saves_into_the_bounded_stream_and_loads_it_into_incomin
         assert capped.migration.status in ("cancelled", "failed")
         assert not (workdir / STREAM_FILE).exists()
     assert leftovers(scratch / "run") == []
+
+
+def test_the_stream_limit_is_a_bounded_option() -> None:
+    args = build_parser().parse_args(["--migration-stream-limit", "1048576"])
+    assert config_from_args(args, {}).migration_stream_limit == 1 << 20
+    default = config_from_args(build_parser().parse_args([]), {})
+    assert default.migration_stream_limit == DEFAULT_MIGRATION_STREAM_LIMIT
+    for bad in (0, -1, MAX_MIGRATION_STREAM_LIMIT + 1):
+        with pytest.raises(ConfigError, match="migration stream limit"):
+            Config(migration_stream_limit=bad)
