@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ..process import Credentials, ProcessStartError, minimal_environment, run_command
+from ..process import (
+    Credentials,
+    ManagedProcess,
+    ProcessSpec,
+    ProcessStartError,
+    minimal_environment,
+)
 from . import vfiofeatures
 from .migration import KernelMigrationFacts
 
 log = logging.getLogger("vfiocaps.prober")
 
 READER_TIME_LIMIT = 10.0
+ANSWER_LIMIT = 4096  # bytes of the reader's answer read; its JSON is about 120
 KNOWN_FLAGS = frozenset(name for _, name in vfiofeatures.MIGRATION_FLAGS)
 
 
-def reader_argv(container: Path, group: Path, device: str) -> tuple[str, ...]:
+def reader_argv(
+    container: Path, group: Path, device: str, answer_fd: int | None = None
+) -> tuple[str, ...]:
     """The reader's command line: the daemon's interpreter, isolated (no environment, no site)."""
+    answer = ("--answer-fd", str(answer_fd)) if answer_fd is not None else ()
     return (
         sys.executable,
         "-I",
@@ -30,6 +42,7 @@ def reader_argv(container: Path, group: Path, device: str) -> tuple[str, ...]:
         str(group),
         "--device",
         device,
+        *answer,
     )
 
 
@@ -39,25 +52,43 @@ async def read_kernel_facts(
     """Ask the kernel about *device* through *group*, as the probe user; never raises.
 
     Whatever stops the answer (the reader cannot start, times out, the vendor driver refuses
-    the open) gives facts that are not observable, with the reason.
+    the open) gives facts that are not observable, with the reason. The reader runs in its own
+    process group, killed at the time limit or on cancellation; its answer comes through a
+    pipe of which at most ``ANSWER_LIMIT`` bytes are read.
     """
-    argv = reader_argv(dev_root / "vfio" / "vfio", group, device)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
-        output = await run_command(
-            argv,
-            time_limit=READER_TIME_LIMIT,
-            env=minimal_environment(),
-            credentials=credentials,
+        argv = reader_argv(dev_root / "vfio" / "vfio", group, device, write_end)
+        spec = ProcessSpec(
+            argv=argv, env=minimal_environment(), pass_fds=(write_end,), credentials=credentials
         )
-    except ProcessStartError as err:
-        return KernelMigrationFacts(False, reason=f"the VFIO feature reader did not start: {err}")
-    except TimeoutError:
-        return KernelMigrationFacts(
-            False, reason=f"the VFIO feature reader gave no answer in {READER_TIME_LIMIT:.0f} s"
-        )
-    facts = parse_reader_output(output.stdout)
-    if output.returncode != 0 and facts.observable:
-        facts = KernelMigrationFacts(False, reason=f"the reader exited with {output.returncode}")
+        try:
+            async with ManagedProcess(spec) as process:
+                os.close(write_end)
+                write_end = -1
+                async with asyncio.timeout(READER_TIME_LIMIT):
+                    result = await process.wait()
+        except ProcessStartError as err:
+            return KernelMigrationFacts(
+                False, reason=f"the VFIO feature reader did not start: {err}"
+            )
+        except TimeoutError:
+            return KernelMigrationFacts(
+                False, reason=f"the VFIO feature reader gave no answer in {READER_TIME_LIMIT:.0f} s"
+            )
+        # The reader has exited: what it wrote is in the pipe (a pipe holds 64 KiB), read once.
+        os.set_blocking(read_end, False)
+        try:
+            answer = os.read(read_end, ANSWER_LIMIT)
+        except BlockingIOError:
+            answer = b""
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    facts = parse_reader_output(answer.decode("utf-8", errors="replace"))
+    if result.returncode != 0 and facts.observable:
+        facts = KernelMigrationFacts(False, reason=f"the reader exited with {result.returncode}")
     if not facts.observable:
         log.debug("kernel migration facts of %s not observable: %s", device, facts.reason)
     return facts

@@ -8,7 +8,8 @@ with the legacy (type1) container: ``VFIO_GROUP_SET_CONTAINER``, ``VFIO_SET_IOMM
 ``VFIO_DEVICE_FEATURE`` ``GET|MIGRATION`` (the migration flags) and ``PROBE|SET|
 DMA_LOGGING_START`` (device dirty tracking), exactly the questions QEMU asks at realize.
 
-Output, one JSON object on stdout, exit status 0 whenever an answer was printed:
+Output, one JSON object on stdout (or on the descriptor ``--answer-fd N``, as vfiocapsd runs
+it), exit status 0 whenever an answer was printed:
 ``{"observable": true, "migration": true, "flags": ["stop-copy", "p2p", "pre-copy"],
 "raw_flags": 7, "dirty_tracking": true}`` or ``{"observable": false, "reason": "..."}`` when
 the kernel or the vendor driver does not let this process open the device (Intel GVT-g needs
@@ -207,18 +208,27 @@ def _no_new_privs() -> None:
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
-USAGE = "usage: vfiofeatures.py --container PATH --group PATH --device NAME"
+USAGE = "usage: vfiofeatures.py --container PATH --group PATH --device NAME [--answer-fd N]"
 
 
 def parse_arguments(argv: list[str]) -> dict[str, str]:
-    """``--container``, ``--group`` and ``--device``, each once (argparse costs 30 ms here).
+    """``--container``, ``--group``, ``--device`` and optionally ``--answer-fd``, each once
+    (argparse costs 30 ms here).
 
     Raises ``ValueError`` with the usage line for anything else.
     """
-    wanted = {"--container", "--group", "--device"}
-    if len(argv) != 6 or set(argv[0::2]) != wanted:
+    required = {"--container", "--group", "--device"}
+    names = argv[0::2]
+    if (
+        len(argv) % 2
+        or len(names) != len(set(names))
+        or not required <= set(names) <= required | {"--answer-fd"}
+    ):
         raise ValueError(USAGE)
-    return {name[2:]: value for name, value in zip(argv[0::2], argv[1::2], strict=True)}
+    args = {name[2:]: value for name, value in zip(names, argv[1::2], strict=True)}
+    if not args.get("answer-fd", "1").isdigit():
+        raise ValueError(USAGE)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         answer = read_features(args["container"], args["group"], args["device"])
     except NotObservable as err:
         answer = {"observable": False, "reason": str(err)}
-    json.dump(answer, sys.stdout)
-    sys.stdout.write("\n")
+    text = json.dumps(answer) + "\n"
+    if "answer-fd" in args:
+        with os.fdopen(int(args["answer-fd"]), "w") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
