@@ -494,6 +494,8 @@ def test_conditions_from_the_kernels_flags() -> None:
     assert caps is not None
     assert caps.migration_flags == ("stop-copy", "p2p", "pre-copy")
     assert caps.device_dirty_tracking is True
+    # The kernel's probe says yes, QEMU's save says the log cannot be read: both are told.
+    assert any("QEMU could not read the log" in note for note in caps.migration_notes)
     by_name = {c.condition: c for c in caps.migration_conditions}
     assert by_name["alone"].verdict is Migration.SUPPORTED
     assert "x-device-dirty-page-tracking=off" in by_name["alone"].reason

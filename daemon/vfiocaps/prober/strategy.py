@@ -322,6 +322,11 @@ class ProbeStrategy:
             for found in findings(f"{result.error}\n{obs.stderr}")
         )
         know.ledger.refuse(configuration, result.error or f"migration {result.status}")
+        if tracking_failed and self.kernel is not None and self.kernel.dirty_tracking:
+            know.migration_notes.append(
+                "the kernel accepts DMA logging for the device (VFIO_DEVICE_FEATURE probe), "
+                "but QEMU could not read the log during the save"
+            )
         if (
             tracking_failed
             and configuration is Configuration.DEFAULTS
