@@ -12,7 +12,12 @@ from vfiocaps.capabilities import Decider, Display, Migration, ProbeOutcome
 from vfiocaps.prober.identity import parse_device_properties, parse_version
 from vfiocaps.prober.launch import blocked_reasons, console_names, migration_result
 from vfiocaps.prober.messages import Meaning, first_failure
-from vfiocaps.prober.migration import IncomingResult, KernelMigrationFacts, MigrationResult
+from vfiocaps.prober.migration import (
+    IncomingResult,
+    KernelMigrationFacts,
+    MigrationResult,
+    migration_conditions,
+)
 from vfiocaps.prober.plan import Accel, OnOffAuto
 from vfiocaps.prober.strategy import (
     Attempt,
@@ -527,3 +532,22 @@ def test_conditions_without_p2p_or_without_the_kernels_answer() -> None:
     beside = {c.condition: c for c in caps.migration_conditions}["beside other VFIO devices"]
     assert beside.verdict is Migration.UNKNOWN
     assert "not observable (KVM is required to use Intel vGPU)" in beside.reason
+
+
+@pytest.mark.parametrize(
+    ("version", "verdict"),
+    [
+        ("10.0.13", Migration.UNSUPPORTED),
+        ("8.1.0", Migration.UNSUPPORTED),
+        ("8.0.5", Migration.UNKNOWN),
+        ("10.1.0", Migration.UNKNOWN),
+        ("", Migration.UNKNOWN),
+    ],
+)
+def test_the_virtual_iommu_rule_is_applied_only_to_the_qemu_versions_that_have_it(
+    version: str, verdict: Migration
+) -> None:
+    conditions = migration_conditions(Migration.SUPPORTED, (), version, None)
+    viommu = {c.condition: c for c in conditions}["with a virtual IOMMU"]
+    assert viommu.verdict is verdict
+    assert viommu.decided_by is Decider.QEMU

@@ -19,10 +19,11 @@ TRACKING_OFF_NOTE = (
     "has no usable dirty page tracking of its own, and QEMU then counts all guest memory the "
     "device can reach as dirty (a longer stop-copy phase)"
 )
-# QEMU 8.1 to 10.x add this blocker for every migratable VFIO device behind a virtual IOMMU
-# (hw/vfio/migration.c, vfio_migration_realize).
+# QEMU 8.1 to 10.0 add this blocker for every migratable VFIO device behind a virtual IOMMU
+# (hw/vfio/migration.c, vfio_migration_realize); later versions lift it in some cases (device
+# dirty tracking off), so for them the rule is not assumed.
 VIOMMU_BLOCKER = "Migration is currently not supported with vIOMMU enabled"
-VIOMMU_RULE_MAJORS = frozenset({8, 9, 10})
+VIOMMU_RULE_VERSIONS = ((8, 1), (10, 0))
 P2P_RULE = (
     "QEMU migrates several VFIO devices of one VM only when all of them report P2P "
     "(Multiple VFIO devices migration is supported only if all of them support P2P migration)"
@@ -266,8 +267,9 @@ def migration_conditions(
                 f"the kernel reports no P2P for the device; {P2P_RULE}",
             )
         )
-    major = _major(qemu_version)
-    if major in VIOMMU_RULE_MAJORS:
+    version = _major_minor(qemu_version)
+    first, last = VIOMMU_RULE_VERSIONS
+    if version is not None and first <= version <= last:
         conditions.append(
             MigrationCondition(
                 "with a virtual IOMMU",
@@ -289,6 +291,8 @@ def migration_conditions(
     return tuple(conditions)
 
 
-def _major(version: str) -> int | None:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
