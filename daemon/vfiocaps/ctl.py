@@ -148,7 +148,7 @@ def _print_report(values: dict[str, Any]) -> None:
         rows += [("  blocker", blocker) for blocker in caps["migration_blockers"]]
         if caps["migration_options"]:
             options = ",".join(caps["migration_options"])
-            rows.append(("  with " + options, caps["migration_with_options"]))
+            rows.append(("  with options", f"{caps['migration_with_options']} ({options})"))
         if caps["migration_load_seconds"]:
             rows.append(
                 (
@@ -158,6 +158,8 @@ def _print_report(values: dict[str, Any]) -> None:
                     f"{caps['migration_load_seconds']:.3f} s",
                 )
             )
+        if caps["migration_flags"]:
+            rows.append(("  kernel flags", ", ".join(caps["migration_flags"])))
         rows += [("  condition", condition) for condition in caps["migration_conditions"]]
         rows += [("  note", note) for note in caps["migration_notes"]]
         rows.append(("qemu", caps["qemu_version"]))

@@ -15,9 +15,10 @@ TRACKING_OFF_OPTIONS: tuple[tuple[str, str], ...] = (
     (ENABLE_MIGRATION, "on"),
 )
 TRACKING_OFF_NOTE = (
-    "migrates only with x-device-dirty-page-tracking=off and enable-migration=on: the device "
-    "has no usable dirty page tracking of its own, and QEMU then counts all guest memory the "
-    "device can reach as dirty (a longer stop-copy phase)"
+    "migrates only with x-device-dirty-page-tracking=off and enable-migration=on: QEMU then "
+    "takes dirty pages from the IOMMU container instead of the device (the type1 container "
+    "reports the pages a mediated device's driver keeps pinned, and every mapped page of a "
+    "device behind a hardware IOMMU), which can lengthen the final copy and the downtime"
 )
 # QEMU 8.1 to 10.0 add this blocker for every migratable VFIO device behind a virtual IOMMU
 # (hw/vfio/migration.c, vfio_migration_realize); later versions lift it in some cases (device
