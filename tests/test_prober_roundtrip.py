@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harness import REPO
 from test_prober_helpers import (
     REAL_QEMU,
     FakeHost,
@@ -215,3 +216,13 @@ def test_the_stream_limit_is_a_bounded_option() -> None:
     for bad in (0, -1, MAX_MIGRATION_STREAM_LIMIT + 1):
         with pytest.raises(ConfigError, match="migration stream limit"):
             Config(migration_stream_limit=bad)
+
+
+def test_the_units_memory_limit_leaves_room_for_the_streams_of_concurrent_probes() -> None:
+    unit = (REPO / "systemd" / "vfiocapsd.service.in").read_text()
+    (line,) = [line for line in unit.splitlines() if line.startswith("MemoryMax=")]
+    value = line.split("=", 1)[1]
+    assert value.endswith("M")
+    memory_max = int(value[:-1]) * 1024 * 1024
+    streams = Config().probe_concurrency * DEFAULT_MIGRATION_STREAM_LIMIT
+    assert memory_max >= streams + 512 * 1024 * 1024  # QEMUs and the daemon beside them
