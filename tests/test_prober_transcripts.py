@@ -416,6 +416,24 @@ def test_a_destination_that_does_not_reach_paused_with_the_device_is_not_proven(
     assert verdict.capabilities.migration_with_options is Migration.UNSUPPORTED
 
 
+def test_a_destination_that_reports_a_load_error_is_not_proven_even_if_it_completed() -> None:
+    strategy, load = mtty_until_load()
+    verdict = strategy.next(
+        LaunchObservation(
+            load,
+            LaunchEnd.QUIT,
+            started=True,
+            exit_status=0,
+            stderr=LOAD_FAILURE_STDERR,
+            incoming=IncomingResult("completed", runstate="paused", realized=True),
+        )
+    )
+    assert isinstance(verdict, Verdict)
+    assert verdict.capabilities is not None
+    assert verdict.capabilities.migration_with_options is Migration.UNSUPPORTED
+    assert any("load of migration failed" in n for n in verdict.capabilities.migration_notes)
+
+
 def test_a_crashed_destination_is_a_load_failure_not_a_crashed_probe() -> None:
     strategy, load = mtty_until_load()
     verdict = strategy.next(

@@ -343,7 +343,8 @@ class ProbeStrategy:
     # -- the load side of a round trip ---------------------------------------------------
 
     def _after_load(self, obs: LaunchObservation) -> Attempt | Verdict:
-        """Judge the destination: paused, device realized, migration completed, nothing lost."""
+        """Judge the destination: paused, device realized, migration completed, and no load
+        error on its stderr (nothing reported lost)."""
         know = self.knowledge
         configuration = know.loading or Configuration.DEFAULTS
         know.loading = None
@@ -364,8 +365,10 @@ class ProbeStrategy:
                 notes=tuple(know.notes),
             )
         incoming = obs.incoming
+        reported_lost = any(found.meaning is Meaning.LOAD_FAILED for found in findings(obs.stderr))
         if (
             obs.end is LaunchEnd.QUIT
+            and not reported_lost
             and incoming is not None
             and incoming.status == "completed"
             and incoming.runstate in LOADED_RUNSTATES
