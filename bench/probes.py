@@ -24,7 +24,17 @@ from test_prober_helpers import REAL_QEMU, ensure_probe_user
 from umockdev_hosts import PARENTS
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
 from vfiocaps.prober import Prober
-from vfiocaps.prober.plan import Accel, ProbePlan, build_qemu_argv, machine_for_architecture
+from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.plan import (
+    Accel,
+    DeviceSettings,
+    OnOffAuto,
+    ProbePlan,
+    build_qemu_argv,
+    machine_for_architecture,
+)
+from vfiocaps.prober.sandbox import private_directory, resolve_probe_identity
+from vfiocaps.prober.strategy import Attempt, Step
 
 HERE = Path(__file__).resolve().parent
 DEVICES_PER_TYPE = 4
@@ -158,6 +168,54 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
     }
 
 
+async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
+    """The load side of a round trip with the real QEMU: a save launch, then the one extra
+    ``-incoming defer`` launch a migratable type costs (no device: the QEMU and stream part),
+    as the probe user with TCG, against a bare start-QMP-quit with TCG."""
+    accel = Accel.TCG
+    identity = resolve_probe_identity(DEFAULT_PROBE_USER)
+    settings = DeviceSettings(display=OnOffAuto.OFF, migration=None)
+    saves: list[float] = []
+    loads: list[float] = []
+    save_seconds: list[float] = []
+    load_seconds: list[float] = []
+    floors: list[float] = []
+    stream = 0
+    with private_directory(scratch / "round-trip") as workdir:
+        context = LaunchContext(
+            binary=Path(qemu),
+            machine=machine_for_architecture(None),
+            vm_uuid=str(uuid.uuid4()),
+            sysfsdev=None,
+            identity=identity,
+            workdir=workdir,
+            timeout=60.0,
+            environment=probe_environment(),
+        )
+        for _ in range(REAL_QEMU_REPEATS):
+            saved, save_record = await run_launch(context, Attempt(Step.DISCOVER, settings, accel))
+            loaded, load_record = await run_launch(context, Attempt(Step.LOAD, settings, accel))
+            if saved.migration is None or loaded.incoming is None:
+                raise RuntimeError("the real QEMU round trip did not run")
+            if loaded.incoming.status != "completed":
+                raise RuntimeError(f"the real QEMU load failed: {loaded.incoming}")
+            saves.append(save_record.duration)
+            loads.append(load_record.duration)
+            save_seconds.append(saved.migration.duration)
+            load_seconds.append(loaded.incoming.duration)
+            stream = saved.migration.stream_bytes or 0
+            floors.append(await _bare_qemu(Path(qemu), accel))
+    return {
+        "accel": accel.value,
+        "floor": summary(floors),
+        "save_launch": summary(saves),
+        "load_launch": summary(loads),
+        "save": summary(save_seconds),
+        "load": summary(load_seconds),
+        "stream_bytes": stream,
+    }
+
+
 def run(progress: Progress) -> dict[str, Any]:
     """Probe cost on a sample-driver host, then the real QEMU comparison."""
     lab_iter = make_lab()
@@ -175,6 +233,8 @@ def run(progress: Progress) -> dict[str, Any]:
     scratch.chmod(0o755)
     try:
         real = asyncio.run(real_qemu(REAL_QEMU, scratch, progress))
+        progress.note("real QEMU round trip (save launch + -incoming defer launch)")
+        real["round_trip"] = asyncio.run(real_round_trip(REAL_QEMU, scratch, Accel(real["accel"])))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     version = subprocess.run(

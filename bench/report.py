@@ -162,6 +162,19 @@ def probe_rows(probes: dict[str, Any]) -> list[Row]:
                 None,
             )
         )
+        trip = real.get("round_trip")
+        if trip is not None:
+            rows.append(
+                Row(
+                    f"  the load launch of a migratable type ({trip['accel']}, p50)",
+                    _ms(trip["load_launch"]["p50"]),
+                    f"{_ms(trip['floor']['p50'])} (bare start-QMP-quit)",
+                    f"{trip['load_launch']['p50'] / trip['floor']['p50']:.2f}x",
+                    f"save {_ms(trip['save']['p50'])}, load {_ms(trip['load']['p50'])} "
+                    f"of {trip['stream_bytes'] / 1e6:.1f} MB",
+                    None,
+                )
+            )
     return rows
 
 

@@ -52,9 +52,15 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
 
     shown = ctl_json(lab.bus, "show", mtty)
     assert shown["Display"] == "none"
-    assert shown["Migration"] == "supported"
+    assert shown["Migration"] == "unsupported"  # with QEMU's defaults
+    assert shown["MigrationWithOptions"] == "supported"
     assert shown["MigrationNotes"]
-    assert "SysfsPath" in ctl(lab.bus, "show", mtty).stdout
+    text = ctl(lab.bus, "show", mtty).stdout
+    assert "SysfsPath" in text
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()}
+    assert lines["MigrationOptions"] == "x-device-dirty-page-tracking=off, enable-migration=on"
+    assert lines["MigrationConditions"].startswith("alone: supported (qemu), ")
+    assert lines["MigrationStateBytes"] == "60"
 
     types = ctl_json(lab.bus, "types")
     assert len(types) == 8

@@ -39,7 +39,7 @@ def test_twenty_devices_of_two_types_cause_exactly_two_probes(lab: Lab) -> None:
     assert manager_property(lab.bus, "DeviceCount") == 20
     caps = capabilities(lab.bus, uuids[-1])
     assert caps["Display"] == "none"
-    assert caps["Migration"] == "supported"
+    assert caps["MigrationWithOptions"] == "supported"
     assert daemon.log().count("probed ") == 2
     time.sleep(0.5)
     assert sorted(history_rows(lab)) == [("mtty", "mtty-1", "ok"), ("mtty", "mtty-2", "ok")]
@@ -49,7 +49,7 @@ def test_restart_with_a_warm_cache_launches_no_qemu(lab: Lab) -> None:
     lab.host.build("samples")
     first = lab.start()
     uuids = {
-        lab.host.add_instance("mtty", "mtty-1"): ("none", "supported", False),
+        lab.host.add_instance("mtty", "mtty-1"): ("none", "unsupported", False),
         lab.host.add_instance("mdpy", "mdpy-hd"): ("region", "unsupported", False),
         lab.host.add_instance("mbochs", "mbochs-small"): ("dmabuf", "unsupported", True),
     }

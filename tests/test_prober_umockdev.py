@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 EXPECTED = {
-    "mtty": ("none", False, "supported"),
+    "mtty": ("none", False, "unsupported"),  # with defaults; supported with its options
     "mdpy": ("region", False, "unsupported"),
     "mbochs": ("dmabuf", True, "unsupported"),
 }

@@ -208,7 +208,7 @@ def test_a_client_hanging_up_during_a_slow_refresh(lab: Lab) -> None:
         30,
         "the refresh to finish",
     )
-    assert capabilities(lab.bus, slow)["Migration"] == "supported"
+    assert capabilities(lab.bus, slow)["MigrationWithOptions"] == "supported"
     assert daemon.alive()
     assert os.path.exists(f"/proc/{pid}")
     assert "Traceback" not in daemon.log()

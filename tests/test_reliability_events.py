@@ -48,7 +48,7 @@ def test_ten_thousand_uevents_in_one_burst(lab: Lab) -> None:
     objects = lab.devices()
     assert set(objects) == set(storm["uuids"])
     assert manager_property(lab.bus, "ProbeCount") == 1
-    assert capabilities(lab.bus, storm["uuids"][-1])["Migration"] == "supported"
+    assert capabilities(lab.bus, storm["uuids"][-1])["MigrationWithOptions"] == "supported"
     assert daemon.alive()
     print(
         f"{instances * 4} uevents sent in {storm['ended'] - storm['began']:.1f} s; "
@@ -108,7 +108,7 @@ def test_a_parent_unregistering_while_its_device_is_probed(lab: Lab) -> None:
     lab.host.register_parent("mtty")
     again = lab.host.add_instance("mtty", "mtty-2")
     lab.wait_states({again: "done"})
-    assert capabilities(lab.bus, again)["Migration"] == "supported"
+    assert capabilities(lab.bus, again)["MigrationWithOptions"] == "supported"
     assert daemon.alive()
     assert "engine task failed" not in daemon.log()
 
@@ -125,7 +125,7 @@ def test_a_device_removed_during_its_probe_does_not_fail_its_type(lab: Lab) -> N
     wait_until(lambda: not qemu_pids(lab), 20, "the probe to fail")
     lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
     lab.wait_states({RACER: "done"}, timeout=20)
-    assert capabilities(lab.bus, RACER)["Migration"] == "supported"
+    assert capabilities(lab.bus, RACER)["MigrationWithOptions"] == "supported"
     assert "no such host device" in daemon.log()
 
 
@@ -144,4 +144,4 @@ def test_a_device_without_its_iommu_group_yet_is_probed_once_it_has_one(lab: Lab
     os.symlink(target, link)
     lab.host.call("uevent", devpath=f"/devices/virtual/mtty/mtty/{uuid}", action="bind")
     lab.wait_states({uuid: "done"}, timeout=20)
-    assert capabilities(lab.bus, uuid)["Migration"] == "supported"
+    assert capabilities(lab.bus, uuid)["MigrationWithOptions"] == "supported"

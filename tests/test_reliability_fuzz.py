@@ -173,6 +173,6 @@ def test_fuzzing_every_object_method_and_property(lab: Lab) -> None:
     run()
     assert daemon.alive()
     assert "Traceback" not in daemon.log()
-    assert capabilities(lab.bus, mtty)["Migration"] == "supported"
+    assert capabilities(lab.bus, mtty)["MigrationWithOptions"] == "supported"
     assert capabilities(lab.bus, mdpy)["Display"] == "region"
     print(f"fuzz: {tally}; errors by name: {errors}")

@@ -53,7 +53,7 @@ def assert_clean_after(lab: Lab, pid: int, daemon: object) -> None:
     healthy = lab.host.add_instance("mtty", "mtty-2")
     lab.wait_states({healthy: "done"}, timeout=30)
     caps = capabilities(lab.bus, healthy)
-    assert (caps["Display"], caps["Migration"]) == ("none", "supported")
+    assert (caps["Display"], caps["MigrationWithOptions"]) == ("none", "supported")
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_qemu_flooding_stderr_does_not_change_the_answer(lab: Lab) -> None:
     fault_lab(lab, {"stderr_bytes": 1024 * 1024})
     lab.host.add_instance("mtty", "mtty-1", uuid=FAULTY)
     lab.wait_states({FAULTY: "done"}, timeout=60)
-    assert capabilities(lab.bus, FAULTY)["Migration"] == "supported"
+    assert capabilities(lab.bus, FAULTY)["MigrationWithOptions"] == "supported"
 
 
 def test_qemu_replaced_while_a_probe_runs(lab: Lab) -> None:

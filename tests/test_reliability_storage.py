@@ -109,7 +109,7 @@ def test_a_read_only_cache_serves_from_memory_and_recovers_when_writable(lab: La
     assert cache_state(lab).startswith("degraded"), cache_state(lab)
     uuid = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({uuid: "done"})
-    assert capabilities(lab.bus, uuid)["Migration"] == "supported"
+    assert capabilities(lab.bus, uuid)["MigrationWithOptions"] == "supported"
     assert "cannot open" in cache_state(lab), cache_state(lab)
     assert not (cache / "capabilities.sqlite").exists()
     in_namespace(pid, "mount", "-o", "remount,rw", str(lab.directory / "cache"))
@@ -130,7 +130,7 @@ def test_a_database_replaced_by_random_bytes_while_running(lab: Lab) -> None:
     os.replace(cache / "garbage", database)
     second = lab.host.add_instance("mdpy", "mdpy-hd")
     lab.wait_states({second: "done"})
-    assert capabilities(lab.bus, first)["Migration"] == "supported"
+    assert capabilities(lab.bus, first)["MigrationWithOptions"] == "supported"
 
     def rebuilt() -> bool:
         try:

@@ -62,7 +62,7 @@ def test_opt_in_probes_every_uninstantiated_type_by_itself(lab: Lab) -> None:
     known = types(lab)
     assert len(known) == 8
     assert known[("mbochs", "mbochs-large")]["Display"] == "dmabuf"
-    assert known[("mtty", "mtty-2")]["Migration"] == "supported"
+    assert known[("mtty", "mtty-2")]["MigrationWithOptions"] == "supported"
     assert all(t["Instances"] == 0 for t in known.values())
     wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 10, "every removal")
     assert manager_property(lab.bus, "ProbeCount") == 8

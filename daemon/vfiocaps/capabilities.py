@@ -23,6 +23,23 @@ class Migration(enum.Enum):
     SUPPORTED = "supported"
 
 
+class Decider(enum.Enum):
+    """Which software decided a migration condition."""
+
+    QEMU = "qemu"  # QEMU's own rules (blockers, realize checks) or a QEMU round trip
+    KERNEL = "kernel"  # the kernel's VFIO answer for the device (migration flags, DMA logging)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationCondition:
+    """One VM configuration and whether the device migrates in it, with who decided."""
+
+    condition: str  # e.g. "alone", "beside other VFIO devices", "with a virtual IOMMU"
+    verdict: Migration
+    decided_by: Decider
+    reason: str = ""
+
+
 class ProbeOutcome(enum.Enum):
     """How a probe ended. Only ``OK`` carries capabilities."""
 
@@ -42,7 +59,15 @@ class Capabilities:
     ``migration`` describes the device as consumers start it, with QEMU's defaults (libvirt,
     KubeVirt and Nova add no device options). When the device migrates only with extra ``-device``
     properties, ``migration_options`` names them (property, value) and ``migration_with_options``
-    is the verdict with them set.
+    is the verdict with them set (equal to ``migration`` when no options are needed).
+
+    A ``supported`` verdict means the paused VM's device state was saved and loaded into a fresh
+    QEMU on the same device. ``migration_state_bytes`` (the device's share of the stream, 0 when
+    QEMU did not count it) and the save and load seconds (0.0 when not measured) come from that
+    round trip. ``migration_flags`` are the kernel's VFIO migration flags for the device
+    (``stop-copy``, ``p2p``, ``pre-copy``) and ``device_dirty_tracking`` whether the kernel
+    accepts DMA logging for it; both are empty/``None`` when the kernel could not be asked
+    ("not observable", see ``migration_conditions``).
     """
 
     display: Display
@@ -53,6 +78,12 @@ class Capabilities:
     qemu_version: str = ""
     migration_options: tuple[tuple[str, str], ...] = ()
     migration_with_options: Migration = Migration.UNKNOWN
+    migration_state_bytes: int = 0
+    migration_save_seconds: float = 0.0
+    migration_load_seconds: float = 0.0
+    migration_flags: tuple[str, ...] = ()
+    device_dirty_tracking: bool | None = None
+    migration_conditions: tuple[MigrationCondition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

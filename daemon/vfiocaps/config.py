@@ -13,6 +13,9 @@ from pathlib import Path
 from .errors import ConfigError
 
 DEFAULT_PROBE_USER = "vfiocaps-probe"
+# Bytes of migration stream a probe keeps (in the runtime directory, i.e. memory) for the load.
+DEFAULT_MIGRATION_STREAM_LIMIT = 256 * 1024 * 1024
+MAX_MIGRATION_STREAM_LIMIT = 64 * 1024 * 1024 * 1024
 
 
 class BusKind(enum.Enum):
@@ -104,6 +107,7 @@ class Config:
     probe_concurrency: int = 2
     probe_retry_seconds: float = 30.0
     probe_types_without_instances: bool = False
+    migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
     watchdog_usec: int = 0
 
     def __post_init__(self) -> None:
@@ -128,6 +132,11 @@ class Config:
             )
         if not 1 <= self.probe_concurrency <= 64:
             raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")
+        if not 1 <= self.migration_stream_limit <= MAX_MIGRATION_STREAM_LIMIT:
+            raise ConfigError(
+                f"migration stream limit must be 1..{MAX_MIGRATION_STREAM_LIMIT} bytes, "
+                f"got {self.migration_stream_limit}"
+            )
         if not self.probe_user or "\0" in self.probe_user or "/" in self.probe_user:
             raise ConfigError(f"invalid probe user {self.probe_user!r}")
 

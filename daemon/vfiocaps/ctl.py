@@ -114,6 +114,16 @@ def report_as_dict(device: Path, report: ProbeReport) -> dict[str, Any]:
             "migration_blockers": list(caps.migration_blockers),
             "migration_notes": list(caps.migration_notes),
             "qemu_version": caps.qemu_version,
+            "migration_options": [f"{k}={v}" for k, v in caps.migration_options],
+            "migration_with_options": caps.migration_with_options.value,
+            "migration_state_bytes": caps.migration_state_bytes,
+            "migration_save_seconds": round(caps.migration_save_seconds, 6),
+            "migration_load_seconds": round(caps.migration_load_seconds, 6),
+            "migration_flags": list(caps.migration_flags),
+            "migration_conditions": [
+                f"{c.condition}: {c.verdict.value} ({c.decided_by.value}) {c.reason}"
+                for c in caps.migration_conditions
+            ],
         },
         "error": report.error,
         "stderr_excerpt": report.stderr_excerpt,
@@ -136,6 +146,21 @@ def _print_report(values: dict[str, Any]) -> None:
             ("migration", caps["migration"]),
         ]
         rows += [("  blocker", blocker) for blocker in caps["migration_blockers"]]
+        if caps["migration_options"]:
+            options = ",".join(caps["migration_options"])
+            rows.append(("  with options", f"{caps['migration_with_options']} ({options})"))
+        if caps["migration_load_seconds"]:
+            rows.append(
+                (
+                    "  round trip",
+                    f"{caps['migration_state_bytes']} bytes, saved in "
+                    f"{caps['migration_save_seconds']:.3f} s, loaded in "
+                    f"{caps['migration_load_seconds']:.3f} s",
+                )
+            )
+        if caps["migration_flags"]:
+            rows.append(("  kernel flags", ", ".join(caps["migration_flags"])))
+        rows += [("  condition", condition) for condition in caps["migration_conditions"]]
         rows += [("  note", note) for note in caps["migration_notes"]]
         rows.append(("qemu", caps["qemu_version"]))
     if values["error"]:
@@ -251,7 +276,7 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
         print(as_json(devices) if want_json else table(devices, DEVICE_COLUMNS))
     elif command == "show":
         values = await client.device(args.id)
-        print(as_json(values) if want_json else key_values(values))
+        print(as_json(values) if want_json else key_values(plain_migration(values)))
     elif command == "types":
         types = await client.types()
         print(as_json(types) if want_json else table(types, TYPE_COLUMNS))
@@ -271,6 +296,22 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
             else:
                 print(_describe_event(event), flush=True)
     return EXIT_OK
+
+
+def plain_migration(values: dict[str, Any]) -> dict[str, Any]:
+    """Device properties with the migration structures as short text, for ``show``."""
+    shown = dict(values)
+    if "MigrationOptions" in shown:
+        shown["MigrationOptions"] = [f"{k}={v}" for k, v in shown["MigrationOptions"]]
+    if "MigrationConditions" in shown:
+        shown["MigrationConditions"] = [
+            f"{name}: {verdict} ({decider})"
+            for name, verdict, decider, _ in shown["MigrationConditions"]
+        ]
+    for name in ("MigrationSaveSeconds", "MigrationLoadSeconds"):
+        if isinstance(shown.get(name), float):
+            shown[name] = f"{shown[name]:.3f}"
+    return shown
 
 
 def _describe_event(event: dict[str, Any]) -> str:

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create a temporary instance to probe a type nobody has instantiated yet",
     )
+    parser.add_argument(
+        "--migration-stream-limit",
+        type=int,
+        metavar="BYTES",
+        help="largest migration stream a probe keeps to prove the load "
+        "(default 268435456; a larger device state is reported as not proven)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
     return parser
@@ -109,6 +116,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
+        "migration_stream_limit": args.migration_stream_limit,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt64
+from dbus_fast.annotations import DBusBool, DBusDouble, DBusStr, DBusUInt64
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
@@ -13,6 +13,8 @@ from .calls import mapped_errors
 from .names import DEVICE_INTERFACE
 from .values import (
     DBusCapabilities,
+    DBusConditionList,
+    DBusOptionList,
     DBusStrList,
     DeviceProperties,
     capabilities_from_properties,
@@ -122,6 +124,38 @@ class DeviceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def LastError(self) -> DBusStr:
         return self._values.LastError
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationOptions(self) -> DBusOptionList:
+        return [list(pair) for pair in self._values.MigrationOptions]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationWithOptions(self) -> DBusStr:
+        return self._values.MigrationWithOptions
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationStateBytes(self) -> DBusUInt64:
+        return self._values.MigrationStateBytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationSaveSeconds(self) -> DBusDouble:
+        return self._values.MigrationSaveSeconds
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationLoadSeconds(self) -> DBusDouble:
+        return self._values.MigrationLoadSeconds
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationFlags(self) -> DBusStrList:
+        return list(self._values.MigrationFlags)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeviceDirtyTracking(self) -> DBusStr:
+        return self._values.DeviceDirtyTracking
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MigrationConditions(self) -> DBusConditionList:
+        return [list(condition) for condition in self._values.MigrationConditions]
 
     @dbus_method()
     @mapped_errors("Device.Refresh")

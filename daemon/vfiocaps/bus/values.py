@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from xml.sax.saxutils import escape
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
-from ..capabilities import Display, Migration
+from ..capabilities import Capabilities, Display, Migration
 from ..engine import DeviceView, ProbeState, TypeView
 from ..errors import ProbeBusyError, ProbeError
 from ..model import DeviceKind
@@ -18,6 +18,8 @@ DBusCapabilities = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 DBusCapabilityList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 DBusStrList = Annotated[list[str], DBusSignature("as")]
 DBusPathList = Annotated[list[str], DBusSignature("ao")]
+DBusOptionList = Annotated[list[list[str]], DBusSignature("a(ss)")]
+DBusConditionList = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,14 @@ class DeviceProperties:
     ProbedAt: int
     QemuVersion: str
     LastError: str
+    MigrationOptions: tuple[tuple[str, str], ...]
+    MigrationWithOptions: str
+    MigrationStateBytes: int
+    MigrationSaveSeconds: float
+    MigrationLoadSeconds: float
+    MigrationFlags: tuple[str, ...]
+    DeviceDirtyTracking: str
+    MigrationConditions: tuple[tuple[str, str, str, str], ...]
 
 
 def device_properties(view: DeviceView) -> DeviceProperties:
@@ -67,13 +77,45 @@ def device_properties(view: DeviceView) -> DeviceProperties:
         ProbedAt=view.probed_at_us if caps else 0,
         QemuVersion=caps.qemu_version if caps else "",
         LastError=view.last_error,
+        **_migration_properties(caps),
     )
+
+
+def _migration_properties(caps: Capabilities | None) -> dict[str, Any]:
+    """The migration facts beyond the plain verdict (options, round trip, kernel, conditions)."""
+    if caps is None:
+        return {
+            "MigrationOptions": (),
+            "MigrationWithOptions": Migration.UNKNOWN.value,
+            "MigrationStateBytes": 0,
+            "MigrationSaveSeconds": 0.0,
+            "MigrationLoadSeconds": 0.0,
+            "MigrationFlags": (),
+            "DeviceDirtyTracking": Migration.UNKNOWN.value,
+            "MigrationConditions": (),
+        }
+    tracking = {True: Migration.SUPPORTED, False: Migration.UNSUPPORTED, None: Migration.UNKNOWN}
+    return {
+        "MigrationOptions": caps.migration_options,
+        "MigrationWithOptions": caps.migration_with_options.value,
+        "MigrationStateBytes": max(0, caps.migration_state_bytes),
+        "MigrationSaveSeconds": caps.migration_save_seconds,
+        "MigrationLoadSeconds": caps.migration_load_seconds,
+        "MigrationFlags": caps.migration_flags,
+        "DeviceDirtyTracking": tracking[caps.device_dirty_tracking].value,
+        "MigrationConditions": tuple(
+            (c.condition, c.verdict.value, c.decided_by.value, c.reason)
+            for c in caps.migration_conditions
+        ),
+    }
 
 
 def property_value(properties: DeviceProperties, name: str) -> object:
     """One property in its D-Bus form (arrays as lists)."""
     value = getattr(properties, name)
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, tuple):
+        return [list(item) if isinstance(item, tuple) else item for item in value]
+    return value
 
 
 def changed_properties(old: DeviceProperties, new: DeviceProperties) -> dict[str, object]:
@@ -104,6 +146,14 @@ PROPERTY_SIGNATURES = {
     "ProbedAt": "t",
     "QemuVersion": "s",
     "LastError": "s",
+    "MigrationOptions": "a(ss)",
+    "MigrationWithOptions": "s",
+    "MigrationStateBytes": "t",
+    "MigrationSaveSeconds": "d",
+    "MigrationLoadSeconds": "d",
+    "MigrationFlags": "as",
+    "DeviceDirtyTracking": "s",
+    "MigrationConditions": "a(ssss)",
 }
 
 _CAPABILITY_KEYS = (
@@ -120,6 +170,14 @@ _CAPABILITY_KEYS = (
     "ProbedAt",
     "QemuVersion",
     "LastError",
+    "MigrationOptions",
+    "MigrationWithOptions",
+    "MigrationStateBytes",
+    "MigrationSaveSeconds",
+    "MigrationLoadSeconds",
+    "MigrationFlags",
+    "DeviceDirtyTracking",
+    "MigrationConditions",
 )
 
 
@@ -156,6 +214,9 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         answer["Display"] = Variant("s", view.capabilities.display.value)
         answer["GlRequired"] = Variant("b", view.capabilities.gl_required)
         answer["Migration"] = Variant("s", view.capabilities.migration.value)
+        answer["MigrationWithOptions"] = Variant(
+            "s", view.capabilities.migration_with_options.value
+        )
     return answer
 
 

@@ -18,10 +18,19 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
 from ..capabilities import LaunchRecord
+from ..config import DEFAULT_MIGRATION_STREAM_LIMIT
 from ..process import ManagedProcess, ProcessSpec, ProcessState, minimal_environment
-from .plan import DeviceSettings, ProbePlan, build_qemu_argv
+from .migration import IncomingResult, MigrationResult
+from .plan import DEVICE_QOM_PATH, DeviceSettings, ProbePlan, build_qemu_argv
 from .sandbox import ProbeIdentity
-from .strategy import Attempt, LaunchEnd, LaunchObservation, MigrationResult, device_blockers
+from .strategy import Attempt, LaunchEnd, LaunchObservation, Step, device_blockers
+from .stream import (
+    StreamReceipt,
+    receive_stream,
+    remove_stream,
+    send_stream,
+    stream_path,
+)
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -29,6 +38,7 @@ MIGRATION_FD_NAME = "vfiocaps-migration"
 MIGRATION_POLL_SECONDS = 0.02
 QUIT_GRACE_SECONDS = 5.0
 FINAL_MIGRATION_STATES = frozenset({"completed", "failed", "cancelled"})
+INCOMING_FD_NAME = "vfiocaps-incoming"
 
 
 class LaunchStage(enum.Enum):
@@ -64,6 +74,9 @@ class LaunchContext:
     timeout: float
     environment: dict[str, str]
     observer: LaunchObserver | None = None
+    stream_limit: int = (
+        DEFAULT_MIGRATION_STREAM_LIMIT  # bytes of migration stream kept for the load
+    )
 
 
 async def run_launch(
@@ -82,6 +95,7 @@ async def run_launch(
         qmp_fd=child_sock.fileno(),
         sysfsdev=context.sysfsdev if attempt.settings is not None else None,
         settings=attempt.settings or DeviceSettings(),
+        incoming=attempt.step is Step.LOAD,
     )
     argv = build_qemu_argv(context.binary, plan)
     process = ManagedProcess(
@@ -163,9 +177,9 @@ class _Session:
         self.consoles: dict[str, str] = {}
         self.blocked_reasons: tuple[str, ...] = ()
         self.migration: MigrationResult | None = None
-        self.files: list[Path] = []
+        self.incoming: IncomingResult | None = None
         self.sockets: list[socket.socket] = []
-        self.tasks: list[asyncio.Task[int]] = []
+        self.tasks: list[asyncio.Task[int] | asyncio.Task[StreamReceipt]] = []
 
     async def run(self, sock: socket.socket, process: ManagedProcess) -> None:
         try:
@@ -199,6 +213,10 @@ class _Session:
             # The self-test: QMP answers, and the paused VM can be saved through a socket.
             await self.client.execute("query-status")
             self.migration = await self._migrate()
+            remove_stream(self.context.workdir)
+            return
+        if self.attempt.step is Step.LOAD:
+            await self._load()
             return
         if settings.display.value != "off":
             self.consoles = await self._consoles()
@@ -230,39 +248,102 @@ class _Session:
         return blocked_reasons(await self.client.execute("query-migrate"))
 
     async def _migrate(self) -> MigrationResult:
-        """Migrate the paused VM into a file of the private directory, through a socket.
+        """Save the paused VM through a socket into the probe's stream file, bounded in size.
 
         QEMU gets one end of a socketpair (``getfd`` + ``fd:``, understood by every QEMU
-        version; an ``fd:`` to a plain file is deprecated since 9.1) and we copy the stream
-        into the file, which is removed with the launch.
+        version; an ``fd:`` to a plain file is deprecated since 9.1). A stream past the limit
+        is deleted and the save cancelled. A completed stream stays in the private directory
+        for the load launch, which deletes it; any other is deleted here.
         """
-        target = self.context.workdir / f"migration-{self.attempt.purpose}.bin"
+        workdir, limit = self.context.workdir, self.context.stream_limit
+        remove_stream(workdir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sockets.append(ours)
         with theirs:
             self.client.send_fd_scm(theirs.fileno())
             await self.client.execute("getfd", {"fdname": MIGRATION_FD_NAME})
-        self.files.append(target)
-        drain = asyncio.create_task(_drain_into(ours, target))
+        drain = asyncio.create_task(receive_stream(ours, stream_path(workdir), limit))
         self.tasks.append(drain)
         started = time.monotonic()
         try:
             await self.client.execute("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
         except ExecuteError as err:
             return MigrationResult("failed", err.error.error.desc, None, time.monotonic() - started)
+        cancelled = False
         while True:
             result = migration_result(
                 await self.client.execute("query-migrate"), time.monotonic() - started
             )
             if result is not None:
                 break
+            if not cancelled and drain.done() and _exceeded(drain):
+                cancelled = True
+                with contextlib.suppress(ExecuteError):
+                    await self.client.execute("migrate_cancel")
             await asyncio.sleep(MIGRATION_POLL_SECONDS)
         # QEMU closes its end when the migration ends; the file then holds the whole stream.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(drain), QUIT_GRACE_SECONDS)
-        if drain.done() and not drain.cancelled() and drain.exception() is None:
-            result = dataclasses.replace(result, stream_bytes=drain.result())
-        return result
+        receipt = _receipt(drain)
+        exceeded = receipt is not None and receipt.exceeded
+        kept = result.status == "completed" and receipt is not None and not exceeded
+        if not kept:
+            remove_stream(workdir)
+        return dataclasses.replace(
+            result,
+            stream_bytes=receipt.total if receipt is not None else None,
+            stream_kept=kept,
+            limit=limit,
+            limit_exceeded=exceeded,
+        )
+
+    async def _load(self) -> None:
+        """Load the saved stream into this ``-incoming defer`` QEMU, then delete the stream.
+
+        Sets :attr:`incoming` as the load progresses, so that a destination that exits on a
+        failed load still leaves its duration; the verdict reads the final status, the run
+        state and whether the device is realized.
+        """
+        source = stream_path(self.context.workdir)
+        started = time.monotonic()
+        self.incoming = IncomingResult("setup")
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sockets.append(ours)
+            with theirs:
+                self.client.send_fd_scm(theirs.fileno())
+                await self.client.execute("getfd", {"fdname": INCOMING_FD_NAME})
+            feed = asyncio.create_task(send_stream(ours, source))
+            self.tasks.append(feed)
+            await self.client.execute("migrate-incoming", {"uri": f"fd:{INCOMING_FD_NAME}"})
+            while True:
+                reply = await self.client.execute("query-migrate")
+                status = str(reply.get("status", "")) if isinstance(reply, dict) else ""
+                error = str(reply.get("error-desc", "")) if isinstance(reply, dict) else ""
+                self.incoming = IncomingResult(status, error, duration=time.monotonic() - started)
+                if status in FINAL_MIGRATION_STATES:
+                    break
+                await asyncio.sleep(MIGRATION_POLL_SECONDS)
+            duration = time.monotonic() - started
+            runstate = await self.client.execute("query-status")
+            realized: object = None
+            if self.context.sysfsdev is not None:
+                realized = await self.client.execute(
+                    "qom-get", {"path": DEVICE_QOM_PATH, "property": "realized"}
+                )
+            self.incoming = IncomingResult(
+                status,
+                error,
+                runstate=str(runstate.get("status", "")) if isinstance(runstate, dict) else "",
+                realized=realized if isinstance(realized, bool) else None,
+                duration=duration,
+            )
+        finally:
+            if self.incoming is not None and not self.incoming.duration:
+                self.incoming = dataclasses.replace(
+                    self.incoming, duration=time.monotonic() - started
+                )
+            remove_stream(self.context.workdir)
 
     async def close(self) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):
@@ -276,9 +357,9 @@ class _Session:
             sock.close()
 
     def remove_files(self) -> None:
-        for path in self.files:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        """Delete the saved stream unless this launch completed a save kept for the load."""
+        if self.migration is None or not self.migration.stream_kept:
+            remove_stream(self.context.workdir)
 
     def observation(self, returncode: int, stderr: str) -> LaunchObservation:
         return LaunchObservation(
@@ -291,8 +372,22 @@ class _Session:
             consoles=dict(self.consoles),
             blocked_reasons=self.blocked_reasons,
             migration=self.migration,
+            incoming=self.incoming,
             qemu_version=self.qemu_version,
         )
+
+
+def _receipt(drain: asyncio.Task[StreamReceipt]) -> StreamReceipt | None:
+    """The receipt of a finished receive task; ``None`` when it failed or is not done."""
+    if not drain.done() or drain.cancelled() or drain.exception() is not None:
+        return None
+    return drain.result()
+
+
+def _exceeded(drain: asyncio.Task[StreamReceipt]) -> bool:
+    """Whether a finished receive task stopped at the stream limit. Raises nothing."""
+    receipt = _receipt(drain)
+    return receipt is not None and receipt.exceeded
 
 
 def _greeting_version(client: QMPClient) -> str:
@@ -303,22 +398,6 @@ def _greeting_version(client: QMPClient) -> str:
     if not isinstance(qemu, dict):
         return ""
     return ".".join(str(qemu.get(part, 0)) for part in ("major", "minor", "micro"))
-
-
-async def _drain_into(sock: socket.socket, target: Path) -> int:
-    """Copy everything *sock* receives into *target* until EOF; return the byte count.
-
-    Raises ``OSError`` when the file cannot be written.
-    """
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    total = 0
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        while chunk := await loop.sock_recv(sock, 1 << 16):
-            out.write(chunk)
-            total += len(chunk)
-    return total
 
 
 def console_names(qom_list_reply: Any) -> tuple[str, ...]:

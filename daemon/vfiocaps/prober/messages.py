@@ -24,6 +24,7 @@ class Meaning(enum.Enum):
     VM_UUID_REQUIRED = "vm-uuid-required"  # the vendor manager reads -uuid
     KVM_UNAVAILABLE = "kvm-unavailable"  # accel=kvm could not be initialised
     PROPERTY_UNKNOWN = "property-unknown"  # this QEMU lacks a vfio-pci property we passed
+    LOAD_FAILED = "load-failed"  # a destination could not load a saved migration stream
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ KNOWN_MESSAGES: tuple[KnownMessage, ...] = (
     _m(Meaning.KVM_UNAVAILABLE, r"Could not access KVM kernel module", QEMU, "7.2", "10.0"),
     _m(Meaning.KVM_UNAVAILABLE, r"failed to initialize kvm", QEMU, "7.2", "10.0"),
     _m(Meaning.PROPERTY_UNKNOWN, r"Property '[^']*' not found", QEMU, "7.2", "10.0"),
+    # A destination's load failure (migration/migration.c, migration/savevm.c).
+    _m(Meaning.LOAD_FAILED, r"load of migration failed", QEMU, "7.2", "10.0"),
+    _m(Meaning.LOAD_FAILED, r"error while loading state", QEMU, "7.2", "10.0"),
     # Vendor drivers, relayed by QEMU when the device open fails.
     _m(Meaning.KVM_REQUIRED, r"KVM is required to use Intel vGPU", "Intel GVT-g (i915)", "6.x"),
     _m(

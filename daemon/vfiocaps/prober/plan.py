@@ -81,6 +81,7 @@ class ProbePlan:
     settings: DeviceSettings = DeviceSettings()
     memory_mib: int = DEFAULT_MEMORY_MIB
     sandbox: bool = True
+    incoming: bool = False  # start as a migration destination (``-incoming defer``)
 
 
 def qemu_option_value(value: str) -> str:
@@ -112,8 +113,8 @@ def build_qemu_argv(binary: Path, plan: ProbePlan) -> tuple[str, ...]:
     """The complete QEMU command line for *plan*; pure (no I/O), raises nothing.
 
     A paused (``-S``) machine without defaults, user config, display or network, the QMP monitor
-    on the inherited socket *plan.qmp_fd*, ``-uuid`` (some vendor managers read it), and the
-    seccomp sandbox with every optional restriction.
+    on the inherited socket *plan.qmp_fd*, ``-uuid`` (some vendor managers read it),
+    ``-incoming defer`` for a load, and the seccomp sandbox with every optional restriction.
     """
     argv = [
         str(binary),
@@ -135,6 +136,8 @@ def build_qemu_argv(binary: Path, plan: ProbePlan) -> tuple[str, ...]:
         "-mon",
         f"chardev={QMP_CHARDEV_ID},mode=control",
     ]
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
     if plan.sandbox:
         argv += ["-sandbox", SANDBOX_OPTIONS]
     device = device_option(plan)

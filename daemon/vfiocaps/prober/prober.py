@@ -14,7 +14,9 @@ from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
 from ..process import ProcessStartError
 from .identity import QemuIdentity, QemuMissingError, binary_stat, read_identity
+from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
+from .migration import KernelMigrationFacts
 from .plan import Accel, machine_for_architecture
 from .sandbox import (
     NodeGrants,
@@ -162,6 +164,11 @@ class Prober:
                     stack.enter_context(self.grants.granted(kvm.node, identity.uid))
                 if kvm.usable and kvm.group is not None:
                     identity = identity.with_groups(kvm.group)
+            kernel: KernelMigrationFacts | None = None
+            if target is not None and node is not None:
+                kernel = await read_kernel_facts(
+                    self.config.dev_root, node, target.qemu_name, identity.credentials
+                )
             context = LaunchContext(
                 binary=qemu.path,
                 machine=machine,
@@ -172,11 +179,13 @@ class Prober:
                 timeout=self.config.probe_timeout,
                 environment=probe_environment(),
                 observer=self.observer,
+                stream_limit=self.config.migration_stream_limit,
             )
             strategy = ProbeStrategy(
                 vfio_pci_properties=qemu.vfio_pci_properties,
                 accel=accel,
                 device_names=(target.qemu_name,) if target else (),
+                kernel=kernel,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
             return await self._launches(context, strategy, attempt, run)

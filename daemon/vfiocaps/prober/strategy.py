@@ -1,13 +1,16 @@
 """Pure probe decisions: which launch comes next, and what the evidence of each launch means.
 
 A probe starts with the configuration most likely to tell everything in one launch (display and
-migration on ``auto``, cold-plugged, then a real ``migrate`` of the paused VM) and falls back
-only where QEMU's answer leaves a question open:
+migration on ``auto``, cold-plugged, then a real save of the paused VM) and falls back only
+where QEMU's answer leaves a question open:
 
 * ``opengl not available`` at realize: a dma-buf display that needs GL; relaunch with display off
   to learn about migration;
-* the migration of the paused VM fails in device dirty tracking (mtty): relaunch with
-  ``x-device-dirty-page-tracking=off,enable-migration=on`` and migrate again;
+* the save of the paused VM fails in device dirty tracking (mtty): the verdict for QEMU's
+  defaults is ``unsupported``; relaunch with ``x-device-dirty-page-tracking=off,
+  enable-migration=on`` and save again;
+* a save that completes: one more launch, ``-incoming defer``, loads the saved state into a
+  fresh QEMU on the same device (at most one such launch per probe);
 * ``failed to initialize kvm``: the same launch again with TCG.
 """
 
@@ -18,17 +21,24 @@ import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from ..capabilities import Capabilities, Display, Migration, ProbeOutcome
+from ..capabilities import Capabilities, Display, ProbeOutcome
 from .messages import Meaning, excerpt, findings, first_failure
+from .migration import (
+    DEVICE_DIRTY_TRACKING,
+    ENABLE_MIGRATION,
+    LOADED_RUNSTATES,
+    TRACKING_OFF_OPTIONS,
+    Configuration,
+    IncomingResult,
+    KernelMigrationFacts,
+    MigrationLedger,
+    MigrationResult,
+    destination_error,
+    migration_conditions,
+)
 from .plan import DEVICE_QOM_PATH, Accel, DeviceSettings, OnOffAuto
 
-ENABLE_MIGRATION = "enable-migration"
-DEVICE_DIRTY_TRACKING = "x-device-dirty-page-tracking"
-MAX_LAUNCHES = 4
-TRACKING_OFF_NOTE = (
-    "migrates only with x-device-dirty-page-tracking=off and enable-migration=on: the device "
-    "has no dirty page tracking of its own, QEMU then tracks dirty pages in the IOMMU container"
-)
+MAX_LAUNCHES = 5
 
 
 class Step(enum.Enum):
@@ -39,6 +49,7 @@ class Step(enum.Enum):
     DISPLAY_OFF = "display-off"  # the display is known; learn about migration
     MIGRATION_OFF = "migration-off"  # migration is known (refused at realize); learn the display
     TRACKING_OFF = "tracking-off"  # migrate again without device dirty tracking
+    LOAD = "load"  # -incoming defer: load the saved state into a fresh QEMU
 
 
 @dataclass(frozen=True)
@@ -65,17 +76,6 @@ class LaunchEnd(enum.Enum):
 
 
 @dataclass(frozen=True)
-class MigrationResult:
-    """The outcome of migrating the paused VM to a file."""
-
-    status: str  # QEMU's final status: completed, failed, cancelled
-    error: str = ""
-    device_bytes: int | None = None  # query-migrate "vfio" "transferred"
-    duration: float = 0.0
-    stream_bytes: int | None = None  # the size of the whole migration stream we received
-
-
-@dataclass(frozen=True)
 class LaunchObservation:
     """Everything one launch showed: how it ended, stderr, and what QMP answered."""
 
@@ -88,6 +88,7 @@ class LaunchObservation:
     consoles: Mapping[str, str] = field(default_factory=dict)  # console -> device QOM path
     blocked_reasons: tuple[str, ...] = ()
     migration: MigrationResult | None = None
+    incoming: IncomingResult | None = None
     qemu_version: str = ""
 
 
@@ -138,8 +139,9 @@ class Knowledge:
 
     display: Display = Display.UNKNOWN
     gl_required: bool = False
-    migration: Migration = Migration.UNKNOWN
-    blockers: tuple[str, ...] = ()
+    migration_settled: bool = False  # no further launch is needed for migration
+    ledger: MigrationLedger = field(default_factory=MigrationLedger)
+    loading: Configuration | None = None  # the configuration whose saved state awaits its load
     migration_notes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     qemu_version: str = ""
@@ -154,13 +156,16 @@ class ProbeStrategy:
         vfio_pci_properties: frozenset[str],
         accel: Accel,
         device_names: Iterable[str],
+        kernel: KernelMigrationFacts | None = None,
     ) -> None:
         self.properties = vfio_pci_properties
         self.accel = accel
         self.names = tuple(device_names)
+        self.kernel = kernel
         self.knowledge = Knowledge()
         self.launches = 0
         self._kvm_retried = False
+        self._loads = 0
 
     @property
     def can_disable_device_tracking(self) -> bool:
@@ -194,6 +199,8 @@ class ProbeStrategy:
                 stderr_excerpt=excerpt(obs.stderr),
                 notes=tuple(self.knowledge.notes),
             )
+        if obs.attempt.step is Step.LOAD:
+            return self._after_load(obs)
         if obs.end is LaunchEnd.CRASHED:
             return Verdict(
                 ProbeOutcome.CRASHED,
@@ -250,7 +257,7 @@ class ProbeStrategy:
                 know.display, know.gl_required = Display.DMABUF, True
             else:
                 know.display, know.gl_required = Display.NONE, False
-            if know.migration is not Migration.UNKNOWN:
+            if know.migration_settled:
                 return self._ok()
             display_off = self._settings(OnOffAuto.OFF, settings.migration)
             return Attempt(Step.DISPLAY_OFF, display_off, attempt.accel)
@@ -258,8 +265,8 @@ class ProbeStrategy:
             Meaning.MIGRATION_UNSUPPORTED,
             Meaning.DIRTY_TRACKING_UNSUPPORTED,
         ):
-            know.migration = Migration.UNSUPPORTED
-            know.blockers = (*know.blockers, _strip_option_prefix(failure.line))
+            know.ledger.refuse(_configuration(attempt), _strip_option_prefix(failure.line))
+            know.migration_settled = True
             if know.display is not Display.UNKNOWN or settings.display is OnOffAuto.OFF:
                 return self._ok()
             migration_off = self._settings(settings.display, OnOffAuto.OFF)
@@ -286,63 +293,122 @@ class ProbeStrategy:
         if settings.display is not OnOffAuto.OFF and know.display is Display.UNKNOWN:
             know.display = display_from_consoles(obs.consoles, DEVICE_QOM_PATH)
             know.gl_required = False
-        if know.migration is not Migration.UNKNOWN:
+        if know.migration_settled:
             return self._ok()
+        configuration = _configuration(attempt)
         mine, others = device_blockers(obs.blocked_reasons, self.names)
         if others:
             know.notes.append("migration blockers of other origin: " + "; ".join(others))
         if mine:
-            know.migration = Migration.UNSUPPORTED
-            know.blockers = (*know.blockers, *mine)
+            for blocker in mine:
+                know.ledger.refuse(configuration, blocker)
+            know.migration_settled = True
             return self._ok()
         result = obs.migration
         if result is None:
             know.notes.append("the migration of the paused VM was not attempted")
+            know.migration_settled = True
             return self._ok()
-        if result.status == "completed":
-            know.migration = Migration.SUPPORTED
-            if attempt.step is Step.TRACKING_OFF:
-                know.migration_notes.append(TRACKING_OFF_NOTE)
-            if result.device_bytes is not None:
-                know.migration_notes.append(
-                    f"device state saved: {result.device_bytes} bytes in {result.duration:.2f} s"
-                )
+        if result.status == "completed" or result.limit_exceeded:
+            if know.ledger.saved(configuration, result) and self._loads == 0:
+                self._loads += 1
+                know.loading = configuration
+                return Attempt(Step.LOAD, settings, attempt.accel)
+            know.migration_settled = True
             return self._ok()
         # QEMU 10 reports "ram_save_setup failed" to QMP; the cause is on stderr.
         tracking_failed = any(
             found.meaning is Meaning.DEVICE_DIRTY_TRACKING_FAILED
             for found in findings(f"{result.error}\n{obs.stderr}")
         )
+        know.ledger.refuse(configuration, result.error or f"migration {result.status}")
+        if tracking_failed and self.kernel is not None and self.kernel.dirty_tracking:
+            know.migration_notes.append(
+                "the kernel accepts DMA logging for the device (VFIO_DEVICE_FEATURE probe), "
+                "but QEMU could not read the log during the save"
+            )
         if (
             tracking_failed
-            and attempt.step is not Step.TRACKING_OFF
+            and configuration is Configuration.DEFAULTS
             and self.can_disable_device_tracking
         ):
-            know.migration_notes.append(
-                "with device dirty page tracking (the default) the migration fails: "
-                + (result.error or result.status)
-            )
+            know.ledger.options = TRACKING_OFF_OPTIONS
             retry = DeviceSettings(
                 display=OnOffAuto.OFF, migration=OnOffAuto.ON, device_dirty_tracking=False
             )
             return Attempt(Step.TRACKING_OFF, retry, attempt.accel)
-        know.migration = Migration.UNSUPPORTED
-        know.blockers = (*know.blockers, result.error or f"migration {result.status}")
+        know.migration_settled = True
+        return self._ok()
+
+    # -- the load side of a round trip ---------------------------------------------------
+
+    def _after_load(self, obs: LaunchObservation) -> Attempt | Verdict:
+        """Judge the destination: paused, device realized, migration completed, and no load
+        error on its stderr (nothing reported lost)."""
+        know = self.knowledge
+        configuration = know.loading or Configuration.DEFAULTS
+        know.loading = None
+        know.migration_settled = True
+        if obs.end is LaunchEnd.TIMEOUT:
+            return Verdict(
+                ProbeOutcome.TIMEOUT,
+                error="QEMU (load) did not finish in time and was killed",
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(know.notes),
+            )
+        failure = first_failure(f"{obs.stderr}\n{obs.qmp_error}")
+        if failure is not None and failure.meaning is Meaning.BUSY:
+            return Verdict(
+                ProbeOutcome.BUSY,
+                error=failure.line,
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(know.notes),
+            )
+        incoming = obs.incoming
+        reported_lost = any(found.meaning is Meaning.LOAD_FAILED for found in findings(obs.stderr))
+        if (
+            obs.end is LaunchEnd.QUIT
+            and not reported_lost
+            and incoming is not None
+            and incoming.status == "completed"
+            and incoming.runstate in LOADED_RUNSTATES
+            and incoming.realized is True
+        ):
+            know.ledger.loaded(configuration, incoming)
+            return self._ok()
+        error = destination_error(obs.stderr, obs.qmp_error, incoming)
+        if obs.end is LaunchEnd.CRASHED:
+            error = f"the destination QEMU {describe_status(obs.exit_status)}: {error}"
+        know.ledger.load_failed(configuration, error, incoming.duration if incoming else 0.0)
         return self._ok()
 
     # -- verdicts ------------------------------------------------------------------------
 
     def _ok(self) -> Verdict:
         know = self.knowledge
+        ledger = know.ledger
+        migration, blockers, with_options, options = ledger.published()
+        proven = ledger.proven()
+        kernel = self.kernel
+        observable = kernel is not None and kernel.observable
+        best = with_options if options else migration
         return Verdict(
             ProbeOutcome.OK,
             Capabilities(
                 display=know.display,
                 gl_required=know.gl_required,
-                migration=know.migration,
-                migration_blockers=know.blockers,
-                migration_notes=tuple(know.migration_notes),
+                migration=migration,
+                migration_blockers=blockers,
+                migration_notes=(*know.migration_notes, *ledger.option_notes(), *ledger.notes),
                 qemu_version=know.qemu_version,
+                migration_options=options,
+                migration_with_options=with_options,
+                migration_state_bytes=proven.state_bytes if proven else 0,
+                migration_save_seconds=proven.save_seconds if proven else 0.0,
+                migration_load_seconds=proven.load_seconds if proven else 0.0,
+                migration_flags=kernel.flags if kernel is not None and observable else (),
+                device_dirty_tracking=kernel.dirty_tracking if kernel and observable else None,
+                migration_conditions=migration_conditions(best, options, know.qemu_version, kernel),
             ),
             notes=tuple(know.notes),
         )
@@ -354,6 +420,14 @@ class ProbeStrategy:
             stderr_excerpt=excerpt(f"{obs.stderr}\n{obs.qmp_error}".strip()),
             notes=tuple(self.knowledge.notes),
         )
+
+
+def _configuration(attempt: Attempt) -> Configuration:
+    """The migration configuration a launch's settings stand for."""
+    settings = attempt.settings
+    if settings is not None and settings.device_dirty_tracking is False:
+        return Configuration.OPTIONS
+    return Configuration.DEFAULTS
 
 
 def describe_status(status: int | None) -> str:

@@ -74,6 +74,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 4: migration per configuration (QEMU's defaults, the device's options), proven by a round
+    # trip, with the state size, save/load times, the kernel's flags and the conditions.
+    # Until now "supported" meant "the state saved", possibly only with device options: those
+    # answers are dropped so that the devices are probed again.
+    (
+        "ALTER TABLE capabilities ADD COLUMN migration_with_options TEXT NOT NULL "
+        "DEFAULT 'unknown'",
+        "ALTER TABLE capabilities ADD COLUMN migration_options TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE capabilities ADD COLUMN migration_state_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE capabilities ADD COLUMN migration_save_seconds REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE capabilities ADD COLUMN migration_load_seconds REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE capabilities ADD COLUMN migration_flags TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE capabilities ADD COLUMN device_dirty_tracking INTEGER",
+        "ALTER TABLE capabilities ADD COLUMN migration_conditions TEXT NOT NULL DEFAULT '[]'",
+        "UPDATE capabilities SET migration_with_options = migration "
+        "WHERE migration = 'unsupported'",
+        "DELETE FROM capabilities WHERE outcome = 'ok' AND migration = 'supported'",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

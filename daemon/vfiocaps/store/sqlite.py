@@ -15,7 +15,14 @@ from typing import Any
 
 import aiosqlite
 
-from ..capabilities import Capabilities, Display, Migration, ProbeOutcome
+from ..capabilities import (
+    Capabilities,
+    Decider,
+    Display,
+    Migration,
+    MigrationCondition,
+    ProbeOutcome,
+)
 from ..errors import StoreError
 from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -44,6 +51,14 @@ _RECORD_COLUMNS = (
     "probed_at_us",
     "retry_at_us",
     "failures",
+    "migration_with_options",
+    "migration_options",
+    "migration_state_bytes",
+    "migration_save_seconds",
+    "migration_load_seconds",
+    "migration_flags",
+    "device_dirty_tracking",
+    "migration_conditions",
 )
 
 
@@ -79,6 +94,23 @@ def _row_to_record(row: Sequence[Any]) -> CapabilityRecord:
             migration_blockers=tuple(json.loads(values["blockers"])),
             migration_notes=tuple(json.loads(values["notes"])),
             qemu_version=key.qemu_version,
+            migration_options=tuple(
+                (str(name), str(value)) for name, value in json.loads(values["migration_options"])
+            ),
+            migration_with_options=Migration(values["migration_with_options"]),
+            migration_state_bytes=int(values["migration_state_bytes"]),
+            migration_save_seconds=float(values["migration_save_seconds"]),
+            migration_load_seconds=float(values["migration_load_seconds"]),
+            migration_flags=tuple(str(flag) for flag in json.loads(values["migration_flags"])),
+            device_dirty_tracking=(
+                None
+                if values["device_dirty_tracking"] is None
+                else bool(values["device_dirty_tracking"])
+            ),
+            migration_conditions=tuple(
+                MigrationCondition(str(name), Migration(verdict), Decider(decider), str(reason))
+                for name, verdict, decider, reason in json.loads(values["migration_conditions"])
+            ),
         )
     return CapabilityRecord(
         key=key,
@@ -105,6 +137,21 @@ def _record_to_row(record: CapabilityRecord) -> tuple[Any, ...]:
         record.probed_at_us,
         record.retry_at_us,
         record.failures,
+        (caps.migration_with_options if caps else Migration.UNKNOWN).value,
+        json.dumps([list(pair) for pair in caps.migration_options] if caps else []),
+        caps.migration_state_bytes if caps else 0,
+        caps.migration_save_seconds if caps else 0.0,
+        caps.migration_load_seconds if caps else 0.0,
+        json.dumps(list(caps.migration_flags) if caps else []),
+        None
+        if caps is None or caps.device_dirty_tracking is None
+        else int(caps.device_dirty_tracking),
+        json.dumps(
+            [
+                [c.condition, c.verdict.value, c.decided_by.value, c.reason]
+                for c in (caps.migration_conditions if caps else ())
+            ]
+        ),
     )
 
 
