@@ -64,6 +64,11 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert xml.returncode == 0
     assert xml.stdout.startswith("<hostdev mode='subsystem' type='mdev'")
     assert ctl_json(lab.bus, "xml", mtty)["xml"].startswith("<hostdev")
+    local = ctl_json(lab.bus, "xml", mbochs, "--viewer", "local")
+    assert "type='spice'" in local["parts"]["graphics"]
+    assert local["xml"].startswith(local["parts"]["hostdev"])
+    assert "<graphics type='egl-headless'>" in xml.stdout
+    assert ctl(lab.bus, "xml", mbochs, "--viewer", "vnc").returncode == 2
 
     refreshed = ctl_json(lab.bus, "refresh", mtty)
     assert refreshed["ProbeState"] == "done"

@@ -468,6 +468,7 @@ def test_unprivileged_user_cannot_set_properties_or_call_unlisted_methods(
         ("org.vfiocaps1.Manager.GetCapabilities", ("0000:00:02.0",)),
         ("org.vfiocaps1.Manager.ListTypes", ()),
         ("org.vfiocaps1.Manager.DomainXml", ("0000:00:02.0",)),
+        ("org.vfiocaps1.Manager.DomainXmlParts", ("0000:00:02.0", "remote")),
     ],
 )
 def test_methods_pass_the_bus_so_that_the_daemon_decides(

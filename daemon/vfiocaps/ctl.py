@@ -16,6 +16,7 @@ from .bus.connection import close_bus, connect_bus
 from .capabilities import ProbeOutcome, ProbeReport
 from .client import ClientError, Column, VfiocapsClient, as_json, key_values, table
 from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu_binary
+from .domainxml import DomainParts, Viewer
 from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
 from .prober import Prober, ProbeTarget
 from .prober.target import PCI_ADDRESS_RE, UUID_RE
@@ -232,8 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invalidate.add_argument("driver", metavar="DRIVER", help="kernel module, e.g. nvidia")
     _json_flag(invalidate)
-    xml = commands.add_parser("xml", help="libvirt <hostdev> XML for a device")
+    xml = commands.add_parser(
+        "xml",
+        help="libvirt XML for a device: <hostdev>, <graphics>, <video>, <qemu:override>",
+        description="Print the libvirt domain XML a device needs: its <hostdev>, the "
+        "<graphics> and <video> elements its display needs, and the <qemu:override> it needs "
+        "to migrate, each with a comment saying where it goes; --json gives the parts by name.",
+    )
     xml.add_argument("id", metavar="ID")
+    xml.add_argument(
+        "--viewer",
+        choices=[viewer.value for viewer in Viewer],
+        default=Viewer.REMOTE.value,
+        help="where the display is watched: remote (VNC, default) or local (SPICE with OpenGL "
+        "for a dma-buf display)",
+    )
     _json_flag(xml)
     _json_flag(commands.add_parser("monitor", help="print device and cache changes as they happen"))
     _add_probe_parser(commands)
@@ -262,8 +276,12 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
         count = await client.invalidate(args.driver)
         print(as_json({"records": count}) if want_json else f"{count} records dropped")
     elif command == "xml":
-        xml = await client.domain_xml(args.id)
-        print(as_json({"xml": xml}) if want_json else xml, end="" if not want_json else "\n")
+        parts = await client.domain_xml_parts(args.id, args.viewer)
+        xml = DomainParts.from_names(parts).fragment()
+        print(
+            as_json({"xml": xml, "parts": parts}) if want_json else xml,
+            end="" if not want_json else "\n",
+        )
     elif command == "monitor":
         async for event in client.changes():
             if want_json:

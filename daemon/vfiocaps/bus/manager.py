@@ -18,7 +18,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from .. import __version__
 from .calls import mapped_errors
 from .names import MANAGER_INTERFACE
-from .values import DBusCapabilities, DBusCapabilityList, DBusPathList
+from .values import DBusCapabilities, DBusCapabilityList, DBusPathList, DBusStrDict
 
 
 class ManagerBackend(Protocol):
@@ -37,6 +37,8 @@ class ManagerBackend(Protocol):
     async def invalidate(self, driver: str) -> int: ...
 
     async def domain_xml(self, device_id: str) -> str: ...
+
+    async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]: ...
 
     async def probe_type(self, parent: str, type_id: str) -> DBusCapabilities: ...
 
@@ -158,6 +160,11 @@ class ManagerInterface(ServiceInterface):
     @mapped_errors("DomainXml")
     async def DomainXml(self, id: DBusStr) -> DBusStr:
         return await self._backend.domain_xml(id)
+
+    @dbus_method()
+    @mapped_errors("DomainXmlParts")
+    async def DomainXmlParts(self, id: DBusStr, viewer: DBusStr) -> DBusStrDict:
+        return await self._backend.domain_xml_parts(id, viewer)
 
     @dbus_signal()
     def CacheInvalidated(
