@@ -20,6 +20,7 @@ from .discovery import Discovery
 from .engine import DeviceView, Engine, EngineStatus
 from .errors import BusError, NameTakenError, VfiocapsError
 from .model import Device, Parent
+from .nfdlabels import FeatureFile, NfdLabelWriter
 from .notify import Notifier, NotifyError, watchdog_interval
 from .prober import Prober, ProbeTarget
 from .store import CapabilityStore, QemuIdentity
@@ -169,6 +170,13 @@ async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
         log.error("watchdog pings stopped: %s", err)
 
 
+def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
+    """The NFD label writer the configuration asks for, or None."""
+    if config.nfd_features_dir is None:
+        return None
+    return NfdLabelWriter(FeatureFile(config.nfd_features_dir), engine.types)
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run the daemon until *stop* is set.
 
@@ -186,6 +194,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         CapabilityStore(config.database_path),
     )
     adaptor = BusAdaptor(bus, engine, config)
+    labels = label_writer(config, engine)
     engine_task: asyncio.Task[None] | None = None
     notifier = _notifier()
     reporter = ServiceStatus(notifier) if notifier else None
@@ -209,6 +218,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if engine_task.done() or stop.is_set():
             await _stop_early(engine_task)
             return
+        if labels is not None:  # from a learned host on: never an empty file at start
+            engine.subscribe(labels)
+            labels.changed()
         bus.announcing = True
         await own_name(bus)
         named = True
@@ -246,6 +258,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if reporter is not None:
             engine.unsubscribe(reporter)
             await reporter.close()
+        if labels is not None:
+            engine.unsubscribe(labels)
+            await labels.close()
         if named:
             await release_name(bus)
         # Clients saw the name go; one InterfacesRemoved per device (thousands of them) would

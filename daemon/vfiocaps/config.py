@@ -105,6 +105,8 @@ class Config:
     probe_retry_seconds: float = 30.0
     probe_types_without_instances: bool = False
     watchdog_usec: int = 0
+    # node-feature-discovery's local source directory; None: no labels are published.
+    nfd_features_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -118,6 +120,10 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, Path) or not value.is_absolute():
                 raise ConfigError(f"{name} must be an absolute path, got {value!r}")
+        if self.nfd_features_dir is not None and not self.nfd_features_dir.is_absolute():
+            raise ConfigError(
+                f"the NFD features directory must be absolute: {self.nfd_features_dir}"
+            )
         if not 0 < self.probe_timeout <= 3600:
             raise ConfigError(
                 f"probe timeout must be in (0, 3600] seconds, got {self.probe_timeout}"

@@ -25,6 +25,7 @@ from .errors import ConfigError, VfiocapsError
 from .hardening import forbid_new_privileges
 from .journal import setup_logging
 from .memory import return_large_buffers
+from .nfdlabels import DEFAULT_FEATURES_DIR
 
 log = logging.getLogger("vfiocaps")
 
@@ -77,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create a temporary instance to probe a type nobody has instantiated yet",
     )
+    parser.add_argument(
+        "--nfd-labels",
+        nargs="?",
+        type=_absolute,
+        const=DEFAULT_FEATURES_DIR,
+        metavar="DIR",
+        help="publish each device type's answers as node-feature-discovery labels in a feature "
+        f"file in DIR (default: {DEFAULT_FEATURES_DIR}); off unless given",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
     return parser
@@ -109,6 +119,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
+        "nfd_features_dir": args.nfd_labels,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")
