@@ -54,7 +54,16 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert shown["Display"] == "none"
     assert shown["Migration"] == "supported"
     assert shown["MigrationNotes"]
-    assert "SysfsPath" in ctl(lab.bus, "show", mtty).stdout
+    assert shown["DomainXmlParts"]["hostdev"].startswith("<hostdev")
+    text = ctl(lab.bus, "show", mbochs).stdout
+    assert f"{mbochs}: mdev of type mbochs-small" in text
+    assert "display    dmabuf: dma-buf display: needs OpenGL" in text
+    assert "OpenGL     required" in text
+    assert "QEMU 10.0.13" in text
+    assert "driver      mbochs" in text
+    assert "blocker" in text
+    assert "<graphics type='egl-headless'>" in text
+    assert "type='spice'" in ctl(lab.bus, "show", mbochs, "--viewer", "local").stdout
 
     types = ctl_json(lab.bus, "types")
     assert len(types) == 8

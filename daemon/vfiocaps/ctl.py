@@ -18,6 +18,7 @@ from .client import ClientError, Column, VfiocapsClient, as_json, key_values, ta
 from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu_binary
 from .domainxml import DomainParts, Viewer
 from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
+from .explain import explain
 from .prober import Prober, ProbeTarget
 from .prober.target import PCI_ADDRESS_RE, UUID_RE
 
@@ -203,6 +204,16 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
 
+def _viewer_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--viewer",
+        choices=[viewer.value for viewer in Viewer],
+        default=Viewer.REMOTE.value,
+        help="where the display is watched: remote (VNC, default) or local (SPICE with OpenGL "
+        "for a dma-buf display)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vfiocapsctl`` command line."""
     parser = argparse.ArgumentParser(
@@ -221,8 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _json_flag(commands.add_parser("status", help="the daemon's state"))
     _json_flag(commands.add_parser("list", help="every device and its capabilities"))
-    show = commands.add_parser("show", help="one device, every property")
+    show = commands.add_parser(
+        "show",
+        help="one device: its answer, the evidence, and its libvirt XML",
+        description="Print what a device can do (display, OpenGL, migration), the evidence "
+        "for it (QEMU version, driver, migration blockers and notes, the last error) and the "
+        "libvirt XML a VM with it needs. --json gives every Device property and the XML parts.",
+    )
     show.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
+    _viewer_option(show)
     _json_flag(show)
     _json_flag(commands.add_parser("types", help="every mdev type and what is known of it"))
     refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")
@@ -241,13 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to migrate, each with a comment saying where it goes; --json gives the parts by name.",
     )
     xml.add_argument("id", metavar="ID")
-    xml.add_argument(
-        "--viewer",
-        choices=[viewer.value for viewer in Viewer],
-        default=Viewer.REMOTE.value,
-        help="where the display is watched: remote (VNC, default) or local (SPICE with OpenGL "
-        "for a dma-buf display)",
-    )
+    _viewer_option(xml)
     _json_flag(xml)
     _json_flag(commands.add_parser("monitor", help="print device and cache changes as they happen"))
     _add_probe_parser(commands)
@@ -265,7 +277,15 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
         print(as_json(devices) if want_json else table(devices, DEVICE_COLUMNS))
     elif command == "show":
         values = await client.device(args.id)
-        print(as_json(values) if want_json else key_values(values))
+        parts, why = None, ""
+        try:
+            parts = await client.domain_xml_parts(args.id, args.viewer)
+        except ClientError as err:
+            why = err.message or err.name
+        if want_json:
+            print(as_json({**values, "DomainXmlParts": parts} if parts else values))
+        else:
+            print(explain(values, parts, why, args.viewer), end="")
     elif command == "types":
         types = await client.types()
         print(as_json(types) if want_json else table(types, TYPE_COLUMNS))
