@@ -225,6 +225,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await own_name(bus)
         named = True
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+        if config.emulated:
+            log.warning("this host is emulated: the answers describe no real hardware")
         if notifier is not None and reporter is not None:
             engine.subscribe(reporter)
             await _notify(notifier.ready(f"serving {BUS_NAME}"))

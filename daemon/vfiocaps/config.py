@@ -107,6 +107,8 @@ class Config:
     watchdog_usec: int = 0
     # node-feature-discovery's local source directory; None: no labels are published.
     nfd_features_dir: Path | None = None
+    # The host is an emulation (a demonstration): every answer is marked as such.
+    emulated: bool = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -275,6 +275,7 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
     elif command == "list":
         devices = await client.devices()
         print(as_json(devices) if want_json else table(devices, DEVICE_COLUMNS))
+        await _warn_if_emulated(client)
     elif command == "show":
         values = await client.device(args.id)
         parts, why = None, ""
@@ -285,10 +286,12 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
         if want_json:
             print(as_json({**values, "DomainXmlParts": parts} if parts else values))
         else:
-            print(explain(values, parts, why, args.viewer), end="")
+            emulated = bool((await client.manager_properties()).get("Emulated"))
+            print(explain(values, parts, why, args.viewer, emulated), end="")
     elif command == "types":
         types = await client.types()
         print(as_json(types) if want_json else table(types, TYPE_COLUMNS))
+        await _warn_if_emulated(client)
     elif command == "refresh":
         values = await client.refresh(args.id)
         print(as_json(values) if want_json else key_values(values))
@@ -309,6 +312,14 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
             else:
                 print(_describe_event(event), flush=True)
     return EXIT_OK
+
+
+async def _warn_if_emulated(client: VfiocapsClient) -> None:
+    if (await client.manager_properties()).get("Emulated"):
+        print(
+            "vfiocapsctl: an emulated host: these answers describe no real hardware",
+            file=sys.stderr,
+        )
 
 
 def _describe_event(event: dict[str, Any]) -> str:

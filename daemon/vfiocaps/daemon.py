@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish each device type's answers as node-feature-discovery labels in a feature "
         f"file in DIR (default: {DEFAULT_FEATURES_DIR}); off unless given",
     )
+    parser.add_argument(
+        "--emulated",
+        action="store_true",
+        help="mark every answer as coming from an emulated host (for a demonstration)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
     return parser
@@ -110,6 +115,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
         "qemu_binary": args.qemu or default_qemu_binary(),
         "probe_types_without_instances": args.probe_types_without_instances,
+        "emulated": args.emulated,
     }
     optional = {
         "sysfs_root": args.sysfs_root,

@@ -109,6 +109,7 @@ class BusAdaptor:
                 device_count=status.device_count,
                 probe_count=status.probes_launched,
                 cache_state=status.cache_state,
+                emulated=self._config.emulated,
             )
         )
 

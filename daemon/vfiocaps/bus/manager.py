@@ -55,6 +55,7 @@ class ManagerState:
     device_count: int = 0
     probe_count: int = 0
     cache_state: str = "ok"
+    emulated: bool = False
 
 
 _PROPERTY_NAMES = {
@@ -66,6 +67,7 @@ _PROPERTY_NAMES = {
     "device_count": "DeviceCount",
     "probe_count": "ProbeCount",
     "cache_state": "CacheState",
+    "emulated": "Emulated",
 }
 
 
@@ -120,6 +122,10 @@ class ManagerInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def CacheState(self) -> DBusStr:
         return self._state.cache_state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Emulated(self) -> DBusBool:
+        return self._state.emulated
 
     @dbus_method()
     @mapped_errors("ListDevices")
