@@ -69,6 +69,14 @@ def test_labels_of_probed_types() -> None:
     }
 
 
+def test_an_emulated_host_says_so() -> None:
+    labels = labels_of([type_view("mtty", "mtty-1", MTTY)], emulated=True)
+    assert labels[P + "emulated"] == "true"
+    assert P + "emulated" not in labels_of([type_view("mtty", "mtty-1", MTTY)])
+    for key, value in labels.items():
+        assert label_problem(key, value) is None
+
+
 def test_fingerprint_hook_and_parents_that_disagree() -> None:
     types = [
         type_view("0000:65:00.0", "nvidia-474", MDPY),

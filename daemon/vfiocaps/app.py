@@ -174,7 +174,8 @@ def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
     """The NFD label writer the configuration asks for, or None."""
     if config.nfd_features_dir is None:
         return None
-    return NfdLabelWriter(FeatureFile(config.nfd_features_dir), engine.types)
+    feature_file = FeatureFile(config.nfd_features_dir)
+    return NfdLabelWriter(feature_file, engine.types, emulated=config.emulated)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

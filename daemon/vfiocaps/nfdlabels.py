@@ -18,7 +18,9 @@ where the id is not a valid label name)::
     vfiocaps.feature.node.kubernetes.io/<type>.migration-with-options=...  (when options exist)
     vfiocaps.feature.node.kubernetes.io/<type>.migration-fingerprint=<12 hex> (when known)
 
-A type offered by several parents whose answers differ gets the value ``mixed``.
+A type offered by several parents whose answers differ gets the value ``mixed``. On an emulated
+host (``vfiocapsd --emulated``) the file also says ``vfiocaps.feature.node.kubernetes.io/emulated``
+(value ``true``), so that no scheduler takes a demonstration for hardware.
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ def _answers(caps: Capabilities, fingerprint: str) -> dict[str, str]:
     return values
 
 
-def labels_of(types: list[TypeView], fingerprint_of: FingerprintOf | None = None) -> dict[str, str]:
+EMULATED_LABEL = f"{LABEL_PREFIX}/emulated"
+
+
+def labels_of(
+    types: list[TypeView], fingerprint_of: FingerprintOf | None = None, emulated: bool = False
+) -> dict[str, str]:
     """The labels of every probed type in *types*, by full label name."""
     per_token: dict[str, dict[str, set[str]]] = {}
     for view in types:
@@ -101,11 +108,13 @@ def labels_of(types: list[TypeView], fingerprint_of: FingerprintOf | None = None
         answers = per_token.setdefault(type_token(view.type_id), {})
         for key, value in _answers(view.capabilities, fingerprint).items():
             answers.setdefault(key, set()).add(value)
-    return {
-        f"{LABEL_PREFIX}/{token}.{key}": values.pop() if len(values) == 1 else MIXED
+    labels = {EMULATED_LABEL: "true"} if emulated else {}
+    labels.update(
+        (f"{LABEL_PREFIX}/{token}.{key}", values.pop() if len(values) == 1 else MIXED)
         for token, answers in sorted(per_token.items())
         for key, values in sorted(answers.items())
-    }
+    )
+    return labels
 
 
 def render(labels: dict[str, str]) -> tuple[str, int]:
@@ -200,10 +209,12 @@ class NfdLabelWriter:
         types: Callable[[], list[TypeView]],
         fingerprint_of: FingerprintOf | None = None,
         settle: float = SETTLE_SECONDS,
+        emulated: bool = False,
     ) -> None:
         self._file = feature_file
         self._types = types
         self._fingerprint_of = fingerprint_of
+        self._emulated = emulated
         self._settle = settle
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
@@ -225,7 +236,7 @@ class NfdLabelWriter:
     async def update(self) -> None:
         """Bring the file up to date now. Raises nothing: a failure is logged and retried at
         the next change."""
-        text, left_out = render(labels_of(self._types(), self._fingerprint_of))
+        text, left_out = render(labels_of(self._types(), self._fingerprint_of, self._emulated))
         if self._written is None:
             self._written = await asyncio.to_thread(self._file.read)
         if text == self._written:
