@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -214,3 +215,21 @@ def test_the_daemon_keeps_the_labels_in_step(lab: Lab) -> None:
     wait_until(lambda: P + "mdpy-xga.display" not in labels(), 20, "mdpy's labels to go")
     assert labels()[P + "mtty-1.display"] == "region"
     assert "Traceback" not in daemon.log()
+
+
+async def test_an_unwritable_directory_is_reported_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    types = [type_view("mtty", "mtty-1", MTTY)]
+    writer = NfdLabelWriter(FeatureFile(blocked), lambda: list(types))
+    with caplog.at_level(logging.DEBUG, logger="vfiocaps.nfdlabels"):
+        await writer.update()
+        await writer.update()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "cannot write the NFD feature file" in warnings[0].getMessage()
+    blocked.unlink()
+    await writer.update()
+    assert read_labels(blocked / "vfiocaps")[P + "mtty-1.display"] == "none"

@@ -219,6 +219,7 @@ class NfdLabelWriter:
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self._written: str | None = None
+        self._problem = ""
 
     def changed(self) -> None:
         """Something may have changed: update the file a moment from now (one task at most)."""
@@ -251,9 +252,13 @@ class NfdLabelWriter:
         try:
             await asyncio.to_thread(self._file.write, text)
         except OSError as err:
-            log.warning("cannot write the NFD feature file %s: %s", self._file.path, err)
+            # Said once per distinct failure, not at every change of a host in an event storm.
+            problem = f"cannot write the NFD feature file {self._file.path}: {err}"
+            log.log(logging.DEBUG if problem == self._problem else logging.WARNING, "%s", problem)
+            self._problem = problem
             self._written = None
             return
+        self._problem = ""
         self._written = text
         log.info("NFD labels written to %s", self._file.path)
 
