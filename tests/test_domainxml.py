@@ -131,6 +131,9 @@ def test_every_part_validates_in_a_minimal_domain(
         found = [(p.get("name"), p.get("type"), p.get("value")) for p in override.iter()]
         assert found[2:] == [(name, "string", value) for name, value in options]
         assert parts["domain-namespace"] == f"xmlns:qemu='{QEMU_NAMESPACE}'"
+        assert (
+            "unsupported with QEMU's defaults, supported with the qemu-override" in parts["notes"]
+        )
     else:
         assert hostdev.find("alias") is None
         assert "qemu-override" not in parts

@@ -188,7 +188,12 @@ def domain_parts(
             "such a domain tainted (custom-device)"
         )
     detail = "; ".join(caps.migration_blockers or caps.migration_notes)
-    notes.append(f"Migration: {caps.migration.value}{': ' + detail if detail else ''}")
+    verdict = caps.migration.value
+    if caps.migration_options:
+        verdict += (
+            f" with QEMU's defaults, {caps.migration_with_options.value} with the qemu-override"
+        )
+    notes.append(f"Migration: {verdict}{': ' + detail if detail else ''}")
     return DomainParts(hostdev, graphics, video, override, tuple(notes))
 
 
