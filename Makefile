@@ -24,6 +24,8 @@ UDEVRULESDIR ?= $(PREFIX)/lib/udev/rules.d
 DBUSPOLICYDIR ?= $(PREFIX)/share/dbus-1/system.d
 DBUSSERVICEDIR ?= $(PREFIX)/share/dbus-1/system-services
 POLKITACTIONDIR ?= $(PREFIX)/share/polkit-1/actions
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
 
 BUILDDIR ?= build/system
 PIP_FLAGS ?= --no-deps --no-build-isolation --no-index --ignore-installed \
@@ -76,6 +78,10 @@ install-data:
 		$(DESTDIR)$(DBUSSERVICEDIR)/org.vfiocaps.service
 	$(INSTALL) -D -m 0644 polkit/org.vfiocaps.policy \
 		$(DESTDIR)$(POLKITACTIONDIR)/org.vfiocaps.policy
+	$(INSTALL) -D -m 0644 man/vfiocapsctl.1 $(DESTDIR)$(MANDIR)/man1/vfiocapsctl.1
+	$(INSTALL) -D -m 0644 man/vfiocapsd.8 $(DESTDIR)$(MANDIR)/man8/vfiocapsd.8
+	$(INSTALL) -D -m 0644 completion/vfiocapsctl $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsctl
+	$(INSTALL) -D -m 0644 completion/vfiocapsd $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsd
 
 uninstall:
 	@test -n "$(VERSION)" || { echo "cannot read the version from pyproject.toml" >&2; exit 1; }
@@ -85,6 +91,8 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUSPOLICYDIR)/org.vfiocaps.conf
 	rm -f $(DESTDIR)$(DBUSSERVICEDIR)/org.vfiocaps.service
 	rm -f $(DESTDIR)$(POLKITACTIONDIR)/org.vfiocaps.policy
+	rm -f $(DESTDIR)$(MANDIR)/man1/vfiocapsctl.1 $(DESTDIR)$(MANDIR)/man8/vfiocapsd.8
+	rm -f $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsctl $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsd
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(PROGRAMS))
 	rm -rf $(DESTDIR)$(PURELIB)/vfiocaps $(DESTDIR)$(PURELIB)/vfiocaps-$(VERSION).dist-info
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import contract
 from daemon_lab import Lab, capabilities, manager_property
 from harness import BUS_NAME, ROOT_PATH, busctl, gdbus
+from libvirt_domain import minimal_domain, validate
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"
@@ -129,8 +131,40 @@ def test_domain_xml_follows_the_truth(lab: Lab) -> None:
     assert "display='on' ramfb='on'" in xml_mdpy
     assert "<gl enable='yes'/>" not in xml_mdpy
     assert "display='on' ramfb='on'" in xml_mbochs
-    assert "<gl enable='yes'/>" in xml_mbochs
+    assert "<graphics type='egl-headless'>" in xml_mbochs
     assert "Migration: unsupported" in xml_mbochs
+
+
+def test_domain_xml_parts_validate_against_libvirt_schema(lab: Lab, tmp_path: Path) -> None:
+    lab.host.build("samples")
+    lab.start()
+    mtty = lab.host.add_instance("mtty", "mtty-1")
+    mdpy = lab.host.add_instance("mdpy", "mdpy-xga")
+    mbochs = lab.host.add_instance("mbochs", "mbochs-medium")
+    lab.wait_states({mtty: "done", mdpy: "done", mbochs: "done"})
+    graphics: dict[tuple[str, str], str] = {}
+    for device in (mtty, mdpy, mbochs):
+        for viewer in ("local", "remote"):
+            (answer,) = call_json(lab, "DomainXmlParts", "ss", device, viewer)
+            parts = dict(answer)
+            domain = minimal_domain(parts)
+            result = validate(domain, tmp_path / device / viewer)
+            assert result.returncode == 0, result.stderr + domain
+            graphics[device, viewer] = parts.get("graphics", "")
+            assert f"<address uuid='{device}'/>" in parts["hostdev"]
+    assert graphics[mtty, "local"] == graphics[mtty, "remote"] == ""
+    assert graphics[mdpy, "local"] == graphics[mdpy, "remote"] == "<graphics type='vnc'/>"
+    assert "type='spice'" in graphics[mbochs, "local"]
+    assert "type='egl-headless'" in graphics[mbochs, "remote"]
+    # The lab has no DRM render node: the notes say so and no rendernode is named.
+    assert "rendernode" not in graphics[mbochs, "remote"]
+    assert "render node" in call_json(lab, "DomainXmlParts", "ss", mbochs, "")[0]["notes"]
+    refused = busctl(
+        lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "DomainXmlParts", "ss", mdpy,
+        "vnc", check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "'local' or 'remote'" in refused.stderr
 
 
 def test_list_types_reports_probed_types(lab: Lab) -> None:

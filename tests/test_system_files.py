@@ -30,7 +30,20 @@ UDEV_RULE = f"{PREFIX}/lib/udev/rules.d/70-vfiocaps.rules"
 BUS_POLICY = f"{PREFIX}/share/dbus-1/system.d/org.vfiocaps.conf"
 BUS_SERVICE = f"{PREFIX}/share/dbus-1/system-services/org.vfiocaps.service"
 POLKIT_POLICY = f"{PREFIX}/share/polkit-1/actions/org.vfiocaps.policy"
-INSTALLED_DATA = (UNIT, SYSUSERS, UDEV_RULE, BUS_POLICY, BUS_SERVICE, POLKIT_POLICY)
+MAN_PAGES = (f"{PREFIX}/share/man/man1/vfiocapsctl.1", f"{PREFIX}/share/man/man8/vfiocapsd.8")
+COMPLETIONS = tuple(
+    f"{PREFIX}/share/bash-completion/completions/{name}" for name in ("vfiocapsctl", "vfiocapsd")
+)
+INSTALLED_DATA = (
+    UNIT,
+    SYSUSERS,
+    UDEV_RULE,
+    BUS_POLICY,
+    BUS_SERVICE,
+    POLKIT_POLICY,
+    *MAN_PAGES,
+    *COMPLETIONS,
+)
 PROGRAMS = (f"{PREFIX}/bin/vfiocapsd", f"{PREFIX}/bin/vfiocapsctl")
 HOST_UNIT_DIR = Path("/lib/systemd/system")
 SYSTEM_BUS_CONFIG = Path("/usr/share/dbus-1/system.conf")
@@ -83,6 +96,18 @@ def test_install_puts_every_file_in_place_with_the_prefix_substituted(destdir: P
     assert "@bindir@" not in unit
     activation = (destdir / BUS_SERVICE.lstrip("/")).read_text()
     assert "Exec=/usr/bin/vfiocapsd --system\n" in activation
+
+
+def test_man_finds_the_installed_pages(destdir: Path) -> None:
+    manpath = destdir / "usr/share/man"
+    env = {**os.environ, "MANPAGER": "cat", "MANWIDTH": "80", "LC_ALL": "C.UTF-8"}
+    for section, page in (("1", "vfiocapsctl"), ("8", "vfiocapsd")):
+        shown = subprocess.run(
+            ["man", f"--manpath={manpath}", section, page],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert page.upper() in shown.stdout
 
 
 def test_installed_program_runs_from_its_site_directory(destdir: Path) -> None:
@@ -468,6 +493,7 @@ def test_unprivileged_user_cannot_set_properties_or_call_unlisted_methods(
         ("org.vfiocaps1.Manager.GetCapabilities", ("0000:00:02.0",)),
         ("org.vfiocaps1.Manager.ListTypes", ()),
         ("org.vfiocaps1.Manager.DomainXml", ("0000:00:02.0",)),
+        ("org.vfiocaps1.Manager.DomainXmlParts", ("0000:00:02.0", "remote")),
     ],
 )
 def test_methods_pass_the_bus_so_that_the_daemon_decides(

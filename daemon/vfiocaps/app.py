@@ -20,6 +20,7 @@ from .discovery import Discovery
 from .engine import DeviceView, Engine, EngineStatus
 from .errors import BusError, NameTakenError, VfiocapsError
 from .model import Device, Parent
+from .nfdlabels import FeatureFile, NfdLabelWriter
 from .notify import Notifier, NotifyError, watchdog_interval
 from .prober import Prober, ProbeTarget
 from .store import CapabilityStore, QemuIdentity
@@ -169,6 +170,14 @@ async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
         log.error("watchdog pings stopped: %s", err)
 
 
+def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
+    """The NFD label writer the configuration asks for, or None."""
+    if config.nfd_features_dir is None:
+        return None
+    feature_file = FeatureFile(config.nfd_features_dir)
+    return NfdLabelWriter(feature_file, engine.types, emulated=config.emulated)
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run the daemon until *stop* is set.
 
@@ -186,6 +195,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         CapabilityStore(config.database_path),
     )
     adaptor = BusAdaptor(bus, engine, config)
+    labels = label_writer(config, engine)
     engine_task: asyncio.Task[None] | None = None
     notifier = _notifier()
     reporter = ServiceStatus(notifier) if notifier else None
@@ -209,10 +219,15 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if engine_task.done() or stop.is_set():
             await _stop_early(engine_task)
             return
+        if labels is not None:  # from a learned host on: never an empty file at start
+            engine.subscribe(labels)
+            labels.changed()
         bus.announcing = True
         await own_name(bus)
         named = True
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+        if config.emulated:
+            log.warning("this host is emulated: the answers describe no real hardware")
         if notifier is not None and reporter is not None:
             engine.subscribe(reporter)
             await _notify(notifier.ready(f"serving {BUS_NAME}"))
@@ -246,6 +261,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if reporter is not None:
             engine.unsubscribe(reporter)
             await reporter.close()
+        if labels is not None:
+            engine.unsubscribe(labels)
+            await labels.close()
         if named:
             await release_name(bus)
         # Clients saw the name go; one InterfacesRemoved per device (thousands of them) would

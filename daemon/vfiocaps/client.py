@@ -148,6 +148,17 @@ class VfiocapsClient:
         (xml,) = await self._call(ROOT_PATH, MANAGER_INTERFACE, "DomainXml", "s", [device_id])
         return str(xml)
 
+    async def domain_xml_parts(self, device_id: str, viewer: str = "") -> dict[str, str]:
+        """DomainXmlParts: the libvirt parts by name, for a ``local`` or ``remote`` viewer.
+
+        Raises:
+            ClientError: unknown id or viewer, or the device has no capabilities yet.
+        """
+        (parts,) = await self._call(
+            ROOT_PATH, MANAGER_INTERFACE, "DomainXmlParts", "ss", [device_id, viewer]
+        )
+        return {str(name): str(value) for name, value in dict(parts).items()}
+
     async def changes(self) -> AsyncIterator[dict[str, Any]]:
         """Yield device and cache changes as they happen, one dictionary per signal.
 

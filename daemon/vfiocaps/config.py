@@ -109,6 +109,10 @@ class Config:
     probe_types_without_instances: bool = False
     migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
     watchdog_usec: int = 0
+    # node-feature-discovery's local source directory; None: no labels are published.
+    nfd_features_dir: Path | None = None
+    # The host is an emulation (a demonstration): every answer is marked as such.
+    emulated: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,6 +126,10 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, Path) or not value.is_absolute():
                 raise ConfigError(f"{name} must be an absolute path, got {value!r}")
+        if self.nfd_features_dir is not None and not self.nfd_features_dir.is_absolute():
+            raise ConfigError(
+                f"the NFD features directory must be absolute: {self.nfd_features_dir}"
+            )
         if not 0 < self.probe_timeout <= 3600:
             raise ConfigError(
                 f"probe timeout must be in (0, 3600] seconds, got {self.probe_timeout}"

@@ -16,7 +16,9 @@ from .bus.connection import close_bus, connect_bus
 from .capabilities import ProbeOutcome, ProbeReport
 from .client import ClientError, Column, VfiocapsClient, as_json, key_values, table
 from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu_binary
+from .domainxml import DomainParts, Viewer
 from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
+from .explain import explain
 from .prober import Prober, ProbeTarget
 from .prober.target import PCI_ADDRESS_RE, UUID_RE
 
@@ -227,6 +229,16 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
 
+def _viewer_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--viewer",
+        choices=[viewer.value for viewer in Viewer],
+        default=Viewer.REMOTE.value,
+        help="where the display is watched: remote (VNC, default) or local (SPICE with OpenGL "
+        "for a dma-buf display)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vfiocapsctl`` command line."""
     parser = argparse.ArgumentParser(
@@ -245,8 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _json_flag(commands.add_parser("status", help="the daemon's state"))
     _json_flag(commands.add_parser("list", help="every device and its capabilities"))
-    show = commands.add_parser("show", help="one device, every property")
+    show = commands.add_parser(
+        "show",
+        help="one device: its answer, the evidence, and its libvirt XML",
+        description="Print what a device can do (display, OpenGL, migration), the evidence "
+        "for it (QEMU version, driver, migration blockers and notes, the last error) and the "
+        "libvirt XML a VM with it needs. --json gives every Device property and the XML parts.",
+    )
     show.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
+    _viewer_option(show)
     _json_flag(show)
     _json_flag(commands.add_parser("types", help="every mdev type and what is known of it"))
     refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")
@@ -257,8 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invalidate.add_argument("driver", metavar="DRIVER", help="kernel module, e.g. nvidia")
     _json_flag(invalidate)
-    xml = commands.add_parser("xml", help="libvirt <hostdev> XML for a device")
+    xml = commands.add_parser(
+        "xml",
+        help="libvirt XML for a device: <hostdev>, <graphics>, <video>, <qemu:override>",
+        description="Print the libvirt domain XML a device needs: its <hostdev>, the "
+        "<graphics> and <video> elements its display needs, and the <qemu:override> it needs "
+        "to migrate, each with a comment saying where it goes; --json gives the parts by name.",
+    )
     xml.add_argument("id", metavar="ID")
+    _viewer_option(xml)
     _json_flag(xml)
     _json_flag(commands.add_parser("monitor", help="print device and cache changes as they happen"))
     _add_probe_parser(commands)
@@ -274,12 +300,23 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
     elif command == "list":
         devices = await client.devices()
         print(as_json(devices) if want_json else table(devices, DEVICE_COLUMNS))
+        await _warn_if_emulated(client)
     elif command == "show":
         values = await client.device(args.id)
-        print(as_json(values) if want_json else key_values(plain_migration(values)))
+        parts, why = None, ""
+        try:
+            parts = await client.domain_xml_parts(args.id, args.viewer)
+        except ClientError as err:
+            why = err.message or err.name
+        if want_json:
+            print(as_json({**values, "DomainXmlParts": parts} if parts else values))
+        else:
+            emulated = bool((await client.manager_properties()).get("Emulated"))
+            print(explain(values, parts, why, args.viewer, emulated), end="")
     elif command == "types":
         types = await client.types()
         print(as_json(types) if want_json else table(types, TYPE_COLUMNS))
+        await _warn_if_emulated(client)
     elif command == "refresh":
         values = await client.refresh(args.id)
         print(as_json(values) if want_json else key_values(values))
@@ -287,8 +324,12 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
         count = await client.invalidate(args.driver)
         print(as_json({"records": count}) if want_json else f"{count} records dropped")
     elif command == "xml":
-        xml = await client.domain_xml(args.id)
-        print(as_json({"xml": xml}) if want_json else xml, end="" if not want_json else "\n")
+        parts = await client.domain_xml_parts(args.id, args.viewer)
+        xml = DomainParts.from_names(parts).fragment()
+        print(
+            as_json({"xml": xml, "parts": parts}) if want_json else xml,
+            end="" if not want_json else "\n",
+        )
     elif command == "monitor":
         async for event in client.changes():
             if want_json:
@@ -298,20 +339,12 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
     return EXIT_OK
 
 
-def plain_migration(values: dict[str, Any]) -> dict[str, Any]:
-    """Device properties with the migration structures as short text, for ``show``."""
-    shown = dict(values)
-    if "MigrationOptions" in shown:
-        shown["MigrationOptions"] = [f"{k}={v}" for k, v in shown["MigrationOptions"]]
-    if "MigrationConditions" in shown:
-        shown["MigrationConditions"] = [
-            f"{name}: {verdict} ({decider})"
-            for name, verdict, decider, _ in shown["MigrationConditions"]
-        ]
-    for name in ("MigrationSaveSeconds", "MigrationLoadSeconds"):
-        if isinstance(shown.get(name), float):
-            shown[name] = f"{shown[name]:.3f}"
-    return shown
+async def _warn_if_emulated(client: VfiocapsClient) -> None:
+    if (await client.manager_properties()).get("Emulated"):
+        print(
+            "vfiocapsctl: an emulated host: these answers describe no real hardware",
+            file=sys.stderr,
+        )
 
 
 def _describe_event(event: dict[str, Any]) -> str:

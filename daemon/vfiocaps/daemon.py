@@ -25,6 +25,7 @@ from .errors import ConfigError, VfiocapsError
 from .hardening import forbid_new_privileges
 from .journal import setup_logging
 from .memory import return_large_buffers
+from .nfdlabels import DEFAULT_FEATURES_DIR
 
 log = logging.getLogger("vfiocaps")
 
@@ -84,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest migration stream a probe keeps to prove the load "
         "(default 268435456; a larger device state is reported as not proven)",
     )
+    parser.add_argument(
+        "--nfd-labels",
+        nargs="?",
+        type=_absolute,
+        const=DEFAULT_FEATURES_DIR,
+        metavar="DIR",
+        help="publish each device type's answers as node-feature-discovery labels in a feature "
+        f"file in DIR (default: {DEFAULT_FEATURES_DIR}); off unless given",
+    )
+    parser.add_argument(
+        "--emulated",
+        action="store_true",
+        help="mark every answer as coming from an emulated host (for a demonstration)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
     return parser
@@ -107,6 +122,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
         "qemu_binary": args.qemu or default_qemu_binary(),
         "probe_types_without_instances": args.probe_types_without_instances,
+        "emulated": args.emulated,
     }
     optional = {
         "sysfs_root": args.sysfs_root,
@@ -117,6 +133,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
         "migration_stream_limit": args.migration_stream_limit,
+        "nfd_features_dir": args.nfd_labels,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")

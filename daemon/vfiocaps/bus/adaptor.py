@@ -7,6 +7,7 @@ import logging
 from dbus_fast import Variant
 
 from ..config import Config
+from ..domainxml import Viewer, find_render_node
 from ..engine import DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import NotFoundError
 from .calls import current_caller, note_caller
@@ -21,7 +22,7 @@ from .validation import (
     parse_driver_name,
     parse_type_name,
 )
-from .values import capabilities_dict, domain_xml, type_dict
+from .values import capabilities_dict, domain_parts, type_dict
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class BusAdaptor:
                 device_count=status.device_count,
                 probe_count=status.probes_launched,
                 cache_state=status.cache_state,
+                emulated=self._config.emulated,
             )
         )
 
@@ -168,4 +170,10 @@ class BusAdaptor:
         return type_dict(await self._engine.probe_type(parent_name, mdev_type))
 
     async def domain_xml(self, device_id: str) -> str:
-        return domain_xml(await self._settled(device_id))
+        view = await self._settled(device_id)
+        return domain_parts(view, Viewer.REMOTE, find_render_node(self._config.dev_root)).fragment()
+
+    async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]:
+        chosen = Viewer.parse(viewer)
+        view = await self._settled(device_id)
+        return domain_parts(view, chosen, find_render_node(self._config.dev_root)).by_name()

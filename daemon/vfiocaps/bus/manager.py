@@ -18,7 +18,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from .. import __version__
 from .calls import mapped_errors
 from .names import MANAGER_INTERFACE
-from .values import DBusCapabilities, DBusCapabilityList, DBusPathList
+from .values import DBusCapabilities, DBusCapabilityList, DBusPathList, DBusStrDict
 
 
 class ManagerBackend(Protocol):
@@ -38,6 +38,8 @@ class ManagerBackend(Protocol):
 
     async def domain_xml(self, device_id: str) -> str: ...
 
+    async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]: ...
+
     async def probe_type(self, parent: str, type_id: str) -> DBusCapabilities: ...
 
 
@@ -53,6 +55,7 @@ class ManagerState:
     device_count: int = 0
     probe_count: int = 0
     cache_state: str = "ok"
+    emulated: bool = False
 
 
 _PROPERTY_NAMES = {
@@ -64,6 +67,7 @@ _PROPERTY_NAMES = {
     "device_count": "DeviceCount",
     "probe_count": "ProbeCount",
     "cache_state": "CacheState",
+    "emulated": "Emulated",
 }
 
 
@@ -119,6 +123,10 @@ class ManagerInterface(ServiceInterface):
     def CacheState(self) -> DBusStr:
         return self._state.cache_state
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Emulated(self) -> DBusBool:
+        return self._state.emulated
+
     @dbus_method()
     @mapped_errors("ListDevices")
     async def ListDevices(self) -> DBusPathList:
@@ -158,6 +166,11 @@ class ManagerInterface(ServiceInterface):
     @mapped_errors("DomainXml")
     async def DomainXml(self, id: DBusStr) -> DBusStr:
         return await self._backend.domain_xml(id)
+
+    @dbus_method()
+    @mapped_errors("DomainXmlParts")
+    async def DomainXmlParts(self, id: DBusStr, viewer: DBusStr) -> DBusStrDict:
+        return await self._backend.domain_xml_parts(id, viewer)
 
     @dbus_signal()
     def CacheInvalidated(

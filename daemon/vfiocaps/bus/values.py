@@ -1,15 +1,17 @@
-"""Turning engine views into D-Bus values: capability dictionaries, type lists, domain XML."""
+"""Turning engine views into D-Bus values: capability dictionaries, type lists, domain parts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
-from xml.sax.saxutils import escape
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
 from ..capabilities import Capabilities, Display, Migration
+from ..domainxml import DomainParts, Viewer
+from ..domainxml import domain_parts as parts_for
 from ..engine import DeviceView, ProbeState, TypeView
 from ..errors import ProbeBusyError, ProbeError
 from ..model import DeviceKind
@@ -20,6 +22,7 @@ DBusStrList = Annotated[list[str], DBusSignature("as")]
 DBusPathList = Annotated[list[str], DBusSignature("ao")]
 DBusOptionList = Annotated[list[list[str]], DBusSignature("a(ss)")]
 DBusConditionList = Annotated[list[list[str]], DBusSignature("a(ssss)")]
+DBusStrDict = Annotated[dict[str, str], DBusSignature("a{ss}")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,13 +223,8 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
     return answer
 
 
-def _attribute(value: str) -> str:
-    """An XML attribute value in single quotes, as libvirt writes them."""
-    return "'" + escape(value, {"'": "&apos;", '"': "&quot;"}) + "'"
-
-
-def domain_xml(view: DeviceView) -> str:
-    """A libvirt ``<hostdev>`` element for the device, from the probed truth.
+def domain_parts(view: DeviceView, viewer: Viewer, render_node: Path | None) -> DomainParts:
+    """The libvirt domain parts of a device from its probed truth.
 
     Raises:
         ProbeBusyError: the device is busy and nothing is known of its type yet.
@@ -238,40 +236,4 @@ def domain_xml(view: DeviceView) -> str:
             raise ProbeBusyError(f"{view.device.device_id} is in use and its type is not known")
         reason = view.last_error or f"probe state is {view.state.value}"
         raise ProbeError(f"no capabilities for {view.device.device_id}: {reason}")
-    device = view.device
-    lines: list[str] = []
-    if device.kind is DeviceKind.MDEV:
-        has_display = caps.display in (Display.REGION, Display.DMABUF)
-        display = "on" if has_display else "off"
-        ramfb = " ramfb='on'" if has_display else ""
-        lines.append(
-            f"<hostdev mode='subsystem' type='mdev' model={_attribute(device.device_api)} "
-            f"display='{display}'{ramfb}>"
-        )
-        lines.append("  <source>")
-        lines.append(f"    <address uuid={_attribute(device.device_id)}/>")
-        lines.append("  </source>")
-        lines.append("</hostdev>")
-    else:
-        domain, bus, rest = device.device_id.split(":")
-        slot, function = rest.split(".")
-        lines.append("<hostdev mode='subsystem' type='pci' managed='no'>")
-        lines.append("  <source>")
-        lines.append(
-            f"    <address domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' "
-            f"function='0x{function}'/>"
-        )
-        lines.append("  </source>")
-        lines.append("</hostdev>")
-    if caps.display is Display.DMABUF:
-        lines.append(
-            "<!-- This device's display is a dma-buf display: it needs OpenGL on the host, e.g.\n"
-            "     <graphics type='spice'><gl enable='yes'/></graphics>\n"
-            "     or <graphics type='egl-headless'/> -->"
-        )
-    elif caps.display is Display.REGION:
-        lines.append("<!-- Region display: works without OpenGL (e.g. <graphics type='vnc'/>). -->")
-    migration = caps.migration.value
-    detail = "; ".join(caps.migration_blockers or caps.migration_notes).replace("--", "- -")
-    lines.append(f"<!-- Migration: {migration}{': ' + detail if detail else ''} -->")
-    return "\n".join(lines) + "\n"
+    return parts_for(view.device, caps, viewer, render_node)

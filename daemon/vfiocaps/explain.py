@@ -1,0 +1,119 @@
+"""What ``vfiocapsctl show`` prints: a device's answer, the evidence for it, and its libvirt XML."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from .domainxml import DomainParts
+
+DISPLAY_MEANING = {
+    "none": "no display for the VM",
+    "region": "region display: shown without OpenGL (VNC, SPICE)",
+    "dmabuf": "dma-buf display: needs OpenGL on the host (a DRM render node)",
+    "unknown": "not known yet",
+}
+MIGRATION_MEANING = {
+    "supported": "supported with QEMU's defaults (as libvirt, KubeVirt and Nova start it)",
+    "unsupported": "not with QEMU's defaults (as libvirt, KubeVirt and Nova start it)",
+    "unknown": "not known yet",
+}
+
+
+def _when(microseconds: int) -> str:
+    if not microseconds:
+        return "never"
+    moment = datetime.datetime.fromtimestamp(microseconds / 1e6, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _rows(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(key) for key, _ in rows), default=0)
+    return [title, *(f"  {key:<{width}}  {value}" for key, value in rows)]
+
+
+def _with_options(device: dict[str, Any]) -> list[tuple[str, str]]:
+    options = device.get("MigrationOptions") or []
+    if not options:
+        return []
+    listed = ", ".join(f"{name}={value}" for name, value in options)
+    return [("with options", f"{device.get('MigrationWithOptions', 'unknown')} with {listed}")]
+
+
+def _migration_evidence(device: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    size = device.get("MigrationStateBytes") or 0
+    if size:
+        save = device.get("MigrationSaveSeconds") or 0.0
+        load = device.get("MigrationLoadSeconds") or 0.0
+        rows.append(
+            (
+                "round trip",
+                f"{size} bytes of device state, saved in {save:.3f} s, loaded in {load:.3f} s",
+            )
+        )
+    flags = device.get("MigrationFlags") or []
+    if flags:
+        rows.append(("kernel flags", ", ".join(flags)))
+    tracking = device.get("DeviceDirtyTracking")
+    if tracking:
+        rows.append(("dirty tracking", f"by the device: {tracking}"))
+    for name, verdict, decider, reason in device.get("MigrationConditions") or []:
+        detail = f": {reason}" if reason else ""
+        rows.append(("condition", f"{name}: {verdict} (decided by {decider}){detail}"))
+    return rows
+
+
+def explain(
+    device: dict[str, Any],
+    parts: dict[str, str] | None,
+    parts_error: str = "",
+    viewer: str = "remote",
+    emulated: bool = False,
+) -> str:
+    """The text of ``vfiocapsctl show`` for *device* (its Device properties) and its domain
+    *parts* (or, when there are none, *parts_error*: why not)."""
+    lines: list[str] = []
+    if emulated:
+        lines += ["EMULATED HOST: these answers come from a demonstration, not from hardware.", ""]
+    type_name = f" ({device['TypeName']})" if device.get("TypeName") else ""
+    kind = "mdev" if device.get("Uuid") else "VFIO PCI function"
+    lines.append(
+        f"{device['Id']}: {kind} of type {device['TypeId']}{type_name}, parent {device['Parent']}"
+    )
+    lines.append(f"sysfs: {device['SysfsPath']}")
+    lines.append("")
+    state = device["ProbeState"]
+    if state == "done":
+        display = device["Display"]
+        gl = "required" if device["GlRequired"] else "not required"
+        migration = device["Migration"]
+        lines += _rows(
+            "Answer",
+            [
+                ("display", f"{display}: {DISPLAY_MEANING.get(display, display)}"),
+                ("OpenGL", gl),
+                ("migration", f"{migration}: {MIGRATION_MEANING.get(migration, migration)}"),
+                *_with_options(device),
+            ],
+        )
+    else:
+        lines += _rows("Answer", [("none yet", f"probe state {state}")])
+    evidence = [
+        ("probed", f"{_when(device['ProbedAt'])}, QEMU {device['QemuVersion'] or '-'}"),
+        ("driver", f"{device['Driver'] or '-'} {device['DriverVersion']}".rstrip()),
+        ("device api", device["DeviceApi"] or "-"),
+    ]
+    evidence += _migration_evidence(device)
+    evidence += [("blocker", text) for text in device["MigrationBlockers"]]
+    evidence += [("note", text) for text in device["MigrationNotes"]]
+    if device["LastError"]:
+        evidence.append(("last error", device["LastError"]))
+    lines += ["", *_rows("Why", evidence), ""]
+    if parts is None:
+        lines.append(f"libvirt domain XML: none ({parts_error})")
+    else:
+        other = "local" if viewer == "remote" else "remote"
+        lines.append(f"libvirt domain XML for a {viewer} viewer (--viewer {other} for the other):")
+        lines.append(DomainParts.from_names(parts).fragment().rstrip("\n"))
+    return "\n".join(lines) + "\n"
