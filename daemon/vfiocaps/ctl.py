@@ -185,6 +185,7 @@ DEVICE_COLUMNS = (
     Column("MIGRATION", "Migration"),
 )
 TYPE_COLUMNS = (
+    Column("KIND", "Kind"),
     Column("PARENT", "Parent"),
     Column("TYPE", "TypeId"),
     Column("NAME", "Name"),
@@ -223,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="one device, every property")
     show.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
     _json_flag(show)
-    _json_flag(commands.add_parser("types", help="every mdev type and what is known of it"))
+    _json_flag(
+        commands.add_parser(
+            "types", help="every mdev type, VF profile and PCI device type, and what is known"
+        )
+    )
     refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")
     refresh.add_argument("id", metavar="ID")
     _json_flag(refresh)

@@ -1,4 +1,5 @@
-"""Reading parents, mdev types and VFIO devices out of sysfs, one object or the whole host."""
+"""Reading parents, their types (mdev types, SR-IOV vGPU profiles) and VFIO devices out of
+sysfs, one object or the whole host."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
+from ..model import (
+    Device,
+    DeviceKind,
+    DriverIdentity,
+    HostSnapshot,
+    MdevType,
+    Parent,
+    TypeKind,
+)
 from .identity import IdentityResolver
 from .sysfs import SysfsTree
 
@@ -20,6 +29,15 @@ MDEV_BUS_CLASS = "class/mdev_bus"
 MDEV_DEVICES = "bus/mdev/devices"
 PCI_DEVICES = "bus/pci/devices"
 VFIO_PCI_SUFFIX = "vfio-pci"
+# NVIDIA's SR-IOV vGPU attributes of a virtual function (vGPU 17 and later on Ada, Hopper).
+PROFILE_DIR = "nvidia"
+CREATABLE_PROFILES = "creatable_vgpu_types"
+CURRENT_PROFILE = "current_vgpu_type"
+NO_PROFILE = "0"
+# A physical function lists its virtual functions as links virtfn0, virtfn1, ...
+VIRTFN_PREFIX = "virtfn"
+# The firmware version of a physical function, where its RDMA side shows it (mlx5).
+FIRMWARE_ATTRIBUTE = "fw_ver"
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -45,12 +63,42 @@ def is_vfio_pci_driver(driver: str) -> bool:
     return driver.replace("_", "-").endswith(VFIO_PCI_SUFFIX)
 
 
+def parse_profiles(text: str) -> tuple[tuple[str, str], ...]:
+    """``(id, name)`` of every line ``<id> : <name>`` of ``creatable_vgpu_types``, in order.
+
+    The heading line (``ID    : vGPU Name``) and anything that is not a decimal id with a
+    printable name are skipped.
+    """
+    profiles = []
+    for line in text.splitlines():
+        number, sep, name = line.partition(":")
+        number, name = number.strip(), name.strip()
+        if not sep or not number.isascii() or not number.isdigit() or len(number) > 9:
+            continue
+        if number == NO_PROFILE or not _usable_name(name):
+            continue
+        profiles.append((str(int(number)), name))
+    return tuple(profiles)
+
+
+@dataclass(frozen=True)
+class VirtualFunction:
+    """One SR-IOV virtual function of a physical function that offers vGPU profiles."""
+
+    address: str
+    sysfs_path: str  # resolved
+    profile: str  # the profile set now (current_vgpu_type); "" when none
+    creatable: tuple[tuple[str, str], ...]  # (id, name) it could take now
+
+
 @dataclass(frozen=True)
 class ParentReading:
-    """A registered parent and its types as read at one moment."""
+    """A registered parent and its types as read at one moment (for a physical function with
+    vGPU profiles, also the addresses of its virtual functions)."""
 
     parent: Parent
     types: tuple[MdevType, ...]
+    functions: tuple[str, ...] = ()
 
 
 class HostReader:
@@ -125,7 +173,7 @@ class HostReader:
             return None
         listed = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
         if listed is None or listed != parent_dir:
-            return None
+            return self.read_profile_parent(parent_dir)
         types_dir = parent_dir / "mdev_supported_types"
         if not self.sysfs.is_dir(types_dir):
             return None
@@ -157,7 +205,8 @@ class HostReader:
         return self.read_parent_dir(real)
 
     def parents(self) -> list[ParentReading]:
-        """Every registered parent (``class/mdev_bus``)."""
+        """Every registered parent (``class/mdev_bus``) and every physical function whose
+        virtual functions offer vGPU profiles."""
         readings = []
         for name in self.sysfs.list_dir(self.sysfs.path(MDEV_BUS_CLASS)):
             real = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
@@ -166,7 +215,105 @@ class HostReader:
             reading = self.read_parent_dir(real)
             if reading is not None:
                 readings.append(reading)
+        known = {reading.parent.name for reading in readings}
+        pci = self.sysfs.path(PCI_DEVICES)
+        for name in self.sysfs.list_dir(pci):
+            if name in known or not is_pci_address(name):
+                continue
+            real = self.sysfs.resolve(pci / name)
+            if real is not None and real.name == name:
+                profile_reading = self.read_profile_parent(real)
+                if profile_reading is not None:
+                    readings.append(profile_reading)
         return readings
+
+    # ---- SR-IOV vGPU profiles -------------------------------------------------------------
+
+    def virtual_functions(self, pf_dir: Path) -> list[VirtualFunction]:
+        """The virtual functions of the physical function at *pf_dir* that carry vGPU
+        profile attributes, in VF number order."""
+        numbered = []
+        for entry in self.sysfs.list_dir(pf_dir):
+            number = entry.removeprefix(VIRTFN_PREFIX)
+            if entry.startswith(VIRTFN_PREFIX) and number.isascii() and number.isdigit():
+                numbered.append((int(number), entry))
+        functions = []
+        for _, entry in sorted(numbered):
+            real = self.sysfs.resolve(pf_dir / entry)
+            if real is None or not is_pci_address(real.name):
+                continue
+            profile_dir = self.sysfs.resolve(real / PROFILE_DIR)
+            if profile_dir is None:
+                continue
+            creatable = self.sysfs.read_attribute(profile_dir, CREATABLE_PROFILES)
+            current = self.sysfs.read_attribute(profile_dir, CURRENT_PROFILE)
+            if creatable is None or current is None:
+                continue
+            if current != NO_PROFILE and not (current.isascii() and current.isdigit()):
+                log.warning("sysfs: %s/%s holds %r; VF skipped", real, CURRENT_PROFILE, current)
+                continue
+            profile = "" if current == NO_PROFILE else str(int(current))
+            functions.append(
+                VirtualFunction(real.name, str(real), profile, parse_profiles(creatable))
+            )
+        return functions
+
+    def read_profile_parent(self, pf_dir: Path) -> ParentReading | None:
+        """A physical function as a parent of vGPU profiles, if any of its virtual functions
+        carries profile attributes; its types are the profiles its VFs can take now, plus
+        those set on a VF (which then no other VF may list)."""
+        name = pf_dir.name
+        if not is_pci_address(name) or self.sysfs.link_name(pf_dir / "subsystem") != "pci":
+            return None
+        if self.sysfs.read_attribute(pf_dir, "sriov_numvfs") is None:
+            return None
+        functions = self.virtual_functions(pf_dir)
+        if not functions:
+            return None
+        names: dict[str, str] = {}
+        free: dict[str, int] = {}
+        for function in functions:
+            for number, label in function.creatable:
+                names.setdefault(number, label)
+                if not function.profile:
+                    free[number] = free.get(number, 0) + 1
+        for function in functions:
+            if function.profile:
+                names.setdefault(function.profile, "")
+        parent = Parent(
+            name=name,
+            sysfs_path=pf_dir,
+            subsystem="pci",
+            driver=self.parent_identity(pf_dir, "pci"),
+            pci_vendor=self.sysfs.read_int(pf_dir / "vendor", 16),
+            pci_device=self.sysfs.read_int(pf_dir / "device", 16),
+        )
+        types = tuple(
+            MdevType(
+                parent=name,
+                type_id=number,
+                name=names[number],
+                description="",
+                device_api="vfio-pci",
+                available_instances=free.get(number, 0),
+                kind=TypeKind.VF_PROFILE,
+            )
+            for number in sorted(names, key=int)
+        )
+        return ParentReading(parent, types, tuple(f.address for f in functions))
+
+    def _parent_version(self, pf_dir: Path) -> str:
+        """``<module> <version>`` of a physical function's driver, with ``fw <version>`` when
+        its RDMA device shows the firmware (``infiniband/<dev>/fw_ver``)."""
+        driver = self.parent_identity(pf_dir, "pci")
+        if driver is None:
+            return ""
+        version = driver.describe()
+        for ib_device in self.sysfs.list_dir(pf_dir / "infiniband")[:1]:
+            firmware = self.sysfs.read_text(pf_dir / "infiniband" / ib_device / FIRMWARE_ATTRIBUTE)
+            if firmware and _usable_name(firmware):
+                version += f" fw {firmware}"
+        return version
 
     # ---- devices --------------------------------------------------------------------------
 
@@ -196,7 +343,7 @@ class HostReader:
             type_name=type_name,
             device_api=device_api,
             driver=self._mdev_parent_driver(parent_dir),
-            iommu_group=self._iommu_group(device_dir),
+            iommu_group=self.iommu_group(device_dir),
         )
 
     def read_pci_dir(self, device_dir: Path) -> Device | None:
@@ -210,20 +357,26 @@ class HostReader:
             return None
         driver, _module = bound
         vgpu_type = None
-        if self.sysfs.exists(device_dir / "nvidia"):
-            vgpu_type = self.sysfs.read_text(device_dir / "nvidia" / "current_vgpu_type")
-        is_vgpu = vgpu_type is not None and vgpu_type not in ("", "0")
+        if self.sysfs.exists(device_dir / PROFILE_DIR):
+            vgpu_type = self.sysfs.read_text(device_dir / PROFILE_DIR / CURRENT_PROFILE)
+        is_vgpu = vgpu_type is not None and vgpu_type not in ("", NO_PROFILE)
         is_vfio = is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
         if not (is_vgpu or is_vfio):
             return None
         if vgpu_type is not None and not _usable_name(vgpu_type):
-            log.warning("sysfs: %s/nvidia/current_vgpu_type is unusable; skipped", device_dir)
+            log.warning(
+                "sysfs: %s/%s/%s is unusable; skipped", device_dir, PROFILE_DIR, CURRENT_PROFILE
+            )
             return None
         vendor = self.sysfs.read_int(device_dir / "vendor", 16)
         device = self.sysfs.read_int(device_dir / "device", 16)
         if vendor is None or device is None:
             return None
-        physfn = self.sysfs.link_name(device_dir / "physfn")
+        physfn_dir = self.sysfs.resolve(device_dir / "physfn")
+        physfn = physfn_dir.name if physfn_dir is not None else None
+        parent_version = ""
+        if physfn_dir is not None and is_vfio and not is_vgpu and is_pci_address(physfn_dir.name):
+            parent_version = self._parent_version(physfn_dir)
         return Device(
             kind=DeviceKind.PCI,
             device_id=address,
@@ -232,9 +385,10 @@ class HostReader:
             type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
             driver=self.identities.identify_driver(device_dir),
-            iommu_group=self._iommu_group(str(device_dir)),
+            iommu_group=self.iommu_group(str(device_dir)),
             pci_vendor=vendor,
             pci_device=device,
+            parent_version=parent_version,
         )
 
     def _mdev_parent_driver(self, parent_dir: str) -> DriverIdentity | None:
@@ -262,7 +416,7 @@ class HostReader:
             memo[type_dir] = labels
         return labels
 
-    def _iommu_group(self, device_dir: str) -> str | None:
+    def iommu_group(self, device_dir: str) -> str | None:
         """The device's IOMMU group number: its ``iommu_group`` link must resolve to
         ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
         real = self.sysfs.resolve_str(device_dir + "/iommu_group")
@@ -304,13 +458,16 @@ class HostReader:
         """Everything, read from scratch."""
         parents: dict[str, Parent] = {}
         types: dict[tuple[str, str], MdevType] = {}
+        functions: dict[str, str] = {}
         with self.sysfs.scan(), self._identities_memoized():
             for reading in self.parents():
                 parents[reading.parent.name] = reading.parent
                 for mdev_type in reading.types:
                     types[(mdev_type.parent, mdev_type.type_id)] = mdev_type
+                for address in reading.functions:
+                    functions[address] = reading.parent.name
             devices = {device.device_id: device for device in self.devices()}
-        return HostSnapshot(parents=parents, types=types, devices=devices)
+        return HostSnapshot(parents=parents, types=types, devices=devices, functions=functions)
 
     @contextlib.contextmanager
     def _identities_memoized(self) -> Iterator[None]:
