@@ -64,6 +64,7 @@ class LaunchContext:
     timeout: float
     environment: dict[str, str]
     observer: LaunchObserver | None = None
+    host: str | None = None  # a PCI function's address, given to QEMU as host=
 
 
 async def run_launch(
@@ -82,6 +83,7 @@ async def run_launch(
         qmp_fd=child_sock.fileno(),
         sysfsdev=context.sysfsdev if attempt.settings is not None else None,
         settings=attempt.settings or DeviceSettings(),
+        host=context.host if attempt.settings is not None else None,
     )
     argv = build_qemu_argv(context.binary, plan)
     process = ManagedProcess(

@@ -12,6 +12,7 @@ from ..model import Device, DeviceKind
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 PCI_ADDRESS_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+SYSTEM_SYSFS = Path("/sys")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ class ProbeTarget:
             parent_driver=parent_driver,
             type_id=type_id,
         )
+
+    def qemu_host(self, sysfs_root: Path) -> str | None:
+        """The address QEMU's ``host=`` takes: a PCI function's, when the probe reads the
+        host's own ``/sys`` (where QEMU looks the address up); ``None`` for an mdev or a
+        function in another tree, which QEMU is given by ``sysfsdev=``."""
+        if self.kind is not DeviceKind.PCI or sysfs_root != SYSTEM_SYSFS:
+            return None
+        return self.device_id
 
     @property
     def qemu_name(self) -> str:
