@@ -329,7 +329,8 @@ class ProfileSetter:
 
 
 def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
-    """Write *value* to an existing attribute whose directory resolves inside the tree.
+    """Write *value* to an existing attribute whose directory resolves inside the tree, as
+    ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
 
     Raises:
         ProfileError: the attribute is missing, a link, or the driver refused the value.
@@ -339,7 +340,7 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
         raise ProfileError(f"{attribute.parent} is missing or outside {reader.sysfs.root}")
     real = directory / attribute.name
     try:
-        fd = os.open(real, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(real, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as err:
         raise ProfileError(f"cannot open {real}: {err.strerror}") from err
     try:
