@@ -94,6 +94,8 @@ class HostState:
 
     def _register(self, reading: ParentReading, events: list[DiscoveryEvent]) -> None:
         parent = reading.parent
+        if reading.functions:
+            reading = replace(reading, types=self._named_profiles(parent.name, reading.types))
         self._learn_driver(parent.driver, events)
         known = self.parents.get(parent.name)
         same = (
@@ -113,6 +115,17 @@ class HostState:
                 self.vf_parents[address] = parent.name
         if not same:
             events.append(ParentRegistered(parent, reading.types))
+
+    def _named_profiles(self, parent: str, types: tuple[MdevType, ...]) -> tuple[MdevType, ...]:
+        """A profile set on every VF that could take it is listed by none (the lists name only
+        what can still be created): it keeps the name it was last listed with."""
+        named = []
+        for profile in types:
+            known = self.types.get((parent, profile.type_id))
+            if not profile.name and known is not None and known.name:
+                profile = replace(profile, name=known.name)
+            named.append(profile)
+        return tuple(named)
 
     def _forget_functions(self, name: str) -> None:
         self.profile_parents.discard(name)
