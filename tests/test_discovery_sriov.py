@@ -16,6 +16,7 @@ from vfiocaps.discovery.profiles import ProfileError, ProfileLedger, ProfileReco
 from vfiocaps.discovery.scan import HostReader, parse_profiles
 from vfiocaps.discovery.state import HostState
 from vfiocaps.discovery.sysfs import SysfsTree
+from vfiocaps.errors import InvalidArgumentError
 from vfiocaps.model import (
     DeviceAdded,
     DeviceKind,
@@ -24,6 +25,7 @@ from vfiocaps.model import (
     ParentUnregistered,
     TypeKind,
 )
+from vfiocaps.prober import ProbeTarget
 
 RELEASE = "6.12.0-test"
 BOOT = "3f2a9c1e-8d4b-4e6f-a1b2-c3d4e5f60718"
@@ -236,3 +238,24 @@ def test_a_crash_leftover_is_cleared_at_start_and_an_old_boot_is_dropped(tmp_pat
     assert builder.current_profile(other_boot) == "1060"
     assert ledger.records() == []
     assert not (ledger.directory / "0000:41:00.5.json").exists()  # malformed: discarded
+
+
+def test_a_probe_target_is_read_with_discoverys_reader(tmp_path: Path) -> None:
+    builder = make_host(tmp_path, "h100", "mlx5")
+    devices = builder.sys / "bus" / "pci" / "devices"
+    target = ProbeTarget.from_sysfs(devices / MLX5.vf_address(0), builder.sys, builder.modules_root)
+    assert (target.kind, target.device_id, target.type_id) == (
+        DeviceKind.PCI,
+        MLX5.vf_address(0),
+        "15b3:101e",
+    )
+    assert target.iommu_group == builder.groups[MLX5.vf_address(0)]
+    assert target.parent_driver == "mlx5_vfio_pci"
+    free_vf = devices / H100.vf_address(0)
+    with pytest.raises(InvalidArgumentError, match="set a vGPU profile"):
+        ProbeTarget.from_sysfs(free_vf, builder.sys, builder.modules_root)
+    builder.set_profile(H100.vf_address(0), "1060")
+    target = ProbeTarget.from_sysfs(free_vf, builder.sys, builder.modules_root)
+    assert (target.type_id, target.parent_driver) == ("1060", "nvidia")
+    with pytest.raises(InvalidArgumentError):
+        ProbeTarget.from_sysfs(tmp_path, builder.sys, builder.modules_root)  # outside the tree

@@ -162,7 +162,8 @@ async def _probe(args: argparse.Namespace) -> int:
         probe_user=args.probe_user,
         probe_timeout=args.timeout,
     )
-    report = await Prober(config).probe(ProbeTarget.from_sysfs(device))
+    target = ProbeTarget.from_sysfs(device, args.sysfs_root)
+    report = await Prober(config).probe(target)
     values = report_as_dict(device, report)
     if getattr(args, "json", False):
         print(json.dumps(values, indent=2))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from .errors import DiscoveryStateError, UdevUnavailableError
-from .service import Discovery, DiscoveryState, read_device
+from .profiles import ProfileError
+from .service import Discovery, DiscoveryState, host_reader, read_device
 
 __all__ = [
     "Discovery",
     "DiscoveryState",
     "DiscoveryStateError",
+    "ProfileError",
     "UdevUnavailableError",
+    "host_reader",
     "read_device",
 ]

@@ -50,10 +50,15 @@ class DiscoveryState(enum.Enum):
     CLOSED = "closed"
 
 
-def _reader_for(config: Config) -> HostReader:
-    sysfs = SysfsTree(config.sysfs_root)
-    files = ModuleFiles(config.modules_root, config.kernel_release)
+def host_reader(sysfs_root: Path, modules_root: Path, kernel_release: str) -> HostReader:
+    """The one reader of host objects (parents, types, devices) for a sysfs tree."""
+    sysfs = SysfsTree(sysfs_root)
+    files = ModuleFiles(modules_root, kernel_release)
     return HostReader(sysfs, IdentityResolver(sysfs, files))
+
+
+def _reader_for(config: Config) -> HostReader:
+    return host_reader(config.sysfs_root, config.modules_root, config.kernel_release)
 
 
 def read_device(config: Config, sysfs_path: Path) -> Device | None:
