@@ -148,3 +148,11 @@ def test_host_address_only_for_pci_functions_of_the_hosts_own_sysfs() -> None:
     assert vf.qemu_host(Path("/tmp/tree/sys")) is None  # QEMU would look in the real /sys
     mdev = ProbeTarget(Path(f"/sys/bus/mdev/devices/{UUID}"), UUID, DeviceKind.MDEV, "7")
     assert mdev.qemu_host(Path("/sys")) is None
+
+
+def test_the_xe_pf_drivers_migration_refusal_is_known() -> None:
+    line = "xe 0000:03:00.0: [drm] PF: migration disabled: requires GuC version >= 70.54.0"
+    found = first_failure(line)
+    assert found is not None
+    assert found.meaning is Meaning.MIGRATION_UNSUPPORTED
+    assert found.message.origin == "Intel Xe PF driver (xe)"
