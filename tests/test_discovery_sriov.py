@@ -12,7 +12,13 @@ import pytest
 from umockdev_hosts import DirectoryTestbed
 from umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
-from vfiocaps.discovery.profiles import ProfileError, ProfileLedger, ProfileRecord, ProfileSetter
+from vfiocaps.discovery.profiles import (
+    UNKNOWN_BOOT,
+    ProfileError,
+    ProfileLedger,
+    ProfileRecord,
+    ProfileSetter,
+)
 from vfiocaps.discovery.scan import HostReader, parse_profiles
 from vfiocaps.discovery.state import HostState
 from vfiocaps.discovery.sysfs import SysfsTree
@@ -259,3 +265,36 @@ def test_a_probe_target_is_read_with_discoverys_reader(tmp_path: Path) -> None:
     assert (target.type_id, target.parent_driver) == ("1060", "nvidia")
     with pytest.raises(InvalidArgumentError):
         ProbeTarget.from_sysfs(tmp_path, builder.sys, builder.modules_root)  # outside the tree
+
+
+def test_without_a_readable_boot_id_the_runtime_directory_ties_records_to_the_boot(
+    tmp_path: Path,
+) -> None:
+    builder = make_host(tmp_path, "h100")
+    parent = reader_for(builder).host().parents[H100.address]
+    hidden = tmp_path / "no-proc-sys" / "boot_id"  # as under ProcSubset=pid
+    ledger = ProfileLedger(tmp_path / "run" / "profiles", hidden)
+    setter = ProfileSetter(reader_for(builder), ledger, tmp_path / "dev", held=lambda _d, _g: False)
+    record = setter.reserve(parent, "1060")
+    assert record.boot_id == UNKNOWN_BOOT
+    asyncio.run(setter.apply(record))
+    builder.answer_writes()
+    # A daemon killed here is restarted with the same runtime directory: cleared at start.
+    restarted = ProfileSetter(
+        reader_for(builder),
+        ProfileLedger(ledger.directory, hidden),
+        tmp_path / "dev",
+        held=lambda _d, _g: False,
+    )
+    assert asyncio.run(restarted.recover()) == [record.function]
+    builder.answer_writes()
+    assert builder.current_profile(record.function) == "0"
+
+
+def test_a_read_only_sysfs_says_what_the_service_needs() -> None:
+    import errno
+
+    from vfiocaps.discovery.profiles import _open_failure
+
+    error = _open_failure(Path("/sys/x/nvidia/current_vgpu_type"), OSError(errno.EROFS, "ro"))
+    assert "ReadWritePaths=/sys/devices" in str(error)

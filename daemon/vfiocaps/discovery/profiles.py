@@ -29,6 +29,10 @@ from .scan import (
 log = logging.getLogger("vfiocaps.discovery")
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# The boot id of a record made where the kernel's could not be read (a unit with
+# ProcSubset=pid hides /proc/sys). The runtime directory, on tmpfs under /run, then is what
+# ties records to the boot: it does not outlive it.
+UNKNOWN_BOOT = "unknown"
 # A write to current_vgpu_type makes the vendor driver reserve or release GPU resources.
 WRITE_SECONDS = 10.0
 # Records larger than this were not written by vfiocapsd.
@@ -87,12 +91,15 @@ class ProfileLedger:
         self._boot_id_path = boot_id_path
 
     def boot_id(self) -> str:
-        """This boot's id (``""`` when the kernel does not tell)."""
+        """This boot's id, or :data:`UNKNOWN_BOOT` when the kernel's cannot be read."""
         try:
-            return self._boot_id_path.read_text()[:64].strip()
+            value = self._boot_id_path.read_text()[:64].strip()
         except OSError as err:
-            log.warning("profiles: cannot read %s: %s", self._boot_id_path, err.strerror)
-            return ""
+            log.debug("profiles: cannot read %s: %s", self._boot_id_path, err.strerror)
+            return UNKNOWN_BOOT
+        if not value or not all(c in "0123456789abcdef-" for c in value):
+            return UNKNOWN_BOOT
+        return value
 
     def _path(self, function: str) -> Path:
         return self.directory / f"{function}.json"
@@ -342,10 +349,20 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
     try:
         fd = os.open(real, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as err:
-        raise ProfileError(f"cannot open {real}: {err.strerror}") from err
+        raise _open_failure(real, err) from err
     try:
         os.write(fd, value.encode())
     except OSError as err:
         raise ProfileError(f"writing {value} to {real} failed: {err.strerror}") from err
     finally:
         os.close(fd)
+
+
+def _open_failure(real: Path, err: OSError) -> ProfileError:
+    """The error for an attribute that cannot be opened, saying what to do where one can."""
+    if err.errno == errno.EROFS:
+        return ProfileError(
+            f"cannot open {real}: sysfs is read-only to vfiocapsd; setting a vGPU profile for "
+            "a probe needs ReadWritePaths=/sys/devices in its service (see vfiocapsd.service)"
+        )
+    return ProfileError(f"cannot open {real}: {err.strerror}")
