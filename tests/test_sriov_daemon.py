@@ -204,3 +204,24 @@ def test_a_profile_left_by_a_killed_daemon_is_cleared_at_the_next_start(lab: Lab
     wait_until(lambda: profiles_of(lab)[vf] == "0", 20, "the leftover cleared")
     assert "set by an earlier vfiocapsd; clearing it" in again.log()
     assert vf not in lab.devices()
+
+
+def test_a_daemon_stopped_during_a_profile_probe_clears_the_profile(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    vf = H100.vf_address(0)
+    lab.overrides({"devices": {vf: {"fault": {"on": "realize", "pause_seconds": 8}}}})
+    daemon = lab.start()
+    call = subprocess.Popen(
+        ["busctl", f"--address={lab.bus.address}", "--timeout=60", "call", BUS_NAME, ROOT_PATH,
+         MANAGER, "ProbeType", "ss", H100.address, "1060"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: profiles_of(lab)[vf] == "1060", 30, "the profile set for the probe")
+        wait_until(lambda: "probing" in lab.states().get(vf, ""), 30, "the probe running")
+        daemon.stop(signal.SIGTERM)
+    finally:
+        call.wait(70)
+    assert profiles_of(lab)[vf] == "0", daemon.log()[-3000:]
+    assert f"cleared profile 1060 from {vf}" in daemon.log()
+    assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))
