@@ -11,6 +11,7 @@ import pytest
 
 from umockdev_hosts import DirectoryTestbed
 from umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
+from vfiocaps.discovery.functions import parse_profiles
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
 from vfiocaps.discovery.profiles import (
     UNKNOWN_BOOT,
@@ -19,7 +20,7 @@ from vfiocaps.discovery.profiles import (
     ProfileRecord,
     ProfileSetter,
 )
-from vfiocaps.discovery.scan import HostReader, parse_profiles
+from vfiocaps.discovery.scan import HostReader
 from vfiocaps.discovery.state import HostState
 from vfiocaps.discovery.sysfs import SysfsTree
 from vfiocaps.errors import InvalidArgumentError

@@ -16,15 +16,9 @@ from pathlib import Path
 
 from ..errors import DiscoveryError
 from ..model import Parent
-from .scan import (
-    CURRENT_PROFILE,
-    NO_PROFILE,
-    PCI_DEVICES,
-    PROFILE_DIR,
-    HostReader,
-    VirtualFunction,
-    is_pci_address,
-)
+from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
+from .names import is_pci_address
+from .scan import PCI_DEVICES, HostReader
 
 log = logging.getLogger("vfiocaps.discovery")
 
@@ -223,7 +217,7 @@ class ProfileSetter:
             ProfileError: none is free (every one has a profile, is held, or is being probed).
         """
         reserved = self._ledger.functions() | exclude
-        for function in self._reader.virtual_functions(parent.sysfs_path):
+        for function in self._reader.functions.virtual_functions(parent.sysfs_path):
             if function.profile or function.address in reserved:
                 continue
             if profile not in {number for number, _ in function.creatable}:

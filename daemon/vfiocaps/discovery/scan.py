@@ -6,22 +6,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model import (
-    Device,
-    DeviceKind,
-    DriverIdentity,
-    HostSnapshot,
-    MdevType,
-    Parent,
-    TypeKind,
-)
+from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
+from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, FunctionReader, profile_types
 from .identity import IdentityResolver
+from .names import is_mdev_uuid, is_pci_address, usable_name
 from .sysfs import SysfsTree
+
+# The name checks are also importable from here, where they were first defined.
+__all__ = ["HostReader", "ParentReading", "is_mdev_uuid", "is_pci_address", "is_vfio_pci_driver"]
 
 log = logging.getLogger("vfiocaps.discovery")
 
@@ -29,66 +25,11 @@ MDEV_BUS_CLASS = "class/mdev_bus"
 MDEV_DEVICES = "bus/mdev/devices"
 PCI_DEVICES = "bus/pci/devices"
 VFIO_PCI_SUFFIX = "vfio-pci"
-# NVIDIA's SR-IOV vGPU attributes of a virtual function (vGPU 17 and later on Ada, Hopper).
-PROFILE_DIR = "nvidia"
-CREATABLE_PROFILES = "creatable_vgpu_types"
-CURRENT_PROFILE = "current_vgpu_type"
-NO_PROFILE = "0"
-# A physical function lists its virtual functions as links virtfn0, virtfn1, ...
-VIRTFN_PREFIX = "virtfn"
-# The firmware version of a physical function, where its RDMA side shows it (mlx5).
-FIRMWARE_ATTRIBUTE = "fw_ver"
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-_MAX_NAME = 128
-
-
-def is_mdev_uuid(name: str) -> bool:
-    """Tell whether *name* is an mdev UUID as the kernel writes it (lower-case, dashed)."""
-    return _UUID.match(name) is not None
-
-
-def is_pci_address(name: str) -> bool:
-    """Tell whether *name* is a PCI address such as ``0000:65:00.4``."""
-    return _PCI_ADDRESS.match(name) is not None
-
-
-def _usable_name(name: str) -> bool:
-    return 0 < len(name) <= _MAX_NAME and name.isprintable() and "/" not in name
 
 
 def is_vfio_pci_driver(driver: str) -> bool:
     """``vfio-pci`` or a variant (``mlx5_vfio_pci``, ``hisi_acc_vfio_pci``...)."""
     return driver.replace("_", "-").endswith(VFIO_PCI_SUFFIX)
-
-
-def parse_profiles(text: str) -> tuple[tuple[str, str], ...]:
-    """``(id, name)`` of every line ``<id> : <name>`` of ``creatable_vgpu_types``, in order.
-
-    The heading line (``ID    : vGPU Name``) and anything that is not a decimal id with a
-    printable name are skipped.
-    """
-    profiles = []
-    for line in text.splitlines():
-        number, sep, name = line.partition(":")
-        number, name = number.strip(), name.strip()
-        if not sep or not number.isascii() or not number.isdigit() or len(number) > 9:
-            continue
-        if number == NO_PROFILE or not _usable_name(name):
-            continue
-        profiles.append((str(int(number)), name))
-    return tuple(profiles)
-
-
-@dataclass(frozen=True)
-class VirtualFunction:
-    """One SR-IOV virtual function of a physical function that offers vGPU profiles."""
-
-    address: str
-    sysfs_path: str  # resolved
-    profile: str  # the profile set now (current_vgpu_type); "" when none
-    creatable: tuple[tuple[str, str], ...]  # (id, name) it could take now
 
 
 @dataclass(frozen=True)
@@ -115,6 +56,7 @@ class HostReader:
         self._mdev_parents: dict[str, DriverIdentity | None] | None = None
         self._type_labels: dict[str, tuple[str, str]] | None = None
         self._iommu_groups = str(sysfs.path("kernel/iommu_groups"))
+        self.functions = FunctionReader(sysfs)
 
     # ---- parents and types ----------------------------------------------------------------
 
@@ -140,7 +82,7 @@ class HostReader:
     def read_type(self, parent: str, type_dir: Path) -> MdevType | None:
         """One entry of ``mdev_supported_types``."""
         type_id = type_dir.name
-        if not _usable_name(type_id):
+        if not usable_name(type_id):
             log.warning("sysfs: mdev type %r of %s has an unusable name; skipped", type_id, parent)
             return None
         real = self.sysfs.resolve(type_dir)
@@ -169,7 +111,7 @@ class HostReader:
         """A parent at its resolved device directory, if it is registered with mdev now
         (listed in ``class/mdev_bus`` and offering ``mdev_supported_types``)."""
         name = parent_dir.name
-        if not _usable_name(name):
+        if not usable_name(name):
             return None
         listed = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
         if listed is None or listed != parent_dir:
@@ -229,35 +171,6 @@ class HostReader:
 
     # ---- SR-IOV vGPU profiles -------------------------------------------------------------
 
-    def virtual_functions(self, pf_dir: Path) -> list[VirtualFunction]:
-        """The virtual functions of the physical function at *pf_dir* that carry vGPU
-        profile attributes, in VF number order."""
-        numbered = []
-        for entry in self.sysfs.list_dir(pf_dir):
-            number = entry.removeprefix(VIRTFN_PREFIX)
-            if entry.startswith(VIRTFN_PREFIX) and number.isascii() and number.isdigit():
-                numbered.append((int(number), entry))
-        functions = []
-        for _, entry in sorted(numbered):
-            real = self.sysfs.resolve(pf_dir / entry)
-            if real is None or not is_pci_address(real.name):
-                continue
-            profile_dir = self.sysfs.resolve(real / PROFILE_DIR)
-            if profile_dir is None:
-                continue
-            creatable = self.sysfs.read_attribute(profile_dir, CREATABLE_PROFILES)
-            current = self.sysfs.read_attribute(profile_dir, CURRENT_PROFILE)
-            if creatable is None or current is None:
-                continue
-            if current != NO_PROFILE and not (current.isascii() and current.isdigit()):
-                log.warning("sysfs: %s/%s holds %r; VF skipped", real, CURRENT_PROFILE, current)
-                continue
-            profile = "" if current == NO_PROFILE else str(int(current))
-            functions.append(
-                VirtualFunction(real.name, str(real), profile, parse_profiles(creatable))
-            )
-        return functions
-
     def read_profile_parent(self, pf_dir: Path) -> ParentReading | None:
         """A physical function as a parent of vGPU profiles, if any of its virtual functions
         carries profile attributes; its types are the profiles its VFs can take now, plus
@@ -267,19 +180,9 @@ class HostReader:
             return None
         if self.sysfs.read_attribute(pf_dir, "sriov_numvfs") is None:
             return None
-        functions = self.virtual_functions(pf_dir)
+        functions = self.functions.virtual_functions(pf_dir)
         if not functions:
             return None
-        names: dict[str, str] = {}
-        free: dict[str, int] = {}
-        for function in functions:
-            for number, label in function.creatable:
-                names.setdefault(number, label)
-                if not function.profile:
-                    free[number] = free.get(number, 0) + 1
-        for function in functions:
-            if function.profile:
-                names.setdefault(function.profile, "")
         parent = Parent(
             name=name,
             sysfs_path=pf_dir,
@@ -288,32 +191,17 @@ class HostReader:
             pci_vendor=self.sysfs.read_int(pf_dir / "vendor", 16),
             pci_device=self.sysfs.read_int(pf_dir / "device", 16),
         )
-        types = tuple(
-            MdevType(
-                parent=name,
-                type_id=number,
-                name=names[number],
-                description="",
-                device_api="vfio-pci",
-                available_instances=free.get(number, 0),
-                kind=TypeKind.VF_PROFILE,
-            )
-            for number in sorted(names, key=int)
-        )
+        types = profile_types(name, functions)
         return ParentReading(parent, types, tuple(f.address for f in functions))
 
     def _parent_version(self, pf_dir: Path) -> str:
-        """``<module> <version>`` of a physical function's driver, with ``fw <version>`` when
-        its RDMA device shows the firmware (``infiniband/<dev>/fw_ver``)."""
+        """``<module> <version>`` of a physical function's driver, with ``fw <version>`` where
+        sysfs shows its firmware."""
         driver = self.parent_identity(pf_dir, "pci")
         if driver is None:
             return ""
-        version = driver.describe()
-        for ib_device in self.sysfs.list_dir(pf_dir / "infiniband")[:1]:
-            firmware = self.sysfs.read_text(pf_dir / "infiniband" / ib_device / FIRMWARE_ATTRIBUTE)
-            if firmware and _usable_name(firmware):
-                version += f" fw {firmware}"
-        return version
+        firmware = self.functions.firmware(pf_dir)
+        return driver.describe() + (f" fw {firmware}" if firmware else "")
 
     # ---- devices --------------------------------------------------------------------------
 
@@ -363,7 +251,7 @@ class HostReader:
         is_vfio = is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
         if not (is_vgpu or is_vfio):
             return None
-        if vgpu_type is not None and not _usable_name(vgpu_type):
+        if vgpu_type is not None and not usable_name(vgpu_type):
             log.warning(
                 "sysfs: %s/%s/%s is unusable; skipped", device_dir, PROFILE_DIR, CURRENT_PROFILE
             )

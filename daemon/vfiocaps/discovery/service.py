@@ -16,6 +16,7 @@ from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
 from .instances import create_instance, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
+from .names import is_pci_address
 from .profiles import (
     BOOT_ID,
     WRITE_SECONDS,
@@ -24,7 +25,7 @@ from .profiles import (
     ProfileRecord,
     ProfileSetter,
 )
-from .scan import PCI_DEVICES, HostReader, is_pci_address
+from .scan import PCI_DEVICES, HostReader
 from .state import HostState
 from .sysfs import SysfsTree
 

@@ -21,7 +21,8 @@ from ..model import (
     Resynchronised,
 )
 from .monitor import Uevent
-from .scan import PCI_DEVICES, HostReader, ParentReading, is_mdev_uuid, is_pci_address
+from .names import is_mdev_uuid, is_pci_address
+from .scan import PCI_DEVICES, HostReader, ParentReading
 
 log = logging.getLogger("vfiocaps.discovery")
 
