@@ -11,6 +11,8 @@ import pytest
 
 from umockdev_hosts import DirectoryTestbed
 from umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
+from vfiocaps.config import Config
+from vfiocaps.discovery import Discovery
 from vfiocaps.discovery.functions import parse_profiles
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
 from vfiocaps.discovery.profiles import (
@@ -299,3 +301,35 @@ def test_a_read_only_sysfs_says_what_the_service_needs() -> None:
 
     error = _open_failure(Path("/sys/x/nvidia/current_vgpu_type"), OSError(errno.EROFS, "ro"))
     assert "ReadWritePaths=/sys/devices" in str(error)
+
+
+async def test_discovery_sees_its_own_profile_writes_without_any_uevent(tmp_path: Path) -> None:
+    builder = make_host(tmp_path, "h100")
+    nodes = tmp_path / "dev" / "vfio"
+    nodes.mkdir(parents=True)
+    for group in builder.groups.values():
+        (nodes / group).write_text("")
+    config = Config(
+        sysfs_root=builder.sys,
+        modules_root=builder.modules_root,
+        kernel_release=RELEASE,
+        runtime_dir=tmp_path / "run",
+        dev_root=tmp_path / "dev",
+    )
+    discovery = Discovery(config, boot_id_path=boot_id_file(tmp_path))
+    try:
+        parent = (await discovery.start()).parents[H100.address]
+        batches = discovery.events()
+        function = discovery.create_instance(parent, "1061")
+        # The DirectoryTestbed sends no uevent: what follows comes from discovery's re-read.
+        batch = await asyncio.wait_for(anext(batches), 10)
+        added = [e.device for e in batch if isinstance(e, DeviceAdded)]
+        assert [(d.device_id, d.type_id) for d in added] == [(function, "1061")]
+        assert builder.current_profile(function) == "1061"
+        discovery.remove_instance(added[0])
+        batch = await asyncio.wait_for(anext(batches), 10)
+        assert [e.device.device_id for e in batch if isinstance(e, DeviceRemoved)] == [function]
+        assert builder.current_profile(function) == "0"
+        assert not list((tmp_path / "run" / "profiles").glob("*.json"))
+    finally:
+        await discovery.close()

@@ -225,3 +225,19 @@ def test_a_daemon_stopped_during_a_profile_probe_clears_the_profile(lab: Lab) ->
     assert profiles_of(lab)[vf] == "0", daemon.log()[-3000:]
     assert f"cleared profile 1060 from {vf}" in daemon.log()
     assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))
+
+
+def test_opt_in_probes_every_profile_on_a_free_vf_and_clears_each(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    daemon = lab.start("--probe-types-without-instances")
+
+    def settled() -> bool:
+        listed = types(lab)
+        cleared = set(profiles_of(lab).values()) == {"0"}
+        return cleared and len(listed) == 3 and all(t["Probed"] for t in listed.values())
+
+    wait_until(settled, 120, "every profile probed and cleared", 0.5)
+    assert manager_property(lab.bus, "ProbeCount") == 3
+    for number in ("1060", "1061", "1062"):
+        assert f"cleared profile {number} from" in daemon.log()
+    assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))

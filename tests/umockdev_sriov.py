@@ -19,8 +19,11 @@ Shaped from public sources:
 
 Enabling VFs sends ``add`` and ``bind`` for each VF, then ``change`` on the physical function;
 disabling sends ``unbind`` and ``remove`` for each VF, then ``change`` (``drivers/pci/iov.c``).
-A profile set by an administrator sends ``change`` on the VF; a write by vfiocapsd itself is
-answered without any uevent, as a driver need not send one.
+A profile set by an administrator sends ``change`` on the VF. A write by vfiocapsd itself is
+answered by a poller a few milliseconds later (a real driver answers within the write, and the
+lists a read returns are current at once); this emulated driver then sends ``change`` so that
+the daemon reads the settled lists. The daemon does not rely on it: it re-reads the VF after
+its own writes (see test_discovery_sriov.py, where no uevent is delivered at all).
 """
 
 from __future__ import annotations
@@ -322,6 +325,8 @@ class SriovHostBuilder(HostBuilder):
                 if written != self.profiles.get(address, "0"):
                     try:
                         self._apply_profile(address, written)
+                        device = self._vf_dir(address)
+                        self.uevent("/" + str(device.relative_to(self.sys)), "change")
                     except ValueError as err:
                         sys.stderr.write(f"umockdev host: {err}; refused\n")
                         _write(
