@@ -333,3 +333,19 @@ async def test_discovery_sees_its_own_profile_writes_without_any_uevent(tmp_path
         assert not list((tmp_path / "run" / "profiles").glob("*.json"))
     finally:
         await discovery.close()
+
+
+def test_a_profile_no_vf_lists_keeps_its_name_through_a_re_read(tmp_path: Path) -> None:
+    builder = make_host(tmp_path, "h100")
+    reader = reader_for(builder)
+    state = HostState(reader)
+    state.resync(reader.host())
+    vf = H100.vf_address(0)
+    mark = len(builder.testbed.uevents)
+    builder.set_profile(vf, "1062")  # an 80C fills the GPU: no VF lists any profile now
+    for uevent in recorded_uevents(builder, mark):
+        state.apply(uevent)
+    assert reader.host().types[(H100.address, "1062")].name == ""
+    assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"
+    state.resync(reader.host())  # as after lost uevents
+    assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"

@@ -19,6 +19,7 @@ from ..model import (
     ParentRegistered,
     ParentUnregistered,
     Resynchronised,
+    TypeKind,
 )
 from .monitor import Uevent
 from .names import is_mdev_uuid, is_pci_address
@@ -320,7 +321,13 @@ class HostState:
             self._register(ParentReading(parent, types, functions), events)
         for device in fresh.devices.values():
             self._add_device(device, events)
-        # Instance counts and anything else the events above did not carry.
-        self.types = dict(fresh.types)
+        # Instance counts and anything else the events above did not carry (a profile no VF
+        # lists keeps the name registration gave it).
+        self.types = {
+            key: replace(fresh_type, name=self.types[key].name)
+            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in self.types
+            else fresh_type
+            for key, fresh_type in fresh.types.items()
+        }
         events.append(Resynchronised(self.snapshot()))
         return events
