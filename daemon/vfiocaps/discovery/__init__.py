@@ -1,4 +1,5 @@
-"""Discovery: which mdev parents, types and VFIO devices exist, and every change to them."""
+"""Discovery: which parents, types (mdev types, VF profiles) and VFIO devices exist, and every
+change to them."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def read_device(config: Config, sysfs_path: Path) -> Device | None:
 
 
 class Discovery:
-    """Knows which mdev parents, types and VFIO devices exist and tells of every change.
+    """Knows which parents (mdev parents, physical functions whose VFs take vGPU profiles),
+    types and VFIO devices exist and tells of every change.
 
     One consumer iterates :meth:`events`; batches come in the order the host changed.
     """
