@@ -103,8 +103,8 @@ class Lab:
         )
 
 
-def make_lab() -> Iterator[Lab]:
-    """Build a lab, yield it, and take it all down again."""
+def make_lab(host_class: type[MockHost] = MockHost) -> Iterator[Lab]:
+    """Build a lab (its host a *host_class*), yield it, and take it all down again."""
     ensure_probe_user()
     directory = Path(tempfile.mkdtemp(prefix="vfiocaps-engine-"))
     directory.chmod(0o755)
@@ -115,7 +115,7 @@ def make_lab() -> Iterator[Lab]:
         node.write_text("")
         node.chmod(0o600)
     bus = PrivateBus(directory / "bus").start()
-    host = MockHost().start()
+    host = host_class().start()
     host.root.chmod(0o755)
     lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
     try:

@@ -60,7 +60,9 @@ async def probe(
         probe_user=probe_user,
         probe_timeout=20.0,
     )
-    report = await Prober(config, observer=observer).probe(ProbeTarget.from_sysfs(device))
+    report = await Prober(config, observer=observer).probe(
+        ProbeTarget.from_sysfs(device, host.sysfs)
+    )
     assert leftovers(scratch / "run") == []
     return report
 
@@ -258,7 +260,7 @@ async def test_target_from_a_discovered_device(fake_host: FakeHost) -> None:
         DeviceKind.MDEV, UUIDS["mtty"], path, "mtty", "mtty-2", driver=driver, iommu_group="5"
     )
     target = ProbeTarget.from_device(device)
-    assert target == ProbeTarget.from_sysfs(path)
+    assert target == ProbeTarget.from_sysfs(path, fake_host.sysfs)
     assert target.parent_driver == "mtty"
     assert target.qemu_name == UUIDS["mtty"]
 

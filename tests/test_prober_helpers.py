@@ -63,6 +63,11 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _relative_link(link: Path, target: Path) -> None:
+    if not link.is_symlink():
+        os.symlink(os.path.relpath(target, link.parent), link)
+
+
 @dataclass(frozen=True)
 class FakeHost:
     """An emulated sysfs and /dev tree for the fake QEMU to read."""
@@ -80,6 +85,8 @@ class FakeHost:
     def add_mdev(
         self, uuid: str, type_id: str, driver: str, group: str, parent: str = "mtty"
     ) -> Path:
+        """An mdev bound to *driver* on a virtual *parent* (module *parent*), laid out with
+        relative links as sysfs has them, so that discovery's reader reads it."""
         parent_dir = self.sysfs / "devices" / "virtual" / parent / parent
         (parent_dir / "mdev_supported_types" / type_id).mkdir(parents=True, exist_ok=True)
         device = parent_dir / uuid
@@ -87,11 +94,16 @@ class FakeHost:
         (self.sysfs / "bus" / "mdev" / "drivers" / driver).mkdir(parents=True, exist_ok=True)
         (self.sysfs / "bus" / "mdev" / "devices").mkdir(parents=True, exist_ok=True)
         (self.sysfs / "kernel" / "iommu_groups" / group).mkdir(parents=True, exist_ok=True)
+        (self.sysfs / "class" / parent).mkdir(parents=True, exist_ok=True)
+        module = self.sysfs / "module" / parent
+        module.mkdir(parents=True, exist_ok=True)
+        (module / "srcversion").write_text(f"{parent.upper()}0000000000000000\n")
+        _relative_link(parent_dir / "subsystem", self.sysfs / "class" / parent)
         os.symlink(f"../mdev_supported_types/{type_id}", device / "mdev_type")
-        os.symlink(self.sysfs / "bus" / "mdev" / "drivers" / driver, device / "driver")
-        os.symlink(self.sysfs / "kernel" / "iommu_groups" / group, device / "iommu_group")
-        os.symlink(self.sysfs / "bus" / "mdev", device / "subsystem")
-        os.symlink(device, self.sysfs / "bus" / "mdev" / "devices" / uuid)
+        _relative_link(device / "driver", self.sysfs / "bus" / "mdev" / "drivers" / driver)
+        _relative_link(device / "iommu_group", self.sysfs / "kernel" / "iommu_groups" / group)
+        _relative_link(device / "subsystem", self.sysfs / "bus" / "mdev")
+        _relative_link(self.sysfs / "bus" / "mdev" / "devices" / uuid, device)
         node = self.dev / "vfio" / group
         node.parent.mkdir(parents=True, exist_ok=True)
         node.write_text("")

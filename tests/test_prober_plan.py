@@ -125,3 +125,34 @@ def test_unknown_lines_stay_in_the_excerpt() -> None:
     stderr += "qemu-system-x86_64: something nobody has seen before\n"
     assert first_failure(stderr) is None
     assert excerpt(stderr) == "qemu-system-x86_64: something nobody has seen before"
+
+
+def test_a_pci_function_is_named_by_host_address_and_an_mdev_by_sysfs_path() -> None:
+    settings = DeviceSettings(OnOffAuto.OFF, OnOffAuto.AUTO)
+    vf = Path("/sys/devices/pci0000:40/0000:40:01.1/0000:41:00.4")
+    pci = ProbePlan("q35", Accel.KVM, VM_UUID, 7, sysfsdev=vf, settings=settings, host=vf.name)
+    option = device_option(pci)
+    assert option is not None
+    assert "host=0000:41:00.4," in option
+    assert "sysfsdev" not in option
+    mdev = ProbePlan("q35", Accel.KVM, VM_UUID, 7, sysfsdev=Path(f"/sys/bus/mdev/devices/{UUID}"))
+    assert f"sysfsdev=/sys/bus/mdev/devices/{UUID}," in (device_option(mdev) or "")
+
+
+def test_host_address_only_for_pci_functions_of_the_hosts_own_sysfs() -> None:
+    from vfiocaps.model import DeviceKind
+    from vfiocaps.prober import ProbeTarget
+
+    vf = ProbeTarget(Path("/sys/bus/pci/devices/0000:41:00.4"), "0000:41:00.4", DeviceKind.PCI, "7")
+    assert vf.qemu_host(Path("/sys")) == "0000:41:00.4"
+    assert vf.qemu_host(Path("/tmp/tree/sys")) is None  # QEMU would look in the real /sys
+    mdev = ProbeTarget(Path(f"/sys/bus/mdev/devices/{UUID}"), UUID, DeviceKind.MDEV, "7")
+    assert mdev.qemu_host(Path("/sys")) is None
+
+
+def test_the_xe_pf_drivers_migration_refusal_is_known() -> None:
+    line = "xe 0000:03:00.0: [drm] PF: migration disabled: requires GuC version >= 70.54.0"
+    found = first_failure(line)
+    assert found is not None
+    assert found.meaning is Meaning.MIGRATION_UNSUPPORTED
+    assert found.message.origin == "Intel Xe PF driver (xe)"

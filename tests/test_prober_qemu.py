@@ -177,7 +177,7 @@ async def test_unknown_device_failure_is_reported_with_an_excerpt(
     node = host.dev / "vfio" / "7"
     before = node_state(node)
     prober = Prober(config(scratch, probe_user, dev_root=host.dev))
-    report = await prober.probe(ProbeTarget.from_sysfs(device))
+    report = await prober.probe(ProbeTarget.from_sysfs(device, host.sysfs))
     assert report.outcome is ProbeOutcome.FAILED, report
     assert report.stderr_excerpt
     assert "6a1b3c5d-0000-4000-8000-00000000abcd" in report.stderr_excerpt

@@ -62,7 +62,9 @@ async def probe(
         probe_timeout=20.0,
         **config,
     )
-    report = await Prober(settings, observer=observer).probe(ProbeTarget.from_sysfs(device))
+    report = await Prober(settings, observer=observer).probe(
+        ProbeTarget.from_sysfs(device, host.sysfs)
+    )
     assert leftovers(scratch / "run") == [], "the stream or the probe directory was left"
     return report
 

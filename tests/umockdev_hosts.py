@@ -582,15 +582,18 @@ class DirectoryTestbed:
 # ---- the wrapped process and its client --------------------------------------------------------
 
 
-def serve(stdin: Iterator[str], stdout: Any) -> None:
-    """Run a Testbed and a :class:`HostBuilder`; answer one JSON request per line."""
+def serve(
+    stdin: Iterator[str], stdout: Any, builder_class: type[HostBuilder] = HostBuilder
+) -> None:
+    """Run a Testbed and a :class:`HostBuilder` (or *builder_class*); answer one JSON request
+    per line."""
     import gi
 
     gi.require_version("UMockdev", "1.0")
     from gi.repository import UMockdev
 
     testbed = UMockdev.Testbed.new()
-    builder = HostBuilder(testbed)
+    builder = builder_class(testbed)
     (builder.sys / "class" / "mdev_bus").mkdir(parents=True, exist_ok=True)
     hello = {"root": str(builder.root), "modules_root": str(builder.modules_root)}
     stdout.write(json.dumps(hello) + "\n")

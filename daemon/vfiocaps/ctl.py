@@ -189,7 +189,8 @@ async def _probe(args: argparse.Namespace) -> int:
         probe_user=args.probe_user,
         probe_timeout=args.timeout,
     )
-    report = await Prober(config).probe(ProbeTarget.from_sysfs(device))
+    target = ProbeTarget.from_sysfs(device, args.sysfs_root)
+    report = await Prober(config).probe(target)
     values = report_as_dict(device, report)
     if getattr(args, "json", False):
         print(json.dumps(values, indent=2))
@@ -212,6 +213,7 @@ DEVICE_COLUMNS = (
     Column("MIGRATION", "Migration"),
 )
 TYPE_COLUMNS = (
+    Column("KIND", "Kind"),
     Column("PARENT", "Parent"),
     Column("TYPE", "TypeId"),
     Column("NAME", "Name"),
@@ -267,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
     _viewer_option(show)
     _json_flag(show)
-    _json_flag(commands.add_parser("types", help="every mdev type and what is known of it"))
+    _json_flag(
+        commands.add_parser(
+            "types", help="every mdev type, VF profile and PCI device type, and what is known"
+        )
+    )
     refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")
     refresh.add_argument("id", metavar="ID")
     _json_flag(refresh)

@@ -46,6 +46,7 @@ from .model import (
     ParentRegistered,
     ParentUnregistered,
     Resynchronised,
+    TypeKind,
 )
 from .store import (
     CapabilityKey,
@@ -115,7 +116,8 @@ class DeviceView:
 
 @dataclass(frozen=True, slots=True)
 class TypeView:
-    """An mdev type (or a PCI device type) with its live instances and cached answer."""
+    """An mdev type, a VF profile or a PCI device type, with its live instances and cached
+    answer; ``kind`` says which."""
 
     parent: str
     type_id: str
@@ -126,6 +128,7 @@ class TypeView:
     instances: int
     driver: DriverIdentity | None
     capabilities: Capabilities | None
+    kind: TypeKind = TypeKind.MDEV
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +328,7 @@ class Engine:
                     instances=counts.get((parent_name, type_id), 0),
                     driver=driver,
                     capabilities=self._type_capabilities(parent, mdev_type),
+                    kind=mdev_type.kind,
                 )
             )
             seen.add((parent_name, type_id))
@@ -346,6 +350,7 @@ class Engine:
                     instances=counts.get(ident, 0),
                     driver=self._driver_of(device),
                     capabilities=record.capabilities if record else None,
+                    kind=TypeKind(device.kind.value),
                 )
             )
         return result
@@ -360,25 +365,32 @@ class Engine:
     # ---- keys -----------------------------------------------------------------------------
 
     def _driver_of(self, device: Device) -> DriverIdentity | None:
-        if device.kind is DeviceKind.MDEV:
-            parent = self._source.snapshot.parents.get(device.parent)
-            if parent is not None and parent.driver is not None:
-                return parent.driver
+        # A device of a parent's type (an mdev, a VF with a vGPU profile) is keyed by the
+        # parent, as the type itself is.
+        parent = self._source.snapshot.parents.get(device.parent)
+        if parent is not None and parent.driver is not None:
+            return parent.driver
         return device.driver
 
     def _parent_pci_id(self, device: Device) -> str:
+        parent = self._source.snapshot.parents.get(device.parent)
+        if parent is not None:
+            return parent.pci_id
         if device.kind is DeviceKind.PCI:
             if device.pci_vendor is None or device.pci_device is None:
                 return ""
             return f"{device.pci_vendor:04x}:{device.pci_device:04x}"
-        parent = self._source.snapshot.parents.get(device.parent)
-        return parent.pci_id if parent else ""
+        return ""
 
-    def _make_key(self, driver: DriverIdentity, pci_id: str, type_id: str) -> CapabilityKey:
+    def _make_key(
+        self, driver: DriverIdentity, pci_id: str, type_id: str, parent_version: str = ""
+    ) -> CapabilityKey:
         qemu = self._qemu
         return CapabilityKey(
             driver=driver.module,
-            driver_version=driver.version,
+            driver_version=f"{driver.version} on {parent_version}"
+            if parent_version
+            else driver.version,
             kernel_release=self.config.kernel_release,
             parent_pci_id=pci_id,
             type_id=type_id,
@@ -391,7 +403,9 @@ class Engine:
         driver = self._driver_of(device)
         if driver is None or self._qemu is None:
             return None
-        return self._make_key(driver, self._parent_pci_id(device), device.type_id)
+        return self._make_key(
+            driver, self._parent_pci_id(device), device.type_id, device.parent_version
+        )
 
     def _view(self, entry: _DeviceEntry) -> DeviceView:
         record = self._records.get(entry.key) if entry.key else None

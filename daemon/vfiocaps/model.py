@@ -37,9 +37,27 @@ class DeviceKind(enum.Enum):
     PCI = "pci"
 
 
+class TypeKind(enum.Enum):
+    """What a type is: how its devices come to exist and how one is made for a probe.
+
+    ``mdev``: an entry of a parent's ``mdev_supported_types``; an instance is created through
+    its ``create`` attribute. ``vf-profile``: an SR-IOV vGPU profile that the virtual functions
+    of a physical function can take (NVIDIA ``nvidia/creatable_vgpu_types``); a free VF takes
+    it when its id is written to ``nvidia/current_vgpu_type``. ``pci``: the type of a VFIO PCI
+    function that exists as it is (``vfio-pci`` or a variant driver such as ``mlx5_vfio_pci``
+    or ``xe-vfio-pci``), keyed by ``vendor:device``; nothing can be created.
+    """
+
+    MDEV = "mdev"
+    VF_PROFILE = "vf-profile"
+    PCI = "pci"
+
+
 @dataclass(frozen=True, slots=True)
 class Parent:
-    """A device that offers mdev types (``/sys/class/mdev_bus/<name>``)."""
+    """A device that offers types: an mdev parent (``/sys/class/mdev_bus/<name>``), or an
+    SR-IOV physical function whose virtual functions offer vGPU profiles (named by its PCI
+    address; ``subsystem`` is ``pci``)."""
 
     name: str
     sysfs_path: Path
@@ -58,7 +76,13 @@ class Parent:
 
 @dataclass(frozen=True, slots=True)
 class MdevType:
-    """One entry of a parent's ``mdev_supported_types``."""
+    """One type a parent offers: an entry of its ``mdev_supported_types``, or (``kind``
+    ``vf-profile``) a vGPU profile its virtual functions can take.
+
+    For a profile, ``type_id`` is the profile's numeric id as ``current_vgpu_type`` takes it,
+    and ``available_instances`` the number of the parent's VFs that can take it now (they list
+    it in ``creatable_vgpu_types`` and have no profile set).
+    """
 
     parent: str
     type_id: str
@@ -66,6 +90,7 @@ class MdevType:
     description: str
     device_api: str
     available_instances: int
+    kind: TypeKind = TypeKind.MDEV
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +98,13 @@ class Device:
     """A VFIO device that a VM could be given: an mdev instance or a VFIO PCI function.
 
     ``device_id`` is the UUID for an mdev and the PCI address (``0000:65:00.4``) for a PCI
-    device. For a PCI device, ``type_id`` is the vGPU type where one is set (NVIDIA SR-IOV
-    ``nvidia/current_vgpu_type``), else ``vendor:device``. ``sysfs_path`` is the resolved
-    device directory, kept as a string: a host can have many thousands of devices.
+    device. For a PCI device, ``type_id`` is the vGPU profile where one is set (NVIDIA SR-IOV
+    ``nvidia/current_vgpu_type``), else ``vendor:device``; ``parent`` is the physical function
+    of a virtual function. ``parent_version`` says which driver (and firmware, where sysfs
+    shows it) serves the physical function of a VF bound to a VFIO driver, e.g.
+    ``mlx5_core 6.12.0 fw 22.36.1010``: the VF's behaviour depends on it too. ``sysfs_path``
+    is the resolved device directory, kept as a string: a host can have many thousands of
+    devices.
     """
 
     kind: DeviceKind
@@ -89,15 +118,20 @@ class Device:
     iommu_group: str | None = None
     pci_vendor: int | None = None
     pci_device: int | None = None
+    parent_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class HostSnapshot:
-    """Everything discovery knows at one moment."""
+    """Everything discovery knows at one moment.
+
+    ``functions`` maps each virtual function of a parent with vGPU profiles to that parent.
+    """
 
     parents: dict[str, Parent] = field(default_factory=dict)
     types: dict[tuple[str, str], MdevType] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
+    functions: dict[str, str] = field(default_factory=dict)
 
 
 # Domain events. Discovery emits them in the order the host changed; consumers never see raw

@@ -202,6 +202,7 @@ def capabilities_from_properties(properties: DeviceProperties, kind: str) -> dic
 def type_dict(view: TypeView) -> dict[str, Variant]:
     """One entry of ListTypes."""
     answer = {
+        "Kind": Variant("s", view.kind.value),
         "Parent": Variant("s", view.parent),
         "TypeId": Variant("s", view.type_id),
         "Name": Variant("s", view.name),

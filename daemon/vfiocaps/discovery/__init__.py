@@ -1,14 +1,18 @@
-"""Discovery: which mdev parents, types and VFIO devices exist, and every change to them."""
+"""Discovery: which parents, types (mdev types, VF profiles) and VFIO devices exist, and every
+change to them."""
 
 from __future__ import annotations
 
 from .errors import DiscoveryStateError, UdevUnavailableError
-from .service import Discovery, DiscoveryState, read_device
+from .profiles import ProfileError
+from .service import Discovery, DiscoveryState, host_reader, read_device
 
 __all__ = [
     "Discovery",
     "DiscoveryState",
     "DiscoveryStateError",
+    "ProfileError",
     "UdevUnavailableError",
+    "host_reader",
     "read_device",
 ]

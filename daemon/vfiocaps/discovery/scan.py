@@ -1,18 +1,23 @@
-"""Reading parents, mdev types and VFIO devices out of sysfs, one object or the whole host."""
+"""Reading parents, their types (mdev types, SR-IOV vGPU profiles) and VFIO devices out of
+sysfs, one object or the whole host."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
+from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, FunctionReader, profile_types
 from .identity import IdentityResolver
+from .names import is_mdev_uuid, is_pci_address, usable_name
 from .sysfs import SysfsTree
+
+# The name checks are also importable from here, where they were first defined.
+__all__ = ["HostReader", "ParentReading", "is_mdev_uuid", "is_pci_address", "is_vfio_pci_driver"]
 
 log = logging.getLogger("vfiocaps.discovery")
 
@@ -20,24 +25,6 @@ MDEV_BUS_CLASS = "class/mdev_bus"
 MDEV_DEVICES = "bus/mdev/devices"
 PCI_DEVICES = "bus/pci/devices"
 VFIO_PCI_SUFFIX = "vfio-pci"
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-_MAX_NAME = 128
-
-
-def is_mdev_uuid(name: str) -> bool:
-    """Tell whether *name* is an mdev UUID as the kernel writes it (lower-case, dashed)."""
-    return _UUID.match(name) is not None
-
-
-def is_pci_address(name: str) -> bool:
-    """Tell whether *name* is a PCI address such as ``0000:65:00.4``."""
-    return _PCI_ADDRESS.match(name) is not None
-
-
-def _usable_name(name: str) -> bool:
-    return 0 < len(name) <= _MAX_NAME and name.isprintable() and "/" not in name
 
 
 def is_vfio_pci_driver(driver: str) -> bool:
@@ -47,10 +34,12 @@ def is_vfio_pci_driver(driver: str) -> bool:
 
 @dataclass(frozen=True)
 class ParentReading:
-    """A registered parent and its types as read at one moment."""
+    """A registered parent and its types as read at one moment (for a physical function with
+    vGPU profiles, also the addresses of its virtual functions)."""
 
     parent: Parent
     types: tuple[MdevType, ...]
+    functions: tuple[str, ...] = ()
 
 
 class HostReader:
@@ -67,6 +56,7 @@ class HostReader:
         self._mdev_parents: dict[str, DriverIdentity | None] | None = None
         self._type_labels: dict[str, tuple[str, str]] | None = None
         self._iommu_groups = str(sysfs.path("kernel/iommu_groups"))
+        self.functions = FunctionReader(sysfs)
 
     # ---- parents and types ----------------------------------------------------------------
 
@@ -92,7 +82,7 @@ class HostReader:
     def read_type(self, parent: str, type_dir: Path) -> MdevType | None:
         """One entry of ``mdev_supported_types``."""
         type_id = type_dir.name
-        if not _usable_name(type_id):
+        if not usable_name(type_id):
             log.warning("sysfs: mdev type %r of %s has an unusable name; skipped", type_id, parent)
             return None
         real = self.sysfs.resolve(type_dir)
@@ -121,11 +111,11 @@ class HostReader:
         """A parent at its resolved device directory, if it is registered with mdev now
         (listed in ``class/mdev_bus`` and offering ``mdev_supported_types``)."""
         name = parent_dir.name
-        if not _usable_name(name):
+        if not usable_name(name):
             return None
         listed = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
         if listed is None or listed != parent_dir:
-            return None
+            return self.read_profile_parent(parent_dir)
         types_dir = parent_dir / "mdev_supported_types"
         if not self.sysfs.is_dir(types_dir):
             return None
@@ -157,7 +147,8 @@ class HostReader:
         return self.read_parent_dir(real)
 
     def parents(self) -> list[ParentReading]:
-        """Every registered parent (``class/mdev_bus``)."""
+        """Every registered parent (``class/mdev_bus``) and every physical function whose
+        virtual functions offer vGPU profiles."""
         readings = []
         for name in self.sysfs.list_dir(self.sysfs.path(MDEV_BUS_CLASS)):
             real = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
@@ -166,7 +157,51 @@ class HostReader:
             reading = self.read_parent_dir(real)
             if reading is not None:
                 readings.append(reading)
+        known = {reading.parent.name for reading in readings}
+        pci = self.sysfs.path(PCI_DEVICES)
+        for name in self.sysfs.list_dir(pci):
+            if name in known or not is_pci_address(name):
+                continue
+            real = self.sysfs.resolve(pci / name)
+            if real is not None and real.name == name:
+                profile_reading = self.read_profile_parent(real)
+                if profile_reading is not None:
+                    readings.append(profile_reading)
         return readings
+
+    # ---- SR-IOV vGPU profiles -------------------------------------------------------------
+
+    def read_profile_parent(self, pf_dir: Path) -> ParentReading | None:
+        """A physical function as a parent of vGPU profiles, if any of its virtual functions
+        carries profile attributes; its types are the profiles its VFs can take now, plus
+        those set on a VF (which then no other VF may list)."""
+        name = pf_dir.name
+        if not is_pci_address(name) or self.sysfs.link_name(pf_dir / "subsystem") != "pci":
+            return None
+        if self.sysfs.read_attribute(pf_dir, "sriov_numvfs") is None:
+            return None
+        functions = self.functions.virtual_functions(pf_dir)
+        if not functions:
+            return None
+        parent = Parent(
+            name=name,
+            sysfs_path=pf_dir,
+            subsystem="pci",
+            driver=self.parent_identity(pf_dir, "pci"),
+            pci_vendor=self.sysfs.read_int(pf_dir / "vendor", 16),
+            pci_device=self.sysfs.read_int(pf_dir / "device", 16),
+        )
+        types = profile_types(name, functions)
+        return ParentReading(parent, types, tuple(f.address for f in functions))
+
+    def _parent_version(self, pf_dir: Path) -> str:
+        """``<module> <version>`` of a physical function's driver, with ``fw <version>`` where
+        sysfs shows its firmware."""
+        driver = self.parent_identity(pf_dir, "pci")
+        if driver is None:
+            return ""
+        firmware = self.functions.firmware(pf_dir)
+        return driver.describe() + (f" fw {firmware}" if firmware else "")
 
     # ---- devices --------------------------------------------------------------------------
 
@@ -196,7 +231,7 @@ class HostReader:
             type_name=type_name,
             device_api=device_api,
             driver=self._mdev_parent_driver(parent_dir),
-            iommu_group=self._iommu_group(device_dir),
+            iommu_group=self.iommu_group(device_dir),
         )
 
     def read_pci_dir(self, device_dir: Path) -> Device | None:
@@ -210,20 +245,26 @@ class HostReader:
             return None
         driver, _module = bound
         vgpu_type = None
-        if self.sysfs.exists(device_dir / "nvidia"):
-            vgpu_type = self.sysfs.read_text(device_dir / "nvidia" / "current_vgpu_type")
-        is_vgpu = vgpu_type is not None and vgpu_type not in ("", "0")
+        if self.sysfs.exists(device_dir / PROFILE_DIR):
+            vgpu_type = self.sysfs.read_text(device_dir / PROFILE_DIR / CURRENT_PROFILE)
+        is_vgpu = vgpu_type is not None and vgpu_type not in ("", NO_PROFILE)
         is_vfio = is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
         if not (is_vgpu or is_vfio):
             return None
-        if vgpu_type is not None and not _usable_name(vgpu_type):
-            log.warning("sysfs: %s/nvidia/current_vgpu_type is unusable; skipped", device_dir)
+        if vgpu_type is not None and not usable_name(vgpu_type):
+            log.warning(
+                "sysfs: %s/%s/%s is unusable; skipped", device_dir, PROFILE_DIR, CURRENT_PROFILE
+            )
             return None
         vendor = self.sysfs.read_int(device_dir / "vendor", 16)
         device = self.sysfs.read_int(device_dir / "device", 16)
         if vendor is None or device is None:
             return None
-        physfn = self.sysfs.link_name(device_dir / "physfn")
+        physfn_dir = self.sysfs.resolve(device_dir / "physfn")
+        physfn = physfn_dir.name if physfn_dir is not None else None
+        parent_version = ""
+        if physfn_dir is not None and is_vfio and not is_vgpu and is_pci_address(physfn_dir.name):
+            parent_version = self._parent_version(physfn_dir)
         return Device(
             kind=DeviceKind.PCI,
             device_id=address,
@@ -232,9 +273,10 @@ class HostReader:
             type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
             driver=self.identities.identify_driver(device_dir),
-            iommu_group=self._iommu_group(str(device_dir)),
+            iommu_group=self.iommu_group(str(device_dir)),
             pci_vendor=vendor,
             pci_device=device,
+            parent_version=parent_version,
         )
 
     def _mdev_parent_driver(self, parent_dir: str) -> DriverIdentity | None:
@@ -262,7 +304,7 @@ class HostReader:
             memo[type_dir] = labels
         return labels
 
-    def _iommu_group(self, device_dir: str) -> str | None:
+    def iommu_group(self, device_dir: str) -> str | None:
         """The device's IOMMU group number: its ``iommu_group`` link must resolve to
         ``<sysfs>/kernel/iommu_groups/<number>``; anything else is refused."""
         real = self.sysfs.resolve_str(device_dir + "/iommu_group")
@@ -304,13 +346,16 @@ class HostReader:
         """Everything, read from scratch."""
         parents: dict[str, Parent] = {}
         types: dict[tuple[str, str], MdevType] = {}
+        functions: dict[str, str] = {}
         with self.sysfs.scan(), self._identities_memoized():
             for reading in self.parents():
                 parents[reading.parent.name] = reading.parent
                 for mdev_type in reading.types:
                     types[(mdev_type.parent, mdev_type.type_id)] = mdev_type
+                for address in reading.functions:
+                    functions[address] = reading.parent.name
             devices = {device.device_id: device for device in self.devices()}
-        return HostSnapshot(parents=parents, types=types, devices=devices)
+        return HostSnapshot(parents=parents, types=types, devices=devices, functions=functions)
 
     @contextlib.contextmanager
     def _identities_memoized(self) -> Iterator[None]:

@@ -6,17 +6,26 @@ import asyncio
 import collections
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 from ..config import Config
-from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent
+from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, TypeKind
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
 from .instances import create_instance, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
-from .scan import HostReader
+from .names import is_pci_address
+from .profiles import (
+    BOOT_ID,
+    WRITE_SECONDS,
+    ProfileError,
+    ProfileLedger,
+    ProfileRecord,
+    ProfileSetter,
+)
+from .scan import PCI_DEVICES, HostReader
 from .state import HostState
 from .sysfs import SysfsTree
 
@@ -29,6 +38,8 @@ COALESCE_SECONDS = 0.02
 QUIET_SECONDS = 0.002
 # Uevents processed before the loop is given a chance to read the socket again.
 CHUNK = 256
+# Profile writes still running at close are given this long to finish (they are recorded).
+PROFILE_CLOSE_SECONDS = 2 * WRITE_SECONDS
 
 
 class DiscoveryState(enum.Enum):
@@ -40,10 +51,15 @@ class DiscoveryState(enum.Enum):
     CLOSED = "closed"
 
 
-def _reader_for(config: Config) -> HostReader:
-    sysfs = SysfsTree(config.sysfs_root)
-    files = ModuleFiles(config.modules_root, config.kernel_release)
+def host_reader(sysfs_root: Path, modules_root: Path, kernel_release: str) -> HostReader:
+    """The one reader of host objects (parents, types, devices) for a sysfs tree."""
+    sysfs = SysfsTree(sysfs_root)
+    files = ModuleFiles(modules_root, kernel_release)
     return HostReader(sysfs, IdentityResolver(sysfs, files))
+
+
+def _reader_for(config: Config) -> HostReader:
+    return host_reader(config.sysfs_root, config.modules_root, config.kernel_release)
 
 
 def read_device(config: Config, sysfs_path: Path) -> Device | None:
@@ -57,7 +73,8 @@ def read_device(config: Config, sysfs_path: Path) -> Device | None:
 
 
 class Discovery:
-    """Knows which mdev parents, types and VFIO devices exist and tells of every change.
+    """Knows which parents (mdev parents, physical functions whose VFs take vGPU profiles),
+    types and VFIO devices exist and tells of every change.
 
     One consumer iterates :meth:`events`; batches come in the order the host changed.
     """
@@ -68,9 +85,16 @@ class Discovery:
         *,
         monitor_factory: Callable[[], UdevMonitor] = UdevMonitor,
         coalesce_seconds: float = COALESCE_SECONDS,
+        boot_id_path: Path = BOOT_ID,
     ) -> None:
         self.config = config
         self._reader = _reader_for(config)
+        self._profiles = ProfileSetter(
+            self._reader,
+            ProfileLedger(config.runtime_dir / "profiles", boot_id_path),
+            config.dev_root,
+        )
+        self._profile_tasks: set[asyncio.Task[None]] = set()
         self._state = HostState(self._reader)
         self._monitor_factory = monitor_factory
         self._coalesce_seconds = coalesce_seconds
@@ -112,6 +136,7 @@ class Discovery:
         self._lifecycle = DiscoveryState.STARTING
         self._loop = asyncio.get_running_loop()
         try:
+            await self._profiles.recover()
             monitor = self._monitor_factory()
             self._fd = monitor.open()
             self._monitor = monitor
@@ -155,6 +180,9 @@ class Discovery:
             return
         self._lifecycle = DiscoveryState.CLOSED
         try:
+            if self._profile_tasks:
+                # Setting or clearing a profile is finished (or left recorded), not cut short.
+                await asyncio.wait(set(self._profile_tasks), timeout=PROFILE_CLOSE_SECONDS)
             worker, self._worker = self._worker, None
             if worker is not None:
                 worker.cancel()
@@ -173,20 +201,67 @@ class Discovery:
     # ---- inside -----------------------------------------------------------------------------
 
     def create_instance(self, parent: Parent, type_id: str) -> str:
-        """Create a temporary mdev instance of *type_id* on *parent*; return its UUID.
+        """Create a temporary instance of *type_id* on *parent*; return its device id.
+
+        For an mdev type, the UUID of a new instance. For a vGPU profile, the address of a
+        free virtual function of *parent*: the profile is recorded, then set in the background
+        (bounded, off the event loop); the function then appears as a device, or, if the
+        driver refuses, does not.
 
         Raises:
             InstanceError: the kernel refused or the type does not exist.
+            ProfileError: no virtual function is free or the record cannot be written.
         """
-        return create_instance(self.config.sysfs_root, parent, type_id)
+        mdev_type = self._snapshot.types.get((parent.name, type_id))
+        if mdev_type is None or mdev_type.kind is not TypeKind.VF_PROFILE:
+            return create_instance(self.config.sysfs_root, parent, type_id)
+        known = frozenset(self._snapshot.devices)
+        record = self._profiles.reserve(parent, type_id, exclude=known)
+        self._spawn_profile_task(self._set_profile(record), record.function)
+        return record.function
 
     def remove_instance(self, device: Device) -> None:
-        """Remove an mdev instance.
+        """Remove an instance :meth:`create_instance` made: an mdev is removed; a virtual
+        function's profile is cleared in the background (only a profile vfiocapsd recorded,
+        never on a function a VM holds).
 
         Raises:
-            InstanceError: the kernel refused (the instance is in use) or it is not an mdev.
+            InstanceError: the kernel refused (the mdev is in use).
         """
-        remove_instance(self.config.sysfs_root, device)
+        if not is_pci_address(device.device_id):
+            remove_instance(self.config.sysfs_root, device)
+            return
+        self._spawn_profile_task(self._clear_profile(device.device_id), device.device_id)
+
+    def _spawn_profile_task(self, work: Coroutine[object, object, None], function: str) -> None:
+        task = asyncio.create_task(work, name=f"vfiocaps-profile-{function}")
+        self._profile_tasks.add(task)
+        task.add_done_callback(self._profile_tasks.discard)
+
+    async def _set_profile(self, record: ProfileRecord) -> None:
+        try:
+            await self._profiles.apply(record)
+        except ProfileError as err:
+            log.error(
+                "discovery: cannot set profile %s on %s: %s", record.profile, record.function, err
+            )
+        self._reread_function(record.function)
+
+    async def _clear_profile(self, function: str) -> None:
+        await self._profiles.clear(function)
+        self._reread_function(function)
+
+    def _reread_function(self, function: str) -> None:
+        """Read a virtual function (and so its physical function's profiles) again, as if it
+        had sent a ``change`` uevent: drivers need not send one when a profile changes."""
+        sysfs = self._reader.sysfs
+        real = sysfs.resolve(sysfs.path(f"{PCI_DEVICES}/{function}"))
+        if real is None or self._lifecycle is DiscoveryState.CLOSED:
+            return
+        devpath = "/" + str(real.relative_to(sysfs.root))
+        self._pending.append(Uevent("change", devpath, "pci"))
+        self._received += 1
+        self._wakeup.set()
 
     def _on_readable(self) -> None:
         monitor = self._monitor

@@ -19,9 +19,11 @@ from ..model import (
     ParentRegistered,
     ParentUnregistered,
     Resynchronised,
+    TypeKind,
 )
 from .monitor import Uevent
-from .scan import HostReader, ParentReading, is_mdev_uuid
+from .names import is_mdev_uuid, is_pci_address
+from .scan import PCI_DEVICES, HostReader, ParentReading
 
 log = logging.getLogger("vfiocaps.discovery")
 
@@ -52,11 +54,17 @@ class HostState:
     types: dict[tuple[str, str], MdevType] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     drivers: dict[str, DriverIdentity] = field(default_factory=dict)
+    # Physical functions registered for their VFs' vGPU profiles, and which PF each VF has.
+    profile_parents: set[str] = field(default_factory=set)
+    vf_parents: dict[str, str] = field(default_factory=dict)
 
     def snapshot(self) -> HostSnapshot:
         """A frozen copy of what is known now."""
         return HostSnapshot(
-            parents=dict(self.parents), types=dict(self.types), devices=dict(self.devices)
+            parents=dict(self.parents),
+            types=dict(self.types),
+            devices=dict(self.devices),
+            functions=dict(self.vf_parents),
         )
 
     # ---- drivers --------------------------------------------------------------------------
@@ -88,6 +96,8 @@ class HostState:
 
     def _register(self, reading: ParentReading, events: list[DiscoveryEvent]) -> None:
         parent = reading.parent
+        if reading.functions:
+            reading = replace(reading, types=self._named_profiles(parent.name, reading.types))
         self._learn_driver(parent.driver, events)
         known = self.parents.get(parent.name)
         same = (
@@ -100,11 +110,33 @@ class HostState:
         for mdev_type in reading.types:
             self.types[(parent.name, mdev_type.type_id)] = mdev_type
         self.parents[parent.name] = parent
+        self._forget_functions(parent.name)
+        if reading.functions:
+            self.profile_parents.add(parent.name)
+            for address in reading.functions:
+                self.vf_parents[address] = parent.name
         if not same:
             events.append(ParentRegistered(parent, reading.types))
 
+    def _named_profiles(self, parent: str, types: tuple[MdevType, ...]) -> tuple[MdevType, ...]:
+        """A profile set on every VF that could take it is listed by none (the lists name only
+        what can still be created): it keeps the name it was last listed with."""
+        named = []
+        for profile in types:
+            known = self.types.get((parent, profile.type_id))
+            if not profile.name and known is not None and known.name:
+                profile = replace(profile, name=known.name)
+            named.append(profile)
+        return tuple(named)
+
+    def _forget_functions(self, name: str) -> None:
+        self.profile_parents.discard(name)
+        for address in [a for a, pf in self.vf_parents.items() if pf == name]:
+            del self.vf_parents[address]
+
     def _unregister(self, name: str, events: list[DiscoveryEvent]) -> None:
         parent = self.parents.pop(name, None)
+        self._forget_functions(name)
         if parent is None:
             return
         for device in [d for d in self.devices.values() if self._served_by(d, name)]:
@@ -130,10 +162,21 @@ class HostState:
         reading = self.reader.read_parent(devpath)
         known = self._parent_named_by(devpath)
         if reading is None:
-            if known is not None and not self.reader.sysfs.exists(self.reader.sysfs.path(devpath)):
+            gone = not self.reader.sysfs.exists(self.reader.sysfs.path(devpath))
+            if known is not None and (gone or known in self.profile_parents):
                 self._unregister(known, events)
             return
         self._register(reading, events)
+
+    def _refresh_profiles_of(self, physical_function: str, events: list[DiscoveryEvent]) -> None:
+        """Re-read a physical function's vGPU profiles (a VF came, went, or changed)."""
+        sysfs = self.reader.sysfs
+        real = sysfs.resolve(sysfs.path(f"{PCI_DEVICES}/{physical_function}"))
+        reading = self.reader.read_profile_parent(real) if real is not None else None
+        if reading is not None:
+            self._register(reading, events)
+        elif physical_function in self.profile_parents:
+            self._unregister(physical_function, events)
 
     def _refresh_type_counts(self, parent_name: str, type_id: str) -> None:
         key = (parent_name, type_id)
@@ -214,10 +257,30 @@ class HostState:
             uevent.mdev_state == "registered"
             or known_parent is not None
             or (action in _ARRIVALS and self._listed_as_parent(devpath))
+            or (action in _ARRIVALS and uevent.subsystem == "pci" and self._has_vfs(devpath))
         ):
             self._refresh_parent(devpath, events)
         if uevent.subsystem == "pci":
             self._pci_event(uevent, events)
+            self._function_event(devpath, events)
+
+    def _has_vfs(self, devpath: str) -> bool:
+        """Whether the PCI device at *devpath* is an SR-IOV physical function."""
+        sysfs = self.reader.sysfs
+        return sysfs.exists(sysfs.path(devpath) / "sriov_numvfs")
+
+    def _function_event(self, devpath: str, events: list[DiscoveryEvent]) -> None:
+        """A virtual function came, went, changed or was re-bound: its physical function's
+        profiles (the profiles it offers, how many VFs can take each) are read again."""
+        address = devpath.rsplit("/", 1)[-1]
+        if not is_pci_address(address):
+            return
+        physical_function = self.vf_parents.get(address)
+        if physical_function is None:
+            sysfs = self.reader.sysfs
+            physical_function = sysfs.link_name(sysfs.path(devpath) / "physfn")
+        if physical_function and physical_function != address:
+            self._refresh_profiles_of(physical_function, events)
 
     def _listed_as_parent(self, devpath: str) -> bool:
         name = devpath.rsplit("/", 1)[-1]
@@ -254,10 +317,17 @@ class HostState:
                 self._unregister(name, events)
         for parent in fresh.parents.values():
             types = tuple(t for (p, _), t in fresh.types.items() if p == parent.name)
-            self._register(ParentReading(parent, types), events)
+            functions = tuple(a for a, pf in fresh.functions.items() if pf == parent.name)
+            self._register(ParentReading(parent, types, functions), events)
         for device in fresh.devices.values():
             self._add_device(device, events)
-        # Instance counts and anything else the events above did not carry.
-        self.types = dict(fresh.types)
+        # Instance counts and anything else the events above did not carry (a profile no VF
+        # lists keeps the name registration gave it).
+        self.types = {
+            key: replace(fresh_type, name=self.types[key].name)
+            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in self.types
+            else fresh_type
+            for key, fresh_type in fresh.types.items()
+        }
         events.append(Resynchronised(self.snapshot()))
         return events

@@ -77,6 +77,7 @@ class LaunchContext:
     stream_limit: int = (
         DEFAULT_MIGRATION_STREAM_LIMIT  # bytes of migration stream kept for the load
     )
+    host: str | None = None  # a PCI function's address, given to QEMU as host=
 
 
 async def run_launch(
@@ -96,6 +97,7 @@ async def run_launch(
         sysfsdev=context.sysfsdev if attempt.settings is not None else None,
         settings=attempt.settings or DeviceSettings(),
         incoming=attempt.step is Step.LOAD,
+        host=context.host if attempt.settings is not None else None,
     )
     argv = build_qemu_argv(context.binary, plan)
     process = ManagedProcess(

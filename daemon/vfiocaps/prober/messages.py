@@ -88,6 +88,16 @@ KNOWN_MESSAGES: tuple[KnownMessage, ...] = (
         "NVIDIA vGPU manager",
         "all",
     ),
+    # The Xe PF driver turns VF migration off with a notice naming the missing prerequisite
+    # ("requires GuC version >= 70.54.0", "requires memory-based IRQ support";
+    # drivers/gpu/drm/xe/xe_sriov_pf_migration.c, xe_gt_sriov_pf_migration.c); xe-vfio-pci
+    # then offers no migration and QEMU reports it as not supported in kernel.
+    _m(
+        Meaning.MIGRATION_UNSUPPORTED,
+        r"migration disabled: requires \S",
+        "Intel Xe PF driver (xe)",
+        "6.19",
+    ),
 )
 
 FAILURE_PRIORITY = (Meaning.BUSY, Meaning.KVM_REQUIRED, Meaning.VM_UUID_REQUIRED)

@@ -79,6 +79,7 @@ class ProbePlan:
     qmp_fd: int
     sysfsdev: Path | None = None
     settings: DeviceSettings = DeviceSettings()
+    host: str | None = None  # a PCI function's address: ``host=`` instead of ``sysfsdev=``
     memory_mib: int = DEFAULT_MEMORY_MIB
     sandbox: bool = True
     incoming: bool = False  # start as a migration destination (``-incoming defer``)
@@ -90,16 +91,21 @@ def qemu_option_value(value: str) -> str:
 
 
 def device_option(plan: ProbePlan) -> str | None:
-    """The ``-device vfio-pci,...`` argument of *plan*, or ``None`` for a bare launch."""
-    if plan.sysfsdev is None:
+    """The ``-device vfio-pci,...`` argument of *plan*, or ``None`` for a bare launch.
+
+    A PCI function is named by ``host=<address>`` when the plan has one (QEMU finds it under
+    ``/sys/bus/pci/devices``, as libvirt names PCI host devices); an mdev, or a function in
+    another sysfs tree, by ``sysfsdev=<path>``.
+    """
+    if plan.sysfsdev is None and plan.host is None:
         return None
     settings = plan.settings
-    parts = [
-        "vfio-pci",
-        f"id={DEVICE_ID}",
-        f"sysfsdev={qemu_option_value(str(plan.sysfsdev))}",
-        f"display={settings.display.value}",
-    ]
+    where = (
+        f"host={qemu_option_value(plan.host)}"
+        if plan.host is not None
+        else f"sysfsdev={qemu_option_value(str(plan.sysfsdev))}"
+    )
+    parts = ["vfio-pci", f"id={DEVICE_ID}", where, f"display={settings.display.value}"]
     if settings.migration is not None:
         parts.append(f"enable-migration={settings.migration.value}")
     if settings.device_dirty_tracking is not None:

@@ -174,6 +174,7 @@ class Prober:
                 machine=machine,
                 vm_uuid=str(uuid.uuid4()),
                 sysfsdev=target.sysfs_path if target else None,
+                host=target.qemu_host(self.config.sysfs_root) if target else None,
                 identity=identity,
                 workdir=workdir,
                 timeout=self.config.probe_timeout,

@@ -1,0 +1,362 @@
+"""Setting a vGPU profile on a free SR-IOV virtual function for a probe, and clearing it again,
+recorded under the runtime directory so that a profile a crash left behind is cleared at start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DiscoveryError
+from ..model import Parent
+from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
+from .names import is_pci_address
+from .scan import PCI_DEVICES, HostReader
+
+log = logging.getLogger("vfiocaps.discovery")
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# The boot id of a record made where the kernel's could not be read (a unit with
+# ProcSubset=pid hides /proc/sys). The runtime directory, on tmpfs under /run, then is what
+# ties records to the boot: it does not outlive it.
+UNKNOWN_BOOT = "unknown"
+# A write to current_vgpu_type makes the vendor driver reserve or release GPU resources.
+WRITE_SECONDS = 10.0
+# Records larger than this were not written by vfiocapsd.
+RECORD_LIMIT = 4096
+
+
+class ProfileError(DiscoveryError):
+    """A vGPU profile could not be set on or cleared from a virtual function."""
+
+
+def group_held(dev_root: Path, group: str) -> bool:
+    """Whether the VFIO group node of *group* is open elsewhere (a VM holds the function).
+
+    The kernel lets a group be opened once; a second open fails with EBUSY and leaves the
+    holder alone (the rule the prober's busy check applies too). A node that cannot be opened
+    for another reason counts as held: nothing is done to a function one cannot vouch for.
+    """
+    node = dev_root / "vfio" / group
+    try:
+        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        if err.errno != errno.EBUSY:
+            log.warning("profiles: cannot open %s (%s); VF treated as in use", node, err.strerror)
+        return True
+    os.close(fd)
+    return False
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """A profile vfiocapsd set on a virtual function and has not yet cleared."""
+
+    function: str  # the VF's PCI address
+    profile: str  # the id written to current_vgpu_type
+    parent: str  # the physical function
+    boot_id: str
+
+    def valid(self) -> bool:
+        return (
+            is_pci_address(self.function)
+            and is_pci_address(self.parent)
+            and self.profile.isascii()
+            and self.profile.isdigit()
+            and self.profile != NO_PROFILE
+            and len(self.profile) <= 9
+            and 0 < len(self.boot_id) <= 64
+        )
+
+
+class ProfileLedger:
+    """One file per profile set for a probe under *directory* (``<runtime>/profiles``),
+    written before the profile is set and removed once it is cleared."""
+
+    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID) -> None:
+        self.directory = directory
+        self._boot_id_path = boot_id_path
+
+    def boot_id(self) -> str:
+        """This boot's id, or :data:`UNKNOWN_BOOT` when the kernel's cannot be read."""
+        try:
+            value = self._boot_id_path.read_text()[:64].strip()
+        except OSError as err:
+            log.debug("profiles: cannot read %s: %s", self._boot_id_path, err.strerror)
+            return UNKNOWN_BOOT
+        if not value or not all(c in "0123456789abcdef-" for c in value):
+            return UNKNOWN_BOOT
+        return value
+
+    def _path(self, function: str) -> Path:
+        return self.directory / f"{function}.json"
+
+    def add(self, record: ProfileRecord) -> None:
+        """Record *record* durably (a new file renamed into place).
+
+        Raises:
+            ProfileError: the record cannot be written; then nothing may be set.
+        """
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as stream:
+                    json.dump(record.__dict__, stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temporary, self._path(record.function))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError as err:
+            raise ProfileError(f"cannot record the profile in {self.directory}: {err}") from err
+
+    def remove(self, function: str) -> None:
+        """Forget the record of *function*. Raises nothing."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(function).unlink()
+
+    def records(self) -> list[ProfileRecord]:
+        """Every record; unreadable or malformed ones are logged and removed."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            log.error("profiles: cannot list %s: %s", self.directory, err.strerror)
+            return []
+        found = []
+        for name in names:
+            path = self.directory / name
+            if not name.endswith(".json"):
+                continue
+            try:
+                with path.open("rb") as stream:
+                    data = stream.read(RECORD_LIMIT + 1)
+                if len(data) > RECORD_LIMIT:
+                    raise ValueError("too large")
+                values = json.loads(data)
+                record = ProfileRecord(**{k: str(values[k]) for k in ProfileRecord.__annotations__})
+                if not record.valid() or name != f"{record.function}.json":
+                    raise ValueError("fields out of range")
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.error("profiles: discarding unreadable record %s: %s", path, err)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            found.append(record)
+        return found
+
+    def functions(self) -> set[str]:
+        """The virtual functions that carry a profile set for a probe."""
+        return {record.function for record in self.records()}
+
+
+class ProfileSetter:
+    """Sets and clears the vGPU profile of virtual functions for probes.
+
+    A function is chosen only when it has no profile, lists the requested one as creatable,
+    carries no record already, and its VFIO group is not held. Every write runs in a worker
+    thread bounded by *write_seconds*; a profile is recorded before it is set and the record is
+    dropped only once the function is seen without it.
+    """
+
+    def __init__(
+        self,
+        reader: HostReader,
+        ledger: ProfileLedger,
+        dev_root: Path,
+        *,
+        held: Callable[[Path, str], bool] = group_held,
+        write_seconds: float = WRITE_SECONDS,
+    ) -> None:
+        self._reader = reader
+        self._ledger = ledger
+        self._dev_root = dev_root
+        self._held = held
+        self._write_seconds = write_seconds
+        self._write_lock = asyncio.Lock()
+
+    def _function_dir(self, function: str) -> Path | None:
+        sysfs = self._reader.sysfs
+        return sysfs.resolve(sysfs.path(f"{PCI_DEVICES}/{function}"))
+
+    def _is_held(self, function_dir: Path) -> bool:
+        group = self._reader.iommu_group(str(function_dir))
+        if group is None:
+            log.warning("profiles: %s has no IOMMU group; treated as in use", function_dir.name)
+            return True
+        return self._held(self._dev_root, group)
+
+    def current(self, function: str) -> str | None:
+        """The profile set on *function* now (``""``: none), ``None`` when unreadable."""
+        function_dir = self._function_dir(function)
+        if function_dir is None:
+            return None
+        value = self._reader.sysfs.read_text(function_dir / PROFILE_DIR / CURRENT_PROFILE)
+        if value is None or not (value.isascii() and value.isdigit()):
+            return None
+        return "" if value == NO_PROFILE else str(int(value))
+
+    def choose(
+        self, parent: Parent, profile: str, exclude: frozenset[str] = frozenset()
+    ) -> VirtualFunction:
+        """A free virtual function of *parent* that can take *profile* now (never one of
+        *exclude*: functions already known as VFIO devices).
+
+        Raises:
+            ProfileError: none is free (every one has a profile, is held, or is being probed).
+        """
+        reserved = self._ledger.functions() | exclude
+        for function in self._reader.functions.virtual_functions(parent.sysfs_path):
+            if function.profile or function.address in reserved:
+                continue
+            if profile not in {number for number, _ in function.creatable}:
+                continue
+            if self._is_held(Path(function.sysfs_path)):
+                log.info("profiles: %s is in use; not chosen", function.address)
+                continue
+            return function
+        raise ProfileError(f"no free virtual function of {parent.name} can take profile {profile}")
+
+    def reserve(
+        self, parent: Parent, profile: str, exclude: frozenset[str] = frozenset()
+    ) -> ProfileRecord:
+        """Choose a function for *profile* and record the profile before it is set.
+
+        Raises:
+            ProfileError: no function is free or the record cannot be written.
+        """
+        function = self.choose(parent, profile, exclude)
+        record = ProfileRecord(function.address, profile, parent.name, self._ledger.boot_id())
+        self._ledger.add(record)
+        return record
+
+    async def _write(self, function: str, value: str) -> None:
+        function_dir = self._function_dir(function)
+        if function_dir is None:
+            raise ProfileError(f"virtual function {function} is gone")
+        attribute = function_dir / PROFILE_DIR / CURRENT_PROFILE
+        try:
+            async with asyncio.timeout(self._write_seconds):
+                async with self._write_lock:
+                    await asyncio.to_thread(_write_attribute, self._reader, attribute, value)
+        except TimeoutError as err:
+            raise ProfileError(
+                f"writing {value} to {attribute} did not finish in {self._write_seconds:g} s"
+            ) from err
+
+    async def apply(self, record: ProfileRecord) -> None:
+        """Set the recorded profile on its function; on failure, drop the record if the
+        function is seen without the profile.
+
+        Raises:
+            ProfileError: the function is now held, vanished, or the driver refused.
+        """
+        function_dir = self._function_dir(record.function)
+        try:
+            if function_dir is None or self._is_held(function_dir):
+                raise ProfileError(f"{record.function} was taken before its profile was set")
+            await self._write(record.function, record.profile)
+        except ProfileError:
+            if self.current(record.function) != record.profile:
+                self._ledger.remove(record.function)
+            raise
+        log.info("profiles: set profile %s on %s for a probe", record.profile, record.function)
+
+    async def clear(self, function: str) -> bool:
+        """Clear the profile vfiocapsd set on *function*; return whether it is clear now.
+
+        A function whose group is held keeps its profile and its record (cleared at a later
+        start); one that no longer carries the recorded profile is only forgotten.
+        Raises nothing: failures are logged, and the record stays for the next start.
+        """
+        recorded = {r.function: r for r in self._ledger.records()}.get(function)
+        if recorded is None:
+            return True
+        now = self.current(function)
+        if now != recorded.profile:
+            self._ledger.remove(function)
+            return True
+        function_dir = self._function_dir(function)
+        if function_dir is None or self._is_held(function_dir):
+            log.error(
+                "profiles: %s is in use with profile %s set for a probe; left as it is, "
+                "cleared at a later start once free",
+                function,
+                recorded.profile,
+            )
+            return False
+        try:
+            await self._write(function, NO_PROFILE)
+        except ProfileError as err:
+            log.error("profiles: cannot clear the profile of %s: %s", function, err)
+            return False
+        if self.current(function) not in ("", None):
+            log.error("profiles: %s still carries a profile after clearing", function)
+            return False
+        self._ledger.remove(function)
+        log.info("profiles: cleared profile %s from %s", recorded.profile, function)
+        return True
+
+    async def recover(self) -> list[str]:
+        """Clear profiles an earlier vfiocapsd set in this boot and did not clear; return the
+        functions cleared. Records of an earlier boot are dropped (profiles do not survive a
+        reboot). Raises nothing."""
+        boot_id = self._ledger.boot_id()
+        cleared = []
+        for record in self._ledger.records():
+            if record.boot_id != boot_id:
+                log.info("profiles: dropping a record of an earlier boot for %s", record.function)
+                self._ledger.remove(record.function)
+                continue
+            log.warning(
+                "profiles: %s carries profile %s set by an earlier vfiocapsd; clearing it",
+                record.function,
+                record.profile,
+            )
+            if await self.clear(record.function):
+                cleared.append(record.function)
+        return cleared
+
+
+def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
+    """Write *value* to an existing attribute whose directory resolves inside the tree, as
+    ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
+
+    Raises:
+        ProfileError: the attribute is missing, a link, or the driver refused the value.
+    """
+    directory = reader.sysfs.resolve(attribute.parent)
+    if directory is None:
+        raise ProfileError(f"{attribute.parent} is missing or outside {reader.sysfs.root}")
+    real = directory / attribute.name
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        raise _open_failure(real, err) from err
+    try:
+        os.write(fd, value.encode())
+    except OSError as err:
+        raise ProfileError(f"writing {value} to {real} failed: {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
+def _open_failure(real: Path, err: OSError) -> ProfileError:
+    """The error for an attribute that cannot be opened, saying what to do where one can."""
+    if err.errno == errno.EROFS:
+        return ProfileError(
+            f"cannot open {real}: sysfs is read-only to vfiocapsd; setting a vGPU profile for "
+            "a probe needs ReadWritePaths=/sys/devices in its service (see vfiocapsd.service)"
+        )
+    return ProfileError(f"cannot open {real}: {err.strerror}")

@@ -1,0 +1,243 @@
+"""SR-IOV through the real daemon: VF profiles and variant-driver VFs listed, probed by host
+address, a profile probed on a free VF and cleared again, a VM's VF left alone, a crash's
+leftover profile cleared at the next start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from daemon_lab import Lab, capabilities, make_lab, manager_property
+from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+from umockdev_sriov import H100, MLX5, XE, SriovMockHost
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"
+)
+
+MANAGER = "org.vfiocaps1.Manager"
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    yield from make_lab(SriovMockHost)
+
+
+def host(lab: Lab) -> SriovMockHost:
+    assert isinstance(lab.host, SriovMockHost)
+    return lab.host
+
+
+def types(lab: Lab) -> dict[tuple[str, str], dict[str, Any]]:
+    out = busctl(lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ListTypes")
+    return {
+        (e["Parent"]["data"], e["TypeId"]["data"]): {k: v["data"] for k, v in e.items()}
+        for e in json.loads(out.stdout)["data"][0]
+    }
+
+
+def probe_type(lab: Lab, parent: str, type_id: str, check: bool = True) -> Any:
+    out = busctl(
+        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType",
+        "ss", parent, type_id, timeout=120, check=check,
+    )  # fmt: skip
+    if not check:
+        return out
+    return {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+
+
+def profiles_of(lab: Lab) -> dict[str, str]:
+    return {H100.vf_address(i): host(lab).current_profile(H100.vf_address(i)) for i in range(4)}
+
+
+def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: Lab) -> None:
+    argv_log = lab.directory / "argv.log"
+    argv_log.write_text("")
+    argv_log.chmod(0o666)
+    lab.overrides({"argv_log": str(argv_log)})
+    for key in ("h100", "xe", "mlx5"):
+        host(lab).build_sriov(key)
+    lab.start()
+    xe_vfs = [XE.vf_address(0), XE.vf_address(1)]
+    mlx5_vf = MLX5.vf_address(0)
+    lab.wait_states({xe_vfs[0]: "done", xe_vfs[1]: "done", mlx5_vf: "done"})
+    listed = types(lab)
+    assert {key: t["Kind"] for key, t in listed.items()} == {
+        (H100.address, "1060"): "vf-profile",
+        (H100.address, "1061"): "vf-profile",
+        (H100.address, "1062"): "vf-profile",
+        (XE.address, "8086:e211"): "pci",
+        (MLX5.address, "15b3:101e"): "pci",
+    }
+    profile = listed[(H100.address, "1061")]
+    assert (profile["Name"], profile["AvailableInstances"], profile["Instances"]) == (
+        "NVIDIA H100-40C",
+        4,
+        0,
+    )
+    assert (profile["Driver"], profile["DriverVersion"]) == ("nvidia", "570.133.10")
+    assert listed[(XE.address, "8086:e211")]["Instances"] == 2
+    for device in (*xe_vfs, mlx5_vf):
+        caps = capabilities(lab.bus, device)
+        assert (caps["Display"], caps["Migration"]) == ("none", "supported"), caps
+    # The two Xe VFs share one key: one probe for them, one for the mlx5 VF.
+    assert manager_property(lab.bus, "ProbeCount") == 2
+    launched = [json.loads(line) for line in argv_log.read_text().splitlines()]
+    devices = [argv[argv.index("-device") + 1] for argv in launched if "-device" in argv]
+    devices = [d for d in devices if d != "vfio-pci,help"]
+    assert devices
+    assert all("host=" in d and "sysfsdev=" not in d for d in devices), devices
+    named = {d.split("host=")[1].split(",")[0] for d in devices}
+    assert mlx5_vf in named
+    assert named <= {*xe_vfs, mlx5_vf}
+    out = subprocess.run(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "types"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert out.splitlines()[0].split()[0] == "KIND"
+    assert any(
+        line.startswith("vf-profile") and "NVIDIA H100-80C" in line for line in out.splitlines()
+    )
+    assert any(line.startswith("pci") and "15b3:101e" in line for line in out.splitlines())
+
+
+def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
+    host(lab).build_sriov("h100", vfs=0)
+    daemon = lab.start()
+    assert not types(lab)
+    host(lab).enable_vfs("h100", 4)
+    wait_until(lambda: len(types(lab)) == 3, 20, "the profiles of the new VFs")
+    vf = H100.vf_address(2)
+    host(lab).set_profile(vf, "1062")
+    lab.wait_states({vf: "done"})
+    device = lab.devices()[vf]
+    assert (device["TypeId"], device["TypeName"], device["Parent"]) == (
+        "1062",
+        "NVIDIA H100-80C",
+        H100.address,
+    )
+    listed = types(lab)
+    assert set(listed) == {(H100.address, "1062")}  # nothing else fits next to an 80C
+    assert (
+        listed[(H100.address, "1062")]["Instances"],
+        listed[(H100.address, "1062")]["Probed"],
+    ) == (1, True)
+    host(lab).set_profile(vf, "0")
+    wait_until(lambda: vf not in lab.devices(), 20, "the VF to go with its profile")
+    wait_until(lambda: len(types(lab)) == 3, 20, "every profile back")
+    # The answer stays cached for the profile: known before any VF takes it again.
+    assert types(lab)[(H100.address, "1062")]["Probed"] is True
+    host(lab).disable_vfs("h100")
+    wait_until(lambda: not types(lab), 20, "the profiles to go with the VFs")
+    assert "event ParentUnregistered parent=0000:41:00.0" in daemon.log()
+
+
+def test_probe_type_sets_a_profile_probes_and_clears_it(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    daemon = lab.start()
+    answer = probe_type(lab, H100.address, "1061")
+    assert (answer["Kind"], answer["Probed"]) == ("vf-profile", True)
+    assert (answer["Display"], answer["Migration"]) == ("none", "supported")
+    wait_until(lambda: set(profiles_of(lab).values()) == {"0"}, 20, "the profile cleared")
+    wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 20, "the VF gone")
+    log = daemon.log()
+    assert f"set profile 1061 on {H100.vf_address(0)} for a probe" in log
+    assert f"cleared profile 1061 from {H100.vf_address(0)}" in log
+    runtime = lab.directory / "daemon" / "run" / "profiles"
+    assert not list(runtime.glob("*.json"))
+    # Answered from the cache the second time: no profile set again.
+    probe_type(lab, H100.address, "1061")
+    assert daemon.log().count("set profile 1061") == 1
+    assert manager_property(lab.bus, "ProbeCount") == 1
+    unknown = probe_type(lab, H100.address, "9999", check=False)
+    assert unknown.returncode != 0
+    assert "9999" in unknown.stderr
+
+
+def test_a_vf_held_by_a_vm_is_never_touched(lab: Lab) -> None:
+    vm_vf = H100.vf_address(0)
+    lab.overrides({"devices": {vm_vf: {"busy": True}}})
+    host(lab).build_sriov("h100")
+    host(lab).set_profile(vm_vf, "1060")  # the VM's profile, set before the daemon starts
+    daemon = lab.start()
+    lab.wait_states({vm_vf: "busy"})
+    answer = probe_type(lab, H100.address, "1060")
+    assert answer["Probed"] is True
+    assert f"set profile 1060 on {H100.vf_address(1)} for a probe" in daemon.log()
+    wait_until(lambda: profiles_of(lab)[H100.vf_address(1)] == "0", 20, "the probe's VF cleared")
+    assert profiles_of(lab)[vm_vf] == "1060"
+    assert f"on {vm_vf} for a probe" not in daemon.log()
+    # The VM's VF gets the answer learned on the other VF (same profile, same key), untouched.
+    assert lab.states()[vm_vf] == "done"
+
+
+def test_a_profile_left_by_a_killed_daemon_is_cleared_at_the_next_start(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    vf = H100.vf_address(0)
+    # QEMU hangs at the device, so the daemon dies with the profile set.
+    lab.overrides({"devices": {vf: {"fault": {"on": "realize", "pause_seconds": 8}}}})
+    daemon = lab.start()
+    call = subprocess.Popen(
+        ["busctl", f"--address={lab.bus.address}", "--timeout=60", "call", BUS_NAME, ROOT_PATH,
+         MANAGER, "ProbeType", "ss", H100.address, "1062"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: profiles_of(lab)[vf] == "1062", 30, "the profile set for the probe")
+        wait_until(lambda: "probing" in lab.states().get(vf, ""), 30, "the probe running")
+        daemon.stop(signal.SIGKILL)
+    finally:
+        call.wait(70)
+    assert profiles_of(lab)[vf] == "1062"  # left behind
+    lab.overrides({})
+    again = lab.start()
+    wait_until(lambda: profiles_of(lab)[vf] == "0", 20, "the leftover cleared")
+    assert "set by an earlier vfiocapsd; clearing it" in again.log()
+    assert vf not in lab.devices()
+
+
+def test_a_daemon_stopped_during_a_profile_probe_clears_the_profile(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    vf = H100.vf_address(0)
+    lab.overrides({"devices": {vf: {"fault": {"on": "realize", "pause_seconds": 8}}}})
+    daemon = lab.start()
+    call = subprocess.Popen(
+        ["busctl", f"--address={lab.bus.address}", "--timeout=60", "call", BUS_NAME, ROOT_PATH,
+         MANAGER, "ProbeType", "ss", H100.address, "1060"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: profiles_of(lab)[vf] == "1060", 30, "the profile set for the probe")
+        wait_until(lambda: "probing" in lab.states().get(vf, ""), 30, "the probe running")
+        daemon.stop(signal.SIGTERM)
+    finally:
+        call.wait(70)
+    assert profiles_of(lab)[vf] == "0", daemon.log()[-3000:]
+    assert f"cleared profile 1060 from {vf}" in daemon.log()
+    assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))
+
+
+def test_opt_in_probes_every_profile_on_a_free_vf_and_clears_each(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    daemon = lab.start("--probe-types-without-instances")
+
+    def settled() -> bool:
+        listed = types(lab)
+        cleared = set(profiles_of(lab).values()) == {"0"}
+        return cleared and len(listed) == 3 and all(t["Probed"] for t in listed.values())
+
+    wait_until(settled, 120, "every profile probed and cleared", 0.5)
+    assert manager_property(lab.bus, "ProbeCount") == 3
+    for number in ("1060", "1061", "1062"):
+        assert f"cleared profile {number} from" in daemon.log()
+    assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))
