@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import os
+import stat
 from pathlib import Path
 
 RENDER_GROUP = "render"
@@ -19,13 +20,14 @@ def add_render_node(
 ) -> Path:
     """Create ``<dev>/dri/<name>`` as udev leaves a render node: ``root:render 0660``.
 
-    A regular file stands in for the character device: what the prober decides from is its
-    owner, group and mode, and the fake QEMU opens it read-write as the probe user.
+    A character device with ``/dev/null``'s numbers stands in for the DRM node: the prober
+    decides from its type, owner, group and mode, and the fake QEMU opens it read-write as the
+    probe user, which needs no GPU.
     """
     node = dev / "dri" / name
     node.parent.mkdir(parents=True, exist_ok=True)
     node.parent.chmod(0o755)
-    node.write_text("")
+    os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(1, 3))
     os.chown(node, 0, render_gid() if gid is None else gid)
     node.chmod(mode)
     return node

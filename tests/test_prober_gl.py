@@ -25,6 +25,9 @@ from test_prober_helpers import (
 from vfiocaps.capabilities import Display, GlHost, Migration, ProbeOutcome, ProbeReport
 from vfiocaps.config import Config
 from vfiocaps.prober import Prober, ProbeTarget
+from vfiocaps.prober.render import NOT_ACCESSIBLE, render_access
+from vfiocaps.prober.sandbox import ProbeIdentity
+from vfiocaps.process import Credentials
 
 __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
 
@@ -191,3 +194,25 @@ async def test_a_busy_device_is_never_given_a_gl_launch(
     assert report.outcome is ProbeOutcome.BUSY
     assert len(launches) == 1
     assert all("egl-headless" not in display_args(argv) for argv in launches)
+
+
+def test_render_access_refuses_links_and_other_files(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    real = add_render_node(dev, name="renderD200")
+    (dev / "dri" / "renderD128").symlink_to(real)
+    (dev / "dri" / "renderD129").write_text("")
+    root_identity = ProbeIdentity(Credentials(4242, 4242, (4242,)), "QEMU runs as uid 4242")
+    access = render_access(dev, root_identity)
+    # The first node is a link and the second a plain file: the third, a device, is used.
+    assert (access.node, access.usable, access.group) == (real, True, render_gid())
+    real.unlink()
+    access = render_access(dev, root_identity)
+    assert (access.node, access.usable) == (dev / "dri" / "renderD128", False)
+    assert "not a character device" in access.reason
+
+
+def test_render_access_gives_no_group_that_is_roots(tmp_path: Path) -> None:
+    node = add_render_node(tmp_path, gid=0)
+    access = render_access(tmp_path, ProbeIdentity(Credentials(4242, 4242, (4242,)), "u"))
+    assert (access.node, access.usable, access.group) == (node, False, None)
+    assert access.reason.startswith(NOT_ACCESSIBLE)

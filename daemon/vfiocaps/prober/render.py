@@ -30,8 +30,9 @@ class RenderAccess:
 def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
     """The first render node under *dev_root* the probe user can open read-write.
 
-    A node is reachable when the probe user owns it, when it is world read-write, or (when
-    vfiocapsd switches users) through its group when that group is read-write and not root's
+    A node is a character device (a link or another file is refused). It is reachable when
+    the probe user owns it, when it is world read-write, or (when vfiocapsd switches users)
+    through its group when that group is read-write and not root's
     (Debian: ``root:render 0660``). Raises nothing; the answer says why not.
     """
     nodes = render_nodes(dev_root)
@@ -48,9 +49,11 @@ def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
 
 def _node_access(node: Path, identity: ProbeIdentity) -> RenderAccess:
     try:
-        st = os.stat(node)
+        st = os.lstat(node)  # never through a link: the node's own group is what QEMU gets
     except OSError as err:
         return RenderAccess(node, False, reason=f"{node}: {err.strerror}")
+    if not stat.S_ISCHR(st.st_mode):
+        return RenderAccess(node, False, reason=f"{node} is not a character device")
     mode = stat.S_IMODE(st.st_mode)
     found = f"{node} is uid {st.st_uid}, gid {st.st_gid}, mode {mode:04o}"
     if identity.credentials is None:
