@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import json
 import os
 import pwd
+import socket
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from gl_host import add_render_node, render_gid
 from test_prober_helpers import (
+    REAL_QEMU,
     FakeHost,
     fake_host,
     install_fake_qemu,
@@ -25,6 +29,7 @@ from test_prober_helpers import (
 from vfiocaps.capabilities import Display, GlHost, Migration, ProbeOutcome, ProbeReport
 from vfiocaps.config import Config
 from vfiocaps.prober import Prober, ProbeTarget
+from vfiocaps.prober.gldisplay import take_screendump
 from vfiocaps.prober.render import NOT_ACCESSIBLE, render_access
 from vfiocaps.prober.sandbox import ProbeIdentity
 from vfiocaps.process import Credentials
@@ -216,3 +221,34 @@ def test_render_access_gives_no_group_that_is_roots(tmp_path: Path) -> None:
     access = render_access(tmp_path, ProbeIdentity(Credentials(4242, 4242, (4242,)), "u"))
     assert (access.node, access.usable, access.group) == (node, False, None)
     assert access.reason.startswith(NOT_ACCESSIBLE)
+
+
+@pytest.mark.skipif(REAL_QEMU is None, reason="needs qemu-system-x86_64")
+async def test_the_screendump_reaches_real_qemu_through_an_fd_set(tmp_path: Path) -> None:
+    """QEMU (here without a vfio device: a VGA card has a console too) writes the image into
+    the file passed with add-fd, as it must for the GL launch; an unknown device is refused."""
+    assert REAL_QEMU is not None
+    ours, theirs = socket.socketpair()
+    process = await asyncio.create_subprocess_exec(
+        REAL_QEMU, "-S", "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35,accel=tcg", "-device", "VGA,id=vga",
+        "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control",
+        pass_fds=(theirs.fileno(),), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    theirs.close()
+    client = QMPClient("screendump-test")
+    try:
+        await client.connect(ours)
+        shot = await take_screendump(client, tmp_path, "vga")
+        refused = await take_screendump(client, tmp_path, "nothing-here")
+        await client.execute("quit")
+    finally:
+        await client.disconnect()
+        ours.close()
+        await process.wait()
+    assert (shot.answered, shot.width, shot.height) == (True, 640, 480)
+    assert (refused.answered, refused.error) == (
+        False,
+        "screendump: Device 'nothing-here' not found",
+    )
+    assert list(tmp_path.iterdir()) == []  # the image file is gone
