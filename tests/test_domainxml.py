@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from libvirt_domain import minimal_domain, validate
-from vfiocaps.capabilities import Capabilities, Display, Migration
+from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
 from vfiocaps.domainxml import QEMU_NAMESPACE, Viewer, domain_parts, find_render_node
 from vfiocaps.errors import InvalidArgumentError
 from vfiocaps.model import Device, DeviceKind
@@ -187,3 +188,33 @@ def test_render_node_is_found_under_the_dev_root(tmp_path: Path) -> None:
     for name in ("renderD129", "renderD128", "renderD1000"):
         (tmp_path / "dri" / name).touch()
     assert find_render_node(tmp_path) == tmp_path / "dri" / "renderD128"
+
+
+def test_the_render_node_a_probe_set_up_wins_over_the_hosts_first() -> None:
+    proven = replace(
+        capabilities(Display.DMABUF, ()),
+        gl_host=GlHost.SET_UP,
+        gl_render_node="/dev/dri/renderD129",
+        gl_detail="GL display set up on /dev/dri/renderD129: ...",
+    )
+    for viewer in Viewer:
+        parts = domain_parts(MDEV, proven, viewer, RENDER_NODE)
+        assert "rendernode='/dev/dri/renderD129'" in parts.graphics
+        assert "renderD128" not in parts.graphics
+        assert any(
+            note.startswith("OpenGL on this host: set-up: GL display set up on")
+            for note in parts.notes
+        )
+
+
+@pytest.mark.parametrize("gl_host", [GlHost.CRASHED, GlHost.FAILED, GlHost.INACCESSIBLE])
+def test_an_unproven_gl_answer_keeps_the_hosts_node_and_says_why(gl_host: GlHost) -> None:
+    caps = replace(
+        capabilities(Display.DMABUF, ()),
+        gl_host=gl_host,
+        gl_render_node="/dev/dri/renderD129",
+        gl_detail="GL path crashed: QEMU ... was killed by SIGSEGV",
+    )
+    parts = domain_parts(MDEV, caps, Viewer.REMOTE, RENDER_NODE)
+    assert "rendernode='/dev/dri/renderD128'" in parts.graphics
+    assert f"OpenGL on this host: {gl_host.value}: GL path crashed" in parts.fragment()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from daemon_lab import Lab
 from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from nfd_format import MAX_FILE_BYTES, label_problem, read_labels
-from vfiocaps.capabilities import Capabilities, Display, Migration
+from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
 from vfiocaps.engine import TypeView
 from vfiocaps.nfdlabels import (
     LABEL_PREFIX,
@@ -32,7 +33,13 @@ MTTY = Capabilities(
     migration_with_options=Migration.SUPPORTED,
 )
 MDPY = Capabilities(display=Display.REGION, gl_required=False, migration=Migration.UNSUPPORTED)
-MBOCHS = Capabilities(display=Display.DMABUF, gl_required=True, migration=Migration.UNSUPPORTED)
+MBOCHS = Capabilities(
+    display=Display.DMABUF,
+    gl_required=True,
+    migration=Migration.UNSUPPORTED,
+    gl_host=GlHost.SET_UP,
+    gl_render_node="/dev/dri/renderD128",
+)
 
 
 def type_view(parent: str, type_id: str, caps: Capabilities | None) -> TypeView:
@@ -59,6 +66,7 @@ def test_labels_of_probed_types() -> None:
     assert labels_of(types) == {
         P + "mbochs-small.display": "dmabuf",
         P + "mbochs-small.gl-required": "true",
+        P + "mbochs-small.gl-host": "set-up",
         P + "mbochs-small.migration": "unsupported",
         P + "mdpy-xga.display": "region",
         P + "mdpy-xga.gl-required": "false",
@@ -110,6 +118,16 @@ def test_every_type_id_gives_valid_distinct_names(type_id: str) -> None:
     )
     labels = labels_of([type_view("p", type_id, caps)], lambda _view: "fingerprint")
     assert len(labels) == 5
+    for key, value in labels.items():
+        assert label_problem(key, value) is None, key
+
+
+@pytest.mark.parametrize("gl_host", list(GlHost))
+def test_the_gl_answer_is_a_valid_label_for_a_type_that_needs_gl(gl_host: GlHost) -> None:
+    caps = replace(MBOCHS, gl_host=gl_host)
+    labels = labels_of([type_view("p", "x" * 80, caps), type_view("mdpy", "mdpy-xga", MDPY)])
+    gl_labels = {key: value for key, value in labels.items() if key.endswith(".gl-host")}
+    assert list(gl_labels.values()) == [gl_host.value]  # none for a type that needs no GL
     for key, value in labels.items():
         assert label_problem(key, value) is None, key
 

@@ -13,6 +13,7 @@ from vfiocaps.capabilities import (
     Capabilities,
     Decider,
     Display,
+    GlHost,
     Migration,
     MigrationCondition,
     ProbeOutcome,
@@ -89,8 +90,9 @@ async def test_old_database_is_migrated_with_its_rows(tmp_path: Path, version: i
     await store.open()
     try:
         records = {r.key.driver: r for r in await store.load_records()}
-        # "supported" once meant "the state saved" (mtty only with device options): such an
-        # answer is dropped at the upgrade, so that the device is probed again.
+        # "supported" once meant "the state saved" (mtty only with device options), and a GL
+        # answer once left the host unchecked (mbochs): such answers are dropped at the
+        # upgrade, so that the devices are probed again.
         assert set(records) == {"mdpy", "nvidia"}
         mdpy = records["mdpy"].capabilities
         assert mdpy is not None
@@ -101,6 +103,7 @@ async def test_old_database_is_migrated_with_its_rows(tmp_path: Path, version: i
         assert mdpy.migration_options == ()
         assert mdpy.migration_conditions == ()
         assert mdpy.device_dirty_tracking is None
+        assert (mdpy.gl_host, mdpy.gl_render_node, mdpy.gl_detail) == (GlHost.NOT_NEEDED, "", "")
         assert records["nvidia"].outcome is ProbeOutcome.FAILED
         assert records["nvidia"].capabilities is None
         assert records["nvidia"].failures == (1 if version >= 2 else 0)
@@ -166,6 +169,41 @@ async def test_migration_facts_round_trip(tmp_path: Path) -> None:
         await store.put_records([first, second])
         loaded = sorted(await store.load_records(), key=lambda r: r.key.type_id)
         assert loaded == [first, second]
+    finally:
+        await store.close()
+
+
+def test_the_last_fixture_holds_an_answer_that_needed_gl() -> None:
+    # What the upgrade to GL answers drops must be in the fixture it is tested with.
+    text = (FIXTURES / f"schema-v{SCHEMA_VERSION - 1}.sql").read_text()
+    assert "'mbochs-small'" in text
+    assert "'dmabuf',1," in text
+
+
+@pytest.mark.parametrize(
+    ("gl_host", "node", "detail"),
+    [
+        (GlHost.SET_UP, "/dev/dri/renderD128", "GL display set up on /dev/dri/renderD128: ..."),
+        (GlHost.CRASHED, "/dev/dri/renderD129", "GL path crashed: QEMU ... SIGSEGV"),
+        (GlHost.NO_RENDER_NODE, "", "no DRM render node in /dev/dri"),
+        (GlHost.INACCESSIBLE, "/dev/dri/renderD128", "render node not accessible ..."),
+    ],
+)
+async def test_gl_answers_round_trip(
+    tmp_path: Path, gl_host: GlHost, node: str, detail: str
+) -> None:
+    caps = replace(
+        record(key("mbochs-small"), Display.DMABUF).capabilities,  # type: ignore[arg-type]
+        gl_host=gl_host,
+        gl_render_node=node,
+        gl_detail=detail,
+    )
+    stored = replace(record(key("mbochs-small")), capabilities=caps)
+    store = CapabilityStore(tmp_path / "c.sqlite")
+    await store.open()
+    try:
+        await store.put_records([stored])
+        assert await store.load_records() == [stored]
     finally:
         await store.close()
 

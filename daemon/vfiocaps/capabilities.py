@@ -15,6 +15,24 @@ class Display(enum.Enum):
     DMABUF = "dmabuf"  # vfio dma-buf display: needs OpenGL (egl-headless, spice gl, ...)
 
 
+class GlHost(enum.Enum):
+    """Whether this host gave a dma-buf display the OpenGL it needs, and how far that was proven.
+
+    ``set-up`` means QEMU realized the device with ``display=on`` under ``-display
+    egl-headless`` on the render node, a console was linked to it and ``screendump`` answered:
+    the display was set up. A guest's frames are not proven (with software rendering the first
+    frame may still fail).
+    """
+
+    UNKNOWN = "unknown"  # not checked (an answer cached before the check existed)
+    NOT_NEEDED = "not-needed"  # the display needs no OpenGL (or there is none)
+    NO_RENDER_NODE = "no-render-node"  # no DRM render node on the host
+    INACCESSIBLE = "inaccessible"  # a render node the probe user cannot open
+    SET_UP = "set-up"  # the GL display was set up on the render node
+    CRASHED = "crashed"  # QEMU crashed on the GL path
+    FAILED = "failed"  # QEMU refused the GL display, or it did not answer as set up
+
+
 class Migration(enum.Enum):
     """Whether QEMU can live-migrate a VM with this device."""
 
@@ -68,6 +86,10 @@ class Capabilities:
     (``stop-copy``, ``p2p``, ``pre-copy``) and ``device_dirty_tracking`` whether the kernel
     accepts DMA logging for it; both are empty/``None`` when the kernel could not be asked
     ("not observable", see ``migration_conditions``).
+
+    ``gl_required`` says QEMU refused the dma-buf display without OpenGL; ``gl_host`` says
+    whether this host satisfied it (on ``gl_render_node``, the render node tried) and
+    ``gl_detail`` the evidence or the reason, in words.
     """
 
     display: Display
@@ -84,6 +106,9 @@ class Capabilities:
     migration_flags: tuple[str, ...] = ()
     device_dirty_tracking: bool | None = None
     migration_conditions: tuple[MigrationCondition, ...] = ()
+    gl_host: GlHost = GlHost.UNKNOWN
+    gl_render_node: str = ""
+    gl_detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)

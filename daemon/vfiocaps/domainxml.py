@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .capabilities import Capabilities, Display
+from .capabilities import Capabilities, Display, GlHost
+from .drm import render_nodes
 from .errors import InvalidArgumentError
 from .model import Device, DeviceKind
 
@@ -134,13 +135,7 @@ def user_alias(device: Device) -> str:
 
 def find_render_node(dev_root: Path) -> Path | None:
     """The first DRM render node under *dev_root* (``dri/renderD128`` ...), or None."""
-    try:
-        nodes = sorted(
-            (entry for entry in (dev_root / "dri").iterdir() if entry.name.startswith("renderD")),
-            key=lambda entry: (len(entry.name), entry.name),
-        )
-    except OSError:
-        return None
+    nodes = render_nodes(dev_root)
     return nodes[0] if nodes else None
 
 
@@ -158,6 +153,8 @@ def domain_parts(
     plus VNC for a remote viewer, or SPICE with ``<gl>`` on a local socket for a local one
     (SPICE's OpenGL does not cross the network). ``<video><model type='none'/>`` keeps
     libvirt from adding an emulated card, so the device's display is the VM's only one.
+    The render node a probe set the GL display up on wins over *render_node* (the host's
+    first); the probe's GL answer goes into the notes.
     """
     notes: list[str] = []
     has_display = caps.display in (Display.REGION, Display.DMABUF)
@@ -166,7 +163,9 @@ def domain_parts(
     if device.kind is DeviceKind.MDEV:
         hostdev = _mdev_hostdev(device, has_display, alias)
         if has_display:
-            graphics = _graphics(caps.display, viewer, render_node, notes)
+            if caps.gl_host is GlHost.SET_UP and caps.gl_render_node:
+                render_node = Path(caps.gl_render_node)
+            graphics = _graphics(caps, viewer, render_node, notes)
             video = "<video>\n  <model type='none'/>\n</video>"
             notes.append(
                 "ramfb='on' gives the display from boot; libvirt allows it on one hostdev per "
@@ -231,8 +230,10 @@ def _pci_hostdev(device: Device, alias: str) -> str:
     return "\n".join(lines)
 
 
-def _graphics(display: Display, viewer: Viewer, render_node: Path | None, notes: list[str]) -> str:
-    if display is Display.REGION:
+def _graphics(
+    caps: Capabilities, viewer: Viewer, render_node: Path | None, notes: list[str]
+) -> str:
+    if caps.display is Display.REGION:
         return "<graphics type='vnc'/>"
     rendernode = f" rendernode={_attribute(str(render_node))}" if render_node else ""
     if render_node is None:
@@ -240,6 +241,8 @@ def _graphics(display: Display, viewer: Viewer, render_node: Path | None, notes:
             "the dma-buf display needs OpenGL on a DRM render node (dri/renderD*) and this "
             "host has none: QEMU will not start the VM until one exists"
         )
+    if caps.gl_detail and caps.gl_host is not GlHost.NO_RENDER_NODE:
+        notes.append(f"OpenGL on this host: {caps.gl_host.value}: {caps.gl_detail}")
     if viewer is Viewer.LOCAL:
         return (
             "<graphics type='spice'>\n"

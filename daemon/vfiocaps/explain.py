@@ -13,6 +13,15 @@ DISPLAY_MEANING = {
     "dmabuf": "dma-buf display: needs OpenGL on the host (a DRM render node)",
     "unknown": "not known yet",
 }
+GL_HOST_MEANING = {
+    "set-up": "the GL display was set up (a guest's frames are not proven)",
+    "crashed": "QEMU crashed on the GL path (the other answers stand)",
+    "failed": "QEMU did not set the GL display up",
+    "no-render-node": "no DRM render node: a VM with this device does not start here",
+    "inaccessible": "a render node the probe user cannot open (left unchanged)",
+    "not-needed": "not needed",
+    "unknown": "not checked",
+}
 MIGRATION_MEANING = {
     "supported": "supported with QEMU's defaults (as libvirt, KubeVirt and Nova start it)",
     "unsupported": "not with QEMU's defaults (as libvirt, KubeVirt and Nova start it)",
@@ -38,6 +47,15 @@ def _with_options(device: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     listed = ", ".join(f"{name}={value}" for name, value in options)
     return [("with options", f"{device.get('MigrationWithOptions', 'unknown')} with {listed}")]
+
+
+def _gl_host(device: dict[str, Any]) -> list[tuple[str, str]]:
+    if not device["GlRequired"]:
+        return []
+    host = device.get("GlHost") or "unknown"
+    node = device.get("GlRenderNode") or ""
+    where = f" on {node}" if node else ""
+    return [("GL on host", f"{host}{where}: {GL_HOST_MEANING.get(host, host)}")]
 
 
 def _migration_evidence(device: dict[str, Any]) -> list[tuple[str, str]]:
@@ -93,6 +111,7 @@ def explain(
             [
                 ("display", f"{display}: {DISPLAY_MEANING.get(display, display)}"),
                 ("OpenGL", gl),
+                *_gl_host(device),
                 ("migration", f"{migration}: {MIGRATION_MEANING.get(migration, migration)}"),
                 *_with_options(device),
             ],
@@ -104,6 +123,8 @@ def explain(
         ("driver", f"{device['Driver'] or '-'} {device['DriverVersion']}".rstrip()),
         ("device api", device["DeviceApi"] or "-"),
     ]
+    if device.get("GlDetail"):
+        evidence.append(("gl", device["GlDetail"]))
     evidence += _migration_evidence(device)
     evidence += [("blocker", text) for text in device["MigrationBlockers"]]
     evidence += [("note", text) for text in device["MigrationNotes"]]

@@ -14,6 +14,8 @@ where the id is not a valid label name)::
 
     vfiocaps.feature.node.kubernetes.io/<type>.display=none|region|dmabuf|unknown
     vfiocaps.feature.node.kubernetes.io/<type>.gl-required=true|false
+    vfiocaps.feature.node.kubernetes.io/<type>.gl-host=set-up|crashed|failed|no-render-node|
+        inaccessible|unknown  (when GL is required: whether this node gave it, see GlHost)
     vfiocaps.feature.node.kubernetes.io/<type>.migration=supported|unsupported|unknown
     vfiocaps.feature.node.kubernetes.io/<type>.migration-with-options=...  (when options exist)
     vfiocaps.feature.node.kubernetes.io/<type>.migration-fingerprint=<12 hex> (when known)
@@ -54,7 +56,7 @@ SETTLE_SECONDS = 0.5
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _NOT_IN_NAME = re.compile(r"[^-A-Za-z0-9_.]")
 # The longest attribute suffix bounds the type token so that every name fits in 63 characters.
-_SUFFIXES = ("display", "gl-required", "migration", "migration-with-options")
+_SUFFIXES = ("display", "gl-required", "gl-host", "migration", "migration-with-options")
 _FINGERPRINT = "migration-fingerprint"
 _TOKEN_MAX = MAX_NAME - 1 - max(len(s) for s in (*_SUFFIXES, _FINGERPRINT))
 
@@ -86,6 +88,8 @@ def _answers(caps: Capabilities, fingerprint: str) -> dict[str, str]:
         "gl-required": "true" if caps.gl_required else "false",
         "migration": caps.migration.value,
     }
+    if caps.gl_required:
+        values["gl-host"] = caps.gl_host.value
     if caps.migration_options:
         values["migration-with-options"] = caps.migration_with_options.value
     if fingerprint:

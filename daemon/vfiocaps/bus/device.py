@@ -157,6 +157,18 @@ class DeviceInterface(ServiceInterface):
     def MigrationConditions(self) -> DBusConditionList:
         return [list(condition) for condition in self._values.MigrationConditions]
 
+    @dbus_property(access=PropertyAccess.READ)
+    def GlHost(self) -> DBusStr:
+        return self._values.GlHost
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GlRenderNode(self) -> DBusStr:
+        return self._values.GlRenderNode
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GlDetail(self) -> DBusStr:
+        return self._values.GlDetail
+
     @dbus_method()
     @mapped_errors("Device.Refresh")
     async def Refresh(self) -> DBusCapabilities:

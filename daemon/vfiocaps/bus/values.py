@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
-from ..capabilities import Capabilities, Display, Migration
+from ..capabilities import Capabilities, Display, GlHost, Migration
 from ..domainxml import DomainParts, Viewer
 from ..domainxml import domain_parts as parts_for
 from ..engine import DeviceView, ProbeState, TypeView
@@ -56,6 +56,9 @@ class DeviceProperties:
     MigrationFlags: tuple[str, ...]
     DeviceDirtyTracking: str
     MigrationConditions: tuple[tuple[str, str, str, str], ...]
+    GlHost: str
+    GlRenderNode: str
+    GlDetail: str
 
 
 def device_properties(view: DeviceView) -> DeviceProperties:
@@ -81,6 +84,9 @@ def device_properties(view: DeviceView) -> DeviceProperties:
         QemuVersion=caps.qemu_version if caps else "",
         LastError=view.last_error,
         **_migration_properties(caps),
+        GlHost=(caps.gl_host if caps else GlHost.UNKNOWN).value,
+        GlRenderNode=caps.gl_render_node if caps else "",
+        GlDetail=caps.gl_detail if caps else "",
     )
 
 
@@ -157,6 +163,9 @@ PROPERTY_SIGNATURES = {
     "MigrationFlags": "as",
     "DeviceDirtyTracking": "s",
     "MigrationConditions": "a(ssss)",
+    "GlHost": "s",
+    "GlRenderNode": "s",
+    "GlDetail": "s",
 }
 
 _CAPABILITY_KEYS = (
@@ -181,6 +190,9 @@ _CAPABILITY_KEYS = (
     "MigrationFlags",
     "DeviceDirtyTracking",
     "MigrationConditions",
+    "GlHost",
+    "GlRenderNode",
+    "GlDetail",
 )
 
 
@@ -221,6 +233,7 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         answer["MigrationWithOptions"] = Variant(
             "s", view.capabilities.migration_with_options.value
         )
+        answer["GlHost"] = Variant("s", view.capabilities.gl_host.value)
     return answer
 
 

@@ -20,8 +20,9 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from ..capabilities import LaunchRecord
 from ..config import DEFAULT_MIGRATION_STREAM_LIMIT
 from ..process import ManagedProcess, ProcessSpec, ProcessState, minimal_environment
+from .gldisplay import Screendump, take_screendump
 from .migration import IncomingResult, MigrationResult
-from .plan import DEVICE_QOM_PATH, DeviceSettings, ProbePlan, build_qemu_argv
+from .plan import DEVICE_ID, DEVICE_QOM_PATH, DeviceSettings, ProbePlan, build_qemu_argv
 from .sandbox import ProbeIdentity
 from .strategy import Attempt, LaunchEnd, LaunchObservation, Step, device_blockers
 from .stream import (
@@ -98,6 +99,7 @@ async def run_launch(
         settings=attempt.settings or DeviceSettings(),
         incoming=attempt.step is Step.LOAD,
         host=context.host if attempt.settings is not None else None,
+        render_node=attempt.render_node,
     )
     argv = build_qemu_argv(context.binary, plan)
     process = ManagedProcess(
@@ -105,7 +107,7 @@ async def run_launch(
             argv=argv,
             env=context.environment,
             pass_fds=(child_sock.fileno(),),
-            credentials=context.identity.credentials,
+            credentials=context.identity.with_groups(*attempt.groups).credentials,
         )
     )
     session = _Session(context, attempt)
@@ -180,6 +182,7 @@ class _Session:
         self.blocked_reasons: tuple[str, ...] = ()
         self.migration: MigrationResult | None = None
         self.incoming: IncomingResult | None = None
+        self.screendump: Screendump | None = None
         self.sockets: list[socket.socket] = []
         self.tasks: list[asyncio.Task[int] | asyncio.Task[StreamReceipt]] = []
 
@@ -219,6 +222,10 @@ class _Session:
             return
         if self.attempt.step is Step.LOAD:
             await self._load()
+            return
+        if self.attempt.step is Step.GL:
+            self.consoles = await self._consoles()
+            self.screendump = await take_screendump(self.client, self.context.workdir, DEVICE_ID)
             return
         if settings.display.value != "off":
             self.consoles = await self._consoles()
@@ -376,6 +383,7 @@ class _Session:
             migration=self.migration,
             incoming=self.incoming,
             qemu_version=self.qemu_version,
+            screendump=self.screendump,
         )
 
 

@@ -25,6 +25,7 @@ class Meaning(enum.Enum):
     KVM_UNAVAILABLE = "kvm-unavailable"  # accel=kvm could not be initialised
     PROPERTY_UNKNOWN = "property-unknown"  # this QEMU lacks a vfio-pci property we passed
     LOAD_FAILED = "load-failed"  # a destination could not load a saved migration stream
+    GL_UNAVAILABLE = "gl-unavailable"  # egl-headless could not use the render node
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ KNOWN_MESSAGES: tuple[KnownMessage, ...] = (
     # A destination's load failure (migration/migration.c, migration/savevm.c).
     _m(Meaning.LOAD_FAILED, r"load of migration failed", QEMU, "7.2", "10.0"),
     _m(Meaning.LOAD_FAILED, r"error while loading state", QEMU, "7.2", "10.0"),
+    # ``-display egl-headless`` without a usable render node (ui/egl-helpers.c).
+    _m(Meaning.GL_UNAVAILABLE, r"egl: no drm render node available", QEMU, "7.2", "10.0"),
+    _m(Meaning.GL_UNAVAILABLE, r"egl: gbm_create_device failed", QEMU, "7.2"),
+    _m(Meaning.GL_UNAVAILABLE, r"egl: render node init failed", QEMU, "7.2"),
     # Vendor drivers, relayed by QEMU when the device open fails.
     _m(Meaning.KVM_REQUIRED, r"KVM is required to use Intel vGPU", "Intel GVT-g (i915)", "6.x"),
     _m(

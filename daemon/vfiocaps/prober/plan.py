@@ -83,6 +83,7 @@ class ProbePlan:
     memory_mib: int = DEFAULT_MEMORY_MIB
     sandbox: bool = True
     incoming: bool = False  # start as a migration destination (``-incoming defer``)
+    render_node: Path | None = None  # OpenGL through ``-display egl-headless`` on this node
 
 
 def qemu_option_value(value: str) -> str:
@@ -115,10 +116,18 @@ def device_option(plan: ProbePlan) -> str | None:
     return ",".join(parts)
 
 
+def display_option(plan: ProbePlan) -> str:
+    """The ``-display`` argument: ``none``, or ``egl-headless`` on the plan's render node."""
+    if plan.render_node is None:
+        return "none"
+    return f"egl-headless,rendernode={qemu_option_value(str(plan.render_node))}"
+
+
 def build_qemu_argv(binary: Path, plan: ProbePlan) -> tuple[str, ...]:
     """The complete QEMU command line for *plan*; pure (no I/O), raises nothing.
 
-    A paused (``-S``) machine without defaults, user config, display or network, the QMP monitor
+    A paused (``-S``) machine without defaults, user config, display (unless the plan gives
+    OpenGL a render node: ``egl-headless``, which shows nothing) or network, the QMP monitor
     on the inherited socket *plan.qmp_fd*, ``-uuid`` (some vendor managers read it),
     ``-incoming defer`` for a load, and the seccomp sandbox with every optional restriction.
     """
@@ -128,7 +137,7 @@ def build_qemu_argv(binary: Path, plan: ProbePlan) -> tuple[str, ...]:
         "-nodefaults",
         "-no-user-config",
         "-display",
-        "none",
+        display_option(plan),
         "-nic",
         "none",
         "-machine",

@@ -18,6 +18,7 @@ from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .migration import KernelMigrationFacts
 from .plan import Accel, machine_for_architecture
+from .render import render_access
 from .sandbox import (
     NodeGrants,
     check_group_not_busy,
@@ -187,6 +188,7 @@ class Prober:
                 accel=accel,
                 device_names=(target.qemu_name,) if target else (),
                 kernel=kernel,
+                render=render_access(self.config.dev_root, identity) if target else None,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
             return await self._launches(context, strategy, attempt, run)

@@ -11,7 +11,10 @@ where QEMU's answer leaves a question open:
   enable-migration=on`` and save again;
 * a save that completes: one more launch, ``-incoming defer``, loads the saved state into a
   fresh QEMU on the same device (at most one such launch per probe);
-* ``failed to initialize kvm``: the same launch again with TCG.
+* ``failed to initialize kvm``: the same launch again with TCG;
+* a dma-buf display that needs GL, on a host with a render node the probe user can reach: one
+  last launch with ``-display egl-headless,rendernode=<node>`` and ``display=on`` tells whether
+  this host sets the display up. Its failures and crashes are the GL verdict, never the probe's.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import enum
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from ..capabilities import Capabilities, Display, ProbeOutcome
+from ..capabilities import Capabilities, Display, GlHost, ProbeOutcome
+from .gldisplay import Screendump
 from .messages import Meaning, excerpt, findings, first_failure
 from .migration import (
     DEVICE_DIRTY_TRACKING,
@@ -37,8 +42,9 @@ from .migration import (
     migration_conditions,
 )
 from .plan import DEVICE_QOM_PATH, Accel, DeviceSettings, OnOffAuto
+from .render import RenderAccess
 
-MAX_LAUNCHES = 5
+MAX_LAUNCHES = 6  # a KVM retry, discover, display-off, tracking-off, load, gl
 
 
 class Step(enum.Enum):
@@ -50,6 +56,7 @@ class Step(enum.Enum):
     MIGRATION_OFF = "migration-off"  # migration is known (refused at realize); learn the display
     TRACKING_OFF = "tracking-off"  # migrate again without device dirty tracking
     LOAD = "load"  # -incoming defer: load the saved state into a fresh QEMU
+    GL = "gl"  # display=on under egl-headless on a render node: does this host set it up?
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class Attempt:
     step: Step
     settings: DeviceSettings | None
     accel: Accel
+    render_node: Path | None = None  # OpenGL through egl-headless on this node
+    groups: tuple[int, ...] = ()  # supplementary groups QEMU gets for this launch only
 
     @property
     def purpose(self) -> str:
@@ -90,6 +99,7 @@ class LaunchObservation:
     migration: MigrationResult | None = None
     incoming: IncomingResult | None = None
     qemu_version: str = ""
+    screendump: Screendump | None = None
 
 
 @dataclass(frozen=True)
@@ -103,13 +113,18 @@ class Verdict:
     notes: tuple[str, ...] = ()
 
 
+def linked_console(consoles: Mapping[str, str], device_path: str) -> str | None:
+    """The console whose ``device`` link names the device, or ``None``. Raises nothing."""
+    wanted = device_path.rstrip("/")
+    for name, linked in consoles.items():
+        if linked and linked.rstrip("/") == wanted:
+            return name
+    return None
+
+
 def display_from_consoles(consoles: Mapping[str, str], device_path: str) -> Display:
     """REGION when a console's ``device`` link names the device, else NONE. Raises nothing."""
-    wanted = device_path.rstrip("/")
-    for linked in consoles.values():
-        if linked and linked.rstrip("/") == wanted:
-            return Display.REGION
-    return Display.NONE
+    return Display.NONE if linked_console(consoles, device_path) is None else Display.REGION
 
 
 def device_blockers(
@@ -157,15 +172,18 @@ class ProbeStrategy:
         accel: Accel,
         device_names: Iterable[str],
         kernel: KernelMigrationFacts | None = None,
+        render: RenderAccess | None = None,
     ) -> None:
         self.properties = vfio_pci_properties
         self.accel = accel
         self.names = tuple(device_names)
         self.kernel = kernel
+        self.render = render
         self.knowledge = Knowledge()
         self.launches = 0
         self._kvm_retried = False
         self._loads = 0
+        self._before_gl: Verdict | None = None  # the answer the GL launch completes
 
     @property
     def can_disable_device_tracking(self) -> bool:
@@ -186,8 +204,12 @@ class ProbeStrategy:
         self.launches += 1
         if observation.qemu_version:
             self.knowledge.qemu_version = observation.qemu_version
+        if observation.attempt.step is Step.GL and self._before_gl is not None:
+            return self._after_gl(observation, self._before_gl)
         decision = self._decide(observation)
-        if isinstance(decision, Attempt) and self.launches >= MAX_LAUNCHES:
+        if isinstance(decision, Verdict):
+            return self._with_gl(decision)
+        if self.launches >= MAX_LAUNCHES:
             return self._failed(observation, f"no answer after {self.launches} launches")
         return decision
 
@@ -382,6 +404,47 @@ class ProbeStrategy:
         know.ledger.load_failed(configuration, error, incoming.duration if incoming else 0.0)
         return self._ok()
 
+    # -- the GL check of a dma-buf display -----------------------------------------------
+
+    def _with_gl(self, verdict: Verdict) -> Attempt | Verdict:
+        """*verdict* with the host's GL answer, or the GL launch that finds it out."""
+        caps = verdict.capabilities
+        if verdict.outcome is not ProbeOutcome.OK or caps is None:
+            return verdict
+        render = self.render
+        if not caps.gl_required:
+            return _with_gl_answer(verdict, GlHost.NOT_NEEDED, "", "")
+        if render is None:
+            return verdict  # not asked to check this host
+        node = str(render.node) if render.node is not None else ""
+        if render.node is None:
+            detail = f"{render.reason}: QEMU cannot give the dma-buf display OpenGL on this host"
+            return _with_gl_answer(verdict, GlHost.NO_RENDER_NODE, node, detail)
+        if not render.usable:
+            return _with_gl_answer(verdict, GlHost.INACCESSIBLE, node, render.reason)
+        if self.launches >= MAX_LAUNCHES:
+            detail = f"not checked: no launch left after {self.launches}"
+            return _with_gl_answer(verdict, GlHost.UNKNOWN, node, detail)
+        self._before_gl = verdict
+        groups = (render.group,) if render.group is not None else ()
+        settings = self._settings(OnOffAuto.ON, OnOffAuto.OFF)
+        return Attempt(Step.GL, settings, self.accel, render.node, groups)
+
+    def _after_gl(self, obs: LaunchObservation, before: Verdict) -> Verdict:
+        """The answer before the GL launch, completed with what the GL launch showed."""
+        self._before_gl = None
+        failure = first_failure(f"{obs.stderr}\n{obs.qmp_error}")
+        if obs.end is not LaunchEnd.CRASHED and failure and failure.meaning is Meaning.BUSY:
+            return Verdict(
+                ProbeOutcome.BUSY,
+                error=failure.line,
+                stderr_excerpt=excerpt(obs.stderr),
+                notes=tuple(self.knowledge.notes),
+            )
+        node = str(obs.attempt.render_node or "")
+        gl_host, detail = gl_verdict(obs, node)
+        return _with_gl_answer(before, gl_host, node, detail)
+
     # -- verdicts ------------------------------------------------------------------------
 
     def _ok(self) -> Verdict:
@@ -420,6 +483,60 @@ class ProbeStrategy:
             stderr_excerpt=excerpt(f"{obs.stderr}\n{obs.qmp_error}".strip()),
             notes=tuple(self.knowledge.notes),
         )
+
+
+GL_LIMIT = (
+    "a guest's frames are not proven: with software rendering (a render node without a GPU, "
+    "such as vgem) QEMU may still fail, or crash, on the first frame a guest draws"
+)
+GL_CRASH_CAUSE = (
+    "with software rendering QEMU crashes once the device shows a mode a guest set, and an "
+    "mbochs-like instance keeps its mode across QEMU runs: probe a freshly created instance to "
+    "tell the host from the instance"
+)
+
+
+def gl_verdict(obs: LaunchObservation, node: str) -> tuple[GlHost, str]:
+    """What the GL launch on *node* showed: the verdict and its evidence. Raises nothing.
+
+    Set up means all of: QEMU started (the device realized with ``display=on`` under
+    ``egl-headless``), a console is linked to the device, and ``screendump`` answered.
+    """
+    launch = f"QEMU with -display egl-headless,rendernode={node}"
+    if obs.end is LaunchEnd.CRASHED:
+        return GlHost.CRASHED, (
+            f"GL path crashed: {launch} {describe_status(obs.exit_status)}; the device's other "
+            f"answers stand. {GL_CRASH_CAUSE}"
+        )
+    if obs.end is LaunchEnd.TIMEOUT:
+        return GlHost.FAILED, f"{launch} did not finish in time and was killed"
+    failure = first_failure(f"{obs.stderr}\n{obs.qmp_error}")
+    if not obs.started or obs.end is not LaunchEnd.QUIT:
+        if failure is not None:
+            return GlHost.FAILED, f"{launch} refused the display: {failure.line}"
+        lines = excerpt(f"{obs.stderr}\n{obs.qmp_error}".strip()).splitlines()
+        why = f": {lines[-1]}" if lines else ""
+        return GlHost.FAILED, f"{launch} {describe_status(obs.exit_status)}{why}"
+    console = linked_console(obs.consoles, DEVICE_QOM_PATH)
+    if console is None:
+        return GlHost.FAILED, f"{launch} started, but no console is linked to the device"
+    shot = obs.screendump
+    if shot is None or not shot.answered:
+        why = shot.error if shot is not None else "screendump was not asked"
+        return GlHost.FAILED, f"{launch} started and linked {console} to the device, but {why}"
+    return GlHost.SET_UP, (
+        f"GL display set up on {node}: QEMU realized the device with display=on under "
+        f"-display egl-headless, {console} is linked to it and screendump answered with "
+        f"{shot.describe()}; {GL_LIMIT}"
+    )
+
+
+def _with_gl_answer(verdict: Verdict, gl_host: GlHost, node: str, detail: str) -> Verdict:
+    caps = verdict.capabilities
+    if caps is None:
+        return verdict
+    answer = replace(caps, gl_host=gl_host, gl_render_node=node, gl_detail=detail)
+    return replace(verdict, capabilities=answer)
 
 
 def _configuration(attempt: Attempt) -> Configuration:

@@ -92,6 +92,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "WHERE migration = 'unsupported'",
         "DELETE FROM capabilities WHERE outcome = 'ok' AND migration = 'supported'",
     ),
+    # 5: whether the host gives a dma-buf display its OpenGL (a probe under egl-headless on a
+    # render node), on which node, and the evidence. Answers that needed GL were cached before
+    # the host was checked: they are dropped so that the devices are probed again.
+    (
+        "ALTER TABLE capabilities ADD COLUMN gl_host TEXT NOT NULL DEFAULT 'unknown'",
+        "ALTER TABLE capabilities ADD COLUMN gl_render_node TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE capabilities ADD COLUMN gl_detail TEXT NOT NULL DEFAULT ''",
+        "UPDATE capabilities SET gl_host = 'not-needed' WHERE outcome = 'ok' AND gl_required = 0",
+        "DELETE FROM capabilities WHERE outcome = 'ok' AND gl_required = 1",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

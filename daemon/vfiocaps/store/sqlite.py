@@ -19,6 +19,7 @@ from ..capabilities import (
     Capabilities,
     Decider,
     Display,
+    GlHost,
     Migration,
     MigrationCondition,
     ProbeOutcome,
@@ -59,6 +60,9 @@ _RECORD_COLUMNS = (
     "migration_flags",
     "device_dirty_tracking",
     "migration_conditions",
+    "gl_host",
+    "gl_render_node",
+    "gl_detail",
 )
 
 
@@ -111,6 +115,9 @@ def _row_to_record(row: Sequence[Any]) -> CapabilityRecord:
                 MigrationCondition(str(name), Migration(verdict), Decider(decider), str(reason))
                 for name, verdict, decider, reason in json.loads(values["migration_conditions"])
             ),
+            gl_host=GlHost(values["gl_host"]),
+            gl_render_node=str(values["gl_render_node"]),
+            gl_detail=str(values["gl_detail"]),
         )
     return CapabilityRecord(
         key=key,
@@ -152,6 +159,9 @@ def _record_to_row(record: CapabilityRecord) -> tuple[Any, ...]:
                 for c in (caps.migration_conditions if caps else ())
             ]
         ),
+        (caps.gl_host if caps else GlHost.UNKNOWN).value,
+        caps.gl_render_node if caps else "",
+        caps.gl_detail if caps else "",
     )
 
 
