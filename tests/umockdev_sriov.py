@@ -322,6 +322,8 @@ class SriovHostBuilder(HostBuilder):
                     written = self.current_profile(address)
                 except OSError:
                     continue
+                if not written:
+                    continue  # caught between the writer's truncation and its write
                 if written != self.profiles.get(address, "0"):
                     try:
                         self._apply_profile(address, written)
