@@ -169,7 +169,7 @@ class Libvirt:
                 "command": outcome.command,
                 "ok": outcome.ok,
                 "seconds": round(outcome.seconds, 2),
-                "output": outcome.message()[:600],
+                "output": outcome.message()[-2000:],
             }
         )
         return outcome
@@ -194,6 +194,8 @@ class Libvirt:
             if entry["check"] in ("cleanup", "state"):
                 continue
             cells = [str(entry[key]).replace("|", "/") for key in ("check", "command", "ok")]
-            said = str(entry["output"]).replace("|", "/")[:300]
+            # libvirt's own words come last, after QEMU's command line and warnings.
+            said = str(entry["output"]).replace("|", "/")
+            said = said if len(said) <= 300 else "... " + said[-300:]
             lines.append(f"| {' | '.join(cells)} | {entry['seconds']} | {said} |")
         return "\n".join(lines) + "\n"
