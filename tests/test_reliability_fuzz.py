@@ -47,7 +47,8 @@ ALLOWED_ERRORS = {
 
 MEMBERS = {
     MANAGER: {"ListDevices": "", "GetDevice": "s", "GetCapabilities": "s", "ListTypes": "",
-              "Refresh": "s", "Invalidate": "s", "DomainXml": "s", "ProbeType": "ss"},
+              "Refresh": "s", "Invalidate": "s", "DomainXml": "s", "ProbeType": "ss",
+              "MigrationFingerprint": "s", "CheckMigration": "ss"},
     DEVICE: {"Refresh": ""},
     PROPERTIES: {"Get": "ss", "GetAll": "s", "Set": "ssv"},
     "org.freedesktop.DBus.ObjectManager": {"GetManagedObjects": ""},

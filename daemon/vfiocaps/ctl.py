@@ -35,7 +35,9 @@ EXIT_CODES = (
     f"exit status: {EXIT_OK} success; {EXIT_FAILURE} no answer (the probe failed, crashed or "
     f"timed out); {EXIT_USAGE} bad command line or malformed argument; {EXIT_UNAVAILABLE} "
     f"vfiocapsd is not reachable; {EXIT_BUSY} the device is in use by a VM (not disturbed); "
-    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized"
+    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized; "
+    f"{EXIT_INCOMPATIBLE} and {EXIT_UNDECIDED}: 'migration check' found the pair incompatible, "
+    "or could not decide"
 )
 PROBE_EXIT_CODES = EXIT_CODES
 

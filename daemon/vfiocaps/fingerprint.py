@@ -172,7 +172,10 @@ def parse(text: str) -> Fingerprint:
         FingerprintError: not JSON, not a fingerprint, another format version, or a field of
             the wrong type. Unknown extra fields are ignored (a newer writer may add some).
     """
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+    # Characters first: a long string is refused before it is copied to count its bytes.
+    if len(text) > MAX_DOCUMENT_BYTES or len(text.encode("utf-8", "surrogatepass")) > (
+        MAX_DOCUMENT_BYTES
+    ):
         raise FingerprintError(f"a fingerprint is at most {MAX_DOCUMENT_BYTES} bytes")
     try:
         document = json.loads(text)
