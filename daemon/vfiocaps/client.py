@@ -281,7 +281,7 @@ def plain_text(value: Any) -> str:
         return ", ".join(str(item) for item in value) or "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value) if value != "" else "-"
+    return str(value) if value not in ("", None) else "-"
 
 
 def as_json(value: Any) -> str:
