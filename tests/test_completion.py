@@ -63,10 +63,22 @@ def test_commands_and_their_options() -> None:
     assert complete("vfiocapsctl show X --viewer l") == ["local"]
     assert complete("vfiocapsctl --timeout ") == []
     assert complete("vfiocapsd --nfd") == ["--nfd-labels"]
+    assert complete("vfiocapsctl mig") == ["migration"]
+    assert complete("vfiocapsctl migration ") == ["fingerprint", "check"]
 
 
 @pytest.mark.parametrize(
-    "command", [(), ("status",), ("show",), ("xml",), ("probe",), ("invalidate",)]
+    "command",
+    [
+        (),
+        ("status",),
+        ("show",),
+        ("xml",),
+        ("probe",),
+        ("invalidate",),
+        ("migration", "check"),
+        ("migration", "fingerprint"),
+    ],
 )
 def test_every_vfiocapsctl_option_is_offered(command: tuple[str, ...]) -> None:
     wanted = {option for option in help_options("vfiocapsctl", *command) if option.startswith("--")}

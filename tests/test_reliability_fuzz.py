@@ -48,7 +48,8 @@ ALLOWED_ERRORS = {
 MEMBERS = {
     MANAGER: {"ListDevices": "", "GetDevice": "s", "GetCapabilities": "s", "ListTypes": "",
               "Refresh": "s", "Invalidate": "s", "DomainXml": "s", "ProbeType": "ss",
-              "DomainXmlParts": "ss"},
+              "DomainXmlParts": "ss",
+              "MigrationFingerprint": "s", "CheckMigration": "ss"},
     DEVICE: {"Refresh": ""},
     PROPERTIES: {"Get": "ss", "GetAll": "s", "Set": "ssv"},
     "org.freedesktop.DBus.ObjectManager": {"GetManagedObjects": ""},

@@ -159,6 +159,30 @@ class VfiocapsClient:
         )
         return {str(name): str(value) for name, value in dict(parts).items()}
 
+    async def migration_fingerprint(self, device_id: str) -> str:
+        """MigrationFingerprint: the device type's fingerprint as JSON.
+
+        Raises:
+            ClientError: unknown id, or the device has no capabilities yet.
+        """
+        (document,) = await self._call(
+            ROOT_PATH, MANAGER_INTERFACE, "MigrationFingerprint", "s", [device_id]
+        )
+        return str(document)
+
+    async def check_migration(
+        self, fingerprint: str, device_id: str = ""
+    ) -> tuple[str, list[tuple[str, str, str]]]:
+        """CheckMigration: (verdict, [(field, verdict, detail), ...]).
+
+        Raises:
+            ClientError: not a fingerprint, unknown id, or no capabilities yet.
+        """
+        verdict, reasons = await self._call(
+            ROOT_PATH, MANAGER_INTERFACE, "CheckMigration", "ss", [fingerprint, device_id]
+        )
+        return str(verdict), [(str(a), str(b), str(c)) for a, b, c in reasons]
+
     async def changes(self) -> AsyncIterator[dict[str, Any]]:
         """Yield device and cache changes as they happen, one dictionary per signal.
 
@@ -268,7 +292,7 @@ def plain_text(value: Any) -> str:
         return ", ".join(str(item) for item in value) or "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value) if value != "" else "-"
+    return str(value) if value not in ("", None) else "-"
 
 
 def as_json(value: Any) -> str:

@@ -19,6 +19,7 @@ from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu
 from .domainxml import DomainParts, Viewer
 from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
 from .explain import explain
+from .fingerprint import MAX_DOCUMENT_BYTES
 from .prober import Prober, ProbeTarget
 from .prober.target import PCI_ADDRESS_RE, UUID_RE
 
@@ -29,12 +30,16 @@ EXIT_UNAVAILABLE = 3
 EXIT_BUSY = 4
 EXIT_NOT_FOUND = 5
 EXIT_NOT_AUTHORIZED = 6
+EXIT_INCOMPATIBLE = 7
+EXIT_UNDECIDED = 8
 
 EXIT_CODES = (
     f"exit status: {EXIT_OK} success; {EXIT_FAILURE} no answer (the probe failed, crashed or "
     f"timed out); {EXIT_USAGE} bad command line or malformed argument; {EXIT_UNAVAILABLE} "
     f"vfiocapsd is not reachable; {EXIT_BUSY} the device is in use by a VM (not disturbed); "
-    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized"
+    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized; "
+    f"{EXIT_INCOMPATIBLE} and {EXIT_UNDECIDED}: 'migration check' found the pair incompatible, "
+    "or could not decide"
 )
 PROBE_EXIT_CODES = EXIT_CODES
 
@@ -294,7 +299,62 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(xml)
     _json_flag(commands.add_parser("monitor", help="print device and cache changes as they happen"))
     _add_probe_parser(commands)
+    _add_migration_parser(commands)
     return parser
+
+
+def _add_migration_parser(commands: Any) -> None:
+    migration = commands.add_parser("migration", help="migration compatibility between hosts")
+    verbs = migration.add_subparsers(dest="verb", required=True, metavar="VERB")
+    made = verbs.add_parser(
+        "fingerprint", help="what must match on another host for this device's state to load"
+    )
+    made.add_argument("id", metavar="ID", help="mdev UUID, PCI address or sysfs path")
+    _json_flag(made)
+    check = verbs.add_parser(
+        "check",
+        help="can state saved on another host load here",
+        description="Compare another host's fingerprint (from 'vfiocapsctl migration "
+        "fingerprint ID --json' there) with a device here, field by field.",
+        epilog=f"exit status: {EXIT_OK} compatible; {EXIT_INCOMPATIBLE} incompatible; "
+        f"{EXIT_UNDECIDED} unknown; others as for vfiocapsctl",
+    )
+    check.add_argument("file", metavar="FILE", help="the fingerprint as JSON, or - for stdin")
+    check.add_argument("--device", default="", metavar="ID", help="the destination device here "
+                       "(default: every probed device of the fingerprint's type)")  # fmt: skip
+    _json_flag(check)
+
+
+def _read_fingerprint(name: str) -> str:
+    """The fingerprint document named on the command line, read bounded."""
+    try:
+        if name == "-":
+            text = sys.stdin.read(MAX_DOCUMENT_BYTES + 1)
+        else:
+            with open(name, encoding="utf-8") as file:
+                text = file.read(MAX_DOCUMENT_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidArgumentError(f"cannot read the fingerprint {name}: {err}") from err
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise InvalidArgumentError(f"{name} is larger than a fingerprint ({MAX_DOCUMENT_BYTES} B)")
+    return text
+
+
+async def _migration(args: argparse.Namespace, client: VfiocapsClient, want_json: bool) -> int:
+    if args.verb == "fingerprint":
+        document = json.loads(await client.migration_fingerprint(args.id))
+        print(as_json(document) if want_json else key_values(document))
+        return EXIT_OK
+    verdict, reasons = await client.check_migration(_read_fingerprint(args.file), args.device)
+    if want_json:
+        rows = [{"field": f, "verdict": v, "detail": d} for f, v, d in reasons]
+        print(as_json({"verdict": verdict, "reasons": rows}))
+    else:
+        print(verdict)
+        width = max((len(field) for field, _, _ in reasons), default=0)
+        for field, judged, detail in reasons:
+            print(f"  {field:<{width}}  {judged:<12}  {detail}")
+    return {"compatible": EXIT_OK, "incompatible": EXIT_INCOMPATIBLE}.get(verdict, EXIT_UNDECIDED)
 
 
 async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> int:
@@ -336,6 +396,8 @@ async def _daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> i
             as_json({"xml": xml, "parts": parts}) if want_json else xml,
             end="" if not want_json else "\n",
         )
+    elif command == "migration":
+        return await _migration(args, client, want_json)
     elif command == "monitor":
         async for event in client.changes():
             if want_json:

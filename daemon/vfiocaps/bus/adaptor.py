@@ -6,10 +6,11 @@ import logging
 
 from dbus_fast import Variant
 
+from .. import fingerprint
 from ..config import Config
 from ..domainxml import Viewer, find_render_node
 from ..engine import DeviceView, Engine, EngineStatus, ProbeState
-from ..errors import NotFoundError
+from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
 from .calls import current_caller, note_caller
 from .connection import ResilientMessageBus
 from .device import DeviceInterface
@@ -177,3 +178,52 @@ class BusAdaptor:
         chosen = Viewer.parse(viewer)
         view = await self._settled(device_id)
         return domain_parts(view, chosen, find_render_node(self._config.dev_root)).by_name()
+
+    def _fingerprint(self, view: DeviceView) -> fingerprint.Fingerprint:
+        device_id = view.device.device_id
+        record = self._engine.record_for(device_id)
+        if view.capabilities is None or view.driver is None or record is None:
+            if view.state is ProbeState.BUSY:
+                raise ProbeBusyError(f"{device_id} is in use and its type is not known")
+            reason = view.last_error or f"probe state is {view.state.value}"
+            raise ProbeError(f"no capabilities for {device_id}: {reason}")
+        return fingerprint.for_device(
+            view.device, view.driver, view.capabilities, record.key.parent_pci_id
+        )
+
+    async def migration_fingerprint(self, device_id: str) -> str:
+        return self._fingerprint(await self._settled(device_id)).to_json()
+
+    async def check_migration(
+        self, document: str, device_id: str
+    ) -> tuple[str, list[tuple[str, str, str]]]:
+        try:
+            source = fingerprint.parse(document)
+        except fingerprint.FingerprintError as err:
+            raise InvalidArgumentError(f"not a usable fingerprint: {err}") from err
+        if device_id:
+            views = [await self._settled(device_id)]
+        else:
+            views = [
+                view
+                for view in self._engine.views()
+                if view.capabilities is not None
+                and view.driver is not None
+                and view.driver.module == source.driver
+                and view.device.type_id == source.type_id
+            ]
+        checked = [
+            (view.device.device_id, fingerprint.check(source, self._fingerprint(view)))
+            for view in views
+        ]
+        found = fingerprint.best([verdict for _, verdict in checked])
+        if found is None:
+            detail = (
+                f"no probed device of type {source.type_id} ({source.driver}) here; "
+                "create an instance or name a device"
+            )
+            return fingerprint.UNKNOWN, [("destination", fingerprint.UNKNOWN, detail)]
+        chosen = next(device for device, verdict in checked if verdict is found)
+        reasons = [("destination", found.verdict, chosen)]
+        reasons += [(reason.field, reason.verdict, reason.detail) for reason in found.reasons]
+        return found.verdict, reasons

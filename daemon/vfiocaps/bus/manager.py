@@ -42,6 +42,12 @@ class ManagerBackend(Protocol):
 
     async def probe_type(self, parent: str, type_id: str) -> DBusCapabilities: ...
 
+    async def migration_fingerprint(self, device_id: str) -> str: ...
+
+    async def check_migration(
+        self, fingerprint: str, device_id: str
+    ) -> tuple[str, list[tuple[str, str, str]]]: ...
+
 
 @dataclass(frozen=True)
 class ManagerState:
@@ -171,6 +177,18 @@ class ManagerInterface(ServiceInterface):
     @mapped_errors("DomainXmlParts")
     async def DomainXmlParts(self, id: DBusStr, viewer: DBusStr) -> DBusStrDict:
         return await self._backend.domain_xml_parts(id, viewer)
+
+    @dbus_method()
+    @mapped_errors("MigrationFingerprint")
+    async def MigrationFingerprint(self, id: DBusStr) -> DBusStr:
+        return await self._backend.migration_fingerprint(id)
+
+    @dbus_method()
+    @mapped_errors("CheckMigration")
+    async def CheckMigration(
+        self, fingerprint: DBusStr, id: DBusStr
+    ) -> Annotated[tuple[str, list[tuple[str, str, str]]], DBusSignature("sa(sss)")]:
+        return await self._backend.check_migration(fingerprint, id)
 
     @dbus_signal()
     def CacheInvalidated(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from labkit import (
     SignalWatch,
     wait_for,
 )
+from libvirtkit import DOMAIN_PREFIX, Libvirt
 
 TABLE = CapabilityTable()
+LIBVIRT = Libvirt()
 
 
 def results_dir() -> Path | None:
@@ -33,6 +36,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     (results / "capabilities.json").write_text(json.dumps(TABLE.rows, indent=2, sort_keys=True))
     (results / "capabilities.md").write_text(TABLE.markdown())
+    if LIBVIRT.log:
+        (results / "libvirt.md").write_text(LIBVIRT.markdown())
+        (results / "libvirt.json").write_text(json.dumps(LIBVIRT.log, indent=2))
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +91,23 @@ def samples(daemon: Daemon, mdevs: MdevLab) -> dict[str, str]:
             assert type_id in available, f"{module} offers {sorted(available)}, not {type_id}"
             created[type_id] = mdevs.create(module, type_id)
     return created
+
+
+@pytest.fixture(scope="session")
+def libvirt() -> Iterator[Libvirt]:
+    """libvirtd running, answering on qemu:///system; every lab domain removed afterwards."""
+    subprocess.run(["systemctl", "start", "libvirtd"], check=True, timeout=120)
+    answered = wait_for(
+        lambda: LIBVIRT.virsh("version", check="libvirt up", timeout=60).ok,
+        120,
+        "libvirtd to answer",
+        2.0,
+    )
+    assert answered
+    try:
+        yield LIBVIRT
+    finally:
+        listed = LIBVIRT.virsh("list", "--all", "--name", check="cleanup", timeout=60)
+        for name in listed.output.split():
+            if name.startswith(DOMAIN_PREFIX):
+                LIBVIRT.remove(name)

@@ -404,10 +404,13 @@ class Qmp:
 
 
 @contextlib.contextmanager
-def running_vm(mdev_uuid: str, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], Qmp]]:
-    """A QEMU of our own holding the mdev open (paused, like a VM being set up)."""
+def qemu_vm(
+    mdev_uuid: str, workdir: Path, device_options: str = "display=off", extra: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], Qmp]]:
+    """A paused QEMU of our own with the mdev as device ``held``, and its QMP connection."""
     workdir.mkdir(parents=True, exist_ok=True)
     qmp_path = workdir / "vm.qmp"
+    qmp_path.unlink(missing_ok=True)
     log = (workdir / "vm.log").open("wb")
     process = subprocess.Popen(
         [
@@ -421,9 +424,10 @@ def running_vm(mdev_uuid: str, workdir: Path) -> Iterator[tuple[subprocess.Popen
             "-m",
             "128",
             "-device",
-            f"vfio-pci,sysfsdev=/sys/bus/mdev/devices/{mdev_uuid},display=off,id=held",
+            f"vfio-pci,sysfsdev=/sys/bus/mdev/devices/{mdev_uuid},{device_options},id=held",
             "-qmp",
             f"unix:{qmp_path},server=on,wait=off",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -454,3 +458,20 @@ def running_vm(mdev_uuid: str, workdir: Path) -> Iterator[tuple[subprocess.Popen
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+def running_vm(
+    mdev_uuid: str, workdir: Path
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], Qmp]]:
+    """A QEMU of our own holding the mdev open (paused, like a VM being set up)."""
+    return qemu_vm(mdev_uuid, workdir)
+
+
+def migration_finished(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
+    """Wait until ``query-migrate`` says completed or failed; return its answer."""
+
+    def finished() -> dict[str, Any] | None:
+        answer = dict(qmp.execute("query-migrate"))
+        return answer if answer.get("status") in ("completed", "failed", "cancelled") else None
+
+    return dict(wait_for(finished, timeout, "the migration to finish", 0.2))
