@@ -5,14 +5,16 @@ from __future__ import annotations
 import enum
 import os
 import platform
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
 
 DEFAULT_PROBE_USER = "vfiocaps-probe"
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class BusKind(enum.Enum):
@@ -87,6 +89,25 @@ def default_runtime_dir(environ: Mapping[str, str]) -> Path:
     return Path("/run/vfiocaps")
 
 
+def probe_environment_from(
+    values: Iterable[str], environ: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE`` items as given, and ``NAME`` items with their value from *environ*.
+
+    Raises:
+        ConfigError: a name is malformed, or a bare name is not set in *environ*.
+    """
+    pairs = []
+    for value in values:
+        name, equals, given = value.partition("=")
+        if not equals:
+            if name not in environ:
+                raise ConfigError(f"--probe-env {name}: {name} is not set in the environment")
+            given = environ[name]
+        pairs.append((name, given))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the daemon needs to know about its host, fixed for the life of the process."""
@@ -104,6 +125,9 @@ class Config:
     probe_concurrency: int = 2
     probe_retry_seconds: float = 30.0
     probe_types_without_instances: bool = False
+    # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
+    # and LD_PRELOAD); never taken from the daemon's environment unless configured.
+    probe_environment: tuple[tuple[str, str], ...] = ()
     watchdog_usec: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +154,9 @@ class Config:
             raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")
         if not self.probe_user or "\0" in self.probe_user or "/" in self.probe_user:
             raise ConfigError(f"invalid probe user {self.probe_user!r}")
+        for name, value in self.probe_environment:
+            if not _VARIABLE.fullmatch(name) or "\0" in value:
+                raise ConfigError(f"invalid probe environment variable {name!r}")
 
     @property
     def database_path(self) -> Path:

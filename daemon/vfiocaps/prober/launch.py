@@ -356,16 +356,7 @@ def migration_result(query_migrate_reply: Any, duration: float) -> MigrationResu
     )
 
 
-def probe_environment() -> dict[str, str]:
-    """The environment of a probe QEMU: PATH and a C locale.
-
-    When vfiocapsd itself runs under ``umockdev-wrapper`` (``UMOCKDEV_DIR`` set), the preload
-    and the testbed location are passed on as well, so that a QEMU stand-in sees the same
-    emulated sysfs as the daemon.
-    """
-    extra: dict[str, str] = {}
-    if "UMOCKDEV_DIR" in os.environ:
-        for name in ("UMOCKDEV_DIR", "LD_PRELOAD"):
-            if name in os.environ:
-                extra[name] = os.environ[name]
-    return minimal_environment(extra)
+def probe_environment(extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """The environment of a probe QEMU: PATH, a C locale, and exactly the configured *extra*
+    variables (``Config.probe_environment``); nothing of vfiocapsd's own environment."""
+    return minimal_environment(dict(extra))
