@@ -61,6 +61,7 @@ async def _probe_samples() -> dict[str, Any]:
     from test_prober_helpers import (
         ensure_probe_user,
         install_fake_qemu,
+        leftovers,
         make_group_node,
         make_readable,
     )
@@ -106,7 +107,7 @@ async def _probe_samples() -> dict[str, Any]:
                 "display": caps.display.value if caps else None,
                 "gl_required": caps.gl_required if caps else None,
                 "migration": caps.migration.value if caps else None,
-                "leftovers": [str(p) for p in (scratch / "run").rglob("*")],
+                "leftovers": [str(p) for p in leftovers(scratch / "run")],
             }
         return results
     finally:
