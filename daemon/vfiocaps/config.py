@@ -128,6 +128,8 @@ class Config:
     # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
     # and LD_PRELOAD); never taken from the daemon's environment unless configured.
     probe_environment: tuple[tuple[str, str], ...] = ()
+    # The longest wait for polkit's answer to an interactive check (a person at an agent).
+    authorization_timeout: float = 120.0
     watchdog_usec: int = 0
 
     def __post_init__(self) -> None:
@@ -149,6 +151,11 @@ class Config:
         if not 0 < self.probe_retry_seconds <= 86400:
             raise ConfigError(
                 f"probe retry must be in (0, 86400] seconds, got {self.probe_retry_seconds}"
+            )
+        if not 0 < self.authorization_timeout <= 3600:
+            raise ConfigError(
+                f"authorization timeout must be in (0, 3600] seconds, got "
+                f"{self.authorization_timeout}"
             )
         if not 1 <= self.probe_concurrency <= 64:
             raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="create a temporary instance to probe a type nobody has instantiated yet",
     )
     parser.add_argument(
+        "--authorization-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for polkit's answer to an interactive check (default 120; others "
+        "wait at most 25)",
+    )
+    parser.add_argument(
         "--probe-env",
         action="append",
         default=[],
@@ -120,6 +127,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
+        "authorization_timeout": args.authorization_timeout,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")
