@@ -18,7 +18,13 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
 from ..capabilities import LaunchRecord
-from ..process import ManagedProcess, ProcessSpec, ProcessState, minimal_environment
+from ..process import (
+    ManagedProcess,
+    ProcessSpec,
+    ProcessState,
+    cancel_and_wait,
+    minimal_environment,
+)
 from .plan import DeviceSettings, ProbePlan, build_qemu_argv
 from .sandbox import ProbeIdentity
 from .strategy import Attempt, LaunchEnd, LaunchObservation, MigrationResult, device_blockers
@@ -190,8 +196,9 @@ class _Session:
                 # QEMU may close the connection before its reply to "quit" arrives.
                 self.quit_acknowledged = True
         if not self.quit_acknowledged:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(process.wait()), QUIT_GRACE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(QUIT_GRACE_SECONDS):
+                    await asyncio.shield(process.wait())
 
     async def _inspect(self) -> None:
         settings = self.attempt.settings
@@ -268,10 +275,8 @@ class _Session:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.client.disconnect()
         for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await task
+            with contextlib.suppress(OSError):  # a drain that failed to write its file
+                await cancel_and_wait(task)
         for sock in self.sockets:
             sock.close()
 
