@@ -117,25 +117,40 @@ def qemu_process(scratch: Path) -> int:
     return found[0]
 
 
-def test_vfiocapsctl_probe_runs_qemu_without_new_privileges_and_environment(
-    scratch: Path, fake_host: FakeHost, probe_user: str
-) -> None:
-    fake_host.add_mdev(DEVICE, "mdpy-vga", "mdpy", "4", parent="mdpy")
-    ctl = run_ctl(
-        scratch, fake_host, probe_user, "--probe-env", "GIVEN=yes",
-        env={"UMOCKDEV_DIR": "/nonexistent", "LD_LIBRARY_PATH": "/nonexistent"},
-    )  # fmt: skip
+def probe_qemu_sees(
+    scratch: Path, host: FakeHost, user: str, *args: str, env: dict[str, str]
+) -> tuple[str, list[bytes]]:
+    """The probe QEMU's /proc status and environment, under ``vfiocapsctl probe *args``."""
+    host.add_mdev(DEVICE, "mdpy-vga", "mdpy", "4", parent="mdpy")
+    ctl = run_ctl(scratch, host, user, *args, env=env)
     pid = qemu_process(scratch)
     status = Path(f"/proc/{pid}/status").read_text()
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    environ = sorted(filter(None, Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")))
     _, err = ctl.communicate(timeout=60)
     assert ctl.returncode == 0, err
+    return status, environ
+
+
+PATH = b"PATH=" + os.fsencode("/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def test_vfiocapsctl_probe_runs_qemu_without_new_privileges_or_its_environment(
+    scratch: Path, fake_host: FakeHost, probe_user: str
+) -> None:
+    sniffed = {"UMOCKDEV_DIR": "/nonexistent", "LD_PRELOAD": ""}
+    status, environ = probe_qemu_sees(scratch, fake_host, probe_user, env=sniffed)
     assert "NoNewPrivs:\t1" in status
-    assert sorted(filter(None, environ)) == [
-        b"GIVEN=yes",
-        b"LC_ALL=C",
-        b"PATH=" + os.fsencode("/usr/sbin:/usr/bin:/sbin:/bin"),
-    ]
+    assert environ == [b"LC_ALL=C", PATH]
+
+
+def test_the_probe_environment_is_configured(
+    scratch: Path, fake_host: FakeHost, probe_user: str
+) -> None:
+    given = ("--probe-env", "GIVEN=yes", "--probe-env", "UMOCKDEV_DIR")
+    _, environ = probe_qemu_sees(
+        scratch, fake_host, probe_user, *given, env={"UMOCKDEV_DIR": "/nonexistent"}
+    )
+    assert environ == [b"GIVEN=yes", b"LC_ALL=C", PATH, b"UMOCKDEV_DIR=/nonexistent"]
 
 
 def test_probe_users_in_groups_of_value_are_refused(
