@@ -49,11 +49,13 @@ def test_nodes_a_killed_daemon_left_lent_go_back_at_start_before_any_probe(lab: 
     for pid in qemu_pids(lab):
         os.kill(pid, signal.SIGKILL)
     assert lent_nodes(lab) == lent  # the killed daemon left it lent
+    assert list(daemon.runtime_dir.glob("probe-*")) != []  # and its probe's directory
     lab.host.remove_instance(HELD)  # nothing to probe any more: no probe will come
     again = lab.start()
     assert lent_nodes(lab) == []
     assert all(node_state(node) == (0, 0, 0o600) for node in lent)
     assert "left granted by pid" in again.log()
+    assert list(again.runtime_dir.glob("probe-*")) == []
 
 
 def test_a_second_daemon_never_lends_a_node(lab: Lab) -> None:

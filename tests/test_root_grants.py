@@ -123,6 +123,18 @@ def kill_with_its_qemu(process: subprocess.Popen[str], qemu_dir: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def replace_node(node: Path) -> None:
+    """A new node in place of *node*, as when its device goes and a new one gets its number.
+
+    devtmpfs gives every node it creates a new inode number; a disk file system may hand the
+    freed one out again at once, so the old inode is kept (linked aside) while the new is made.
+    """
+    aside = node.with_name(f".{node.name}.gone")
+    os.link(node, aside)
+    node.unlink()
+    make_group_node(node)
+
+
 def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     try:
         _, err = process.communicate(timeout=60)
@@ -161,8 +173,7 @@ def test_a_replaced_node_is_not_given_the_old_owner(rig: Rig) -> None:
     node.chmod(0o640)
     holder = rig.ctl(FIRST, rig.qemu("slow", pausing(FIRST, 3)))
     rig.wait_lent("7")
-    node.unlink()  # the device goes, a new device gets the same group number
-    make_group_node(node)
+    replace_node(node)  # the device goes, a new device gets the same group number
     finish(holder)
     assert node_state(node) == (0, 0, 0o600)
 
@@ -174,8 +185,7 @@ def test_a_replaced_node_is_not_touched_by_recovery_after_a_crash(rig: Rig) -> N
     holder = rig.ctl(FIRST, rig.qemu("slow", pausing(FIRST, 30)))
     rig.wait_lent("7")
     kill_with_its_qemu(holder, rig.scratch / "slow")  # it dies with the node lent
-    node.unlink()
-    make_group_node(node)
+    replace_node(node)
     os.chown(node, rig.uid, -1)  # even a new node that the probe user happens to own
     recovering = rig.ctl(SECOND, rig.qemu("quick"))
     assert finish(recovering)[0] == 0

@@ -13,9 +13,10 @@ a record is written to the journal directory (under the runtime directory):
 Every change of the journal and of a node happens under an ``flock`` of the journal directory, so
 that several root processes (vfiocapsd, ``vfiocapsctl probe``) share it without revoking each
 other's grants. A node is opened with ``O_PATH | O_NOFOLLOW`` (never through a symbolic link),
-must be a character device, and is changed through that descriptor. It is given back only if it
-is still the same node (device number and inode) and still owned by the probe user; its POSIX
-ACL is removed first, since the probe user could have added one while it owned the node.
+must be a character device, and is changed through that descriptor. It is given back only if
+it is still the same node (device number and inode: devtmpfs numbers each node it creates
+anew, so a group number given to a new device is a new inode) and still owned by the probe
+user; its POSIX ACL is removed first, since the probe user could have added one meanwhile.
 
 Recovery (at start, before any probe) gives back the nodes of dead owners' records made in this
 boot, discards other boots' records (their nodes were created anew at boot), and resets *leaked*

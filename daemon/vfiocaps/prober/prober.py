@@ -25,6 +25,7 @@ from .sandbox import (
     group_node,
     kvm_access,
     private_directory,
+    remove_stale_probe_directories,
     resolve_probe_identity,
 )
 from .strategy import Attempt, ProbeStrategy, Step, Verdict
@@ -92,11 +93,14 @@ class Prober:
         return resolve_probe_identity(self.config.probe_user, self.config.dev_root)
 
     def recover_grants(self) -> list[Path]:
-        """Give back device nodes that dead processes left lent to the probe user, and reset
-        nodes the probe user owns without a grant; return them. Call before the first probe.
+        """Remove what killed probes left in the runtime directory, give back device nodes
+        that dead processes left lent to the probe user, and reset nodes the probe user owns
+        without a grant; return those nodes. Call before the first probe.
 
         Raises :class:`~vfiocaps.prober.grants.GrantError` when the journal is unsafe to use.
         """
+        for path in remove_stale_probe_directories(self.config.runtime_dir):
+            log.warning("removed %s, left by a killed probe", path)
         if os.geteuid() != 0:
             return []
         try:

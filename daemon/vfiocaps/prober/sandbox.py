@@ -211,20 +211,55 @@ def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
     return KvmAccess(True, node, needs_grant=True)
 
 
+PROBE_DIRECTORY_PREFIX = "probe-"
+
+
 @contextlib.contextmanager
 def private_directory(runtime_dir: Path) -> Iterator[Path]:
     """A fresh 0700 directory under *runtime_dir* for one probe, removed with all its content.
 
-    Raises :class:`ProbeSandboxError` when it cannot be created.
+    The directory is ``flock``-ed while it is in use, and appears under its ``probe-`` name only
+    once locked, so that :func:`remove_stale_probe_directories` can tell the directories of
+    killed processes from live ones. Raises :class:`ProbeSandboxError` when it cannot be created.
     """
     try:
         runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_dir))
+        making = Path(tempfile.mkdtemp(prefix=".new-" + PROBE_DIRECTORY_PREFIX, dir=runtime_dir))
+        lock = os.open(making, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
+        raise ProbeSandboxError(f"cannot create a probe directory in {runtime_dir}: {err}") from err
+    path = runtime_dir / making.name.removeprefix(".new-")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(making, path)
+    except OSError as err:
+        os.close(lock)
+        shutil.rmtree(making, ignore_errors=True)
         raise ProbeSandboxError(f"cannot create a probe directory in {runtime_dir}: {err}") from err
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(lock)
         if path.exists():
             log.error("could not remove probe directory %s", path)
+
+
+def remove_stale_probe_directories(runtime_dir: Path) -> list[Path]:
+    """Remove the probe directories of processes that are gone (their lock is free); return
+    them. Raises nothing."""
+    removed = []
+    for path in sorted(runtime_dir.glob(PROBE_DIRECTORY_PREFIX + "*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live probe's
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
