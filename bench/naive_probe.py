@@ -11,16 +11,17 @@ one JSON line.
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
 from vfiocaps.prober.sandbox import (
-    NodeGrants,
     group_node,
     kvm_access,
     private_directory,
@@ -41,7 +42,7 @@ async def probe_all(spec: dict[str, Any]) -> dict[str, Any]:
     dev_root = Path(spec["dev_root"])
     kvm = kvm_access(dev_root, identity)
     accel = Accel.KVM if kvm.usable else Accel.TCG
-    grants = NodeGrants(journal=Path(spec["runtime_dir"]) / "naive-grants")
+    grants = NodeGrants(journal=Path(spec["runtime_dir"]) / "naive-grants", dev_root=dev_root)
     launches, answers = [], {}
     began = time.monotonic()
     for path in spec["devices"]:
@@ -59,7 +60,12 @@ async def probe_all(spec: dict[str, Any]) -> dict[str, Any]:
                 identity=identity,
                 workdir=workdir,
                 timeout=spec["timeout"],
-                environment=probe_environment(),
+                # The stand-in QEMU reads the same emulated sysfs as this process.
+                environment=probe_environment(
+                    (name, os.environ[name])
+                    for name in ("UMOCKDEV_DIR", "LD_PRELOAD")
+                    if name in os.environ
+                ),
             )
             for question, settings in QUESTIONS.items():
                 observation, record = await run_launch(

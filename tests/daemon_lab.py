@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BUS_NAME, ROOT_PATH, DaemonProcess, PrivateBus, busctl, wait_until
-from test_prober_helpers import ensure_probe_user, install_fake_qemu
+from test_prober_helpers import ensure_probe_user, install_fake_qemu, make_group_node
 from umockdev_hosts import MockHost
 
 MANAGER = "org.vfiocaps1.Manager"
@@ -61,7 +61,7 @@ class Lab:
         return DaemonProcess(
             bus=bus or self.bus,
             workdir=self.directory / name,
-            args=self.daemon_args(*args),
+            args=[*self.daemon_args(*args), *self.host.probe_env_args()],
             env=self.host.daemon_env(),
             wrapper=self.host.daemon_wrapper(),
         )
@@ -111,9 +111,7 @@ def make_lab(host_class: type[MockHost] = MockHost) -> Iterator[Lab]:
     dev = directory / "dev"
     (dev / "vfio").mkdir(parents=True)
     for group in range(64):
-        node = dev / "vfio" / str(group)
-        node.write_text("")
-        node.chmod(0o600)
+        make_group_node(dev / "vfio" / str(group))
     bus = PrivateBus(directory / "bus").start()
     host = host_class().start()
     host.root.chmod(0o755)

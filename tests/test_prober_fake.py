@@ -265,30 +265,6 @@ async def test_target_from_a_discovered_device(fake_host: FakeHost) -> None:
     assert target.qemu_name == UUIDS["mtty"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="granting device nodes needs root")
-async def test_nodes_left_granted_by_a_killed_daemon_are_restored(
-    scratch: Path, fake_host: FakeHost, probe_user: str
-) -> None:
-    import pwd
-
-    from vfiocaps.prober.sandbox import NodeGrants
-
-    device = fake_host.add_mdev(UUIDS["mdpy"], "mdpy-vga", "mdpy", "8", parent="mdpy")
-    node = fake_host.dev / "vfio" / "8"
-    node.chmod(0o400)
-    before = node_state(node)
-    uid = pwd.getpwnam(probe_user).pw_uid
-    journal = scratch / "run" / "grants"
-    crashed = NodeGrants(journal=journal).granted(node, uid)
-    crashed.__enter__()  # the daemon dies here: the node stays granted, the record stays
-    assert node_state(node) == (uid, before[1], 0o600)
-    assert len(list(journal.glob("*.json"))) == 1
-    report = await probe(scratch, fake_host, probe_user, device)
-    assert report.outcome is ProbeOutcome.OK, report
-    assert any(f"restored {node}" in note for note in report.notes)
-    assert node_state(node) == before
-
-
 async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     scratch: Path, probe_user: str
 ) -> None:

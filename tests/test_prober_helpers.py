@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,17 @@ from vfiocaps.config import DEFAULT_PROBE_USER
 FAKE_QEMU_DIR = REPO / "tests" / "fake_qemu"
 FIXTURES = REPO / "tests" / "fixtures" / "qemu"
 REAL_QEMU = shutil.which("qemu-system-x86_64")
+
+
+def make_group_node(node: Path, mode: int = 0o600) -> None:
+    """A stand-in for an IOMMU group node: a character device (of /dev/null's number) as root,
+    since only character devices are ever lent; a plain file otherwise (nothing is lent then)."""
+    node.parent.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.mknod(node, stat.S_IFCHR | mode, os.makedev(1, 3))
+    else:
+        node.write_text("")
+    node.chmod(mode)
 
 
 def ensure_probe_user() -> str:
@@ -104,10 +116,7 @@ class FakeHost:
         _relative_link(device / "iommu_group", self.sysfs / "kernel" / "iommu_groups" / group)
         _relative_link(device / "subsystem", self.sysfs / "bus" / "mdev")
         _relative_link(self.sysfs / "bus" / "mdev" / "devices" / uuid, device)
-        node = self.dev / "vfio" / group
-        node.parent.mkdir(parents=True, exist_ok=True)
-        node.write_text("")
-        node.chmod(0o600)
+        make_group_node(self.dev / "vfio" / group)
         return device
 
     def link_kvm(self) -> None:
@@ -149,4 +158,13 @@ def load_fixture(name: str) -> dict[str, Any]:
 
 
 def leftovers(directory: Path) -> list[Path]:
-    return sorted(directory.rglob("*")) if directory.exists() else []
+    """Everything under a runtime *directory* but the grant journal's directory when empty
+    (the journal's lock; it stays)."""
+    if not directory.exists():
+        return []
+    journal = directory / "grants"
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path != journal or not path.is_dir() or any(path.iterdir())
+    )

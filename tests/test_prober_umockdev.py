@@ -58,7 +58,13 @@ async def _probe_samples() -> dict[str, Any]:
     gi.require_version("UMockdev", "1.0")
     from gi.repository import UMockdev
 
-    from test_prober_helpers import ensure_probe_user, install_fake_qemu, make_readable
+    from test_prober_helpers import (
+        ensure_probe_user,
+        install_fake_qemu,
+        leftovers,
+        make_group_node,
+        make_readable,
+    )
     from umockdev_hosts import HostBuilder
     from vfiocaps.config import Config
     from vfiocaps.prober import Prober, ProbeTarget
@@ -79,15 +85,15 @@ async def _probe_samples() -> dict[str, Any]:
         qemu = install_fake_qemu(scratch / "qemu")
         dev = scratch / "dev"
         for group in range(len(uuids)):
-            node = dev / "vfio" / str(group)
-            node.parent.mkdir(parents=True, exist_ok=True)
-            node.write_text("")
-            node.chmod(0o600)
+            make_group_node(dev / "vfio" / str(group))
         config = Config(
             runtime_dir=scratch / "run",
             dev_root=dev,
             qemu_binary=qemu,
             probe_user=ensure_probe_user(),
+            probe_environment=tuple(
+                (name, os.environ[name]) for name in ("UMOCKDEV_DIR", "LD_PRELOAD")
+            ),
         )
         prober = Prober(config)
         results: dict[str, Any] = {}
@@ -101,7 +107,7 @@ async def _probe_samples() -> dict[str, Any]:
                 "display": caps.display.value if caps else None,
                 "gl_required": caps.gl_required if caps else None,
                 "migration": caps.migration.value if caps else None,
-                "leftovers": [str(p) for p in (scratch / "run").rglob("*")],
+                "leftovers": [str(p) for p in leftovers(scratch / "run")],
             }
         return results
     finally:

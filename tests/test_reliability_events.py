@@ -11,6 +11,7 @@ import pytest
 
 from daemon_lab import Lab, capabilities, manager_property
 from harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
+from test_prober_helpers import make_group_node
 from test_reliability_helpers import (
     daemon_pid,
     probe_leftovers,
@@ -59,9 +60,7 @@ def test_ten_thousand_uevents_in_one_burst(lab: Lab) -> None:
 def more_group_nodes(lab: Lab, count: int) -> None:
     """Every add makes a new IOMMU group; the lab has nodes for the first 64 only."""
     for group in range(64, count):
-        node = lab.dev / "vfio" / str(group)
-        node.write_text("")
-        node.chmod(0o600)
+        make_group_node(lab.dev / "vfio" / str(group))
 
 
 def test_the_same_uuid_added_and_removed_in_a_race(lab: Lab) -> None:

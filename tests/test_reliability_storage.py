@@ -37,7 +37,10 @@ def start_on_tmpfs(lab: Lab, options: str) -> tuple[DaemonProcess, Path, int]:
     daemon = DaemonProcess(
         bus=lab.bus,
         workdir=lab.directory / "daemon",
-        args=lab.daemon_args("--probe-retry-seconds", "600"),  # its cache is the tmpfs
+        args=[  # its cache is the tmpfs
+            *lab.daemon_args("--probe-retry-seconds", "600"),
+            *lab.host.probe_env_args(),
+        ],
         env=lab.host.daemon_env(),
         wrapper=[
             "unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh",

@@ -231,8 +231,10 @@ def test_unit_keeps_what_a_probe_needs(destdir: Path) -> None:
     assert settings["Type"] == ["dbus"]
     assert settings["BusName"] == [BUS_NAME]
     assert settings["NotifyAccess"] == ["main"]
-    # the journal of granted device nodes survives a crash-restart
-    assert settings["RuntimeDirectoryPreserve"] == ["restart"]
+    # the journal of lent device nodes survives a crash, a stop and a failed restart
+    assert settings["RuntimeDirectoryPreserve"] == ["yes"]
+    # probes stay within a bounded amount of memory
+    assert settings["MemoryMax"] == ["1536M"]
     assert settings["CapabilityBoundingSet"] == [
         "CAP_CHOWN CAP_FOWNER CAP_SETUID CAP_SETGID CAP_KILL"
     ]

@@ -701,6 +701,12 @@ class MockHost:
         return ["--modules-root", str(self.modules_root)]
 
     @staticmethod
+    def probe_env_args() -> list[str]:
+        """A wrapped daemon's probe QEMU must see the same emulated sysfs: umockdev-wrapper's
+        preload and the testbed, passed on explicitly (the daemon passes nothing by itself)."""
+        return ["--probe-env", "UMOCKDEV_DIR", "--probe-env", "LD_PRELOAD"]
+
+    @staticmethod
     def daemon_wrapper(queue: int = DGRAM_QUEUE) -> Sequence[str]:
         """``unshare`` a network namespace with a long datagram queue, then ``umockdev-wrapper``."""
         script = f'echo {queue} > /proc/sys/net/unix/max_dgram_qlen && exec "$@"'

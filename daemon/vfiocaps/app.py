@@ -36,6 +36,12 @@ class ProberRunner:
 
     def __init__(self, prober: Prober) -> None:
         self._prober = prober
+        self._may_probe = asyncio.Event()
+
+    def allow_probes(self) -> None:
+        """Let probes start: called once the daemon owns its name, so that a second daemon,
+        which will not get the name, never lends a device node."""
+        self._may_probe.set()
 
     async def qemu_identity(self) -> QemuIdentity:
         """The QEMU binary's identity.
@@ -47,7 +53,9 @@ class ProberRunner:
         return QemuIdentity(str(identity.path), identity.version, identity.ctime_ns)
 
     async def probe(self, device: Device, parent: Parent | None) -> ProbeReport:
-        """Probe *device*; device-level failures are in the report, not raised."""
+        """Probe *device* (once probes are allowed); device-level failures are in the report,
+        not raised."""
+        await self._may_probe.wait()
         if device.driver is None and parent is not None and parent.driver is not None:
             device = replace(device, driver=parent.driver)
         return await self._prober.probe(ProbeTarget.from_device(device))
@@ -187,13 +195,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     Raises:
         BusError: the bus is unreachable, the name is taken, or the connection is lost.
     """
+    prober = Prober(config)
+    # Before anything is discovered or probed: nodes a killed process left lent go back.
+    prober.recover_grants()
+    runner = ProberRunner(prober)
     bus = await connect_bus(config.bus)
-    engine = Engine(
-        config,
-        Discovery(config),
-        ProberRunner(Prober(config)),
-        CapabilityStore(config.database_path),
-    )
+    engine = Engine(config, Discovery(config), runner, CapabilityStore(config.database_path))
     adaptor = BusAdaptor(bus, engine, config)
     labels = label_writer(config, engine)
     engine_task: asyncio.Task[None] | None = None
@@ -225,6 +232,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         bus.announcing = True
         await own_name(bus)
         named = True
+        runner.allow_probes()
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
         if config.emulated:
             log.warning("this host is emulated: the answers describe no real hardware")

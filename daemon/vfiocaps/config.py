@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 import os
 import platform
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ DEFAULT_PROBE_USER = "vfiocaps-probe"
 # Bytes of migration stream a probe keeps (in the runtime directory, i.e. memory) for the load.
 DEFAULT_MIGRATION_STREAM_LIMIT = 256 * 1024 * 1024
 MAX_MIGRATION_STREAM_LIMIT = 64 * 1024 * 1024 * 1024
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class BusKind(enum.Enum):
@@ -90,6 +92,25 @@ def default_runtime_dir(environ: Mapping[str, str]) -> Path:
     return Path("/run/vfiocaps")
 
 
+def probe_environment_from(
+    values: Iterable[str], environ: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE`` items as given, and ``NAME`` items with their value from *environ*.
+
+    Raises:
+        ConfigError: a name is malformed, or a bare name is not set in *environ*.
+    """
+    pairs = []
+    for value in values:
+        name, equals, given = value.partition("=")
+        if not equals:
+            if name not in environ:
+                raise ConfigError(f"--probe-env {name}: {name} is not set in the environment")
+            given = environ[name]
+        pairs.append((name, given))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the daemon needs to know about its host, fixed for the life of the process."""
@@ -108,6 +129,11 @@ class Config:
     probe_retry_seconds: float = 30.0
     probe_types_without_instances: bool = False
     migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
+    # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
+    # and LD_PRELOAD); never taken from the daemon's environment unless configured.
+    probe_environment: tuple[tuple[str, str], ...] = ()
+    # The longest wait for polkit's answer to an interactive check (a person at an agent).
+    authorization_timeout: float = 120.0
     watchdog_usec: int = 0
     # node-feature-discovery's local source directory; None: no labels are published.
     nfd_features_dir: Path | None = None
@@ -138,6 +164,11 @@ class Config:
             raise ConfigError(
                 f"probe retry must be in (0, 86400] seconds, got {self.probe_retry_seconds}"
             )
+        if not 0 < self.authorization_timeout <= 3600:
+            raise ConfigError(
+                f"authorization timeout must be in (0, 3600] seconds, got "
+                f"{self.authorization_timeout}"
+            )
         if not 1 <= self.probe_concurrency <= 64:
             raise ConfigError(f"probe concurrency must be 1..64, got {self.probe_concurrency}")
         if not 1 <= self.migration_stream_limit <= MAX_MIGRATION_STREAM_LIMIT:
@@ -147,6 +178,9 @@ class Config:
             )
         if not self.probe_user or "\0" in self.probe_user or "/" in self.probe_user:
             raise ConfigError(f"invalid probe user {self.probe_user!r}")
+        for name, value in self.probe_environment:
+            if not _VARIABLE.fullmatch(name) or "\0" in value:
+                raise ConfigError(f"invalid probe environment variable {name!r}")
 
     @property
     def database_path(self) -> Path:

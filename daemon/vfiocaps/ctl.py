@@ -15,11 +15,27 @@ from typing import Any
 from .bus.connection import close_bus, connect_bus
 from .capabilities import ProbeOutcome, ProbeReport
 from .client import ClientError, Column, VfiocapsClient, as_json, key_values, table
-from .config import DEFAULT_PROBE_USER, BusChoice, BusKind, Config, default_qemu_binary
+from .config import (
+    DEFAULT_PROBE_USER,
+    BusChoice,
+    BusKind,
+    Config,
+    default_qemu_binary,
+    probe_environment_from,
+)
+from .directories import ensure_private_directory
 from .domainxml import DomainParts, Viewer
-from .errors import BusError, ConfigError, InvalidArgumentError, NotFoundError
+from .errors import (
+    BusError,
+    ConfigError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsafeDirectoryError,
+    VfiocapsError,
+)
 from .explain import explain
 from .fingerprint import MAX_DOCUMENT_BYTES
+from .hardening import forbid_new_privileges
 from .prober import Prober, ProbeTarget
 from .prober.target import PCI_ADDRESS_RE, UUID_RE
 
@@ -84,6 +100,13 @@ def _add_probe_parser(commands: Any) -> None:
     probe.add_argument("--qemu", type=_absolute, metavar="PATH", help="QEMU system emulator")
     probe.add_argument("--probe-user", default=DEFAULT_PROBE_USER, metavar="USER")
     probe.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    probe.add_argument(
+        "--probe-env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="give QEMU this variable (NAME alone: from this environment); repeatable",
+    )
 
 
 def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
@@ -193,9 +216,13 @@ async def _probe(args: argparse.Namespace) -> int:
         qemu_binary=args.qemu or default_qemu_binary(),
         probe_user=args.probe_user,
         probe_timeout=args.timeout,
+        probe_environment=probe_environment_from(args.probe_env, os.environ),
     )
-    target = ProbeTarget.from_sysfs(device, args.sysfs_root)
-    report = await Prober(config).probe(target)
+    ensure_private_directory(config.runtime_dir, "runtime")
+    forbid_new_privileges()
+    prober = Prober(config)
+    prober.recover_grants()
+    report = await prober.probe(ProbeTarget.from_sysfs(device, args.sysfs_root))
     values = report_as_dict(device, report)
     if getattr(args, "json", False):
         print(json.dumps(values, indent=2))
@@ -458,9 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotFoundError as err:
         print(f"vfiocapsctl: {err}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except UnsafeDirectoryError as err:
+        print(f"vfiocapsctl: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except (ConfigError, InvalidArgumentError) as err:
         print(f"vfiocapsctl: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except VfiocapsError as err:  # the probe's set-up: grant journal, no_new_privs
+        print(f"vfiocapsctl: {err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

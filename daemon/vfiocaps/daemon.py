@@ -20,8 +20,10 @@ from .config import (
     default_cache_dir,
     default_qemu_binary,
     default_runtime_dir,
+    probe_environment_from,
 )
-from .errors import ConfigError, VfiocapsError
+from .directories import ensure_private_directory
+from .errors import ConfigError, UnsafeDirectoryError, VfiocapsError
 from .hardening import forbid_new_privileges
 from .journal import setup_logging
 from .memory import return_large_buffers
@@ -99,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="mark every answer as coming from an emulated host (for a demonstration)",
     )
+    parser.add_argument(
+        "--authorization-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for polkit's answer to an interactive check (default 120; others "
+        "wait at most 25)",
+    )
+    parser.add_argument(
+        "--probe-env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="give the probe QEMU this variable (NAME alone: its value in vfiocapsd's "
+        "environment); it gets only PATH and LC_ALL otherwise. Repeatable",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")
     return parser
@@ -123,6 +140,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "qemu_binary": args.qemu or default_qemu_binary(),
         "probe_types_without_instances": args.probe_types_without_instances,
         "emulated": args.emulated,
+        "probe_environment": probe_environment_from(args.probe_env, environ),
     }
     optional = {
         "sysfs_root": args.sysfs_root,
@@ -134,6 +152,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_retry_seconds": args.probe_retry_seconds,
         "migration_stream_limit": args.migration_stream_limit,
         "nfd_features_dir": args.nfd_labels,
+        "authorization_timeout": args.authorization_timeout,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     watchdog = environ.get("WATCHDOG_USEC", "")
@@ -166,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vfiocapsd: {err}", file=sys.stderr)
         return EXIT_USAGE
     return_large_buffers()
+    try:
+        ensure_private_directory(config.cache_dir, "cache")
+        ensure_private_directory(config.runtime_dir, "runtime")
+    except UnsafeDirectoryError as err:
+        print(f"vfiocapsd: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     try:
         forbid_new_privileges()
         asyncio.run(_main_async(config))

@@ -210,6 +210,7 @@ class Engine:
         self._running_probes = 0
         self._qemu: QemuIdentity | None = None
         self._qemu_stat: tuple[int, int] | None = None
+        self._qemu_error = ""  # why QEMU could not be identified (e.g. no probe user)
         self._probes_launched = 0
         self._dirty: dict[CapabilityKey, CapabilityRecord | None] = {}
         self._history: list[ProbeHistoryEntry] = []
@@ -611,6 +612,7 @@ class Engine:
                 identity = await self._runner.qemu_identity()
             except ProbeError as err:
                 log.warning("cannot identify QEMU %s: %s", path, err)
+                self._qemu_error = str(err)
                 return
             version = identity.version
             if self._store.is_open:
@@ -621,6 +623,9 @@ class Engine:
         old = self._qemu
         self._qemu = QemuIdentity(str(path), version, st.st_ctime_ns)
         self._qemu_stat = stat_key
+        self._qemu_error = ""
+        if old is None:
+            self._rekey_all()  # devices that waited for QEMU (or for the probe user) get keys
         if old is not None and old != self._qemu:
             log.info("QEMU changed: %s -> %s", old.version, version)
             stale = [key for key in self._records if key.qemu_ctime_ns != st.st_ctime_ns]
@@ -631,7 +636,8 @@ class Engine:
 
     async def _qemu_watcher(self) -> None:
         while True:
-            await asyncio.sleep(QEMU_CHECK_SECONDS)
+            retry = min(QEMU_CHECK_SECONDS, self.config.probe_retry_seconds)
+            await asyncio.sleep(QEMU_CHECK_SECONDS if self._qemu else retry)
             await self._check_qemu()
 
     def _purge_stale_records(self) -> None:
@@ -742,7 +748,7 @@ class Engine:
             entry.last_error = (
                 "no driver identity for this device"
                 if self._driver_of(entry.device) is None
-                else f"QEMU binary {self.config.qemu_binary} is not usable"
+                else self._qemu_error or f"QEMU binary {self.config.qemu_binary} is not usable"
             )
             return
         record = self._records.get(key)

@@ -5,6 +5,8 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
 
     VfiocapsError
      +-- ConfigError            bad command line, environment or configuration value
+     |    +-- UnsafeDirectoryError  a state directory others could change or plant files in
+     +-- BusyError              too many requests are waiting; the caller may retry later
      +-- BusError               the message bus refused us or went away
      |    +-- NameTakenError    another process already owns the well-known name
      +-- InvalidArgumentError   a caller's value is malformed (id, path, driver name)
@@ -30,6 +32,14 @@ class VfiocapsError(Exception):
 
 class ConfigError(VfiocapsError):
     """A command-line option, environment variable or configuration value is invalid."""
+
+
+class UnsafeDirectoryError(ConfigError):
+    """A cache or runtime directory is a link, foreign, or writable by other users."""
+
+
+class BusyError(VfiocapsError):
+    """Too many requests are waiting already (from this caller or in total); try again later."""
 
 
 class BusError(VfiocapsError):

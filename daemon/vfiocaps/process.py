@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import VfiocapsError
 
@@ -42,6 +43,34 @@ class ProcessSpec:
     pass_fds: tuple[int, ...] = ()
     credentials: Credentials | None = None
     cwd: Path = Path("/")
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel *task* and wait until it has ended.
+
+    The task's own cancellation is expected and ends here; a cancellation of the *calling*
+    task that arrives meanwhile is re-raised, never swallowed. Raises whatever else the task
+    raised.
+    """
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL every process left in the group *pgid*. Raises nothing.
+
+    Called also after the leader ended by itself: whatever it started (and left in its group)
+    goes with it. The leader's pid is not handed to a new process while any member of its group
+    lives; once none does, the group is empty, and the kernel hands pids out in increasing order,
+    so right after the leader's reap the id still names no other group.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def minimal_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -81,6 +110,19 @@ class ProcessResult:
             return None
 
 
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The protocol of :class:`asyncio.subprocess.Process`, which also tells when the child
+    ends: ``Process.wait()`` returns only once every pipe is closed as well."""
+
+    def __init__(self, exited: asyncio.Event) -> None:
+        super().__init__(limit=2**16, loop=asyncio.get_running_loop())
+        self._exited_event = exited
+
+    def process_exited(self) -> None:
+        self._exited_event.set()
+        super().process_exited()
+
+
 class ManagedProcess:
     """One child in its own process group, with stderr collected and a guaranteed reap.
 
@@ -98,6 +140,8 @@ class ManagedProcess:
         self._stderr_task: asyncio.Task[None] | None = None
         self._started = 0.0
         self._ended: float | None = None
+        self._exited = asyncio.Event()  # the child has ended (its pipes may still be open)
+        self._transport: asyncio.SubprocessTransport | None = None
 
     def _started_process(self) -> asyncio.subprocess.Process:
         if self._process is None:
@@ -126,8 +170,10 @@ class ManagedProcess:
             raise ProcessStartError("a managed process is started once")
         creds = self.spec.credentials
         self._started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            self._process = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ExitProtocol(self._exited),
                 *self.spec.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -144,6 +190,8 @@ class ManagedProcess:
             )
         except (OSError, ValueError, subprocess.SubprocessError) as err:
             raise ProcessStartError(f"cannot start {self.spec.argv[0]}: {err}") from err
+        self._transport = transport
+        self._process = asyncio.subprocess.Process(transport, protocol, loop)
         self.state = ProcessState.RUNNING
         self._stderr_task = asyncio.create_task(self._collect_stderr())
 
@@ -174,12 +222,36 @@ class ManagedProcess:
         return text + self._stderr_tail.decode("utf-8", errors="replace")
 
     async def wait(self) -> ProcessResult:
-        """Wait until the child ends on its own; raises nothing (cancellation propagates)."""
-        await self._started_process().wait()
+        """Wait until the child ends on its own; raises nothing (cancellation propagates).
+
+        What it left in its process group is killed then, so that nothing it started outlives
+        it or keeps its stderr open.
+        """
+        self._started_process()
+        await self._exited.wait()
+        kill_process_group(self.pid)
+        await self._reaped()
         return await self._finish()
+
+    async def _reaped(self) -> None:
+        """Wait until the child is reaped and its pipes are closed.
+
+        A process that left the group (a new session) and holds the pipes open does not hold
+        us: after a grace period the pipes are closed on our side.
+        """
+        process = self._started_process()
+        try:
+            async with asyncio.timeout(STOP_GRACE_SECONDS):
+                await asyncio.shield(process.wait())
+        except TimeoutError:
+            if process.returncode is None or self._transport is None:
+                raise
+            self._transport.close()
+            await asyncio.shield(process.wait())
 
     async def _finish(self) -> ProcessResult:
         process = self._started_process()
+        kill_process_group(process.pid)  # what the child left running in its group
         returncode = process.returncode if process.returncode is not None else -1
         if self.state is ProcessState.RUNNING:
             self.state = ProcessState.EXITED
@@ -187,8 +259,11 @@ class ManagedProcess:
             self._ended = time.monotonic()
         if self._stderr_task is not None:
             # The pipe reaches EOF once every holder (the whole group) has gone.
+            # (asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+            # that arrives together with the awaited result.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._stderr_task), STOP_GRACE_SECONDS)
+                async with asyncio.timeout(STOP_GRACE_SECONDS):
+                    await asyncio.shield(self._stderr_task)
         return ProcessResult(
             returncode=returncode,
             stderr=self.stderr_text(),
@@ -197,12 +272,13 @@ class ManagedProcess:
         )
 
     def kill_group(self) -> None:
-        """Send SIGKILL to the child's whole process group (works on stopped processes too)."""
-        if self._process is None or self._process.returncode is not None:
+        """Send SIGKILL to the child's whole process group (works on stopped processes too),
+        also when the child itself has ended already."""
+        if self._process is None:
             return
-        self.state = ProcessState.KILLED
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signal.SIGKILL)
+        if not self._exited.is_set():
+            self.state = ProcessState.KILLED
+        kill_process_group(self._process.pid)
 
     async def stop(self) -> ProcessResult:
         """Kill the process group unless it already ended, and wait until the child is reaped.
@@ -210,21 +286,19 @@ class ManagedProcess:
         Safe to call several times and from ``finally`` blocks; a cancellation that arrives while
         waiting for the reap is deferred until the reap completed, then re-raised.
         """
-        process = self._started_process()
+        self._started_process()
         self.kill_group()
         cancelled = False
         while True:
             try:
-                await asyncio.shield(process.wait())
+                await asyncio.shield(self._reaped())
                 break
             except asyncio.CancelledError:
                 cancelled = True
                 self.kill_group()
         result = await self._finish()
         if self._stderr_task is not None and not self._stderr_task.done():
-            self._stderr_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stderr_task
+            await cancel_and_wait(self._stderr_task)
         if cancelled:
             raise asyncio.CancelledError
         return result
@@ -259,8 +333,11 @@ async def run_command(
     Raises :class:`ProcessStartError` when it cannot be started and ``TimeoutError`` when it
     does not finish within *time_limit* seconds (its process group is then killed and reaped).
     """
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
     try:
-        process = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ExitProtocol(exited),
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -275,15 +352,18 @@ async def run_command(
         )
     except (OSError, ValueError, subprocess.SubprocessError) as err:
         raise ProcessStartError(f"cannot start {argv[0]}: {err}") from err
+    process = asyncio.subprocess.Process(transport, protocol, loop)
+    output = asyncio.ensure_future(process.communicate())
     try:
         async with asyncio.timeout(time_limit):
-            stdout, stderr = await process.communicate()
-    except BaseException:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.shield(process.wait())
-        raise
+            await exited.wait()
+            kill_process_group(process.pid)  # what it left behind, holding the pipes open
+            stdout, stderr = await output
+    finally:
+        kill_process_group(process.pid)
+        output.cancel()  # a no-op once it is done
+        transport.close()  # our ends of the pipes, whoever else holds them
+        await asyncio.shield(process.wait())
     return CommandOutput(
         returncode=process.returncode if process.returncode is not None else -1,
         stdout=stdout.decode("utf-8", errors="replace"),

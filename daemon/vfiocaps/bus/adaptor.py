@@ -44,7 +44,7 @@ class BusAdaptor:
         self._bus = bus
         self._engine = engine
         self._config = config
-        self._authority = Authority(bus)
+        self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices: dict[str, DeviceInterface] = {}
         self._started = False

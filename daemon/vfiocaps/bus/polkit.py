@@ -1,27 +1,87 @@
-"""Asking polkit whether a bus caller may perform an action (root may, without asking)."""
+"""Asking polkit whether a bus caller may perform an action (root may, without asking).
+
+Every check is bounded: it waits at most :data:`CHECK_SECONDS`, or
+``Config.authorization_timeout`` when the caller allowed an interactive authentication, and is
+withdrawn from polkit (``CancelCheckAuthorization`` with its own cancellation id) when that time
+passes or when the caller leaves the bus, so that a caller whose agent never answers holds
+nothing for long. At most ``per_sender`` checks of one connection, ``per_user`` of one user (over
+all of its connections) and ``total`` in all wait at once; beyond, the call is answered ``Busy``
+at once, and other users are still checked.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import os
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..errors import NotAuthorizedError
+from ..errors import BusyError, NotAuthorizedError
 
 log = logging.getLogger(__name__)
 
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
+BUS_DAEMON = "org.freedesktop.DBus"
 ALLOW_USER_INTERACTION = 0x1
+CHECK_SECONDS = 25.0  # a check polkit answers by itself
+INTERACTIVE_CHECK_SECONDS = 120.0  # a person typing a password into their agent
+CANCEL_SECONDS = 5.0
+MAX_CHECKS_PER_SENDER = 4
+MAX_CHECKS_PER_USER = 8  # over all of a user's connections
+MAX_CHECKS = 64
+
+
+def _bus_daemon_call(
+    member: str, signature: str, *body: object, flags: MessageFlag = MessageFlag.NONE
+) -> Message:
+    return Message(
+        destination=BUS_DAEMON,
+        path="/org/freedesktop/DBus",
+        interface=BUS_DAEMON,
+        member=member,
+        signature=signature,
+        body=list(body),
+        flags=flags,
+    )
+
+
+def _departure_rule(sender: str) -> str:
+    return (
+        f"type='signal',sender='{BUS_DAEMON}',interface='{BUS_DAEMON}',"
+        f"member='NameOwnerChanged',arg0='{sender}'"
+    )
 
 
 class Authority:
     """Checks actions for callers identified by their unique bus names."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(
+        self,
+        bus: MessageBus,
+        *,
+        timeout: float = INTERACTIVE_CHECK_SECONDS,
+        per_sender: int = MAX_CHECKS_PER_SENDER,
+        per_user: int = MAX_CHECKS_PER_USER,
+        total: int = MAX_CHECKS,
+    ) -> None:
+        """*timeout*: the longest wait for one answer (an interactive check's; a check
+        polkit answers by itself waits at most :data:`CHECK_SECONDS` of it)."""
         self._bus = bus
+        self._timeout = min(CHECK_SECONDS, timeout)
+        self._interactive_timeout = timeout
+        self._per_sender = per_sender
+        self._per_user = per_user
+        self._total = total
+        self._waiting: dict[str, int] = {}  # sender -> checks under way
+        self._by_user: dict[int, int] = {}  # uid -> checks waiting for polkit
+        self._departed: dict[str, asyncio.Event] = {}
+        self._ids = itertools.count(1)
+        self._cancels: set[asyncio.Task[None]] = set()
 
     async def _call(self, message: Message) -> Message:
         reply = await self._bus.call(message)
@@ -40,39 +100,151 @@ class Authority:
         Raises:
             NotAuthorizedError: the bus cannot tell.
         """
-        reply = await self._call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[sender],
-            )
-        )
+        reply = await self._call(_bus_daemon_call("GetConnectionUnixUser", "s", sender))
         return int(reply.body[0])
+
+    @property
+    def waiting(self) -> int:
+        """Checks waiting for polkit now."""
+        return sum(self._waiting.values())
 
     async def check(self, sender: str, action: str, interactive: bool) -> None:
         """Return if *sender* may perform *action*; root always may.
 
         Raises:
-            NotAuthorizedError: polkit said no, needs a challenge the caller cannot answer, or
-                could not be asked.
+            NotAuthorizedError: polkit said no, needs a challenge the caller cannot answer,
+                did not answer in time, or could not be asked; or the caller left.
+            BusyError: too many checks of this connection, of this user, or in all, are waiting
+                already.
         """
-        if await self.caller_uid(sender) == 0:
-            return
+        if self._waiting.get(sender, 0) >= self._per_sender:
+            raise BusyError(
+                f"{self._per_sender} authorization checks of this caller are waiting already; "
+                f"answer them (or cancel them) and try again"
+            )
+        if self.waiting >= self._total:
+            raise BusyError("too many authorization checks are waiting; try again later")
+        await self._watch(sender)
+        try:
+            uid = await self.caller_uid(sender)
+            if uid == 0:
+                return
+            if self._by_user.get(uid, 0) >= self._per_user:
+                raise BusyError(
+                    f"{self._per_user} authorization checks of uid {uid} are waiting already; "
+                    f"answer them (or cancel them) and try again"
+                )
+            self._by_user[uid] = self._by_user.get(uid, 0) + 1
+            try:
+                await self._ask_polkit(sender, action, interactive)
+            finally:
+                self._by_user[uid] -= 1
+                if not self._by_user[uid]:
+                    del self._by_user[uid]
+        finally:
+            self._unwatch(sender)
+
+    async def _ask_polkit(self, sender: str, action: str, interactive: bool) -> None:
+        cancellation_id = f"vfiocaps-{os.getpid()}-{next(self._ids)}"
         subject = ("system-bus-name", {"name": Variant("s", sender)})
+        flags = ALLOW_USER_INTERACTION if interactive else 0
         message = Message(
             destination=POLKIT_NAME,
             path=POLKIT_PATH,
             interface=POLKIT_INTERFACE,
             member="CheckAuthorization",
             signature="(sa{sv})sa{ss}us",
-            body=[subject, action, {}, ALLOW_USER_INTERACTION if interactive else 0, ""],
+            body=[subject, action, {}, flags, cancellation_id],
         )
-        reply = await self._call(message)
-        (is_authorized, is_challenge, _details) = reply.body[0]
+        asking = asyncio.ensure_future(self._call(message))
+        departed = asyncio.ensure_future(self._departed[sender].wait())
+        limit = self._interactive_timeout if interactive else self._timeout
+        try:
+            done, _ = await asyncio.wait(
+                {asking, departed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            departed.cancel()
+            if not asking.done():
+                asking.cancel()
+                self._cancel_later(cancellation_id)
+        if asking not in done:
+            why = "the caller left" if departed in done else f"no answer within {limit:g} s"
+            log.info("authorization check of %s for %s withdrawn: %s", action, sender, why)
+            raise NotAuthorizedError(f"not authorized to {action}: {why}")
+        (is_authorized, is_challenge, _details) = asking.result().body[0]
         if is_authorized:
             return
         log.info("polkit denied %s to %s%s", action, sender, " (challenge)" if is_challenge else "")
         raise NotAuthorizedError(f"not authorized to {action}")
+
+    def _cancel_later(self, cancellation_id: str) -> None:
+        """Withdraw a check from polkit, without making anyone wait for that."""
+        task = asyncio.create_task(self._cancel(cancellation_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, cancellation_id: str) -> None:
+        message = Message(
+            destination=POLKIT_NAME,
+            path=POLKIT_PATH,
+            interface=POLKIT_INTERFACE,
+            member="CancelCheckAuthorization",
+            signature="s",
+            body=[cancellation_id],
+        )
+        try:
+            async with asyncio.timeout(CANCEL_SECONDS):
+                reply = await self._bus.call(message)
+        except TimeoutError:
+            log.warning("polkit did not answer the cancellation of check %s", cancellation_id)
+            return
+        except Exception as err:  # noqa: BLE001 - a failed withdrawal is only worth a line
+            log.warning("cannot cancel authorization check %s: %s", cancellation_id, err)
+            return
+        if reply is not None and reply.message_type is MessageType.ERROR:
+            log.debug("polkit on cancelling %s: %s", cancellation_id, reply.error_name)
+
+    # ---- callers leaving --------------------------------------------------------------------
+
+    async def _watch(self, sender: str) -> None:
+        """Count a check of *sender* and follow its departure from the bus."""
+        count = self._waiting.get(sender, 0)
+        self._waiting[sender] = count + 1
+        if count:
+            return
+        if not self._departed:
+            self._bus.add_message_handler(self._on_message)
+        self._departed[sender] = asyncio.Event()
+        try:
+            await self._call(_bus_daemon_call("AddMatch", "s", _departure_rule(sender)))
+        except BaseException:
+            self._unwatch(sender)
+            raise
+
+    def _unwatch(self, sender: str) -> None:
+        count = self._waiting.get(sender, 0) - 1
+        if count > 0:
+            self._waiting[sender] = count
+            return
+        self._waiting.pop(sender, None)
+        self._departed.pop(sender, None)
+        if not self._departed:
+            self._bus.remove_message_handler(self._on_message)
+        if self._bus.connected:
+            rule = _departure_rule(sender)
+            flags = MessageFlag.NO_REPLY_EXPECTED
+            self._bus.send(_bus_daemon_call("RemoveMatch", "s", rule, flags=flags))
+
+    def _on_message(self, message: Message) -> None:
+        """A bus message handler: a watched caller left. Returns None so dispatch continues."""
+        if (
+            message.message_type is MessageType.SIGNAL
+            and message.sender == BUS_DAEMON
+            and message.member == "NameOwnerChanged"
+            and message.signature == "sss"
+            and message.body[2] == ""
+        ):
+            departed = self._departed.get(message.body[0])
+            if departed is not None:
+                departed.set()

@@ -29,8 +29,9 @@ def parse_device_id(value: str, sysfs_root: Path) -> DeviceRef:
     """Validate a caller's device id: an mdev UUID, a PCI address, or a sysfs path.
 
     UUIDs are normalised to lower case and PCI addresses to ``dddd:bb:ss.f``. A path must be
-    absolute, lie under *sysfs_root*, and resolve (following links) into the root's device
-    tree (``<root>/devices``), where every mdev and PCI device lives.
+    absolute, name by its text a place in the device tree of *sysfs_root* (``<root>/devices``,
+    or a device link under ``<root>/bus/*/devices`` or ``<root>/class/*``), and resolve
+    (following links) into ``<root>/devices``, where every mdev and PCI device lives.
 
     Raises:
         InvalidArgumentError: the value is none of these, too long, or escapes sysfs.
@@ -53,20 +54,37 @@ def parse_device_id(value: str, sysfs_root: Path) -> DeviceRef:
     raise InvalidArgumentError(f"not a UUID, PCI address or absolute sysfs path: {value[:80]!r}")
 
 
+def _inside_device_tree(normal: str, root: str) -> bool:
+    """Lexically: *normal* is below ``<root>/devices``, or a device link of the kernel's
+    ``<root>/bus/<bus>/devices/<name>`` or ``<root>/class/<class>/<name>`` directories."""
+    if os.path.commonpath([normal, root]) != root or normal == root:
+        return False
+    parts = os.path.relpath(normal, root).split(os.sep)
+    if parts[0] == "devices":
+        return len(parts) > 1
+    if parts[0] == "bus":
+        return len(parts) == 4 and parts[2] == "devices"
+    return parts[0] == "class" and len(parts) == 3
+
+
 def _resolve_sysfs_path(value: str, sysfs_root: Path) -> str:
+    """The real path of a device named by a sysfs path, checked by its text before any file is
+    looked at, so that every refusal is one message whether or not the path exists."""
     root = os.path.realpath(sysfs_root)
+    refused = InvalidArgumentError(
+        f"not a device path in the sysfs device tree ({root}/devices, or a link to a device in "
+        f"{root}/bus/*/devices or {root}/class/*): {value[:200]!r}"
+    )
     normal = os.path.normpath(value)
-    if os.path.commonpath([normal, root]) != root:
-        raise InvalidArgumentError(f"path is outside the sysfs root {root}: {value[:200]!r}")
+    if not _inside_device_tree(normal, root):
+        raise refused
     try:
         resolved = os.path.realpath(normal, strict=True)
-    except OSError as err:
-        raise InvalidArgumentError(f"no such sysfs path: {value[:200]!r}") from err
+    except OSError:
+        raise refused from None
     devices = os.path.join(root, "devices")
     if os.path.commonpath([resolved, devices]) != devices or resolved == devices:
-        raise InvalidArgumentError(
-            f"path does not resolve into the sysfs device tree: {value[:200]!r}"
-        )
+        raise refused
     return resolved
 
 

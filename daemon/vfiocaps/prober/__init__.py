@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .grants import GrantError
 from .identity import QemuIdentity, QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
 from .plan import Accel, DeviceSettings, OnOffAuto, ProbePlan, build_qemu_argv
@@ -12,6 +13,7 @@ from .target import ProbeTarget
 __all__ = [
     "Accel",
     "DeviceSettings",
+    "GrantError",
     "LaunchEvent",
     "LaunchObserver",
     "LaunchStage",

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +18,13 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 
 from ..capabilities import LaunchRecord
 from ..config import DEFAULT_MIGRATION_STREAM_LIMIT
-from ..process import ManagedProcess, ProcessSpec, ProcessState, minimal_environment
+from ..process import (
+    ManagedProcess,
+    ProcessSpec,
+    ProcessState,
+    cancel_and_wait,
+    minimal_environment,
+)
 from .gldisplay import Screendump, take_screendump
 from .migration import IncomingResult, MigrationResult
 from .plan import DEVICE_ID, DEVICE_QOM_PATH, DeviceSettings, ProbePlan, build_qemu_argv
@@ -209,8 +214,9 @@ class _Session:
                 # QEMU may close the connection before its reply to "quit" arrives.
                 self.quit_acknowledged = True
         if not self.quit_acknowledged:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(process.wait()), QUIT_GRACE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(QUIT_GRACE_SECONDS):
+                    await asyncio.shield(process.wait())
 
     async def _inspect(self) -> None:
         settings = self.attempt.settings
@@ -358,10 +364,8 @@ class _Session:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.client.disconnect()
         for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await task
+            with contextlib.suppress(OSError):  # a drain that failed to write its file
+                await cancel_and_wait(task)
         for sock in self.sockets:
             sock.close()
 
@@ -445,16 +449,7 @@ def migration_result(query_migrate_reply: Any, duration: float) -> MigrationResu
     )
 
 
-def probe_environment() -> dict[str, str]:
-    """The environment of a probe QEMU: PATH and a C locale.
-
-    When vfiocapsd itself runs under ``umockdev-wrapper`` (``UMOCKDEV_DIR`` set), the preload
-    and the testbed location are passed on as well, so that a QEMU stand-in sees the same
-    emulated sysfs as the daemon.
-    """
-    extra: dict[str, str] = {}
-    if "UMOCKDEV_DIR" in os.environ:
-        for name in ("UMOCKDEV_DIR", "LD_PRELOAD"):
-            if name in os.environ:
-                extra[name] = os.environ[name]
-    return minimal_environment(extra)
+def probe_environment(extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """The environment of a probe QEMU: PATH, a C locale, and exactly the configured *extra*
+    variables (``Config.probe_environment``); nothing of vfiocapsd's own environment."""
+    return minimal_environment(dict(extra))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
 from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
 from ..process import ProcessStartError
+from .grants import NodeGrants
 from .identity import QemuIdentity, QemuMissingError, binary_stat, read_identity
 from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
@@ -20,11 +22,13 @@ from .migration import KernelMigrationFacts
 from .plan import Accel, machine_for_architecture
 from .render import render_access
 from .sandbox import (
-    NodeGrants,
+    ProbeIdentity,
+    ProbeSandboxError,
     check_group_not_busy,
     group_node,
     kvm_access,
     private_directory,
+    remove_stale_probe_directories,
     resolve_probe_identity,
 )
 from .strategy import Attempt, ProbeStrategy, Step, Verdict
@@ -67,8 +71,7 @@ class Prober:
         self.config = config
         self.observer = observer
         self.architecture = architecture
-        self.grants = NodeGrants(journal=config.runtime_dir / "grants")
-        self._recovered = False
+        self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
         self._identities: dict[tuple[Path, int, int, int], QemuIdentity] = {}
 
     async def qemu_identity(self) -> QemuIdentity:
@@ -83,11 +86,32 @@ class Prober:
         cached = self._identities.get(key)
         if cached is not None:
             return cached
-        identity = await read_identity(
-            resolved, resolve_probe_identity(self.config.probe_user).credentials
-        )
+        identity = await read_identity(resolved, self._identity().credentials)
         self._identities = {key: identity}
         return identity
+
+    def _identity(self) -> ProbeIdentity:
+        """Who QEMU runs as, looked up anew each time: a probe user created while the daemon
+        runs is used from the next probe on. Raises :class:`ProbeSandboxError`."""
+        return resolve_probe_identity(self.config.probe_user, self.config.dev_root)
+
+    def recover_grants(self) -> list[Path]:
+        """Remove what killed probes left in the runtime directory, give back device nodes
+        that dead processes left lent to the probe user, and reset nodes the probe user owns
+        without a grant; return those nodes. Call before the first probe.
+
+        Raises :class:`~vfiocaps.prober.grants.GrantError` when the journal is unsafe to use.
+        """
+        for path in remove_stale_probe_directories(self.config.runtime_dir):
+            log.warning("removed %s, left by a killed probe", path)
+        if os.geteuid() != 0:
+            return []
+        try:
+            probe_uid: int | None = self._identity().uid
+        except ProbeSandboxError as err:
+            log.warning("%s", err)
+            probe_uid = None
+        return self.grants.recover(probe_uid)
 
     async def probe(self, target: ProbeTarget) -> ProbeReport:
         """Probe *target* and report; never raises for device- or host-level failures.
@@ -136,11 +160,7 @@ class Prober:
         return report
 
     async def _probe(self, target: ProbeTarget | None, run: _ProbeRun) -> Verdict:
-        if not self._recovered:
-            self._recovered = True
-            for restored in self.grants.recover():
-                run.notes.append(f"restored {restored}, left granted by an earlier vfiocapsd")
-        identity = resolve_probe_identity(self.config.probe_user)
+        identity = self._identity()
         run.notes.append(identity.description)
         qemu = await self.qemu_identity()
         machine = machine_for_architecture(self.architecture)
@@ -179,7 +199,7 @@ class Prober:
                 identity=identity,
                 workdir=workdir,
                 timeout=self.config.probe_timeout,
-                environment=probe_environment(),
+                environment=probe_environment(self.config.probe_environment),
                 observer=self.observer,
                 stream_limit=self.config.migration_stream_limit,
             )

@@ -4,11 +4,16 @@ QEMU never runs as root. When vfiocapsd is root it runs QEMU as ``Config.probe_u
 calls setgroups/setgid/setuid before ``exec`` (QEMU's own ``-run-with user=`` cannot be combined
 with ``-sandbox ...,elevateprivileges=deny``: QEMU is then killed by SIGSYS). That user needs
 
-* read-write access to the IOMMU group node ``/dev/vfio/N`` (root, 0600): granted for the
-  probe's duration by making the user its owner, and restored to the exact owner and mode after;
+* read-write access to the IOMMU group node ``/dev/vfio/N`` (root, 0600): lent for the probe's
+  duration by making the user its owner, and given back after (:mod:`.grants`);
 * ``/dev/vfio/vfio`` (0666 by default) and read access to sysfs: nothing to grant;
-* ``/dev/kvm`` for ``accel=kvm``: through its group when the node is group read-write (Debian:
-  ``root:kvm 0660``), else granted like a group node.
+* ``/dev/kvm`` for ``accel=kvm``: through its group, given to the QEMU process only, when the
+  node is group read-write (Debian: ``root:kvm 0660``), else lent like a group node.
+
+The probe user must hold nothing of value by itself: it is refused when it is root, or when its
+primary or any supplementary group is root's, a group that owns a device node under the device
+root (``kvm`` included: the probe gets that group per QEMU process, a standing membership would
+hand ``/dev/kvm`` to anything else running as the user), or one of :data:`PRIVILEGED_GROUPS`.
 
 When vfiocapsd is not root, QEMU runs as vfiocapsd's own user and nothing is granted.
 """
@@ -18,8 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
-import json
+import grp
 import logging
 import os
 import pwd
@@ -27,7 +31,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ProbeBusyError, ProbeError
@@ -37,10 +41,21 @@ log = logging.getLogger("vfiocaps.prober")
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
+SYSUSERS_LINE = 'u vfiocaps-probe - "vfiocaps device probes" - -'
+# Groups that give access to files of value (logs, disks, memory, shadow passwords, containers,
+# other machines) on common distributions, whether or not a node of theirs is in sight.
+PRIVILEGED_GROUPS = frozenset(
+    {
+        "root", "wheel", "sudo", "admin", "adm", "staff", "shadow", "disk", "kmem", "tty",
+        "systemd-journal", "docker", "lxd", "incus-admin", "libvirt", "libvirt-qemu", "kvm",
+    }
+)  # fmt: skip
+DEV_SCAN_DEPTH = 3
+DEV_SCAN_LIMIT = 20000
 
 
 class ProbeSandboxError(ProbeError):
-    """The sandbox cannot be set up: no probe user, a root probe user, or no device node."""
+    """The sandbox cannot be set up: no probe user, a privileged probe user, or no device node."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +79,42 @@ class ProbeIdentity:
         return ProbeIdentity(Credentials(creds.uid, creds.gid, merged), self.description)
 
 
-def resolve_probe_identity(probe_user: str) -> ProbeIdentity:
+def device_groups(dev_root: Path) -> set[int]:
+    """The groups owning a device node under *dev_root* (links not followed). Raises nothing."""
+    found: set[int] = set()
+    seen = 0
+    pending = [(dev_root, 0)]
+    while pending and seen < DEV_SCAN_LIMIT:
+        directory, depth = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                found.add(st.st_gid)
+            elif stat.S_ISDIR(st.st_mode) and depth < DEV_SCAN_DEPTH:
+                pending.append((Path(entry.path), depth + 1))
+    return found
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def resolve_probe_identity(probe_user: str, dev_root: Path = Path("/dev")) -> ProbeIdentity:
     """The identity QEMU runs with: *probe_user* when we are root, else our own user.
 
-    Raises :class:`ProbeSandboxError` when we are root and *probe_user* does not exist or is
-    root itself.
+    Raises :class:`ProbeSandboxError` when we are root and *probe_user* does not exist, is
+    root, or is in a privileged group (see the module's docstring).
     """
     if os.geteuid() != 0:
         uid = os.geteuid()
@@ -78,144 +124,27 @@ def resolve_probe_identity(probe_user: str) -> ProbeIdentity:
     try:
         entry = pwd.getpwnam(probe_user)
     except KeyError:
-        raise ProbeSandboxError(f"probe user {probe_user!r} does not exist") from None
-    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise ProbeSandboxError(
+            f"probe user {probe_user!r} does not exist, and QEMU never runs as root: create it "
+            f"with systemd-sysusers (the package's sysusers.d line is: {SYSUSERS_LINE}), or name "
+            f"another unprivileged user with --probe-user; probes resume by themselves"
+        ) from None
+    if entry.pw_uid == 0:
         raise ProbeSandboxError(f"probe user {probe_user!r} is root; QEMU never runs as root")
+    groups = set(os.getgrouplist(probe_user, entry.pw_gid))
+    refused = {gid for gid in groups if gid == 0 or _group_name(gid) in PRIVILEGED_GROUPS}
+    refused |= groups & device_groups(dev_root)
+    if refused:
+        names = ", ".join(sorted(_group_name(gid) for gid in refused))
+        raise ProbeSandboxError(
+            f"probe user {probe_user!r} is in group(s) {names}, which own devices or files of "
+            f"value; QEMU runs only as a user without them: remove the user from them, or name "
+            f"another user with --probe-user"
+        )
     return ProbeIdentity(
         Credentials(entry.pw_uid, entry.pw_gid, (entry.pw_gid,)),
         f"QEMU runs as {probe_user} (uid {entry.pw_uid})",
     )
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """Owner and permission bits of a device node, to be restored exactly."""
-
-    uid: int
-    gid: int
-    mode: int
-
-
-@dataclass
-class _Grant:
-    original: NodeState
-    holders: int = 0
-
-
-@dataclass
-class NodeGrants:
-    """Temporary ownership of device nodes, shared by concurrent probes (reference counted).
-
-    The first grant of a node records its owner and mode and makes the probe user its owner;
-    the last release restores both exactly. Only used when vfiocapsd is root. With a *journal*
-    directory each active grant is also written there before the node changes, so that
-    :meth:`recover` can restore nodes a killed vfiocapsd left granted.
-    """
-
-    journal: Path | None = None
-    _grants: dict[Path, _Grant] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def granted(self, node: Path, uid: int) -> Iterator[None]:
-        """Give *uid* read-write access to *node* for the duration of the ``with`` block.
-
-        Raises :class:`ProbeSandboxError` when the node is missing or cannot be changed.
-        """
-        self._acquire(node, uid)
-        try:
-            yield
-        finally:
-            self._release(node)
-
-    def _record(self, node: Path) -> Path | None:
-        if self.journal is None:
-            return None
-        name = hashlib.sha256(os.fsencode(node)).hexdigest()[:32]
-        return self.journal / f"{name}.json"
-
-    def _acquire(self, node: Path, uid: int) -> None:
-        grant = self._grants.get(node)
-        if grant is None:
-            original: NodeState | None = None
-            try:
-                st = os.stat(node)
-                original = NodeState(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
-                self._write_record(node, original)
-                os.chown(node, uid, -1)
-                if original.mode & 0o600 != 0o600:
-                    os.chmod(node, original.mode | 0o600)
-            except OSError as err:
-                self._restore(node, original)
-                raise ProbeSandboxError(f"cannot grant {node} to uid {uid}: {err}") from err
-            grant = self._grants[node] = _Grant(original)
-        grant.holders += 1
-
-    def _write_record(self, node: Path, original: NodeState) -> None:
-        record = self._record(node)
-        if record is None:
-            return
-        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = record.with_suffix(".tmp")
-        temporary.write_text(
-            json.dumps(
-                {"node": str(node), "uid": original.uid, "gid": original.gid, "mode": original.mode}
-            )
-        )
-        os.replace(temporary, record)
-
-    def _release(self, node: Path) -> None:
-        grant = self._grants[node]
-        grant.holders -= 1
-        if grant.holders > 0:
-            return
-        del self._grants[node]
-        self._restore(node, grant.original)
-
-    def _restore(self, node: Path, original: NodeState | None) -> None:
-        try:
-            if original is not None:
-                os.chown(node, original.uid, original.gid)
-                os.chmod(node, original.mode)
-        except FileNotFoundError:
-            pass  # the device went away with its node
-        except OSError as err:
-            log.error("cannot restore owner and mode of %s: %s", node, err)
-            return
-        record = self._record(node)
-        if record is not None:
-            with contextlib.suppress(FileNotFoundError):
-                record.unlink()
-            with contextlib.suppress(OSError):
-                record.parent.rmdir()  # only when no other grant is recorded
-
-    def recover(self) -> list[Path]:
-        """Restore nodes recorded in the journal by an earlier process; return them.
-
-        Raises nothing: unreadable records are logged and removed.
-        """
-        if self.journal is None or not self.journal.is_dir():
-            return []
-        restored = []
-        for record in sorted(self.journal.glob("*.json")):
-            try:
-                values = json.loads(record.read_text())
-                node = Path(values["node"])
-                original = NodeState(int(values["uid"]), int(values["gid"]), int(values["mode"]))
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                log.error("discarding unreadable grant record %s: %s", record, err)
-                with contextlib.suppress(FileNotFoundError):
-                    record.unlink()
-                continue
-            if node in self._grants:
-                continue
-            log.warning("restoring %s, left granted by an earlier vfiocapsd", node)
-            self._restore(node, original)
-            restored.append(node)
-        return restored
-
-    def active(self) -> dict[Path, NodeState]:
-        """Nodes currently granted, with the state they will be restored to."""
-        return {node: grant.original for node, grant in self._grants.items()}
 
 
 def group_node(dev_root: Path, iommu_group: str) -> Path:
@@ -282,20 +211,55 @@ def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
     return KvmAccess(True, node, needs_grant=True)
 
 
+PROBE_DIRECTORY_PREFIX = "probe-"
+
+
 @contextlib.contextmanager
 def private_directory(runtime_dir: Path) -> Iterator[Path]:
     """A fresh 0700 directory under *runtime_dir* for one probe, removed with all its content.
 
-    Raises :class:`ProbeSandboxError` when it cannot be created.
+    The directory is ``flock``-ed while it is in use, and appears under its ``probe-`` name only
+    once locked, so that :func:`remove_stale_probe_directories` can tell the directories of
+    killed processes from live ones. Raises :class:`ProbeSandboxError` when it cannot be created.
     """
     try:
         runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_dir))
+        making = Path(tempfile.mkdtemp(prefix=".new-" + PROBE_DIRECTORY_PREFIX, dir=runtime_dir))
+        lock = os.open(making, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
+        raise ProbeSandboxError(f"cannot create a probe directory in {runtime_dir}: {err}") from err
+    path = runtime_dir / making.name.removeprefix(".new-")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(making, path)
+    except OSError as err:
+        os.close(lock)
+        shutil.rmtree(making, ignore_errors=True)
         raise ProbeSandboxError(f"cannot create a probe directory in {runtime_dir}: {err}") from err
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(lock)
         if path.exists():
             log.error("could not remove probe directory %s", path)
+
+
+def remove_stale_probe_directories(runtime_dir: Path) -> list[Path]:
+    """Remove the probe directories of processes that are gone (their lock is free); return
+    them. Raises nothing."""
+    removed = []
+    for path in sorted(runtime_dir.glob(PROBE_DIRECTORY_PREFIX + "*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live probe's
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
