@@ -212,6 +212,7 @@ class Engine:
         self._history: list[ProbeHistoryEntry] = []
         self._devices_dirty = False
         self._store_wakeup = asyncio.Event()
+        self._flushing: asyncio.Future[bool] | None = None
         self._cache_state = "ok"
         self._started = asyncio.Event()
         self._device_waiters: dict[str, asyncio.Future[None]] = {}
@@ -467,6 +468,8 @@ class Engine:
         for job in self._jobs.values():
             if not job.future.done():
                 job.future.cancel()
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
         await self._flush_store()
         await self._source.close()
         await self._store.close()
@@ -507,7 +510,10 @@ class Engine:
         while True:
             await self._store_wakeup.wait()
             self._store_wakeup.clear()
-            if not await self._flush_store():
+            # A write cancelled half-way would leave its transaction open: a stop lets the
+            # write in flight finish (see _shutdown) instead.
+            self._flushing = asyncio.ensure_future(self._flush_store())
+            if not await asyncio.shield(self._flushing):
                 await asyncio.sleep(STORE_RETRY_SECONDS)
                 self._store_wakeup.set()
 
