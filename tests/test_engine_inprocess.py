@@ -22,6 +22,7 @@ from support.engine_rig import (
     start_rig,
 )
 from vfiocaps.capabilities import ProbeOutcome
+from vfiocaps.engine import CacheState
 from vfiocaps.errors import NotFoundError, ProbeBusyError, ProbeError
 from vfiocaps.model import DeviceAdded, DeviceRemoved, DriverChanged
 from vfiocaps.store import CapabilityStore
@@ -304,7 +305,7 @@ async def test_a_corrupt_database_is_moved_aside_and_rebuilt(tmp_path: Path) -> 
     rig = await start_rig(tmp_path, host(device))
     try:
         await rig.settle("done")
-        assert rig.engine.status.cache_state == "ok"
+        assert rig.engine.status.cache_state is CacheState.OK
         assert list(database.parent.glob("capabilities.sqlite.corrupt-*"))
     finally:
         await rig.stop()
@@ -327,7 +328,7 @@ async def test_a_database_replaced_while_open_is_rewritten_from_memory(tmp_path:
             lambda: list(database.parent.glob("capabilities.sqlite.corrupt-*")) != [],
             "the damaged file moved aside",
         )
-        await rig.until(lambda: rig.engine.status.cache_state == "ok", "the cache back")
+        await rig.until(lambda: rig.engine.status.cache_state is CacheState.OK, "the cache back")
     finally:
         await rig.stop()
     assert [r[0] for r in await stored_records(tmp_path)] == ["mtty-1", "mtty-2", "mtty-3"]
@@ -340,7 +341,8 @@ async def test_an_unusable_cache_directory_degrades_to_memory(tmp_path: Path) ->
     rig = await start_rig(tmp_path, host(device))
     try:
         await rig.settle("done")
-        assert rig.engine.status.cache_state.startswith("degraded: ")
+        assert rig.engine.status.cache_state is CacheState.DEGRADED
+        assert rig.engine.status.cache_error
         assert rig.engine.view(device.device_id).capabilities is not None
     finally:
         await rig.stop()

@@ -125,9 +125,10 @@ class ServiceStatus:
     def describe(status: EngineStatus) -> str:
         """One line for ``systemctl status``."""
         probing = ", probing" if status.probing else ""
+        cache = status.cache_state.value + (f": {status.cache_error}" if status.cache_error else "")
         return (
             f"{status.device_count} devices, {status.probes_launched} probes since start"
-            f"{probing}; cache {status.cache_state}"
+            f"{probing}; cache {cache}"
         )
 
     def status_changed(self, status: EngineStatus) -> None:

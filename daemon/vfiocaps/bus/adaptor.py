@@ -7,7 +7,7 @@ import logging
 from dbus_fast import Variant
 
 from ..config import Config
-from ..engine import DeviceView, Engine, EngineStatus, ProbeState
+from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import NotFoundError
 from .calls import current_caller, note_caller
 from .connection import ResilientMessageBus
@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 ACTION_REFRESH = "org.vfiocaps.refresh"
 ACTION_INVALIDATE = "org.vfiocaps.invalidate"
 ACTION_PROBE_TYPE = "org.vfiocaps.probe-type"
+
+
+def cache_state_text(status: EngineStatus) -> str:
+    """The ``CacheState`` property: ``ok``, or ``degraded: <why>``."""
+    if status.cache_state is CacheState.OK:
+        return "ok"
+    return f"{status.cache_state.value}: {status.cache_error}"
 
 
 def device_path(device_id: str) -> str:
@@ -107,7 +114,7 @@ class BusAdaptor:
                 probing=status.probing,
                 device_count=status.device_count,
                 probe_count=status.probes_launched,
-                cache_state=status.cache_state,
+                cache_state=cache_state_text(status),
             )
         )
 

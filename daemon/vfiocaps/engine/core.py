@@ -1,0 +1,444 @@
+"""The engine: wires its parts together, follows discovery's events and serves requests.
+
+Devices live in a :class:`DeviceTable`, records in a :class:`RecordCache`, probes run in a
+:class:`ProbeScheduler`, the QEMU binary is followed by a :class:`QemuWatcher`, types nobody
+instantiated are probed by a :class:`TypeProber`, and an :class:`Announcer` tells listeners.
+It knows nothing of D-Bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+
+from ..capabilities import Capabilities, ProbeOutcome
+from ..config import Config
+from ..discovery.instances import BOOT_ID_PATH, InstanceLedger
+from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
+from ..model import (
+    Device,
+    DeviceAdded,
+    DeviceRemoved,
+    DiscoveryEvent,
+    DriverChanged,
+    HostSnapshot,
+    MdevType,
+    Parent,
+    ParentRegistered,
+    ParentUnregistered,
+    Resynchronised,
+)
+from ..store import CapabilityKey, CapabilityStore, KnownDevice, QemuIdentity
+from . import keys
+from .announcer import Announcer
+from .cache import RecordCache
+from .present import device_view, known_devices, type_views
+from .qemu import QemuWatcher
+from .scheduler import ProbeScheduler
+from .table import DeviceEntry, DeviceTable
+from .typeprobe import TypeProber
+from .views import (
+    DeviceSource,
+    DeviceView,
+    EngineListener,
+    EngineStatus,
+    ProbeRunner,
+    ProbeState,
+    TypeView,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Engine:
+    """Owns the parts; turns discovery events and requests into their calls."""
+
+    def __init__(
+        self,
+        config: Config,
+        source: DeviceSource,
+        runner: ProbeRunner,
+        store: CapabilityStore,
+        *,
+        clock_us: Callable[[], int] = _now_us,
+        boot_id_path: Path = BOOT_ID_PATH,
+    ) -> None:
+        self.config = config
+        self._source = source
+        self._clock_us = clock_us
+        self._announcer = Announcer(lambda: self.status)
+        tell = self._announcer
+        self._table = DeviceTable(
+            added=lambda entry: tell.added(self._view(entry)),
+            changed=lambda entry: tell.changed(self._view(entry)),
+            removed=tell.removed,
+        )
+        self._cache = RecordCache(
+            store, known_devices=self._known_devices, state_changed=tell.status_changed
+        )
+        self._qemu = QemuWatcher(
+            config.qemu_binary,
+            runner,
+            self._cache,
+            changed=self._qemu_changed,
+            checked=tell.status_changed,
+        )
+        self._scheduler = ProbeScheduler(
+            self._table,
+            self._cache,
+            runner,
+            parent_of=lambda device: self._source.snapshot.parents.get(device.parent),
+            clock_us=clock_us,
+            retry_seconds=config.probe_retry_seconds,
+            running_changed=tell.status_changed,
+        )
+        self._types = TypeProber(
+            source,
+            InstanceLedger(config.runtime_dir / "temporary-instances", boot_id_path),
+            settled=self.settled,
+            stop_probe=self._stop_probe,
+            device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
+            idle_types=self._idle_types,
+            probe_seconds=config.probe_timeout * 3,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = asyncio.Event()
+
+    def subscribe(self, listener: EngineListener) -> None:
+        """Receive every change from now on."""
+        self._announcer.subscribe(listener)
+
+    def unsubscribe(self, listener: EngineListener) -> None:
+        """Stop receiving changes. Idempotent."""
+        self._announcer.unsubscribe(listener)
+
+    @property
+    def status(self) -> EngineStatus:
+        """Daemon-wide state."""
+        return EngineStatus(
+            qemu=self._qemu.identity,
+            kernel_release=self.config.kernel_release,
+            kvm_available=os.access(self.config.dev_root / "kvm", os.R_OK | os.W_OK),
+            probing=self._scheduler.running > 0,
+            device_count=len(self._table),
+            probes_launched=self._scheduler.launched,
+            cache_state=self._cache.state,
+            cache_error=self._cache.error,
+        )
+
+    def device_ids(self) -> list[str]:
+        """Ids of the live devices, sorted."""
+        return self._table.ids()
+
+    def view(self, device_id: str) -> DeviceView:
+        """The current view of one device.
+
+        Raises:
+            NotFoundError: no live device has this id.
+        """
+        return self._view(self._table.live(device_id))
+
+    def probe_state(self, device_id: str) -> ProbeState:
+        """Where a live device stands, without building its view.
+
+        Raises:
+            NotFoundError: no live device has this id.
+        """
+        return self._table.live(device_id).state
+
+    def views(self) -> list[DeviceView]:
+        """Views of every live device, sorted by id."""
+        return [self.view(device_id) for device_id in self._table.ids()]
+
+    def find(self, *, device_id: str | None = None, sysfs_path: str | None = None) -> DeviceView:
+        """Find a live device by id or by its resolved sysfs path.
+
+        Raises:
+            NotFoundError: nothing matches.
+        """
+        if device_id is not None:
+            return self.view(device_id)
+        for entry in self._table:
+            if entry.device.sysfs_path == sysfs_path:
+                return self._view(entry)
+        raise NotFoundError(f"no device at {sysfs_path!r}")
+
+    def types(self) -> list[TypeView]:
+        """Every mdev type of every registered parent, plus the types of live PCI devices."""
+        host = self._source.snapshot
+        return type_views(host, self._table, self._cache.get, self._type_capabilities)
+
+    def _view(self, entry: DeviceEntry) -> DeviceView:
+        return device_view(entry, self._cache.get(entry.key), self._source.snapshot)
+
+    def _type_capabilities(self, parent: Parent | None, mdev_type: MdevType) -> Capabilities | None:
+        qemu = self._qemu.identity
+        if parent is None or parent.driver is None or qemu is None:
+            return None
+        kernel = self.config.kernel_release
+        key = keys.make_key(parent.driver, parent.pci_id, mdev_type.type_id, kernel, qemu)
+        record = self._cache.get(key)
+        return record.capabilities if record else None
+
+    def _key_for(self, device: Device) -> CapabilityKey | None:
+        snapshot, kernel = self._source.snapshot, self.config.kernel_release
+        return keys.key_for(device, snapshot, kernel, self._qemu.identity)
+
+    async def run(self) -> None:
+        """Open the cache, learn the host, and follow its changes until cancelled.
+
+        Raises:
+            asyncio.CancelledError: when stopped; everything started here is stopped first.
+        """
+        try:
+            await self._cache.open()
+            await self._qemu.check(initial=True)
+            self._purge_stale_records()
+            await self._types.remove_leftovers(self.config.sysfs_root)
+            for _ in range(self.config.probe_concurrency):
+                self._spawn(self._scheduler.run_worker())
+            self._spawn(self._cache.run_writer())
+            self._spawn(self._qemu.run())
+            snapshot = await self._source.start()
+            with self._announcer.batch():
+                self._apply_snapshot(snapshot)
+            if self.config.probe_types_without_instances:
+                self._spawn(self._types.run_idle())
+            self._started.set()
+            self._announcer.status_changed()
+            async for batch in self._source.events():
+                with self._announcer.batch():
+                    for event in batch:
+                        self._handle(event)
+        finally:
+            await self._shutdown()
+
+    async def wait_started(self) -> None:
+        """Wait until the initial enumeration has been applied."""
+        await self._started.wait()
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine task failed", exc_info=task.exception())
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._scheduler.stop()
+        await self._cache.close()
+        await self._source.close()
+
+    def _known_devices(self) -> list[KnownDevice]:
+        return known_devices(self._table, self._source.snapshot, self._clock_us())
+
+    def _qemu_changed(self, old: QemuIdentity, new: QemuIdentity) -> None:
+        count = self._cache.forget(keys.stale_for_qemu(self._cache.keys(), new.ctime_ns))
+        self._announcer.invalidated("qemu", old.version, new.version, count)
+        self._rekey_all()
+
+    def _purge_stale_records(self) -> None:
+        """Drop records made under another kernel or another QEMU binary (at start)."""
+        kernel, qemu = self.config.kernel_release, self._qemu.identity
+        by_kernel, stale_qemu = keys.stale_at_start(self._cache.keys(), kernel, qemu)
+        for old_release, stale in by_kernel.items():
+            count = self._cache.forget(stale)
+            log.info("kernel %s -> %s: %d records invalidated", old_release, kernel, count)
+            self._announcer.invalidated("kernel", old_release, kernel, count)
+        if stale_qemu and qemu is not None:
+            old_versions = keys.versions(key.qemu_version for key in stale_qemu)
+            count = self._cache.forget(stale_qemu)
+            self._announcer.invalidated("qemu", old_versions, qemu.version, count)
+
+    def _apply_snapshot(self, snapshot: HostSnapshot) -> None:
+        for device_id in [i for i in self._table.ids() if i not in snapshot.devices]:
+            self._remove_device(device_id)
+        for device in snapshot.devices.values():
+            self._add_device(device)
+
+    def _handle(self, event: DiscoveryEvent) -> None:
+        if isinstance(event, DeviceAdded):
+            self._add_device(event.device)
+        elif isinstance(event, DeviceRemoved):
+            self._remove_device(event.device.device_id)
+        elif isinstance(event, DriverChanged):
+            self._driver_changed(event)
+        elif isinstance(event, Resynchronised):
+            self._apply_snapshot(event.snapshot)
+        elif isinstance(event, ParentRegistered | ParentUnregistered):
+            self._rekey_all()
+        if isinstance(event, ParentRegistered | DriverChanged | Resynchronised):
+            self._types.wake()
+
+    def _add_device(self, device: Device) -> None:
+        existing = self._table.get(device.device_id)
+        if existing is not None and existing.device == device:
+            return
+        entry = DeviceEntry(device=device, key=self._key_for(device))
+        entry.state, entry.last_error = self._resolve(entry.key, device)
+        self._table.put(entry)
+        if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
+            self._scheduler.enqueue(entry.key)
+        self._types.device_appeared(device.device_id)
+        self._cache.devices_changed()
+        if existing is None:
+            self._announcer.status_changed()
+
+    def _remove_device(self, device_id: str) -> None:
+        if self._table.remove(device_id):
+            self._cache.devices_changed()
+            self._announcer.status_changed()
+
+    def _driver_changed(self, event: DriverChanged) -> None:
+        new_version = event.new.version if event.new else ""
+        old_version = event.old.version if event.old else ""
+        stale = keys.stale_for_driver(self._cache.keys(), event.module, new_version)
+        count = self._cache.forget(stale)
+        log.info(
+            "driver %s changed %s -> %s: %d records invalidated",
+            event.module,
+            old_version or "(none)",
+            new_version or "(none)",
+            count,
+        )
+        self._announcer.invalidated(event.module, old_version, new_version, count)
+        self._rekey_all()
+
+    def _rekey_all(self) -> None:
+        for entry in self._table:
+            key = self._key_for(entry.device)
+            if key != entry.key or (key is not None and key not in self._cache):
+                entry.key = key
+                before = (entry.state, entry.last_error)
+                state, error = self._resolve(key, entry.device)
+                if (state, error) != before or key is not None:
+                    self._table.set_state(entry, state, error)
+                if key is not None and state in (ProbeState.PENDING, ProbeState.PROBING):
+                    self._scheduler.enqueue(key)
+
+    def _resolve(self, key: CapabilityKey | None, device: Device) -> tuple[ProbeState, str]:
+        """A device's state from the cache; a failure not yet due schedules its retry."""
+        if key is None:
+            if keys.driver_of(device, self._source.snapshot) is None:
+                return ProbeState.FAILED, "no driver identity for this device"
+            return ProbeState.FAILED, f"QEMU binary {self.config.qemu_binary} is not usable"
+        record = self._cache.get(key)
+        if record is not None and record.outcome is ProbeOutcome.OK:
+            return ProbeState.DONE, ""
+        if record is not None and record.retry_at_us > self._clock_us():
+            self._scheduler.schedule_retry(key, record.retry_at_us)
+            return ProbeState.FAILED, record.error
+        probing = self._scheduler.is_probing(key)
+        return (ProbeState.PROBING if probing else ProbeState.PENDING), ""
+
+    async def refresh(self, device_id: str) -> DeviceView:
+        """Drop the device's cached record, probe anew and return the fresh view.
+
+        Raises:
+            NotFoundError: no such device.
+            ProbeBusyError: the device is in use and no other instance could be probed.
+            ProbeTimeoutError: QEMU did not answer in time.
+            ProbeError: the probe failed for another reason.
+        """
+        entry = self._table.live(device_id)
+        await self._qemu.check()
+        key = entry.key = self._key_for(entry.device)
+        if key is None:
+            state, error = self._resolve(None, entry.device)
+            self._table.set_state(entry, state, error)
+            raise ProbeError(error)
+        if self._scheduler.job(key) is None:
+            self._cache.forget([key])
+            self._scheduler.cancel_retry(key)
+        record = await asyncio.shield(self._scheduler.enqueue(key, urgent=True))
+        if record.outcome is ProbeOutcome.BUSY:
+            raise ProbeBusyError(f"{device_id} is in use and was not disturbed")
+        if record.outcome is ProbeOutcome.TIMEOUT:
+            raise ProbeTimeoutError(record.error)
+        if record.outcome is not ProbeOutcome.OK:
+            raise ProbeError(record.error)
+        return self.view(device_id)
+
+    def invalidate(self, driver: str) -> int:
+        """Drop every record of *driver* and re-probe its live devices; return the count."""
+        stale = keys.keys_of_driver(self._cache.keys(), driver)
+        old_versions = keys.versions(key.driver_version for key in stale)
+        count = self._cache.forget(stale)
+        snapshot = self._source.snapshot
+        identities = (keys.driver_of(entry.device, snapshot) for entry in self._table)
+        current = keys.versions(
+            i.version for i in identities if i is not None and i.module == driver
+        )
+        self._announcer.invalidated(driver, old_versions, current, count)
+        self._rekey_all()
+        return count
+
+    async def settled(self, device_id: str, wait_seconds: float) -> DeviceView:
+        """The device's view once no probe for it is pending or running, or after *wait_seconds*.
+
+        Every caller waits on the one future of the device's probe job; a call holds no task.
+
+        Raises:
+            NotFoundError: no such device (also when it disappears while waiting).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while True:
+            entry = self._table.live(device_id)
+            job = self._scheduler.job(entry.key)
+            remaining = deadline - loop.time()
+            if job is None or job.done() or remaining <= 0:
+                return self._view(entry)
+            await asyncio.wait((job,), timeout=remaining)
+
+    async def probe_type(self, parent_name: str, type_id: str) -> TypeView:
+        """Learn a type's capabilities by probing a temporary instance of it, then removing it.
+
+        A type already known from the cache is answered without creating anything.
+
+        Raises:
+            NotFoundError: no such parent or type.
+            ProbeError: no instance can be created, or the probe gave no answer.
+            ProbeTimeoutError: the instance did not appear or the probe did not finish in time.
+        """
+        snapshot = self._source.snapshot
+        parent = snapshot.parents.get(parent_name)
+        mdev_type = snapshot.types.get((parent_name, type_id))
+        if parent is None or mdev_type is None:
+            raise NotFoundError(f"no mdev type {type_id!r} on parent {parent_name!r}")
+        if self._type_capabilities(parent, mdev_type) is None:
+            await self._types.probe(parent, mdev_type)
+        for view in self.types():
+            if (view.parent, view.type_id) == (parent_name, type_id):
+                return view
+        raise NotFoundError(f"mdev type {type_id!r} on {parent_name!r} disappeared")
+
+    async def _stop_probe(self, device_id: str) -> None:
+        entry = self._table.get(device_id)
+        if entry is not None and entry.key is not None:
+            await self._scheduler.cancel(entry.key, f"{device_id} is being removed")
+
+    def _idle_types(self) -> list[tuple[Parent, MdevType]]:
+        """Types with room for an instance, no live instance, and nothing cached."""
+        live = {(entry.device.parent, entry.device.type_id) for entry in self._table}
+        snapshot, kernel, qemu = (
+            self._source.snapshot,
+            self.config.kernel_release,
+            self._qemu.identity,
+        )
+        return keys.idle_types(snapshot, live, kernel, qemu, self._cache.get, self._clock_us())
