@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
+import threading
+import uuid as uuidlib
 from pathlib import Path
+
+import pytest
 
 from support.engine_rig import ScriptedRunner, host, mdev, rig_config, start_rig
 from vfiocaps.capabilities import ProbeOutcome
+from vfiocaps.errors import ProbeTimeoutError
 from vfiocaps.model import DeviceAdded
 from vfiocaps.store import CapabilityKey, CapabilityRecord, CapabilityStore
 
@@ -64,3 +71,93 @@ async def test_an_exception_in_a_probe_settles_its_job_and_keeps_the_worker(
         await rig.settle("done")
     finally:
         await rig.stop()
+
+
+async def test_a_temporary_instance_is_removed_only_after_its_probe_ended(tmp_path: Path) -> None:
+    runner = ScriptedRunner(rig_config(tmp_path).qemu_binary)
+    runner.hold("mtty-3")  # a QEMU that never answers
+    rig = await start_rig(tmp_path, host(), runner=runner, probe_timeout=1.0)
+    probes_at_removal: list[int] = []
+    rig.source.on_remove = lambda device: probes_at_removal.append(runner.running)
+    try:
+        call = asyncio.ensure_future(rig.engine.probe_type("mtty", "mtty-3"))
+        ledger = rig.config.runtime_dir / "temporary-instances"
+        await rig.until(
+            lambda: runner.running == 1 and ledger.exists(), "the probe of the temporary instance"
+        )
+        assert [p.name for p in ledger.iterdir()] == rig.source.created
+        rig.clock.advance(3.5)  # past the wait for the probe (three probe timeouts)
+        with pytest.raises(ProbeTimeoutError, match="was stopped"):
+            await call
+        assert probes_at_removal == [0], "removed while its probe still ran"
+        assert runner.cancelled == 1
+        assert rig.source.removed == rig.source.created
+        assert list(ledger.iterdir()) == []
+    finally:
+        await rig.stop()
+
+
+async def test_a_removal_the_kernel_holds_does_not_block_the_loop(tmp_path: Path) -> None:
+    rig = await start_rig(tmp_path, host())
+    rig.source.hold_removal = threading.Event()
+    try:
+        call = asyncio.ensure_future(rig.engine.probe_type("mtty", "mtty-3"))
+        await rig.until(lambda: len(rig.runner.probed) == 1, "the probe")
+        await asyncio.sleep(0.05)  # real time: the removal is under way in its thread
+        assert rig.engine.status.device_count == 1, "the loop still serves"
+        rig.source.hold_removal.set()
+        view = await call
+        assert view.capabilities is not None
+        assert rig.source.removal_released == [True], "the removal blocked the event loop"
+    finally:
+        rig.source.hold_removal.set()
+        await rig.stop()
+
+
+async def test_a_removal_that_never_ends_is_given_up_and_stays_recorded(tmp_path: Path) -> None:
+    rig = await start_rig(tmp_path, host())
+    rig.source.hold_removal = threading.Event()
+    try:
+        call = asyncio.ensure_future(rig.engine.probe_type("mtty", "mtty-3"))
+        await rig.until(lambda: len(rig.runner.probed) == 1, "the probe")
+        await asyncio.sleep(0.05)
+        rig.clock.advance(11)  # past the deadline of a sysfs write
+        view = await call
+        assert view.capabilities is not None
+        ledger = rig.config.runtime_dir / "temporary-instances"
+        assert [p.name for p in ledger.iterdir()] == rig.source.created
+    finally:
+        rig.source.hold_removal.set()
+        await rig.stop()
+
+
+def _record(ledger: Path, uuid: str, boot_id: str, pid: int) -> None:
+    ledger.mkdir(parents=True, exist_ok=True)
+    (ledger / uuid).write_text(json.dumps({"boot_id": boot_id, "pid": pid, "uuid": uuid}))
+
+
+async def test_instances_left_by_a_crashed_daemon_are_removed_at_start(tmp_path: Path) -> None:
+    config = rig_config(tmp_path)
+    boot = "0b0b0b0b-0000-4000-8000-000000000001"
+    left, other_boot, still_owned = (str(uuidlib.uuid4()) for _ in range(3))
+    devices = config.sysfs_root / "bus" / "mdev" / "devices"
+    for uuid in (left, other_boot, still_owned):
+        (devices / uuid).mkdir(parents=True)
+        (devices / uuid / "remove").write_text("")
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()
+    alive = await asyncio.create_subprocess_exec("sleep", "30")
+    ledger = config.runtime_dir / "temporary-instances"
+    _record(ledger, left, boot, dead.pid)
+    _record(ledger, other_boot, "another boot", dead.pid)
+    _record(ledger, still_owned, boot, alive.pid)
+    try:
+        rig = await start_rig(tmp_path, host(), boot_id=boot)
+        await rig.stop()
+    finally:
+        alive.kill()
+        await alive.wait()
+    assert (devices / left / "remove").read_text() == "1"
+    assert (devices / other_boot / "remove").read_text() == ""
+    assert (devices / still_owned / "remove").read_text() == ""
+    assert sorted(p.name for p in ledger.iterdir()) == [still_owned]

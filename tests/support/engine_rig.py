@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import uuid as uuidlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -122,21 +123,25 @@ class FakeDeviceSource:
     def __init__(self, snapshot: HostSnapshot) -> None:
         self.snapshot = snapshot
         self._batches: asyncio.Queue[list[DiscoveryEvent] | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
         self.created: list[str] = []
         self.removed: list[str] = []
         self.closed = False
         self.refuse_create: str | None = None
+        self.hold_removal: threading.Event | None = None
+        self.removal_released: list[bool] = []
+        self.on_remove: Callable[[Device], None] | None = None
 
     async def start(self) -> HostSnapshot:
+        self._loop = asyncio.get_running_loop()
         return self.snapshot
 
     def push(self, *events: DiscoveryEvent) -> None:
-        """Queue one batch of events, as discovery yields what one read of udev gave."""
-        self._batches.put_nowait(list(events))
+        """Queue one batch of events, as discovery yields what one read of udev gave.
 
-    def end(self) -> None:
-        """End the event stream."""
-        self._batches.put_nowait(None)
+        Safe from any thread: the engine calls instance writes from a worker thread.
+        """
+        self._loop.call_soon_threadsafe(self._batches.put_nowait, list(events))
 
     async def events(self) -> AsyncIterator[list[DiscoveryEvent]]:
         while (batch := await self._batches.get()) is not None:
@@ -177,6 +182,11 @@ class FakeDeviceSource:
         return device.device_id
 
     def remove_instance(self, device: Device) -> None:
+        if self.on_remove is not None:
+            self.on_remove(device)
+        if self.hold_removal is not None:
+            # The kernel holds a removal while the device is open; released by the test.
+            self.removal_released.append(self.hold_removal.wait(timeout=3))
         self.removed.append(device.device_id)
         if device.device_id in self.snapshot.devices:
             self.push(DeviceRemoved(device))
@@ -200,6 +210,7 @@ class ScriptedRunner:
     probed: list[str] = field(default_factory=list)
     running: int = 0
     most_running: int = 0
+    cancelled: int = 0
     identity_calls: int = 0
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -222,7 +233,11 @@ class ScriptedRunner:
         try:
             gate = self.gates.get(device.type_id)
             if gate is not None:
-                await gate.wait()
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
             queued = self.steps.get(device.type_id)
             step: Step = queued.popleft() if queued else ProbeOutcome.OK
             if isinstance(step, BaseException):
@@ -335,6 +350,7 @@ async def start_rig(
     *,
     runner: ScriptedRunner | None = None,
     clock: ManualClock | None = None,
+    boot_id: str = "4a1c8a52-3c1e-4a57-9a43-7c51d0f0b001",
     **config: object,
 ) -> EngineRig:
     """Start an engine on *snapshot* with its cache under *directory* and wait until it serves."""
@@ -344,7 +360,10 @@ async def start_rig(
         clock.install(asyncio.get_running_loop())
     source = FakeDeviceSource(snapshot)
     runner = runner or ScriptedRunner(cfg.qemu_binary)
-    engine = Engine(cfg, source, runner, CapabilityStore(cfg.database_path), clock_us=clock.now_us)
+    boot_id_path = directory / "boot_id"
+    boot_id_path.write_text(boot_id + "\n")
+    store = CapabilityStore(cfg.database_path)
+    engine = Engine(cfg, source, runner, store, clock_us=clock.now_us, boot_id_path=boot_id_path)
     listener = RecordingListener()
     engine.subscribe(listener)
     task = asyncio.create_task(engine.run())

@@ -87,7 +87,8 @@ class TypeProber:
 
         Raises:
             ProbeError: no instance can be created or recorded, or the probe gave no answer.
-            ProbeTimeoutError: the instance did not appear, or the kernel did not answer.
+            ProbeTimeoutError: the instance did not appear, the kernel did not answer, or the
+                probe did not end in time (it is stopped before the instance is removed).
         """
         if mdev_type.available_instances <= 0:
             raise ProbeError(f"{mdev_type.type_id} on {parent.name} has no instance available")
@@ -101,6 +102,11 @@ class TypeProber:
             self._probing.discard(ident)
         if view.state is ProbeState.FAILED:
             raise ProbeError(view.last_error or "the probe failed")
+        if view.state in (ProbeState.PENDING, ProbeState.PROBING):
+            raise ProbeTimeoutError(
+                f"the probe of {view.device.device_id} did not end within"
+                f" {self._probe_seconds:g} s and was stopped"
+            )
 
     async def _probe_new_instance(self, parent: Parent, mdev_type: MdevType) -> DeviceView:
         try:
