@@ -10,6 +10,7 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
      +-- InvalidArgumentError   a caller's value is malformed (id, path, driver name)
      +-- NotFoundError          a well-formed id that names no known device or type
      +-- NotAuthorizedError     the caller may not change state
+     +-- CallLimitError         the caller has too many calls waiting already
      +-- DiscoveryError         sysfs or udev could not be read as expected
      +-- ProbeError             a probe could not give an answer
      |    +-- ProbeBusyError    the device is held by someone else (a VM); never disturbed
@@ -50,6 +51,10 @@ class NotFoundError(VfiocapsError):
 
 class NotAuthorizedError(VfiocapsError):
     """The caller is not allowed to perform a state-changing operation."""
+
+
+class CallLimitError(VfiocapsError):
+    """A caller has as many calls waiting as it may; it can call again when one has returned."""
 
 
 class DiscoveryError(VfiocapsError):

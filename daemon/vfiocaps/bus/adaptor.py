@@ -9,7 +9,7 @@ from dbus_fast import Variant
 from ..config import Config
 from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import NotFoundError
-from .calls import current_caller, note_caller
+from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
 from .device import DeviceInterface
 from .manager import ManagerInterface, ManagerState
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 ACTION_REFRESH = "org.vfiocaps.refresh"
 ACTION_INVALIDATE = "org.vfiocaps.invalidate"
 ACTION_PROBE_TYPE = "org.vfiocaps.probe-type"
+# GetCapabilities and DomainXml calls one sender may have waiting for a probe at once.
+WAITS_PER_SENDER = 32
 
 
 def cache_state_text(status: EngineStatus) -> str:
@@ -53,6 +55,7 @@ class BusAdaptor:
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices: dict[str, DeviceInterface] = {}
         self._started = False
+        self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -135,8 +138,11 @@ class BusAdaptor:
 
     async def _settled(self, device_id: str) -> DeviceView:
         view = self._lookup(device_id)
-        wait = self._config.probe_timeout * 3
-        return await self._engine.settled(view.device.device_id, wait)
+        return await self._settled_by_id(view.device.device_id)
+
+    async def _settled_by_id(self, device_id: str) -> DeviceView:
+        with self._waits.hold(current_caller().sender):
+            return await self._engine.settled(device_id, self._config.probe_timeout * 3)
 
     async def get_capabilities(self, device_id: str) -> dict[str, Variant]:
         ref = parse_device_id(device_id, self._config.sysfs_root)
@@ -144,7 +150,7 @@ class BusAdaptor:
         if known is None:
             known = self._engine.find(sysfs_path=ref.sysfs_path).device.device_id
         if self._engine.probe_state(known) in (ProbeState.PENDING, ProbeState.PROBING):
-            await self._engine.settled(known, self._config.probe_timeout * 3)
+            await self._settled_by_id(known)
         interface = self._devices.get(known)
         if interface is not None:
             return interface.capabilities()

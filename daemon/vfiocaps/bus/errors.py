@@ -7,6 +7,7 @@ import logging
 from dbus_fast.errors import DBusError
 
 from ..errors import (
+    CallLimitError,
     InvalidArgumentError,
     NotAuthorizedError,
     NotFoundError,
@@ -27,6 +28,7 @@ ERROR_NAMES: tuple[tuple[type[VfiocapsError], str], ...] = (
     (InvalidArgumentError, ERROR_PREFIX + "InvalidArgument"),
     (NotAuthorizedError, ERROR_PREFIX + "NotAuthorized"),
     (ProbeBusyError, ERROR_PREFIX + "Busy"),
+    (CallLimitError, ERROR_PREFIX + "Busy"),
     (ProbeTimeoutError, ERROR_PREFIX + "Timeout"),
     (ProbeError, ERROR_PREFIX + "ProbeFailed"),
 )
