@@ -22,15 +22,16 @@ async def test_a_thousand_failures_do_not_overflow_the_back_off(tmp_path: Path) 
     config = rig_config(tmp_path)
     device = mdev("mtty", "mtty-1")
     runner = ScriptedRunner(config.qemu_binary)
-    identity = await runner.qemu_identity()
     stat = config.qemu_binary.stat()
     key = CapabilityKey(
-        "mtty", "0.1", config.kernel_release, "", "mtty-1", identity.path, identity.version,
+        "mtty", "0.1", config.kernel_release, "", "mtty-1", str(config.qemu_binary), "10.0.3",
         stat.st_ctime_ns,
     )  # fmt: skip
     store = CapabilityStore(config.database_path)
     await store.open()
-    await store.remember_qemu_version(identity.path, stat.st_ctime_ns, stat.st_size, "10.0.3")
+    await store.remember_qemu_version(
+        str(config.qemu_binary), stat.st_ctime_ns, stat.st_size, "10.0.3"
+    )
     await store.put_records([CapabilityRecord(key, ProbeOutcome.FAILED, None, "old", 1, 1, 1100)])
     await store.close()
     runner.script("mtty-1", ProbeOutcome.CRASHED)

@@ -42,7 +42,7 @@ from vfiocaps.model import (
     ParentUnregistered,
     Resynchronised,
 )
-from vfiocaps.store import CapabilityStore, QemuIdentity
+from vfiocaps.store import CapabilityStore
 
 KERNEL = "6.1.0-test"
 
@@ -222,11 +222,11 @@ class ScriptedRunner:
         """Hold the probes of *type_id* until the returned event is set."""
         return self.gates.setdefault(type_id, asyncio.Event())
 
-    async def qemu_identity(self) -> QemuIdentity:
+    async def qemu_version(self) -> str:
         self.identity_calls += 1
-        return QemuIdentity(str(self.qemu_binary), self.version, 0)
+        return self.version
 
-    async def probe(self, device: Device, owner: Parent | None) -> ProbeReport:
+    async def probe_device(self, device: Device, owner: Parent | None) -> ProbeReport:
         self.probed.append(device.device_id)
         self.running += 1
         self.most_running = max(self.most_running, self.running)

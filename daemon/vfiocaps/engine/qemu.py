@@ -58,7 +58,7 @@ class QemuWatcher:
         version = await self._cache.qemu_version(str(path), *stat_key)
         if version is None:
             try:
-                version = (await self._runner.qemu_identity()).version
+                version = await self._runner.qemu_version()
             except ProbeError as err:
                 log.warning("cannot identify QEMU %s: %s", path, err)
                 return

@@ -240,7 +240,7 @@ class ProbeScheduler:
         self.running += 1
         self._running_changed()
         try:
-            report = await self._runner.probe(device, self._parent_of(device))
+            report = await self._runner.probe_device(device, self._parent_of(device))
         finally:
             self.running -= 1
         self.launched += 1

@@ -103,8 +103,16 @@ class DeviceSource(Protocol):
 
 
 class ProbeRunner(Protocol):
-    """What the engine needs from the prober."""
+    """What the engine needs from the prober (:class:`vfiocaps.prober.Prober` is one)."""
 
-    async def qemu_identity(self) -> QemuIdentity: ...
+    async def qemu_version(self) -> str:
+        """The configured QEMU binary's version.
 
-    async def probe(self, device: Device, parent: Parent | None) -> ProbeReport: ...
+        Raises:
+            ProbeError: the binary cannot be asked.
+        """
+        ...
+
+    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
+        """Probe *device*; device-level failures are in the report, not raised."""
+        ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .identity import QemuIdentity, QemuMissingError, QemuUnusableError
+from .identity import QemuBinary, QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
 from .plan import Accel, DeviceSettings, OnOffAuto, ProbePlan, build_qemu_argv
 from .prober import Prober
@@ -20,7 +20,7 @@ __all__ = [
     "ProbeSandboxError",
     "ProbeTarget",
     "Prober",
-    "QemuIdentity",
+    "QemuBinary",
     "QemuMissingError",
     "QemuUnusableError",
     "build_qemu_argv",

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
 from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
+from ..model import Device, Parent
 from ..process import ProcessStartError
-from .identity import QemuIdentity, QemuMissingError, binary_stat, read_identity
+from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .plan import Accel, machine_for_architecture
 from .sandbox import (
@@ -30,19 +30,10 @@ from .target import ProbeTarget
 log = logging.getLogger("vfiocaps.prober")
 
 
-class ProbeState(enum.Enum):
-    """Where one probe is."""
-
-    PREPARING = "preparing"  # identity, QEMU, busy check, grants
-    LAUNCHING = "launching"  # a QEMU launch is running
-    DONE = "done"
-
-
 @dataclass
 class _ProbeRun:
     """Mutable state of one probe."""
 
-    state: ProbeState = ProbeState.PREPARING
     launches: list[LaunchRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -66,9 +57,9 @@ class Prober:
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants")
         self._recovered = False
-        self._identities: dict[tuple[Path, int, int, int], QemuIdentity] = {}
+        self._identities: dict[tuple[Path, int, int, int], QemuBinary] = {}
 
-    async def qemu_identity(self) -> QemuIdentity:
+    async def qemu_identity(self) -> QemuBinary:
         """The configured QEMU binary's identity (cached until the binary changes).
 
         Raises :class:`~vfiocaps.prober.QemuMissingError` when the binary does not exist or
@@ -85,6 +76,24 @@ class Prober:
         )
         self._identities = {key: identity}
         return identity
+
+    async def qemu_version(self) -> str:
+        """The configured QEMU binary's version, as the engine keys its cache.
+
+        Raises:
+            ProbeError: the binary is missing, does not answer like QEMU, or the probe user is
+                unusable (see :meth:`qemu_identity`).
+        """
+        return (await self.qemu_identity()).version
+
+    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
+        """Probe a discovered device; an mdev is probed with its parent's driver identity.
+
+        Never raises for device- or host-level failures (see :meth:`probe`).
+        """
+        if device.driver is None and parent is not None and parent.driver is not None:
+            device = replace(device, driver=parent.driver)
+        return await self.probe(ProbeTarget.from_device(device))
 
     async def probe(self, target: ProbeTarget) -> ProbeReport:
         """Probe *target* and report; never raises for device- or host-level failures.
@@ -113,7 +122,6 @@ class Prober:
             verdict = Verdict(ProbeOutcome.BUSY, error=str(err))
         except ProbeError as err:
             verdict = Verdict(ProbeOutcome.FAILED, error=str(err))
-        run.state = ProbeState.DONE
         report = ProbeReport(
             outcome=verdict.outcome,
             capabilities=verdict.capabilities,
@@ -186,7 +194,6 @@ class Prober:
         self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun
     ) -> Verdict:
         while True:
-            run.state = ProbeState.LAUNCHING
             try:
                 observation, record = await run_launch(context, attempt)
             except ProcessStartError as err:
