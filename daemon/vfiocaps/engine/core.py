@@ -32,7 +32,7 @@ from ..model import (
     ParentUnregistered,
     Resynchronised,
 )
-from ..store import CapabilityKey, CapabilityStore, KnownDevice, QemuIdentity
+from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
@@ -88,7 +88,9 @@ class Engine:
             config.qemu_binary,
             runner,
             self._cache,
-            changed=self._qemu_changed,
+            changed=lambda old, new: self._invalidate(
+                keys.qemu_changed(self._cache.keys(), old, new)
+            ),
             checked=tell.status_changed,
         )
         self._scheduler = ProbeScheduler(
@@ -166,10 +168,7 @@ class Engine:
         """
         if device_id is not None:
             return self.view(device_id)
-        for entry in self._table:
-            if entry.device.sysfs_path == sysfs_path:
-                return self._view(entry)
-        raise NotFoundError(f"no device at {sysfs_path!r}")
+        return self._view(self._table.at_path(sysfs_path))
 
     def types(self) -> list[TypeView]:
         """Every mdev type of every registered parent, plus the types of live PCI devices."""
@@ -198,10 +197,12 @@ class Engine:
         Raises:
             asyncio.CancelledError: when stopped; everything started here is stopped first.
         """
+        kernel = self.config.kernel_release
         try:
             await self._cache.open()
             await self._qemu.check(initial=True)
-            self._purge_stale_records()
+            for stale in keys.at_start(self._cache.keys(), kernel, self._qemu.identity):
+                self._invalidate(stale)
             await self._types.remove_leftovers(self.config.sysfs_root)
             for _ in range(self.config.probe_concurrency):
                 self._spawn(self._scheduler.run_worker())
@@ -247,23 +248,14 @@ class Engine:
     def _known_devices(self) -> list[KnownDevice]:
         return known_devices(self._table, self._source.snapshot, self._clock_us())
 
-    def _qemu_changed(self, old: QemuIdentity, new: QemuIdentity) -> None:
-        count = self._cache.forget(keys.stale_for_qemu(self._cache.keys(), new.ctime_ns))
-        self._announcer.invalidated("qemu", old.version, new.version, count)
+    def _invalidate(self, invalidation: keys.Invalidation) -> int:
+        """Drop the stale records, tell why, and look up every device's key again."""
+        count = self._cache.forget(invalidation.stale)
+        old, new = invalidation.old or "(none)", invalidation.new or "(none)"
+        log.info("%s %s -> %s: %d records invalidated", invalidation.driver, old, new, count)
+        self._announcer.invalidated(invalidation.driver, invalidation.old, invalidation.new, count)
         self._rekey_all()
-
-    def _purge_stale_records(self) -> None:
-        """Drop records made under another kernel or another QEMU binary (at start)."""
-        kernel, qemu = self.config.kernel_release, self._qemu.identity
-        by_kernel, stale_qemu = keys.stale_at_start(self._cache.keys(), kernel, qemu)
-        for old_release, stale in by_kernel.items():
-            count = self._cache.forget(stale)
-            log.info("kernel %s -> %s: %d records invalidated", old_release, kernel, count)
-            self._announcer.invalidated("kernel", old_release, kernel, count)
-        if stale_qemu and qemu is not None:
-            old_versions = keys.versions(key.qemu_version for key in stale_qemu)
-            count = self._cache.forget(stale_qemu)
-            self._announcer.invalidated("qemu", old_versions, qemu.version, count)
+        return count
 
     def _apply_snapshot(self, snapshot: HostSnapshot) -> None:
         for device_id in [i for i in self._table.ids() if i not in snapshot.devices]:
@@ -277,7 +269,8 @@ class Engine:
         elif isinstance(event, DeviceRemoved):
             self._remove_device(event.device.device_id)
         elif isinstance(event, DriverChanged):
-            self._driver_changed(event)
+            cached = self._cache.keys()
+            self._invalidate(keys.driver_changed(cached, event.module, event.old, event.new))
         elif isinstance(event, Resynchronised):
             self._apply_snapshot(event.snapshot)
         elif isinstance(event, ParentRegistered | ParentUnregistered):
@@ -304,21 +297,6 @@ class Engine:
             self._cache.devices_changed()
             self._announcer.status_changed()
 
-    def _driver_changed(self, event: DriverChanged) -> None:
-        new_version = event.new.version if event.new else ""
-        old_version = event.old.version if event.old else ""
-        stale = keys.stale_for_driver(self._cache.keys(), event.module, new_version)
-        count = self._cache.forget(stale)
-        log.info(
-            "driver %s changed %s -> %s: %d records invalidated",
-            event.module,
-            old_version or "(none)",
-            new_version or "(none)",
-            count,
-        )
-        self._announcer.invalidated(event.module, old_version, new_version, count)
-        self._rekey_all()
-
     def _rekey_all(self) -> None:
         for entry in self._table:
             key = self._key_for(entry.device)
@@ -337,14 +315,7 @@ class Engine:
             if keys.driver_of(device, self._source.snapshot) is None:
                 return ProbeState.FAILED, "no driver identity for this device"
             return ProbeState.FAILED, f"QEMU binary {self.config.qemu_binary} is not usable"
-        record = self._cache.get(key)
-        if record is not None and record.outcome is ProbeOutcome.OK:
-            return ProbeState.DONE, ""
-        if record is not None and record.retry_at_us > self._clock_us():
-            self._scheduler.schedule_retry(key, record.retry_at_us)
-            return ProbeState.FAILED, record.error
-        probing = self._scheduler.is_probing(key)
-        return (ProbeState.PROBING if probing else ProbeState.PENDING), ""
+        return self._scheduler.state_of(key)
 
     async def refresh(self, device_id: str) -> DeviceView:
         """Drop the device's cached record, probe anew and return the fresh view.
@@ -376,17 +347,9 @@ class Engine:
 
     def invalidate(self, driver: str) -> int:
         """Drop every record of *driver* and re-probe its live devices; return the count."""
-        stale = keys.keys_of_driver(self._cache.keys(), driver)
-        old_versions = keys.versions(key.driver_version for key in stale)
-        count = self._cache.forget(stale)
-        snapshot = self._source.snapshot
-        identities = (keys.driver_of(entry.device, snapshot) for entry in self._table)
-        current = keys.versions(
-            i.version for i in identities if i is not None and i.module == driver
-        )
-        self._announcer.invalidated(driver, old_versions, current, count)
-        self._rekey_all()
-        return count
+        loaded = (keys.driver_of(entry.device, self._source.snapshot) for entry in self._table)
+        live = [i.version for i in loaded if i is not None and i.module == driver]
+        return self._invalidate(keys.driver_invalidated(self._cache.keys(), driver, live))
 
     async def settled(self, device_id: str, wait_seconds: float) -> DeviceView:
         """The device's view once no probe for it is pending or running, or after *wait_seconds*.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from ..capabilities import ProbeOutcome
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
@@ -54,27 +55,53 @@ def key_for(
     return make_key(driver, parent_pci_id(device, snapshot), device.type_id, kernel_release, qemu)
 
 
-def stale_for_driver(
-    keys: Iterable[CapabilityKey], module: str, new_version: str
-) -> list[CapabilityKey]:
-    """Keys of *module* made under another version than *new_version*."""
-    return [key for key in keys if key.driver == module and key.driver_version != new_version]
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """Records made stale by one change: of *driver* (or ``kernel``, ``qemu``), *old* -> *new*."""
+
+    driver: str
+    old: str
+    new: str
+    stale: tuple[CapabilityKey, ...]
 
 
-def keys_of_driver(keys: Iterable[CapabilityKey], module: str) -> list[CapabilityKey]:
-    """Every key of *module* (an explicit invalidation)."""
-    return [key for key in keys if key.driver == module]
+def versions(values: Iterable[str]) -> str:
+    """Distinct versions, sorted and comma-separated, as invalidation signals carry them."""
+    return ",".join(sorted(set(values)))
 
 
-def stale_for_qemu(keys: Iterable[CapabilityKey], ctime_ns: int) -> list[CapabilityKey]:
-    """Keys made with a QEMU binary other than the one changed at *ctime_ns*."""
-    return [key for key in keys if key.qemu_ctime_ns != ctime_ns]
+def driver_changed(
+    keys: Iterable[CapabilityKey],
+    module: str,
+    old: DriverIdentity | None,
+    new: DriverIdentity | None,
+) -> Invalidation:
+    """A driver was reloaded or re-bound: its keys of any other version are stale."""
+    new_version = new.version if new else ""
+    stale = [key for key in keys if key.driver == module and key.driver_version != new_version]
+    return Invalidation(module, old.version if old else "", new_version, tuple(stale))
 
 
-def stale_at_start(
+def driver_invalidated(
+    keys: Iterable[CapabilityKey], module: str, live: Iterable[str]
+) -> Invalidation:
+    """Every key of *module* (an explicit request); *live* are the versions now loaded."""
+    stale = tuple(key for key in keys if key.driver == module)
+    return Invalidation(module, versions(k.driver_version for k in stale), versions(live), stale)
+
+
+def qemu_changed(
+    keys: Iterable[CapabilityKey], old: QemuIdentity, new: QemuIdentity
+) -> Invalidation:
+    """The QEMU binary changed: keys made with another binary are stale."""
+    stale = tuple(key for key in keys if key.qemu_ctime_ns != new.ctime_ns)
+    return Invalidation("qemu", old.version, new.version, stale)
+
+
+def at_start(
     keys: Iterable[CapabilityKey], kernel_release: str, qemu: QemuIdentity | None
-) -> tuple[dict[str, list[CapabilityKey]], list[CapabilityKey]]:
-    """Keys made under another kernel (by that kernel), and under another QEMU binary."""
+) -> list[Invalidation]:
+    """Keys made under another kernel (one invalidation per kernel) or another QEMU binary."""
     by_kernel: dict[str, list[CapabilityKey]] = {}
     stale_qemu: list[CapabilityKey] = []
     for key in keys:
@@ -84,12 +111,14 @@ def stale_at_start(
             key.qemu_path != qemu.path or key.qemu_ctime_ns != qemu.ctime_ns
         ):
             stale_qemu.append(key)
-    return by_kernel, stale_qemu
-
-
-def versions(values: Iterable[str]) -> str:
-    """Distinct versions, sorted and comma-separated, as invalidation signals carry them."""
-    return ",".join(sorted(set(values)))
+    found = [
+        Invalidation("kernel", old, kernel_release, tuple(stale))
+        for old, stale in by_kernel.items()
+    ]
+    if stale_qemu and qemu is not None:
+        old_versions = versions(key.qemu_version for key in stale_qemu)
+        found.append(Invalidation("qemu", old_versions, qemu.version, tuple(stale_qemu)))
+    return found
 
 
 def idle_types(

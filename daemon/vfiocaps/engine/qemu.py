@@ -29,7 +29,7 @@ class QemuWatcher:
         runner: ProbeRunner,
         cache: RecordCache,
         *,
-        changed: Callable[[QemuIdentity, QemuIdentity], None],
+        changed: Callable[[QemuIdentity, QemuIdentity], object],
         checked: Callable[[], None],
         interval: float = 30.0,
     ) -> None:

@@ -88,6 +88,16 @@ class ProbeScheduler:
         job = self._jobs.get(key)
         return job is not None and bool(job.tried)
 
+    def state_of(self, key: CapabilityKey) -> tuple[ProbeState, str]:
+        """Where a device of *key* stands by the cache; a failure not yet due gets its retry."""
+        record = self._cache.get(key)
+        if record is not None and record.outcome is ProbeOutcome.OK:
+            return ProbeState.DONE, ""
+        if record is not None and record.retry_at_us > self._clock_us():
+            self.schedule_retry(key, record.retry_at_us)
+            return ProbeState.FAILED, record.error
+        return (ProbeState.PROBING if self.is_probing(key) else ProbeState.PENDING), ""
+
     def enqueue(self, key: CapabilityKey, urgent: bool = False) -> asyncio.Future[CapabilityRecord]:
         """Queue a probe of *key* unless one is queued or running; return its result's future."""
         job = self._jobs.get(key)

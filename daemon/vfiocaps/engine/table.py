@@ -60,6 +60,17 @@ class DeviceTable:
             raise NotFoundError(f"no device {device_id!r}")
         return entry
 
+    def at_path(self, sysfs_path: str | None) -> DeviceEntry:
+        """The entry of the live device at a resolved sysfs path.
+
+        Raises:
+            NotFoundError: no live device is there.
+        """
+        for entry in self._entries.values():
+            if entry.device.sysfs_path == sysfs_path:
+                return entry
+        raise NotFoundError(f"no device at {sysfs_path!r}")
+
     def ids(self) -> list[str]:
         """Ids of the live devices, sorted."""
         return sorted(self._entries)
