@@ -7,8 +7,14 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..errors import StoreError
-from ..store import CapabilityKey, CapabilityRecord, CapabilityStore, KnownDevice, ProbeHistoryEntry
-from ..store.sqlite import StoreCorruptError
+from ..store import (
+    CapabilityKey,
+    CapabilityRecord,
+    CapabilityStore,
+    KnownDevice,
+    ProbeHistoryEntry,
+    StoreCorruptError,
+)
 from .views import CacheState
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from .identity import QemuBinary, QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
-from .plan import Accel, DeviceSettings, OnOffAuto, ProbePlan, build_qemu_argv
+from .plan import (
+    Accel,
+    DeviceSettings,
+    OnOffAuto,
+    ProbePlan,
+    UnsupportedArchitectureError,
+    build_qemu_argv,
+)
 from .prober import Prober
 from .sandbox import ProbeSandboxError
 from .target import ProbeTarget
@@ -23,5 +30,6 @@ __all__ = [
     "QemuBinary",
     "QemuMissingError",
     "QemuUnusableError",
+    "UnsupportedArchitectureError",
     "build_qemu_argv",
 ]
