@@ -22,10 +22,9 @@ from dbus_fast.service import ServiceInterface
 
 from ..config import BusChoice, BusKind
 from ..errors import BusError
+from .names import OBJECT_MANAGER_INTERFACE
 
 log = logging.getLogger(__name__)
-
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 # The private parts of dbus-fast that this module (and no other) relies on, as
@@ -138,7 +137,7 @@ class ResilientMessageBus(MessageBus):
             self.send(
                 Message.new_signal(
                     path=root,
-                    interface=OBJECT_MANAGER,
+                    interface=OBJECT_MANAGER_INTERFACE,
                     member="InterfacesAdded",
                     signature="oa{sa{sv}}",
                     body=[path, {interface.name: values}],
@@ -198,7 +197,7 @@ class ResilientMessageBus(MessageBus):
         self.send(
             Message.new_signal(
                 path=root,
-                interface=OBJECT_MANAGER,
+                interface=OBJECT_MANAGER_INTERFACE,
                 member="InterfacesRemoved",
                 signature="oas",
                 body=[path, removed_interfaces],

@@ -62,9 +62,10 @@ class Prober:
     async def qemu_identity(self) -> QemuBinary:
         """The configured QEMU binary's identity (cached until the binary changes).
 
-        Raises :class:`~vfiocaps.prober.QemuMissingError` when the binary does not exist or
-        cannot be executed, :class:`~vfiocaps.prober.QemuUnusableError` when it does not answer
-        like QEMU, :class:`~vfiocaps.prober.ProbeSandboxError` when the probe user is unusable.
+        Raises:
+            QemuMissingError: the binary does not exist or cannot be executed.
+            QemuUnusableError: the binary does not answer like QEMU.
+            ProbeSandboxError: the probe user is unusable.
         """
         resolved, st = binary_stat(self.config.qemu_binary)
         key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
