@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import umockdev_hosts
-from umockdev_hosts import HostBuilder, MockHost, TypeSpec
+from tests.support import umockdev_hosts
+from tests.support.umockdev_hosts import HostBuilder, MockHost, TypeSpec
 
 PARENT_COUNT = 5
 TYPES_PER_PARENT = 10

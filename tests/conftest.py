@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab, make_lab
-from harness import DaemonFactory, DaemonProcess, PrivateBus
+from support.daemon_lab import Lab, make_lab
+from support.harness import DaemonFactory, DaemonProcess, PrivateBus
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from daemon_lab import Lab, capabilities
-from harness import BUS_NAME, ROOT_PATH
+from support.daemon_lab import Lab, capabilities
+from support.harness import BUS_NAME, ROOT_PATH
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

@@ -17,8 +17,16 @@ from dbus_fast.aio import MessageBus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import contract
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, gdbus, wait_until
+from support import contract
+from support.harness import (
+    BUS_NAME,
+    ROOT_PATH,
+    DaemonFactory,
+    PrivateBus,
+    busctl,
+    gdbus,
+    wait_until,
+)
 
 MANAGER = "org.vfiocaps1.Manager"
 ERROR_NAMES = {

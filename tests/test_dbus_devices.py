@@ -7,9 +7,9 @@ import subprocess
 import time
 from typing import Any
 
-import contract
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, gdbus
+from support import contract
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
-from test_reliability_helpers import (
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
+from support.reliability import (
     daemon_pid,
     probe_leftovers,
     qemu_pids,
