@@ -22,7 +22,7 @@ from support.engine_rig import (
     start_rig,
 )
 from vfiocaps.capabilities import ProbeOutcome
-from vfiocaps.engine import CacheState
+from vfiocaps.engine import CacheState, Timings
 from vfiocaps.errors import NotFoundError, ProbeBusyError, ProbeError
 from vfiocaps.model import DeviceAdded, DeviceRemoved, DriverChanged
 from vfiocaps.store import CapabilityStore
@@ -314,7 +314,7 @@ async def test_a_corrupt_database_is_moved_aside_and_rebuilt(tmp_path: Path) -> 
 
 async def test_a_database_replaced_while_open_is_rewritten_from_memory(tmp_path: Path) -> None:
     devices = [mdev("mtty", "mtty-1"), mdev("mtty", "mtty-2")]
-    rig = await start_rig(tmp_path, host(*devices))
+    rig = await start_rig(tmp_path, host(*devices), timings=Timings(store_retry=1.0))
     try:
         await rig.settle("done")
         await rig.until(lambda: len(rig.listener.statuses) > 0, "a status")
@@ -323,7 +323,7 @@ async def test_a_database_replaced_while_open_is_rewritten_from_memory(tmp_path:
         database.write_bytes(b"not a database")
         rig.source.push(DeviceAdded(mdev("mtty", "mtty-3")))
         await rig.settle("done")
-        rig.clock.advance(6)  # the writer's pause after a failed write
+        rig.clock.advance(2)  # the writer's pause after a failed write
         await rig.until(
             lambda: list(database.parent.glob("capabilities.sqlite.corrupt-*")) != [],
             "the damaged file moved aside",

@@ -13,6 +13,7 @@ import pytest
 
 from support.engine_rig import ScriptedRunner, host, mdev, rig_config, start_rig
 from vfiocaps.capabilities import ProbeOutcome
+from vfiocaps.engine import Timings
 from vfiocaps.errors import ProbeTimeoutError
 from vfiocaps.model import DeviceAdded
 from vfiocaps.store import CapabilityKey, CapabilityRecord, CapabilityStore
@@ -116,13 +117,13 @@ async def test_a_removal_the_kernel_holds_does_not_block_the_loop(tmp_path: Path
 
 
 async def test_a_removal_that_never_ends_is_given_up_and_stays_recorded(tmp_path: Path) -> None:
-    rig = await start_rig(tmp_path, host())
+    rig = await start_rig(tmp_path, host(), timings=Timings(sysfs_write=0.5))
     rig.source.hold_removal = threading.Event()
     try:
         call = asyncio.ensure_future(rig.engine.probe_type("mtty", "mtty-3"))
         await rig.until(lambda: len(rig.runner.probed) == 1, "the probe")
         await asyncio.sleep(0.05)
-        rig.clock.advance(11)  # past the deadline of a sysfs write
+        rig.clock.advance(1)  # past the deadline of a sysfs write
         view = await call
         assert view.capabilities is not None
         ledger = rig.config.runtime_dir / "temporary-instances"

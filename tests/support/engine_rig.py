@@ -25,7 +25,7 @@ from vfiocaps.capabilities import (
     ProbeReport,
 )
 from vfiocaps.config import Config
-from vfiocaps.engine import DeviceView, Engine, EngineStatus
+from vfiocaps.engine import DeviceView, Engine, EngineStatus, Timings
 from vfiocaps.errors import DiscoveryError
 from vfiocaps.model import (
     Device,
@@ -351,6 +351,7 @@ async def start_rig(
     runner: ScriptedRunner | None = None,
     clock: ManualClock | None = None,
     boot_id: str = "4a1c8a52-3c1e-4a57-9a43-7c51d0f0b001",
+    timings: Timings | None = None,
     **config: object,
 ) -> EngineRig:
     """Start an engine on *snapshot* with its cache under *directory* and wait until it serves."""
@@ -363,7 +364,15 @@ async def start_rig(
     boot_id_path = directory / "boot_id"
     boot_id_path.write_text(boot_id + "\n")
     store = CapabilityStore(cfg.database_path)
-    engine = Engine(cfg, source, runner, store, clock_us=clock.now_us, boot_id_path=boot_id_path)
+    engine = Engine(
+        cfg,
+        source,
+        runner,
+        store,
+        clock_us=clock.now_us,
+        timings=timings or Timings(),
+        boot_id_path=boot_id_path,
+    )
     listener = RecordingListener()
     engine.subscribe(listener)
     task = asyncio.create_task(engine.run())

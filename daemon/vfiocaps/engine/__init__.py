@@ -15,6 +15,7 @@ from .views import (
     EngineStatus,
     ProbeRunner,
     ProbeState,
+    Timings,
     TypeView,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "EngineStatus",
     "ProbeRunner",
     "ProbeState",
+    "Timings",
     "TypeView",
 ]

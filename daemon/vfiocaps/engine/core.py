@@ -48,10 +48,14 @@ from .views import (
     EngineStatus,
     ProbeRunner,
     ProbeState,
+    Timings,
     TypeView,
 )
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_TIMINGS = Timings()
 
 
 def _now_us() -> int:
@@ -69,6 +73,7 @@ class Engine:
         store: CapabilityStore,
         *,
         clock_us: Callable[[], int] = _now_us,
+        timings: Timings = DEFAULT_TIMINGS,
         boot_id_path: Path = BOOT_ID_PATH,
     ) -> None:
         self.config = config
@@ -82,7 +87,10 @@ class Engine:
             removed=tell.removed,
         )
         self._cache = RecordCache(
-            store, known_devices=self._known_devices, state_changed=tell.status_changed
+            store,
+            known_devices=self._known_devices,
+            state_changed=tell.status_changed,
+            retry_seconds=timings.store_retry,
         )
         self._qemu = QemuWatcher(
             config.qemu_binary,
@@ -92,6 +100,7 @@ class Engine:
                 keys.qemu_changed(self._cache.keys(), old, new)
             ),
             checked=tell.status_changed,
+            interval=timings.qemu_check,
         )
         self._scheduler = ProbeScheduler(
             self._table,
@@ -110,6 +119,8 @@ class Engine:
             device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
             idle_types=self._idle_types,
             probe_seconds=config.probe_timeout * 3,
+            appear_seconds=timings.instance_appear,
+            write_seconds=timings.sysfs_write,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = asyncio.Event()
@@ -379,13 +390,7 @@ class Engine:
             ProbeError: no instance can be created, or the probe gave no answer.
             ProbeTimeoutError: the instance did not appear or the probe did not finish in time.
         """
-        snapshot = self._source.snapshot
-        parent = snapshot.parents.get(parent_name)
-        mdev_type = snapshot.types.get((parent_name, type_id))
-        if parent is None or mdev_type is None:
-            raise NotFoundError(f"no mdev type {type_id!r} on parent {parent_name!r}")
-        if self._type_capabilities(parent, mdev_type) is None:
-            await self._types.probe(parent, mdev_type)
+        await self._types.probe_unless_known(parent_name, type_id, self._type_capabilities)
         for view in self.types():
             if (view.parent, view.type_id) == (parent_name, type_id):
                 return view

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..capabilities import Capabilities
 from ..discovery.instances import InstanceLedger
 from ..errors import DiscoveryError, NotFoundError, ProbeError, ProbeTimeoutError
 from ..model import Device, DeviceKind, MdevType, Parent
@@ -81,6 +82,26 @@ class TypeProber:
             )
         except ProbeTimeoutError as err:
             log.error("%s", err)
+
+    async def probe_unless_known(
+        self,
+        parent_name: str,
+        type_id: str,
+        known: Callable[[Parent, MdevType], Capabilities | None],
+    ) -> None:
+        """Probe a type of the host through a temporary instance, unless *known* answers it.
+
+        Raises:
+            NotFoundError: no such parent or type.
+            ProbeError, ProbeTimeoutError: as :meth:`probe`.
+        """
+        snapshot = self._source.snapshot
+        parent = snapshot.parents.get(parent_name)
+        mdev_type = snapshot.types.get((parent_name, type_id))
+        if parent is None or mdev_type is None:
+            raise NotFoundError(f"no mdev type {type_id!r} on parent {parent_name!r}")
+        if known(parent, mdev_type) is None:
+            await self.probe(parent, mdev_type)
 
     async def probe(self, parent: Parent, mdev_type: MdevType) -> None:
         """Probe *mdev_type* on *parent* through a temporary instance.

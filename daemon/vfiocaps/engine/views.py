@@ -71,6 +71,16 @@ class EngineStatus:
     cache_error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """The engine's own waits in seconds (probe timeouts and retries are in the configuration)."""
+
+    qemu_check: float = 30.0  # between two looks at the QEMU binary
+    store_retry: float = 5.0  # after a failed cache write
+    instance_appear: float = 10.0  # for a created temporary instance to be discovered
+    sysfs_write: float = 10.0  # for the kernel to create or remove an instance
+
+
 class EngineListener(Protocol):
     """Callbacks the engine makes; they must be quick and must not raise."""
 
