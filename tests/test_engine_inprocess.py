@@ -360,3 +360,18 @@ async def test_removed_devices_leave_and_are_told(tmp_path: Path) -> None:
             rig.engine.view(device.device_id)
     finally:
         await rig.stop()
+
+
+async def test_kvm_is_looked_at_with_the_qemu_binary(tmp_path: Path) -> None:
+    rig = await start_rig(tmp_path, host())
+    try:
+        assert not rig.engine.status.kvm_available
+        kvm = rig.config.dev_root / "kvm"
+        kvm.parent.mkdir(parents=True)
+        kvm.write_text("")
+        assert not rig.engine.status.kvm_available, "a status does not stat /dev/kvm"
+        rig.clock.advance(31)
+        await rig.until(lambda: rig.engine.status.kvm_available, "KVM seen at the next check")
+        assert rig.listener.statuses[-1].kvm_available
+    finally:
+        await rig.stop()

@@ -1,8 +1,9 @@
 """The engine's parts on their own: keys and invalidations, back-off, device table, announcer,
-the record of temporary instances."""
+background tasks, the record of temporary instances."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from vfiocaps.engine import DeviceView, EngineStatus, ProbeState, keys
 from vfiocaps.engine.announcer import Announcer
 from vfiocaps.engine.scheduler import FAILURE_BACKOFF_MAX, backoff_seconds
 from vfiocaps.engine.table import DeviceEntry, DeviceTable
+from vfiocaps.engine.tasks import TaskSet
 from vfiocaps.errors import NotFoundError
 from vfiocaps.model import Device, DeviceKind
 from vfiocaps.store import CapabilityKey, CapabilityRecord, QemuIdentity
@@ -191,3 +193,21 @@ def test_the_ledger_records_and_forgets_instances(tmp_path: Path) -> None:
     boot_id.unlink()
     with pytest.raises(InstanceError, match="boot id"):
         ledger.record(uuid)
+
+
+async def test_the_task_set_keeps_logs_and_stops_its_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSet()
+    forever = asyncio.Event()
+
+    async def fails() -> None:
+        raise OSError("a background failure")
+
+    tasks.spawn(fails())
+    tasks.spawn(forever.wait())  # type: ignore[arg-type]  # returns True, not None
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert "engine task failed" in caplog.text
+    await tasks.stop()
+    assert not forever.is_set()

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 
 from ..capabilities import Capabilities, ProbeOutcome
@@ -40,6 +40,7 @@ from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
+from .tasks import TaskSet
 from .typeprobe import TypeProber
 from .views import (
     DeviceSource,
@@ -99,7 +100,7 @@ class Engine:
             changed=lambda old, new: self._invalidate(
                 keys.qemu_changed(self._cache.keys(), old, new)
             ),
-            checked=tell.status_changed,
+            checked=self._host_checked,
             interval=timings.qemu_check,
         )
         self._scheduler = ProbeScheduler(
@@ -122,8 +123,9 @@ class Engine:
             appear_seconds=timings.instance_appear,
             write_seconds=timings.sysfs_write,
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._started = asyncio.Event()
+        self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
         """Receive every change from now on."""
@@ -139,7 +141,7 @@ class Engine:
         return EngineStatus(
             qemu=self._qemu.identity,
             kernel_release=self.config.kernel_release,
-            kvm_available=os.access(self.config.dev_root / "kvm", os.R_OK | os.W_OK),
+            kvm_available=self._kvm_available,
             probing=self._scheduler.running > 0,
             device_count=len(self._table),
             probes_launched=self._scheduler.launched,
@@ -216,14 +218,14 @@ class Engine:
                 self._invalidate(stale)
             await self._types.remove_leftovers(self.config.sysfs_root)
             for _ in range(self.config.probe_concurrency):
-                self._spawn(self._scheduler.run_worker())
-            self._spawn(self._cache.run_writer())
-            self._spawn(self._qemu.run())
+                self._tasks.spawn(self._scheduler.run_worker())
+            self._tasks.spawn(self._cache.run_writer())
+            self._tasks.spawn(self._qemu.run())
             snapshot = await self._source.start()
             with self._announcer.batch():
                 self._apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
-                self._spawn(self._types.run_idle())
+                self._tasks.spawn(self._types.run_idle())
             self._started.set()
             self._announcer.status_changed()
             async for batch in self._source.events():
@@ -237,24 +239,16 @@ class Engine:
         """Wait until the initial enumeration has been applied."""
         await self._started.wait()
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("engine task failed", exc_info=task.exception())
-
     async def _shutdown(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.stop()
         self._scheduler.stop()
         await self._cache.close()
         await self._source.close()
+
+    def _host_checked(self) -> None:
+        """With the QEMU binary, look at /dev/kvm (not at every status: that is told often)."""
+        self._kvm_available = os.access(self.config.dev_root / "kvm", os.R_OK | os.W_OK)
+        self._announcer.status_changed()
 
     def _known_devices(self) -> list[KnownDevice]:
         return known_devices(self._table, self._source.snapshot, self._clock_us())

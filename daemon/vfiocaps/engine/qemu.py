@@ -44,6 +44,12 @@ class QemuWatcher:
 
     async def check(self, initial: bool = False) -> None:
         """Look at the binary again; tell a change, then that a check was made."""
+        try:
+            await self._check(initial)
+        finally:
+            self._checked()
+
+    async def _check(self, initial: bool) -> None:
         path = self._binary
         try:
             st = os.stat(path)
@@ -69,7 +75,6 @@ class QemuWatcher:
         if old is not None and old != self.identity:
             log.info("QEMU changed: %s -> %s", old.version, version)
             self._changed(old, self.identity)
-        self._checked()
 
     async def run(self) -> None:
         """Check the binary every *interval* seconds until cancelled."""

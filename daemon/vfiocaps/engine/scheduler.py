@@ -143,7 +143,15 @@ class ProbeScheduler:
         failures = (previous.failures if previous else 0) + 1
         now = self._clock_us()
         backoff = backoff_seconds(self._retry_seconds, failures)
-        return CapabilityRecord(key, outcome, None, error, now, now + int(backoff * 1e6), failures)
+        return CapabilityRecord(
+            key=key,
+            outcome=outcome,
+            capabilities=None,
+            error=error,
+            probed_at_us=now,
+            retry_at_us=now + int(backoff * 1e6),
+            failures=failures,
+        )
 
     async def run_worker(self) -> None:
         """Take jobs from the queue until cancelled."""
@@ -236,7 +244,7 @@ class ProbeScheduler:
         error = "waiting for the device's IOMMU group"
         for entry in entries:
             self._table.set_state(entry, ProbeState.PENDING, error)
-        return CapabilityRecord(key, ProbeOutcome.FAILED, None, error, 0, 0, 0)
+        return CapabilityRecord(key, ProbeOutcome.FAILED, None, error, probed_at_us=0)
 
     def _busy_record(self, key: CapabilityKey) -> CapabilityRecord:
         """Every instance of *key* is held by someone: retry later, cache nothing."""
@@ -244,7 +252,9 @@ class ProbeScheduler:
         for entry in self._table.waiting(key):
             self._table.set_state(entry, ProbeState.BUSY, "device is in use; will retry")
         self.schedule_retry(key, at)
-        return CapabilityRecord(key, ProbeOutcome.BUSY, None, "device is in use", 0, at, 0)
+        return CapabilityRecord(
+            key, ProbeOutcome.BUSY, None, "device is in use", probed_at_us=0, retry_at_us=at
+        )
 
     async def _probe(self, device: Device) -> ProbeReport:
         self.running += 1
@@ -267,7 +277,9 @@ class ProbeScheduler:
 
     def _record_from(self, key: CapabilityKey, report: ProbeReport) -> CapabilityRecord:
         if report.outcome is ProbeOutcome.OK and report.capabilities is not None:
-            return CapabilityRecord(key, ProbeOutcome.OK, report.capabilities, "", self._clock_us())
+            return CapabilityRecord(
+                key, ProbeOutcome.OK, report.capabilities, "", probed_at_us=self._clock_us()
+            )
         return self.failure(key, report.outcome, report.error or report.outcome.value)
 
     def _settle(self, key: CapabilityKey, record: CapabilityRecord) -> None:
