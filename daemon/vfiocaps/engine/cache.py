@@ -111,10 +111,12 @@ class RecordCache:
         self._wakeup.set()
         return count
 
-    def devices_changed(self) -> None:
-        """The live devices changed: write the known-devices table behind."""
+    def devices_changed(self, *, write_now: bool) -> None:
+        """The live devices changed: the known-devices table is written with the next write,
+        or now (*write_now*: a removal; an arrival alone waits, as thousands arrive at start)."""
         self._devices_dirty = True
-        self._wakeup.set()
+        if write_now:
+            self._wakeup.set()
 
     async def run_writer(self) -> None:
         """Write changes as they come until cancelled; a stop lets the write in flight finish."""

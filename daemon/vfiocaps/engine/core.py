@@ -293,13 +293,13 @@ class Engine:
         if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
             self._scheduler.enqueue(entry.key)
         self._types.device_appeared(device.device_id)
-        self._cache.devices_changed()
+        self._cache.devices_changed(write_now=False)
         if existing is None:
             self._announcer.status_changed()
 
     def _remove_device(self, device_id: str) -> None:
         if self._table.remove(device_id):
-            self._cache.devices_changed()
+            self._cache.devices_changed(write_now=True)
             self._announcer.status_changed()
 
     def _rekey_all(self) -> None:
