@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: test helpers on the path, statistics, progress, processes."""
+"""Shared pieces of the benchmarks: statistics, progress, processes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS = REPO / "tests"
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 BENCH_FLOOR_NAME = "org.vfiocaps.BenchFloor"
 BENCH_FLOOR_PATH = "/org/vfiocaps/BenchFloor"

@@ -17,11 +17,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.support.daemon_lab import Lab, make_lab, manager_property
+from tests.support.harness import wait_until
+from tests.support.prober import REAL_QEMU, ensure_probe_user
+from tests.support.umockdev_hosts import PARENTS
+
 from bench.common import Progress, summary
-from daemon_lab import Lab, make_lab, manager_property
-from harness import wait_until
-from test_prober_helpers import REAL_QEMU, ensure_probe_user
-from umockdev_hosts import PARENTS
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
 from vfiocaps.prober import Prober
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch

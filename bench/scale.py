@@ -15,10 +15,11 @@ import subprocess
 import time
 from typing import Any
 
+from tests.support.daemon_lab import MANAGER, Lab, make_lab, manager_property
+from tests.support.harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl, wait_until
+
 from bench.common import Progress, memory_of, python_daemon_pid
 from bench.scale_host import ScaleHost, type_ids
-from daemon_lab import MANAGER, Lab, make_lab, manager_property
-from harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl, wait_until
 
 SIZES = (1000, 3000, 10000)
 GET_MANAGED_OBJECTS_REPEATS = 3

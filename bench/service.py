@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.daemon_lab import MANAGER, Lab, make_lab
+from tests.support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+
 from bench.common import (
     BENCH_FLOOR_NAME,
     BENCH_FLOOR_PATH,
@@ -25,8 +28,6 @@ from bench.common import (
     python_daemon_pid,
     summary,
 )
-from daemon_lab import MANAGER, Lab, make_lab
-from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from vfiocaps.bus.adaptor import device_path
 from vfiocaps.discovery.service import QUIET_SECONDS
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab, make_lab
-from harness import DaemonFactory, DaemonProcess, PrivateBus
+from support.callers import polkitd, shared_bus
+from support.daemon_lab import Lab, make_lab
+from support.harness import DaemonFactory, DaemonProcess, PrivateBus
+
+__all__ = ["polkitd", "shared_bus"]  # fixtures of support.callers, for every test module
 
 
 @pytest.fixture

@@ -12,7 +12,14 @@ import pytest
 from dbus_fast import Message
 from dbus_fast.aio.message_bus import _MessageWriter
 
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, raw_bus_connection
+from support.harness import (
+    BUS_NAME,
+    ROOT_PATH,
+    DaemonFactory,
+    PrivateBus,
+    busctl,
+    raw_bus_connection,
+)
 from vfiocaps.bus.connection import _BackpressureWriter
 
 

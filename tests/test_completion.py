@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_help import help_options
-from daemon_lab import Lab
-from harness import REPO, wait_until
+from support.cli_help import help_options
+from support.daemon_lab import Lab
+from support.harness import REPO, wait_until
 
 SCRIPTS = {
     "vfiocapsctl": REPO / "completion" / "vfiocapsctl",

@@ -10,8 +10,8 @@ import sys
 import time
 from typing import Any
 
-from daemon_lab import Lab
-from harness import DaemonFactory, PrivateBus
+from support.daemon_lab import Lab
+from support.harness import DaemonFactory, PrivateBus
 
 
 def ctl(bus: PrivateBus, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import contract
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, gdbus
-from libvirt_domain import minimal_domain, validate
+from support import contract
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus
+from support.libvirt_domain import minimal_domain, validate
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from typing import Any
 
-from daemon_lab import Lab, capabilities
-from gl_host import add_render_node
-from harness import BUS_NAME, ROOT_PATH, busctl
+from support.daemon_lab import Lab, capabilities
+from support.gl_host import add_render_node
+from support.harness import BUS_NAME, ROOT_PATH, busctl
 
 MANAGER = "org.vfiocaps1.Manager"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon_lab import Lab, capabilities
-from harness import BUS_NAME, ROOT_PATH, busctl
+from support.daemon_lab import Lab, capabilities
+from support.harness import BUS_NAME, ROOT_PATH, busctl
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from harness import REPO, wait_until
+from support.harness import REPO, wait_until
 
 
 def test_the_demo_serves_an_emulated_host_and_says_so() -> None:

@@ -50,7 +50,7 @@ def child(workdir: Path) -> None:
     Path("/run/udev/control").touch()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from umockdev_hosts import DirectoryTestbed, HostBuilder
+    from support.umockdev_hosts import DirectoryTestbed, HostBuilder
     from vfiocaps.config import Config
     from vfiocaps.discovery import Discovery
     from vfiocaps.discovery.monitor import UdevMonitor

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from umockdev_hosts import DirectoryTestbed
-from umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
+from support.umockdev_hosts import DirectoryTestbed
+from support.umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
 from vfiocaps.config import Config
 from vfiocaps.discovery import Discovery
 from vfiocaps.discovery.functions import parse_profiles

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from umockdev_hosts import MDPY, MTTY, DirectoryTestbed, HostBuilder
+from support.umockdev_hosts import MDPY, MTTY, DirectoryTestbed, HostBuilder
 from vfiocaps.config import Config
 from vfiocaps.discovery import Discovery, DiscoveryState, DiscoveryStateError, read_device
 from vfiocaps.discovery.eventlog import format_event, quote_value

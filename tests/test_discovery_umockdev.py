@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import DaemonFactory, DaemonProcess, wait_until
-from umockdev_hosts import GVTG, MBOCHS, MDPY, MTTY, NVIDIA, MockHost
+from support.harness import DaemonFactory, DaemonProcess, wait_until
+from support.umockdev_hosts import GVTG, MBOCHS, MDPY, MTTY, NVIDIA, MockHost
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

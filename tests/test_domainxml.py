@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_domain import minimal_domain, validate
+from support.libvirt_domain import minimal_domain, validate
 from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
 from vfiocaps.domainxml import QEMU_NAMESPACE, Viewer, domain_parts, find_render_node
 from vfiocaps.errors import InvalidArgumentError

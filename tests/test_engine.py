@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, wait_until
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

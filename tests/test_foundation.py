@@ -7,7 +7,15 @@ import socket
 import time
 from pathlib import Path
 
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl, gdbus, wait_until
+from support.harness import (
+    BUS_NAME,
+    ROOT_PATH,
+    DaemonFactory,
+    PrivateBus,
+    busctl,
+    gdbus,
+    wait_until,
+)
 
 
 def test_introspection_shows_object_manager_and_manager(

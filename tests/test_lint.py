@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness import REPO
+from support.harness import REPO
 
 LINTERS = {
     "ruff-check": [sys.executable, "-m", "ruff", "check", "daemon", "tests", "bench"],

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from cli_help import commands_of, help_text, options_in
-from harness import REPO
+from support.cli_help import commands_of, help_text, options_in
+from support.harness import REPO
 
 PAGES = {"vfiocapsctl": REPO / "man" / "vfiocapsctl.1", "vfiocapsd": REPO / "man" / "vfiocapsd.8"}
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon_lab import Lab
-from harness import BUS_NAME, ROOT_PATH, busctl
+from support.daemon_lab import Lab
+from support.harness import BUS_NAME, ROOT_PATH, busctl
 
 MANAGER = "org.vfiocaps1.Manager"
 

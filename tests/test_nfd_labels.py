@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab
-from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
-from nfd_format import MAX_FILE_BYTES, label_problem, read_labels
+from support.daemon_lab import Lab
+from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+from support.nfd_format import MAX_FILE_BYTES, label_problem, read_labels
 from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
 from vfiocaps.engine import TypeView
 from vfiocaps.nfdlabels import (

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from test_prober_helpers import (
+from support.prober import (
     FakeHost,
     fake_host,
     install_fake_qemu,

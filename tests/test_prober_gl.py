@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from gl_host import add_render_node, render_gid
-from test_prober_helpers import (
+from support.gl_host import add_render_node, render_gid
+from support.prober import (
     REAL_QEMU,
     FakeHost,
     fake_host,

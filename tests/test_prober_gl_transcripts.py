@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from test_prober_helpers import load_fixture
+from support.prober import load_fixture
 from vfiocaps.capabilities import Display, GlHost, Migration, ProbeOutcome
 from vfiocaps.prober.gldisplay import Screendump, ppm_size
 from vfiocaps.prober.launch import blocked_reasons, console_names

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_prober_helpers import REAL_QEMU, leftovers, make_readable, probe_user, scratch
+from support.prober import REAL_QEMU, leftovers, make_readable, probe_user, scratch
 from vfiocaps.capabilities import ProbeOutcome
 from vfiocaps.config import Config
 from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, QemuMissingError
@@ -168,7 +168,7 @@ async def test_unknown_device_failure_is_reported_with_an_excerpt(
     scratch: Path, probe_user: str
 ) -> None:
     """Real QEMU given a directory that is no VFIO device: an unrecognised failure."""
-    from test_prober_helpers import FakeHost
+    from support.prober import FakeHost
     from vfiocaps.prober import ProbeTarget
 
     host = FakeHost(scratch / "host")

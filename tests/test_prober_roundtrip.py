@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from harness import REPO
-from test_prober_helpers import (
+from support.harness import REPO
+from support.prober import (
     REAL_QEMU,
     FakeHost,
     fake_host,

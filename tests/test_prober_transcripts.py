@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from test_prober_helpers import load_fixture
+from support.prober import load_fixture
 from vfiocaps.capabilities import Decider, Display, Migration, ProbeOutcome
 from vfiocaps.prober.identity import parse_device_properties, parse_version
 from vfiocaps.prober.launch import blocked_reasons, console_names, migration_result

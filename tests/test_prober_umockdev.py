@@ -58,14 +58,14 @@ async def _probe_samples() -> dict[str, Any]:
     gi.require_version("UMockdev", "1.0")
     from gi.repository import UMockdev
 
-    from test_prober_helpers import (
+    from support.prober import (
         ensure_probe_user,
         install_fake_qemu,
         leftovers,
         make_group_node,
         make_readable,
     )
-    from umockdev_hosts import HostBuilder
+    from support.umockdev_hosts import HostBuilder
     from vfiocaps.config import Config
     from vfiocaps.prober import Prober, ProbeTarget
 

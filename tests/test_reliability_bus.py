@@ -17,8 +17,8 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import (
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import (
     BUS_NAME,
     ROOT_PATH,
     DaemonFactory,
@@ -27,7 +27,7 @@ from harness import (
     raw_bus_connection,
     wait_until,
 )
-from test_reliability_helpers import daemon_pid, qemu_pids
+from support.reliability import daemon_pid, qemu_pids
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from daemon_lab import Lab, manager_property
-from harness import BUS_NAME, ROOT_PATH, wait_until
-from test_reliability_helpers import daemon_pid, qemu_pids
+from support.daemon_lab import Lab, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, wait_until
+from support.reliability import daemon_pid, qemu_pids
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
-from test_prober_helpers import make_group_node
-from test_reliability_helpers import (
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, gdbus, wait_until
+from support.prober import make_group_node
+from support.reliability import (
     daemon_pid,
     probe_leftovers,
     qemu_pids,

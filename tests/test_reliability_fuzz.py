@@ -14,9 +14,9 @@ from dbus_fast.aio import MessageBus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_lab import Lab, capabilities
-from harness import BUS_NAME, ROOT_PATH
-from test_reliability_helpers import device_path
+from support.daemon_lab import Lab, capabilities
+from support.harness import BUS_NAME, ROOT_PATH
+from support.reliability import device_path
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

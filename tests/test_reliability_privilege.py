@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from daemon_lab import Lab, manager_property
-from harness import DaemonProcess, PrivateBus, busctl, wait_until
-from test_dbus_api import call, polkitd, shared_bus
-from test_reliability_helpers import device_path
+from support.callers import call
+from support.daemon_lab import Lab, manager_property
+from support.harness import DaemonProcess, PrivateBus, busctl, wait_until
+from support.reliability import device_path
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("umockdev-wrapper") is None, reason="umockdev is missing"),
@@ -22,7 +22,6 @@ pytestmark = [
     ),
 ]
 
-__all__ = ["polkitd", "shared_bus"]  # fixtures
 NOBODY = "65534"
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, gdbus, wait_until
-from test_prober_helpers import REAL_QEMU
-from test_reliability_helpers import (
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus, wait_until
+from support.prober import REAL_QEMU
+from support.reliability import (
     cmdline,
     daemon_pid,
     history,
@@ -188,7 +188,7 @@ def test_probe_qemu_runs_unprivileged_with_a_validated_argv(lab: Lab) -> None:
 @pytest.mark.skipif(REAL_QEMU is None, reason="qemu-system-x86_64 is not installed")
 async def test_real_qemu_probe_runs_without_privilege_under_seccomp(tmp_path: Path) -> None:
     """The bare self-test with the real QEMU, stopped at QMP ready to read its credentials."""
-    from test_prober_helpers import ensure_probe_user
+    from support.prober import ensure_probe_user
     from vfiocaps.config import Config
     from vfiocaps.prober import LaunchEvent, LaunchStage, Prober
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import DaemonProcess, wait_until
-from test_reliability_helpers import daemon_pid, records
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import DaemonProcess, wait_until
+from support.reliability import daemon_pid, records
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("umockdev-wrapper") is None, reason="umockdev is missing"),

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab, capabilities, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, gdbus
+from support.daemon_lab import Lab, capabilities, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab
-from harness import wait_until
-from test_reliability_helpers import daemon_pid, qemu_pids
+from support.daemon_lab import Lab
+from support.harness import wait_until
+from support.reliability import daemon_pid, qemu_pids
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("umockdev-wrapper") is None, reason="umockdev is missing"),

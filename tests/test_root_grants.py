@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from harness import wait_until
-from test_prober_helpers import (
+from support.harness import wait_until
+from support.prober import (
     FakeHost,
     fake_host,
     install_fake_qemu,

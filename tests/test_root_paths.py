@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl
+from support.harness import BUS_NAME, ROOT_PATH, DaemonFactory, PrivateBus, busctl
 
 
 def refusal(bus: PrivateBus, path: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import REPO, DaemonFactory, PrivateBus, wait_until
+from support.harness import REPO, DaemonFactory, PrivateBus, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.getuid() != 0 or shutil.which("setpriv") is None,

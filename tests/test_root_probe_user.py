@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_lab import Lab
-from harness import wait_until
-from test_prober_helpers import (
+from support.daemon_lab import Lab
+from support.harness import wait_until
+from support.prober import (
     FakeHost,
     fake_host,
     install_fake_qemu,

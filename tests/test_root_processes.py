@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import wait_until
+from support.harness import wait_until
 from vfiocaps.process import ManagedProcess, ProcessSpec, run_command
 
 LEAVE_A_CHILD = 'sleep 300 & echo $! > "$0"; exit 0'  # the grandchild keeps stderr open

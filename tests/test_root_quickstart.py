@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, PrivateBus, busctl, wait_until
+from support.harness import REPO, PrivateBus, busctl, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the quick start as root")
 

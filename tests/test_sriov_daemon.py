@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from daemon_lab import Lab, capabilities, make_lab, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
-from umockdev_sriov import H100, MLX5, XE, SriovMockHost
+from support.daemon_lab import Lab, capabilities, make_lab, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+from support.umockdev_sriov import H100, MLX5, XE, SriovMockHost
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import BUS_NAME, REPO, ROOT_PATH, DaemonFactory, PrivateBus, busctl, have, wait_until
+from support.harness import (
+    BUS_NAME,
+    REPO,
+    ROOT_PATH,
+    DaemonFactory,
+    PrivateBus,
+    busctl,
+    have,
+    wait_until,
+)
 
 PREFIX = "/usr"
 UNIT = f"{PREFIX}/lib/systemd/system/vfiocapsd.service"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon_lab import Lab, manager_property
-from harness import BUS_NAME, ROOT_PATH, busctl, wait_until
+from support.daemon_lab import Lab, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 
 MANAGER = "org.vfiocaps1.Manager"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from test_prober_helpers import probe_user
+from support.prober import probe_user
 from vfiocaps.prober import vfiofeatures as vf
 from vfiocaps.prober.kernelfacts import parse_reader_output, read_kernel_facts, reader_argv
 from vfiocaps.prober.sandbox import resolve_probe_identity

@@ -6,59 +6,22 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable
-from dataclasses import replace
-
-from dbus_fast import NameFlag, RequestNameReply
 
 from . import __version__
 from .bus.adaptor import BusAdaptor
-from .bus.connection import ResilientMessageBus, close_bus, connect_bus, wait_disconnected
+from .bus.connection import close_bus, connect_bus, wait_disconnected
 from .bus.names import BUS_NAME
-from .capabilities import ProbeReport
+from .bus.ownership import own_name, release_name
 from .config import Config
 from .discovery import Discovery
-from .engine import DeviceView, Engine, EngineStatus
-from .errors import BusError, NameTakenError, VfiocapsError
-from .model import Device, Parent
+from .engine import Engine
+from .errors import BusError, VfiocapsError
 from .nfdlabels import FeatureFile, NfdLabelWriter
-from .notify import Notifier, NotifyError, watchdog_interval
-from .prober import Prober, ProbeTarget
-from .store import CapabilityStore, QemuIdentity
+from .notify import Notifier, NotifyError, ServiceStatus, watchdog_interval
+from .prober import Prober
+from .store import CapabilityStore
 
 log = logging.getLogger("vfiocaps")
-
-# On the way out, how long the bus may take to confirm that the name is released.
-NAME_RELEASE_SECONDS = 2.0
-
-
-class ProberRunner:
-    """The engine's view of the prober: devices in, reports out."""
-
-    def __init__(self, prober: Prober) -> None:
-        self._prober = prober
-        self._may_probe = asyncio.Event()
-
-    def allow_probes(self) -> None:
-        """Let probes start: called once the daemon owns its name, so that a second daemon,
-        which will not get the name, never lends a device node."""
-        self._may_probe.set()
-
-    async def qemu_identity(self) -> QemuIdentity:
-        """The QEMU binary's identity.
-
-        Raises:
-            ProbeError: the binary is missing or does not answer ``--version``.
-        """
-        identity = await self._prober.qemu_identity()
-        return QemuIdentity(str(identity.path), identity.version, identity.ctime_ns)
-
-    async def probe(self, device: Device, parent: Parent | None) -> ProbeReport:
-        """Probe *device* (once probes are allowed); device-level failures are in the report,
-        not raised."""
-        await self._may_probe.wait()
-        if device.driver is None and parent is not None and parent.driver is not None:
-            device = replace(device, driver=parent.driver)
-        return await self._prober.probe(ProbeTarget.from_device(device))
 
 
 def _notifier() -> Notifier | None:
@@ -91,86 +54,6 @@ async def _stop_early(engine_task: asyncio.Task[None]) -> None:
         raise VfiocapsError(f"the engine stopped: {error}") from error
 
 
-async def own_name(bus: ResilientMessageBus) -> None:
-    """Request the well-known name without queueing.
-
-    Raises:
-        NameTakenError: another connection owns it.
-        BusError: the bus refused the request.
-    """
-    try:
-        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    except Exception as err:
-        raise BusError(f"cannot request the name {BUS_NAME}: {err}") from err
-    if reply is RequestNameReply.EXISTS:
-        raise NameTakenError(f"{BUS_NAME} is already owned by another process on this bus")
-    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise BusError(f"unexpected reply to the request for {BUS_NAME}: {reply}")
-
-
-async def release_name(bus: ResilientMessageBus) -> None:
-    """Give the well-known name back: its owner going away tells every client that all of the
-    daemon's objects are gone. Raises nothing; a bus that is already gone took the name along.
-    """
-    if not bus.connected:
-        return
-    try:
-        await asyncio.wait_for(bus.release_name(BUS_NAME), NAME_RELEASE_SECONDS)
-    except TimeoutError:
-        log.debug("the bus did not answer the release of %s in time", BUS_NAME)
-    except Exception as err:  # noqa: BLE001 - on the way out a failing bus is only worth a line
-        log.debug("releasing %s: %s", BUS_NAME, err)
-
-
-class ServiceStatus:
-    """Tells the service manager how the daemon is doing (``STATUS=``), at most once a second."""
-
-    def __init__(self, notifier: Notifier) -> None:
-        self._notifier = notifier
-        self._latest: EngineStatus | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @staticmethod
-    def describe(status: EngineStatus) -> str:
-        """One line for ``systemctl status``."""
-        probing = ", probing" if status.probing else ""
-        return (
-            f"{status.device_count} devices, {status.probes_launched} probes since start"
-            f"{probing}; cache {status.cache_state}"
-        )
-
-    def status_changed(self, status: EngineStatus) -> None:
-        self._latest = status
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._send_soon())
-
-    async def _send_soon(self) -> None:
-        await asyncio.sleep(1.0)
-        if self._latest is not None:
-            try:
-                await self._notifier.status(self.describe(self._latest))
-            except NotifyError as err:
-                log.warning("%s", err)
-
-    def device_added(self, view: DeviceView) -> None:
-        pass
-
-    def device_changed(self, view: DeviceView) -> None:
-        pass
-
-    def device_removed(self, device_id: str) -> None:
-        pass
-
-    def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        """Stop a pending status update."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
 async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
     try:
         await notifier.keep_watchdog(interval)
@@ -198,9 +81,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     prober = Prober(config)
     # Before anything is discovered or probed: nodes a killed process left lent go back.
     prober.recover_grants()
-    runner = ProberRunner(prober)
     bus = await connect_bus(config.bus)
-    engine = Engine(config, Discovery(config), runner, CapabilityStore(config.database_path))
+    engine = Engine(config, Discovery(config), prober, CapabilityStore(config.database_path))
     adaptor = BusAdaptor(bus, engine, config)
     labels = label_writer(config, engine)
     engine_task: asyncio.Task[None] | None = None
@@ -232,7 +114,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         bus.announcing = True
         await own_name(bus)
         named = True
-        runner.allow_probes()
+        prober.allow_probes()
         log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
         if config.emulated:
             log.warning("this host is emulated: the answers describe no real hardware")

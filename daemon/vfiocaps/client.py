@@ -11,11 +11,15 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .bus.names import BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, ROOT_PATH
+from .bus.names import (
+    BUS_NAME,
+    DEVICE_INTERFACE,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    PROPERTIES_INTERFACE,
+    ROOT_PATH,
+)
 from .errors import VfiocapsError
-
-PROPERTIES = "org.freedesktop.DBus.Properties"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 class ClientError(VfiocapsError):
@@ -80,7 +84,9 @@ class VfiocapsClient:
         Raises:
             ClientError: the daemon is not there or refused.
         """
-        (values,) = await self._call(ROOT_PATH, PROPERTIES, "GetAll", "s", [MANAGER_INTERFACE])
+        (values,) = await self._call(
+            ROOT_PATH, PROPERTIES_INTERFACE, "GetAll", "s", [MANAGER_INTERFACE]
+        )
         return dict(plain(values))
 
     async def devices(self) -> list[dict[str, Any]]:
@@ -89,7 +95,7 @@ class VfiocapsClient:
         Raises:
             ClientError: the daemon is not there or refused.
         """
-        (objects,) = await self._call(ROOT_PATH, OBJECT_MANAGER, "GetManagedObjects")
+        (objects,) = await self._call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
         found = [
             dict(plain(interfaces[DEVICE_INTERFACE]))
             for interfaces in objects.values()
@@ -105,7 +111,7 @@ class VfiocapsClient:
         """
         await self._call(ROOT_PATH, MANAGER_INTERFACE, "GetCapabilities", "s", [device_id])
         (path,) = await self._call(ROOT_PATH, MANAGER_INTERFACE, "GetDevice", "s", [device_id])
-        (values,) = await self._call(path, PROPERTIES, "GetAll", "s", [DEVICE_INTERFACE])
+        (values,) = await self._call(path, PROPERTIES_INTERFACE, "GetAll", "s", [DEVICE_INTERFACE])
         return dict(plain(values))
 
     async def types(self) -> list[dict[str, Any]]:
@@ -228,13 +234,13 @@ class VfiocapsClient:
 def describe_signal(message: Message) -> dict[str, Any] | None:
     """A monitor event for a signal of ours, or None for signals we do not report."""
     member, body = message.member, message.body
-    if message.interface == OBJECT_MANAGER and member == "InterfacesAdded":
+    if message.interface == OBJECT_MANAGER_INTERFACE and member == "InterfacesAdded":
         path, interfaces = body
         values = plain(interfaces.get(DEVICE_INTERFACE, {}))
         return {"event": "device-added", "path": path, **values}
-    if message.interface == OBJECT_MANAGER and member == "InterfacesRemoved":
+    if message.interface == OBJECT_MANAGER_INTERFACE and member == "InterfacesRemoved":
         return {"event": "device-removed", "path": body[0]}
-    if message.interface == PROPERTIES and member == "PropertiesChanged":
+    if message.interface == PROPERTIES_INTERFACE and member == "PropertiesChanged":
         interface, changed, _ = body
         kind = "device-changed" if interface == DEVICE_INTERFACE else "manager-changed"
         return {"event": kind, "path": message.path, **plain(changed)}

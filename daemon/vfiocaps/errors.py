@@ -4,23 +4,38 @@ Every error the daemon raises on purpose derives from :class:`VfiocapsError`; an
 escapes a layer is a bug and is logged as an internal error by whoever catches it last::
 
     VfiocapsError
-     +-- ConfigError            bad command line, environment or configuration value
-     |    +-- UnsafeDirectoryError  a state directory others could change or plant files in
-     +-- BusyError              too many requests are waiting; the caller may retry later
-     +-- BusError               the message bus refused us or went away
-     |    +-- NameTakenError    another process already owns the well-known name
-     +-- InvalidArgumentError   a caller's value is malformed (id, path, driver name)
-     +-- NotFoundError          a well-formed id that names no known device or type
-     +-- NotAuthorizedError     the caller may not change state
-     +-- DiscoveryError         sysfs or udev could not be read as expected
-     +-- ProbeError             a probe could not give an answer
-     |    +-- ProbeBusyError    the device is held by someone else (a VM); never disturbed
-     |    +-- ProbeTimeoutError the probe QEMU did not answer in time
-     +-- StoreError             the capability cache cannot be read or written
-     +-- HardeningError         a restriction the daemon puts on itself was refused
+     +-- ConfigError                     bad command line, environment or configuration value
+     |    +-- UnsafeDirectoryError       a state directory others could change or plant files in
+     |    +-- notify.NotifyError         $NOTIFY_SOCKET is malformed or unreachable
+     +-- BusError                        the message bus refused us or went away
+     |    +-- NameTakenError             another process already owns the well-known name
+     +-- InvalidArgumentError            a caller's value is malformed (id, path, driver name)
+     +-- NotFoundError                   a well-formed id that names no known device or type
+     +-- NotAuthorizedError              the caller may not change state
+     +-- BusyError                       too many requests are waiting; the caller may retry later
+     +-- DiscoveryError                  sysfs or udev could not be read as expected
+     |    +-- discovery.UdevUnavailableError   libudev or its monitor cannot be opened
+     |    +-- discovery.DiscoveryStateError    a call the discovery state does not allow
+     |    +-- discovery.InstanceError          an mdev instance cannot be created or removed
+     |    +-- discovery.ProfileError           a vGPU profile cannot be set on or cleared from a VF
+     +-- ProbeError                      a probe could not give an answer
+     |    +-- ProbeBusyError             the device is held by someone else (a VM); never disturbed
+     |    +-- ProbeTimeoutError          the probe QEMU did not answer in time
+     |    +-- prober.QemuMissingError    the QEMU binary is missing or cannot be executed
+     |    +-- prober.QemuUnusableError   the binary does not answer like QEMU
+     |    +-- prober.ProbeSandboxError   the probe user or the sandbox is unusable
+     |    +-- prober.GrantError          a device node cannot be lent or is lent by another process
+     |    +-- prober.UnsupportedArchitectureError  no machine type for this architecture
+     +-- StoreError                      the capability cache cannot be read or written
+     |    +-- store.StoreCorruptError    the database is damaged (it is moved aside and rebuilt)
+     |    +-- store.StoreUnavailableError  the database cannot be opened or created at all
+     +-- HardeningError                  a restriction the daemon puts on itself was refused
+     +-- process.ProcessStartError       a program could not be started at all
+     +-- client.ClientError              the daemon answered a client's call with an error
 
-Subsystems may refine these further (the prober's outcomes, the store's corruption) but always
-below one of the classes above, so that the D-Bus adaptor maps every error through one table.
+Subsystems refine these in their own package (named above as ``package.Class``, and exported
+from it), always below one of the classes defined here, so that the D-Bus adaptor maps every
+error through one table. A test checks that this tree names every error class.
 """
 
 from __future__ import annotations

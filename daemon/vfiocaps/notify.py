@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .engine import DeviceView, EngineStatus
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_SECONDS = 5.0
 # The service manager reads notification datagrams into a buffer of this size (NOTIFY_BUFFER_MAX).
@@ -219,3 +223,53 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class ServiceStatus:
+    """Tells the service manager how the daemon is doing (``STATUS=``), at most once a second."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._latest: EngineStatus | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def describe(status: EngineStatus) -> str:
+        """One line for ``systemctl status``."""
+        probing = ", probing" if status.probing else ""
+        cache = status.cache_state.value + (f": {status.cache_error}" if status.cache_error else "")
+        return (
+            f"{status.device_count} devices, {status.probes_launched} probes since start"
+            f"{probing}; cache {cache}"
+        )
+
+    def status_changed(self, status: EngineStatus) -> None:
+        self._latest = status
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send_soon())
+
+    async def _send_soon(self) -> None:
+        await asyncio.sleep(1.0)
+        if self._latest is not None:
+            try:
+                await self._notifier.status(self.describe(self._latest))
+            except NotifyError as err:
+                log.warning("%s", err)
+
+    def device_added(self, view: DeviceView) -> None:
+        pass
+
+    def device_changed(self, view: DeviceView) -> None:
+        pass
+
+    def device_removed(self, device_id: str) -> None:
+        pass
+
+    def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        """Stop a pending status update."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

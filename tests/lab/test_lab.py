@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO
+from support.harness import REPO
 
 RUNNER = REPO / "tests" / "lab" / "run"
 # A cold build (about 2 minutes) plus boot, install and the guest suite under emulation.

@@ -9,9 +9,9 @@ from dbus_fast import Variant
 from .. import fingerprint
 from ..config import Config
 from ..domainxml import Viewer, find_render_node
-from ..engine import DeviceView, Engine, EngineStatus, ProbeState
+from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
-from .calls import current_caller, note_caller
+from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
 from .device import DeviceInterface
 from .manager import ManagerInterface, ManagerState
@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 ACTION_REFRESH = "org.vfiocaps.refresh"
 ACTION_INVALIDATE = "org.vfiocaps.invalidate"
 ACTION_PROBE_TYPE = "org.vfiocaps.probe-type"
+# GetCapabilities and DomainXml calls one sender may have waiting for a probe at once.
+WAITS_PER_SENDER = 32
+
+
+def cache_state_text(status: EngineStatus) -> str:
+    """The ``CacheState`` property: ``ok``, or ``degraded: <why>``."""
+    if status.cache_state is CacheState.OK:
+        return "ok"
+    return f"{status.cache_state.value}: {status.cache_error}"
 
 
 def device_path(device_id: str) -> str:
@@ -48,6 +57,7 @@ class BusAdaptor:
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices: dict[str, DeviceInterface] = {}
         self._started = False
+        self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -109,7 +119,7 @@ class BusAdaptor:
                 probing=status.probing,
                 device_count=status.device_count,
                 probe_count=status.probes_launched,
-                cache_state=status.cache_state,
+                cache_state=cache_state_text(status),
                 emulated=self._config.emulated,
             )
         )
@@ -131,8 +141,11 @@ class BusAdaptor:
 
     async def _settled(self, device_id: str) -> DeviceView:
         view = self._lookup(device_id)
-        wait = self._config.probe_timeout * 3
-        return await self._engine.settled(view.device.device_id, wait)
+        return await self._settled_by_id(view.device.device_id)
+
+    async def _settled_by_id(self, device_id: str) -> DeviceView:
+        with self._waits.hold(current_caller().sender):
+            return await self._engine.settled(device_id, self._config.probe_timeout * 3)
 
     async def get_capabilities(self, device_id: str) -> dict[str, Variant]:
         ref = parse_device_id(device_id, self._config.sysfs_root)
@@ -140,7 +153,7 @@ class BusAdaptor:
         if known is None:
             known = self._engine.find(sysfs_path=ref.sysfs_path).device.device_id
         if self._engine.probe_state(known) in (ProbeState.PENDING, ProbeState.PROBING):
-            await self._engine.settled(known, self._config.probe_timeout * 3)
+            await self._settled_by_id(known)
         interface = self._devices.get(known)
         if interface is not None:
             return interface.capabilities()
@@ -181,14 +194,13 @@ class BusAdaptor:
 
     def _fingerprint(self, view: DeviceView) -> fingerprint.Fingerprint:
         device_id = view.device.device_id
-        record = self._engine.record_for(device_id)
-        if view.capabilities is None or view.driver is None or record is None:
+        if view.capabilities is None or view.driver is None:
             if view.state is ProbeState.BUSY:
                 raise ProbeBusyError(f"{device_id} is in use and its type is not known")
             reason = view.last_error or f"probe state is {view.state.value}"
             raise ProbeError(f"no capabilities for {device_id}: {reason}")
         return fingerprint.for_device(
-            view.device, view.driver, view.capabilities, record.key.parent_pci_id
+            view.device, view.driver, view.capabilities, view.parent_pci_id
         )
 
     async def migration_fingerprint(self, device_id: str) -> str:

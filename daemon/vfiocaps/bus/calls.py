@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from dbus_fast import Message, MessageFlag, MessageType
 
+from ..errors import BusyError
 from .errors import to_dbus_error
 
 P = ParamSpec("P")
@@ -73,3 +75,32 @@ def mapped_errors(member: str) -> Callable[[Method[P, R]], Method[P, R]]:
         return wrapper
 
     return decorate
+
+
+class WaitsPerSender:
+    """Bounds how many calls each sender may have waiting (for a probe) at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._waiting: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, sender: str) -> Iterator[None]:
+        """One waiting call of *sender* for the life of the block.
+
+        Raises:
+            BusyError: *sender* has *limit* calls waiting already.
+        """
+        count = self._waiting.get(sender, 0)
+        if count >= self.limit:
+            raise BusyError(
+                f"{sender} has {count} calls waiting for probes; call again when one returned"
+            )
+        self._waiting[sender] = count + 1
+        try:
+            yield
+        finally:
+            if self._waiting[sender] == 1:
+                del self._waiting[sender]
+            else:
+                self._waiting[sender] -= 1

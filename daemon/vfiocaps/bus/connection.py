@@ -22,10 +22,28 @@ from dbus_fast.service import ServiceInterface
 
 from ..config import BusChoice, BusKind
 from ..errors import BusError
+from .names import OBJECT_MANAGER_INTERFACE
 
 log = logging.getLogger(__name__)
 
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+# The private parts of dbus-fast that this module (and no other) relies on, as
+# ``module:attribute path``; tests/test_private_members.py checks each against the installed
+# library, so an upgrade that drops one fails the tests, not the daemon.
+DBUS_FAST_PRIVATE = (
+    "dbus_fast.aio.message_bus:_MessageWriter",
+    "dbus_fast.aio.message_bus:MessageBus._finalize",
+    "dbus_fast.aio.message_bus:MessageBus._emit_interface_added",
+    "dbus_fast.aio.message_bus:MessageBus._emit_interface_removed",
+    "dbus_fast.aio.message_bus:MessageBus._default_get_managed_objects_handler",
+    "dbus_fast.service:ServiceInterface._get_all_property_values",
+)
+# Instance attributes read or replaced: of a connection, and of its message writer.
+DBUS_FAST_BUS_ATTRIBUTES = ("_writer", "_user_disconnect", "_disconnected", "_path_exports")
+DBUS_FAST_WRITER_ATTRIBUTES = (
+    "bus", "loop", "sock", "fd", "buf", "offset", "messages", "unix_fds", "fut",
+    "negotiate_unix_fd",
+)  # fmt: skip
 
 
 def _resolve(fut: asyncio.Future[None] | None, err: Exception | None = None) -> None:
@@ -119,7 +137,7 @@ class ResilientMessageBus(MessageBus):
             self.send(
                 Message.new_signal(
                     path=root,
-                    interface=OBJECT_MANAGER,
+                    interface=OBJECT_MANAGER_INTERFACE,
                     member="InterfacesAdded",
                     signature="oa{sa{sv}}",
                     body=[path, {interface.name: values}],
@@ -179,7 +197,7 @@ class ResilientMessageBus(MessageBus):
         self.send(
             Message.new_signal(
                 path=root,
-                interface=OBJECT_MANAGER,
+                interface=OBJECT_MANAGER_INTERFACE,
                 member="InterfacesRemoved",
                 signature="oas",
                 body=[path, removed_interfaces],

@@ -4,6 +4,7 @@ change to them."""
 from __future__ import annotations
 
 from .errors import DiscoveryStateError, UdevUnavailableError
+from .instances import InstanceError
 from .profiles import ProfileError
 from .service import Discovery, DiscoveryState, host_reader, read_device
 
@@ -11,6 +12,7 @@ __all__ = [
     "Discovery",
     "DiscoveryState",
     "DiscoveryStateError",
+    "InstanceError",
     "ProfileError",
     "UdevUnavailableError",
     "host_reader",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -68,3 +69,114 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
         raise InstanceError(f"{device.device_id} is not an mdev instance")
     _write_attribute(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
     log.info("removed temporary instance %s", device.device_id)
+
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class InstanceLedger:
+    """The temporary instances this daemon created, one file each, so a crash does not leak them.
+
+    A record holds the boot id, the creating daemon's pid and the instance's UUID. At start,
+    :meth:`remove_leftovers` removes the instances of an earlier daemon of this boot that died
+    with them; records of another boot are dropped (the instances went with that boot), and
+    those of a daemon still running are left to it. The directory is the daemon's own runtime
+    directory; the UUID alone chooses the instance, so a record can name no other file.
+    """
+
+    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
+        self.directory = directory
+        self._boot_id_path = boot_id_path
+
+    def _boot_id(self) -> str:
+        try:
+            return self._boot_id_path.read_text().strip()
+        except OSError as err:
+            raise InstanceError(f"cannot read the boot id at {self._boot_id_path}: {err}") from err
+
+    def record(self, uuid: str) -> None:
+        """Note that this daemon created *uuid*.
+
+        Raises:
+            InstanceError: the record cannot be written (then the instance must be removed).
+        """
+        if not _UUID.match(uuid):
+            raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
+        text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temporary = self.directory / f".{uuid}.new"
+            temporary.write_text(text + "\n")
+            os.replace(temporary, self.directory / uuid)
+        except OSError as err:
+            raise InstanceError(f"cannot record the temporary instance {uuid}: {err}") from err
+
+    def forget(self, uuid: str) -> None:
+        """The instance is gone: drop its record. Raises nothing."""
+        if not _UUID.match(uuid):
+            return
+        try:
+            (self.directory / uuid).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("cannot drop the record of %s: %s", uuid, err)
+
+    def recorded(self) -> list[str]:
+        """UUIDs recorded now, by any daemon."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            log.warning("cannot read %s: %s", self.directory, err)
+            return []
+        return [name for name in names if _UUID.match(name)]
+
+    def remove_leftovers(self, sysfs_root: Path) -> list[str]:
+        """Remove the instances recorded by dead daemons of this boot; return their UUIDs.
+
+        Raises nothing: an instance that cannot be removed keeps its record for the next start.
+        """
+        try:
+            boot_id = self._boot_id()
+        except InstanceError as err:
+            log.warning("not removing leftover temporary instances: %s", err)
+            return []
+        removed = []
+        for uuid in self.recorded():
+            path = self.directory / uuid
+            try:
+                entry = json.loads(path.read_text())
+                owner_boot, pid = str(entry["boot_id"]), int(entry["pid"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("dropping the unreadable record %s: %s", path, err)
+                self.forget(uuid)
+                continue
+            if owner_boot != boot_id:
+                self.forget(uuid)
+                continue
+            if pid != os.getpid() and _pid_alive(pid):
+                continue
+            device = sysfs_root / "bus" / "mdev" / "devices" / uuid
+            if not os.path.lexists(device):
+                self.forget(uuid)
+                continue
+            try:
+                _write_attribute(SysfsTree(sysfs_root), device / "remove", "1")
+            except InstanceError as err:
+                log.error("cannot remove the leftover temporary instance %s: %s", uuid, err)
+                continue
+            log.warning("removed the temporary instance %s left by a daemon that died", uuid)
+            self.forget(uuid)
+            removed.append(uuid)
+        return removed

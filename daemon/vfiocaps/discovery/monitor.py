@@ -42,6 +42,11 @@ class Drained:
     more: bool
 
 
+# The private parts of pyudev that this module (and no other) relies on, as ``module:attribute
+# path``; tests/test_private_members.py checks each against the installed library.
+PYUDEV_PRIVATE = ("pyudev:Monitor._receive_device",)
+
+
 class UdevMonitor:
     """A pyudev netlink monitor (source ``udev``) with a large receive buffer, non-blocking."""
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from .grants import GrantError
-from .identity import QemuIdentity, QemuMissingError, QemuUnusableError
+from .identity import QemuBinary, QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
-from .plan import Accel, DeviceSettings, OnOffAuto, ProbePlan, build_qemu_argv
+from .plan import (
+    Accel,
+    DeviceSettings,
+    OnOffAuto,
+    ProbePlan,
+    UnsupportedArchitectureError,
+    build_qemu_argv,
+)
 from .prober import Prober
 from .sandbox import ProbeSandboxError
 from .target import ProbeTarget
@@ -22,8 +29,9 @@ __all__ = [
     "ProbeSandboxError",
     "ProbeTarget",
     "Prober",
-    "QemuIdentity",
+    "QemuBinary",
     "QemuMissingError",
     "QemuUnusableError",
+    "UnsupportedArchitectureError",
     "build_qemu_argv",
 ]

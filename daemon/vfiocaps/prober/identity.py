@@ -24,7 +24,7 @@ class QemuUnusableError(ProbeError):
 
 
 @dataclass(frozen=True)
-class QemuIdentity:
+class QemuBinary:
     """A QEMU binary as a cache key: resolved path, version, and inode change time."""
 
     path: Path
@@ -66,7 +66,7 @@ def binary_stat(binary: Path) -> tuple[Path, os.stat_result]:
     return resolved, st
 
 
-async def read_identity(binary: Path, credentials: Credentials | None) -> QemuIdentity:
+async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBinary:
     """Ask *binary* for its version and vfio-pci properties (run as *credentials*).
 
     Raises :class:`QemuMissingError` when it cannot be executed and
@@ -95,7 +95,7 @@ async def read_identity(binary: Path, credentials: Credentials | None) -> QemuId
         raise QemuUnusableError(
             f"{resolved} -version exited with {banner.returncode}: {banner.stderr.strip()[:200]}"
         )
-    return QemuIdentity(
+    return QemuBinary(
         path=resolved,
         version=parse_version(banner.stdout),
         ctime_ns=st.st_ctime_ns,

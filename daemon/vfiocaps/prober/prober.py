@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import enum
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
 from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
+from ..model import Device, Parent
 from ..process import ProcessStartError
 from .grants import NodeGrants
-from .identity import QemuIdentity, QemuMissingError, binary_stat, read_identity
+from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
 from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .migration import KernelMigrationFacts
@@ -37,19 +38,10 @@ from .target import ProbeTarget
 log = logging.getLogger("vfiocaps.prober")
 
 
-class ProbeState(enum.Enum):
-    """Where one probe is."""
-
-    PREPARING = "preparing"  # identity, QEMU, busy check, grants
-    LAUNCHING = "launching"  # a QEMU launch is running
-    DONE = "done"
-
-
 @dataclass
 class _ProbeRun:
     """Mutable state of one probe."""
 
-    state: ProbeState = ProbeState.PREPARING
     launches: list[LaunchRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -72,14 +64,16 @@ class Prober:
         self.observer = observer
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
-        self._identities: dict[tuple[Path, int, int, int], QemuIdentity] = {}
+        self._identities: dict[tuple[Path, int, int, int], QemuBinary] = {}
+        self._may_probe = asyncio.Event()
 
-    async def qemu_identity(self) -> QemuIdentity:
+    async def qemu_identity(self) -> QemuBinary:
         """The configured QEMU binary's identity (cached until the binary changes).
 
-        Raises :class:`~vfiocaps.prober.QemuMissingError` when the binary does not exist or
-        cannot be executed, :class:`~vfiocaps.prober.QemuUnusableError` when it does not answer
-        like QEMU, :class:`~vfiocaps.prober.ProbeSandboxError` when the probe user is unusable.
+        Raises:
+            QemuMissingError: the binary does not exist or cannot be executed.
+            QemuUnusableError: the binary does not answer like QEMU.
+            ProbeSandboxError: the probe user is unusable.
         """
         resolved, st = binary_stat(self.config.qemu_binary)
         key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
@@ -113,6 +107,31 @@ class Prober:
             probe_uid = None
         return self.grants.recover(probe_uid)
 
+    def allow_probes(self) -> None:
+        """Let the engine's probes start: called once the daemon owns its name, so that a second
+        daemon, which will not get the name, never lends a device node."""
+        self._may_probe.set()
+
+    async def qemu_version(self) -> str:
+        """The configured QEMU binary's version, as the engine keys its cache.
+
+        Raises:
+            ProbeError: the binary is missing, does not answer like QEMU, or the probe user is
+                unusable (see :meth:`qemu_identity`).
+        """
+        return (await self.qemu_identity()).version
+
+    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
+        """Probe a discovered device, once :meth:`allow_probes` was called; an mdev is probed
+        with its parent's driver identity.
+
+        Never raises for device- or host-level failures (see :meth:`probe`).
+        """
+        await self._may_probe.wait()
+        if device.driver is None and parent is not None and parent.driver is not None:
+            device = replace(device, driver=parent.driver)
+        return await self.probe(ProbeTarget.from_device(device))
+
     async def probe(self, target: ProbeTarget) -> ProbeReport:
         """Probe *target* and report; never raises for device- or host-level failures.
 
@@ -140,7 +159,6 @@ class Prober:
             verdict = Verdict(ProbeOutcome.BUSY, error=str(err))
         except ProbeError as err:
             verdict = Verdict(ProbeOutcome.FAILED, error=str(err))
-        run.state = ProbeState.DONE
         report = ProbeReport(
             outcome=verdict.outcome,
             capabilities=verdict.capabilities,
@@ -218,7 +236,6 @@ class Prober:
         self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun
     ) -> Verdict:
         while True:
-            run.state = ProbeState.LAUNCHING
             try:
                 observation, record = await run_launch(context, attempt)
             except ProcessStartError as err:

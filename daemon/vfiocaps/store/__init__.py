@@ -1,7 +1,7 @@
 """The capability cache on disk: one SQLite file, versioned schema, recovery from corruption."""
 
 from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry, QemuIdentity
-from .sqlite import CapabilityStore
+from .sqlite import CapabilityStore, StoreCorruptError, StoreUnavailableError
 
 __all__ = [
     "CapabilityKey",
@@ -10,4 +10,6 @@ __all__ = [
     "KnownDevice",
     "ProbeHistoryEntry",
     "QemuIdentity",
+    "StoreCorruptError",
+    "StoreUnavailableError",
 ]

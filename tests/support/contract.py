@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from harness import REPO
+from .harness import REPO
 
 CONTRACT = REPO / "dbus" / "org.vfiocaps1.xml"
 DOC = "org.gtk.GDBus.DocString"

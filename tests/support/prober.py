@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from harness import REPO
 from vfiocaps.config import DEFAULT_PROBE_USER
+
+from .harness import REPO
 
 FAKE_QEMU_DIR = REPO / "tests" / "fake_qemu"
 FIXTURES = REPO / "tests" / "fixtures" / "qemu"

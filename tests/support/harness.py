@@ -15,7 +15,7 @@ from pathlib import Path
 
 BUS_NAME = "org.vfiocaps"
 ROOT_PATH = "/org/vfiocaps"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 SESSION_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">

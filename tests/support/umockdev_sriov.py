@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umockdev_hosts import (
+from .umockdev_hosts import (
     DirectoryTestbed,
     HostBuilder,
     MockHost,

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import BUS_NAME, ROOT_PATH, DaemonProcess, PrivateBus, busctl, wait_until
-from test_prober_helpers import ensure_probe_user, install_fake_qemu, make_group_node
-from umockdev_hosts import MockHost
+from .harness import BUS_NAME, ROOT_PATH, DaemonProcess, PrivateBus, busctl, wait_until
+from .prober import ensure_probe_user, install_fake_qemu, make_group_node
+from .umockdev_hosts import MockHost
 
 MANAGER = "org.vfiocaps1.Manager"
 

@@ -8,8 +8,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from daemon_lab import Lab
-from harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl
+from .daemon_lab import Lab
+from .harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl
 
 DEVICE = "org.vfiocaps1.Device"
 

@@ -635,14 +635,14 @@ class MockHost:
     modules_root: Path = Path("/nonexistent")
     last_seconds: float = 0.0
 
-    def script(self) -> Path:
+    def command(self) -> list[str]:
         """The program the wrapped process runs (this module; subclasses may extend it)."""
-        return Path(__file__).resolve()
+        return [sys.executable, str(Path(__file__).resolve())]
 
     def start(self) -> MockHost:
         env = {k: v for k, v in os.environ.items() if k != "UMOCKDEV_DIR"}
         self.process = subprocess.Popen(
-            ["umockdev-wrapper", sys.executable, str(self.script())],
+            ["umockdev-wrapper", *self.command()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,0 +1,33 @@
+"""The engine: turns discovery events into cached capabilities with as few probes as truth allows.
+
+Its parts know nothing of each other's owner: :mod:`.keys` (cache keys, stale records),
+:mod:`.table` (live devices and their states), :mod:`.cache` (records written behind),
+:mod:`.qemu` (the QEMU binary), :mod:`.scheduler` (probe jobs), :mod:`.typeprobe` (temporary
+instances), :mod:`.announcer` (listeners); :mod:`.core` wires them into :class:`Engine`.
+"""
+
+from .core import Engine
+from .views import (
+    CacheState,
+    DeviceSource,
+    DeviceView,
+    EngineListener,
+    EngineStatus,
+    ProbeRunner,
+    ProbeState,
+    Timings,
+    TypeView,
+)
+
+__all__ = [
+    "CacheState",
+    "DeviceSource",
+    "DeviceView",
+    "Engine",
+    "EngineListener",
+    "EngineStatus",
+    "ProbeRunner",
+    "ProbeState",
+    "Timings",
+    "TypeView",
+]

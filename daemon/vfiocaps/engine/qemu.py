@@ -1,0 +1,94 @@
+"""The QEMU binary's identity, re-read when the file changes; the one place the engine keeps it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ProbeError
+from ..store import QemuIdentity
+from .cache import RecordCache
+from .views import ProbeRunner
+
+log = logging.getLogger(__name__)
+
+
+class QemuWatcher:
+    """Knows which QEMU binary answers probes: path, version (asked once per file) and ctime.
+
+    A change of the file (its ctime or size) costs one ``--version`` unless the store remembers
+    that file; *changed* is called with the old and new identity when a known binary changes,
+    *identified* when the binary is first known. While it is not, ``error`` says why (e.g. no
+    probe user) and it is looked at again after *retry* seconds instead of *interval*.
+    """
+
+    def __init__(
+        self,
+        binary: Path,
+        runner: ProbeRunner,
+        cache: RecordCache,
+        *,
+        changed: Callable[[QemuIdentity, QemuIdentity], object],
+        identified: Callable[[], None],
+        checked: Callable[[], None],
+        interval: float = 30.0,
+        retry: float = 30.0,
+    ) -> None:
+        self._binary = binary
+        self._runner = runner
+        self._cache = cache
+        self._changed = changed
+        self._identified = identified
+        self._checked = checked
+        self._interval = interval
+        self._retry = min(interval, retry)
+        self._stat: tuple[int, int] | None = None
+        self.identity: QemuIdentity | None = None
+        self.error = ""
+
+    async def check(self, initial: bool = False) -> None:
+        """Look at the binary again; tell a change, then that a check was made."""
+        try:
+            await self._check(initial)
+        finally:
+            self._checked()
+
+    async def _check(self, initial: bool) -> None:
+        path = self._binary
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            if self.identity is not None or initial:
+                log.warning("QEMU binary %s unusable: %s", path, err)
+            self._stat = None
+            return
+        stat_key = (st.st_ctime_ns, st.st_size)
+        if stat_key == self._stat and self.identity is not None:
+            return
+        version = await self._cache.qemu_version(str(path), *stat_key)
+        if version is None:
+            try:
+                version = await self._runner.qemu_version()
+            except ProbeError as err:
+                log.warning("cannot identify QEMU %s: %s", path, err)
+                self.error = str(err)
+                return
+            await self._cache.remember_qemu_version(str(path), *stat_key, version)
+        old = self.identity
+        self.identity = QemuIdentity(str(path), version, st.st_ctime_ns)
+        self._stat = stat_key
+        self.error = ""
+        if old is None:
+            self._identified()
+        elif old != self.identity:
+            log.info("QEMU changed: %s -> %s", old.version, version)
+            self._changed(old, self.identity)
+
+    async def run(self) -> None:
+        """Check the binary every *interval* seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval if self.identity else self._retry)
+            await self.check()

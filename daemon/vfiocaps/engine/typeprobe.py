@@ -1,0 +1,189 @@
+"""Probing a type nobody instantiated: a temporary instance, created, probed and removed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..capabilities import Capabilities
+from ..discovery.instances import InstanceLedger
+from ..errors import DiscoveryError, NotFoundError, ProbeError, ProbeTimeoutError
+from ..model import Device, DeviceKind, MdevType, Parent
+from .views import DeviceSource, DeviceView, ProbeState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TypeProber:
+    """Creates an instance of a type, waits until its probe has ended, and removes it.
+
+    The sysfs writes run in a thread with a deadline: the kernel holds a removal until QEMU lets
+    the device go, so a probe still running is stopped (and its QEMU reaped) first. Every
+    instance is recorded in *ledger* while it exists, so that a crash does not leak it.
+    """
+
+    def __init__(
+        self,
+        source: DeviceSource,
+        ledger: InstanceLedger,
+        *,
+        settled: Callable[[str, float], Awaitable[DeviceView]],
+        stop_probe: Callable[[str], Awaitable[None]],
+        device: Callable[[str], Device | None],
+        idle_types: Callable[[], list[tuple[Parent, MdevType]]],
+        probe_seconds: float,
+        appear_seconds: float = 10.0,
+        write_seconds: float = 10.0,
+    ) -> None:
+        self._source = source
+        self._ledger = ledger
+        self._settled = settled
+        self._stop_probe = stop_probe
+        self._device = device
+        self._idle_types = idle_types
+        self._probe_seconds = probe_seconds
+        self._appear_seconds = appear_seconds
+        self._write_seconds = write_seconds
+        self._probing: set[tuple[str, str]] = set()
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._wakeup = asyncio.Event()
+
+    def device_appeared(self, device_id: str) -> None:
+        """Discovery saw *device_id*: a temporary instance may have appeared."""
+        waiter = self._waiters.get(device_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wake(self) -> None:
+        """The host changed: look for idle types again."""
+        self._wakeup.set()
+
+    async def _off_loop(self, what: str, call: Callable[..., T], *args: object) -> T:
+        """Run a sysfs write in a thread, waiting at most *write_seconds*.
+
+        Raises:
+            ProbeTimeoutError: the kernel did not answer in time (the thread is left to finish).
+        """
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call, *args), self._write_seconds)
+        except TimeoutError as err:
+            raise ProbeTimeoutError(f"{what} took over {self._write_seconds:g} s") from err
+
+    async def remove_leftovers(self, sysfs_root: Path) -> None:
+        """Remove the instances an earlier daemon of this boot created and did not remove."""
+        try:
+            await self._off_loop(
+                "removing leftover instances", self._ledger.remove_leftovers, sysfs_root
+            )
+        except ProbeTimeoutError as err:
+            log.error("%s", err)
+
+    async def probe_unless_known(
+        self,
+        parent_name: str,
+        type_id: str,
+        known: Callable[[Parent, MdevType], Capabilities | None],
+    ) -> None:
+        """Probe a type of the host through a temporary instance, unless *known* answers it.
+
+        Raises:
+            NotFoundError: no such parent or type.
+            ProbeError, ProbeTimeoutError: as :meth:`probe`.
+        """
+        snapshot = self._source.snapshot
+        parent = snapshot.parents.get(parent_name)
+        mdev_type = snapshot.types.get((parent_name, type_id))
+        if parent is None or mdev_type is None:
+            raise NotFoundError(f"no mdev type {type_id!r} on parent {parent_name!r}")
+        if known(parent, mdev_type) is None:
+            await self.probe(parent, mdev_type)
+
+    async def probe(self, parent: Parent, mdev_type: MdevType) -> None:
+        """Probe *mdev_type* on *parent* through a temporary instance.
+
+        Raises:
+            ProbeError: no instance can be created or recorded, or the probe gave no answer.
+            ProbeTimeoutError: the instance did not appear, the kernel did not answer, or the
+                probe did not end in time (it is stopped before the instance is removed).
+        """
+        if mdev_type.available_instances <= 0:
+            raise ProbeError(f"{mdev_type.type_id} on {parent.name} has no instance available")
+        ident = (parent.name, mdev_type.type_id)
+        if ident in self._probing:
+            raise ProbeError(f"{mdev_type.type_id} on {parent.name} is being probed already")
+        self._probing.add(ident)
+        try:
+            view = await self._probe_new_instance(parent, mdev_type)
+        finally:
+            self._probing.discard(ident)
+        if view.state is ProbeState.FAILED:
+            raise ProbeError(view.last_error or "the probe failed")
+        if view.state in (ProbeState.PENDING, ProbeState.PROBING):
+            raise ProbeTimeoutError(
+                f"the probe of {view.device.device_id} did not end within"
+                f" {self._probe_seconds:g} s and was stopped"
+            )
+
+    async def _probe_new_instance(self, parent: Parent, mdev_type: MdevType) -> DeviceView:
+        try:
+            device_id = await self._off_loop(
+                f"creating an instance of {mdev_type.type_id}",
+                self._source.create_instance,
+                parent,
+                mdev_type.type_id,
+            )
+        except DiscoveryError as err:
+            raise ProbeError(f"cannot create an instance to probe: {err}") from err
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[device_id] = waiter
+        try:
+            self._ledger.record(device_id)
+            if self._device(device_id) is None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), self._appear_seconds)
+                except TimeoutError as err:
+                    raise ProbeTimeoutError(
+                        f"the temporary instance {device_id} did not appear"
+                    ) from err
+            return await self._settled(device_id, self._probe_seconds)
+        except DiscoveryError as err:
+            raise ProbeError(f"not probing an instance that cannot be recorded: {err}") from err
+        finally:
+            del self._waiters[device_id]
+            await self._remove(parent, mdev_type, device_id)
+
+    async def _remove(self, parent: Parent, mdev_type: MdevType, device_id: str) -> None:
+        """Stop the instance's probe if it still runs, then remove it. Raises nothing."""
+        await self._stop_probe(device_id)
+        device = self._device(device_id) or Device(
+            kind=DeviceKind.MDEV,
+            device_id=device_id,
+            sysfs_path=str(parent.sysfs_path / device_id),
+            parent=parent.name,
+            type_id=mdev_type.type_id,
+        )
+        try:
+            await self._off_loop(
+                f"removing the instance {device_id}", self._source.remove_instance, device
+            )
+        except (DiscoveryError, ProbeTimeoutError) as err:
+            log.error("cannot remove the temporary instance %s: %s", device_id, err)
+            return
+        self._ledger.forget(device_id)
+
+    async def run_idle(self) -> None:
+        """Probe, one at a time, every type nobody has instantiated, whenever woken (opt-in)."""
+        self._wakeup.set()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            for parent, mdev_type in self._idle_types():
+                try:
+                    await self.probe(parent, mdev_type)
+                except (ProbeError, NotFoundError) as err:
+                    log.warning("probing type %s on %s: %s", mdev_type.type_id, parent.name, err)

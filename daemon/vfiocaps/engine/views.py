@@ -1,0 +1,131 @@
+"""What the engine shows and needs: device and type views, status, listener, source, runner."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..capabilities import Capabilities, ProbeReport
+from ..model import Device, DiscoveryEvent, DriverIdentity, HostSnapshot, Parent, TypeKind
+from ..store import QemuIdentity
+
+
+class ProbeState(enum.Enum):
+    """Where a device stands with respect to its capabilities."""
+
+    PENDING = "pending"
+    PROBING = "probing"
+    DONE = "done"
+    FAILED = "failed"
+    BUSY = "busy"
+
+
+class CacheState(enum.Enum):
+    """Whether the on-disk cache follows memory (``OK``) or writes wait in memory (``DEGRADED``)."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """A device as consumers see it: discovery's facts plus what the cache says."""
+
+    device: Device
+    driver: DriverIdentity | None
+    type_name: str
+    state: ProbeState
+    capabilities: Capabilities | None = None
+    probed_at_us: int = 0
+    last_error: str = ""
+    parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind it, as its cache key has it
+
+
+@dataclass(frozen=True, slots=True)
+class TypeView:
+    """An mdev type, a VF profile or a PCI device type, with its live instances and cached
+    answer; ``kind`` says which."""
+
+    parent: str
+    type_id: str
+    name: str
+    description: str
+    device_api: str
+    available_instances: int
+    instances: int
+    driver: DriverIdentity | None
+    capabilities: Capabilities | None
+    kind: TypeKind = TypeKind.MDEV
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """Daemon-wide state for the Manager interface; ``cache_error`` says why the cache degraded."""
+
+    qemu: QemuIdentity | None
+    kernel_release: str
+    kvm_available: bool
+    probing: bool
+    device_count: int
+    probes_launched: int
+    cache_state: CacheState
+    cache_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """The engine's own waits in seconds (probe timeouts and retries are in the configuration)."""
+
+    qemu_check: float = 30.0  # between two looks at the QEMU binary
+    store_retry: float = 5.0  # after a failed cache write
+    instance_appear: float = 10.0  # for a created temporary instance to be discovered
+    sysfs_write: float = 10.0  # for the kernel to create or remove an instance
+
+
+class EngineListener(Protocol):
+    """Callbacks the engine makes; they must be quick and must not raise."""
+
+    def device_added(self, view: DeviceView) -> None: ...
+
+    def device_changed(self, view: DeviceView) -> None: ...
+
+    def device_removed(self, device_id: str) -> None: ...
+
+    def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None: ...
+
+    def status_changed(self, status: EngineStatus) -> None: ...
+
+
+class DeviceSource(Protocol):
+    """What the engine needs from discovery."""
+
+    @property
+    def snapshot(self) -> HostSnapshot: ...
+
+    async def start(self) -> HostSnapshot: ...
+
+    def events(self) -> AsyncIterator[list[DiscoveryEvent]]: ...
+
+    async def close(self) -> None: ...
+
+    def create_instance(self, parent: Parent, type_id: str) -> str: ...
+
+    def remove_instance(self, device: Device) -> None: ...
+
+
+class ProbeRunner(Protocol):
+    """What the engine needs from the prober (:class:`vfiocaps.prober.Prober` is one)."""
+
+    async def qemu_version(self) -> str:
+        """The configured QEMU binary's version.
+
+        Raises:
+            ProbeError: the binary cannot be asked.
+        """
+        ...
+
+    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
+        """Probe *device*; device-level failures are in the report, not raised."""
+        ...

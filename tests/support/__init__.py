@@ -1,0 +1,1 @@
+"""Helpers the tests and the benchmarks share: hosts, daemons, buses and in-process fakes."""
