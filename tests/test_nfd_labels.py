@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -218,6 +219,11 @@ def test_the_daemon_keeps_the_labels_in_step(lab: Lab) -> None:
     )
     assert labels()[P + "mdpy-xga.display"] == "region"
     assert labels()[P + "mtty-1.display"] == "none"
+    assert re.fullmatch(r"[0-9a-f]{12}", labels()[P + "mtty-1.migration-fingerprint"])
+    assert (
+        labels()[P + "mtty-1.migration-fingerprint"]
+        != labels()[P + "mdpy-xga.migration-fingerprint"]
+    )
     assert not any("mbochs" in key for key in labels())  # no mbochs type probed yet
     written = path.stat().st_ino
 

@@ -7,14 +7,14 @@ import logging
 import os
 from collections.abc import Awaitable
 
-from . import __version__
+from . import __version__, fingerprint
 from .bus.adaptor import BusAdaptor
 from .bus.connection import close_bus, connect_bus, wait_disconnected
 from .bus.names import BUS_NAME
 from .bus.ownership import own_name, release_name
 from .config import Config
 from .discovery import Discovery
-from .engine import Engine
+from .engine import Engine, TypeView
 from .errors import BusError, VfiocapsError
 from .nfdlabels import FeatureFile, NfdLabelWriter
 from .notify import Notifier, NotifyError, ServiceStatus, watchdog_interval
@@ -66,7 +66,18 @@ def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
     if config.nfd_features_dir is None:
         return None
     feature_file = FeatureFile(config.nfd_features_dir)
-    return NfdLabelWriter(feature_file, engine.types, emulated=config.emulated)
+    return NfdLabelWriter(
+        feature_file, engine.types, fingerprint_of=_fingerprint_of, emulated=config.emulated
+    )
+
+
+def _fingerprint_of(view: TypeView) -> str:
+    """A probed type's migration fingerprint (JSON), as the NFD labels hash it."""
+    if view.driver is None or view.capabilities is None:
+        return ""
+    return fingerprint.for_type(
+        view.driver, view.type_id, view.device_api, view.capabilities, view.parent_pci_id
+    ).to_json()
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

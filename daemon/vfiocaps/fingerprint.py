@@ -135,7 +135,18 @@ def for_device(
     capabilities: Capabilities,
     parent_pci_id: str,
 ) -> Fingerprint:
-    """The fingerprint of *device*'s type from what discovery and the probe found.
+    """The fingerprint of *device*'s type from what discovery and the probe found."""
+    return for_type(driver, device.type_id, device.device_api, capabilities, parent_pci_id)
+
+
+def for_type(
+    driver: DriverIdentity,
+    type_id: str,
+    device_api: str,
+    capabilities: Capabilities,
+    parent_pci_id: str,
+) -> Fingerprint:
+    """The fingerprint of a type served by *driver* with the probed *capabilities*.
 
     The kernel's migration flags are taken where the kernel could be asked (null otherwise).
     """
@@ -147,8 +158,8 @@ def for_device(
         driver_version=driver.version,
         driver_version_source=driver.version_source,
         parent_pci_id=parent_pci_id,
-        type_id=device.type_id,
-        device_api=device.device_api,
+        type_id=type_id,
+        device_api=device_api,
         migration=capabilities.migration.value,
         migration_with_options=capabilities.migration_with_options.value,
         qemu_version=capabilities.qemu_version,

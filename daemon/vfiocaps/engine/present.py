@@ -63,6 +63,7 @@ def type_views(
                 driver=parent.driver if parent else None,
                 capabilities=type_capabilities(parent, mdev_type),
                 kind=mdev_type.kind,
+                parent_pci_id=parent.pci_id if parent else "",
             )
         )
         seen.add((parent_name, type_id))
@@ -85,6 +86,7 @@ def type_views(
                 driver=driver_of(device, host),
                 capabilities=record.capabilities if record else None,
                 kind=TypeKind(device.kind.value),
+                parent_pci_id=parent_pci_id(device, host),
             )
         )
     return result

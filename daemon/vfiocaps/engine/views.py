@@ -58,6 +58,7 @@ class TypeView:
     driver: DriverIdentity | None
     capabilities: Capabilities | None
     kind: TypeKind = TypeKind.MDEV
+    parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind the type
 
 
 @dataclass(frozen=True, slots=True)
