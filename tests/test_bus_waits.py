@@ -68,5 +68,5 @@ def test_one_sender_waits_for_a_probe_with_a_bounded_number_of_calls(lab: Lab, m
     others, still = asyncio.run(_flood(lab.bus.address, member, 1))
     assert (others, still) == ([], 1)
     lab.wait_states({SLOW: "done"}, timeout=60)
-    assert capabilities(lab.bus, SLOW)["Migration"] == "supported"
+    assert capabilities(lab.bus, SLOW)["MigrationWithOptions"] == "supported"
     assert daemon.alive()
