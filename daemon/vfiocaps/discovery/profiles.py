@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import DiscoveryError
 from ..model import Parent
+from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .names import is_pci_address
 from .scan import PCI_DEVICES, HostReader
@@ -40,19 +41,15 @@ class ProfileError(DiscoveryError):
 def group_held(dev_root: Path, group: str) -> bool:
     """Whether the VFIO group node of *group* is open elsewhere (a VM holds the function).
 
-    The kernel lets a group be opened once; a second open fails with EBUSY and leaves the
-    holder alone (the rule the prober's busy check applies too). A node that cannot be opened
-    for another reason counts as held: nothing is done to a function one cannot vouch for.
+    A node that cannot be opened for another reason counts as held: nothing is done to a
+    function one cannot vouch for.
     """
-    node = dev_root / "vfio" / group
+    node = group_node(dev_root, group)
     try:
-        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        return held_elsewhere(node)
     except OSError as err:
-        if err.errno != errno.EBUSY:
-            log.warning("profiles: cannot open %s (%s); VF treated as in use", node, err.strerror)
+        log.warning("profiles: cannot open %s (%s); VF treated as in use", node, err.strerror)
         return True
-    os.close(fd)
-    return False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
 from ..model import Device, Parent
 from ..process import ProcessStartError
+from ..vfiogroup import group_node
 from .grants import NodeGrants
 from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
 from .kernelfacts import read_kernel_facts
@@ -26,7 +27,6 @@ from .sandbox import (
     ProbeIdentity,
     ProbeSandboxError,
     check_group_not_busy,
-    group_node,
     kvm_access,
     private_directory,
     remove_stale_probe_directories,

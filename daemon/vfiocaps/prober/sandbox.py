@@ -21,7 +21,6 @@ When vfiocapsd is not root, QEMU runs as vfiocapsd's own user and nothing is gra
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import grp
 import logging
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from ..errors import ProbeBusyError, ProbeError
 from ..process import Credentials
+from ..vfiogroup import held_elsewhere
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -147,26 +147,18 @@ def resolve_probe_identity(probe_user: str, dev_root: Path = Path("/dev")) -> Pr
     )
 
 
-def group_node(dev_root: Path, iommu_group: str) -> Path:
-    """The VFIO group node of *iommu_group* under *dev_root*."""
-    return dev_root / "vfio" / iommu_group
-
-
 def check_group_not_busy(node: Path) -> None:
     """Fail when the VFIO group *node* is open elsewhere, without disturbing the holder.
 
-    A VFIO group can be open only once: a second open fails with EBUSY and has no effect on
-    the holder. When nobody holds it our open succeeds and is closed at once, untouched.
     Raises :class:`ProbeBusyError` for a held group, :class:`ProbeSandboxError` when the node
     is missing or cannot be opened.
     """
     try:
-        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        held = held_elsewhere(node)
     except OSError as err:
-        if err.errno == errno.EBUSY:
-            raise ProbeBusyError(f"{node} is open elsewhere (a running VM?)") from err
         raise ProbeSandboxError(f"cannot open {node}: {err.strerror}") from err
-    os.close(fd)
+    if held:
+        raise ProbeBusyError(f"{node} is open elsewhere (a running VM?)")
 
 
 @dataclass(frozen=True)
