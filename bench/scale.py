@@ -32,7 +32,7 @@ from daemon_lab import MANAGER, Lab, make_lab, manager_property
 from harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl, wait_until
 
 SIZES = (1000, 3000, 10000)
-GET_MANAGED_OBJECTS_REPEATS = 3
+GET_MANAGED_OBJECTS_REPEATS = 5
 HOTPLUG_BURST = 1000
 HERE = Path(__file__).resolve().parent
 
