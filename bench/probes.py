@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,13 @@ from tests.support.umockdev_hosts import PARENTS
 from bench.common import Progress, summary
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
 from vfiocaps.prober import Prober
-from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.launch import (
+    LaunchContext,
+    LaunchEvent,
+    LaunchStage,
+    probe_environment,
+    run_launch,
+)
 from vfiocaps.prober.plan import (
     Accel,
     DeviceSettings,
@@ -34,12 +42,18 @@ from vfiocaps.prober.plan import (
     build_qemu_argv,
     machine_for_architecture,
 )
-from vfiocaps.prober.sandbox import private_directory, resolve_probe_identity
+from vfiocaps.prober.sandbox import (
+    ProbeIdentity,
+    kvm_access,
+    private_directory,
+    resolve_probe_identity,
+)
 from vfiocaps.prober.strategy import Attempt, Step
+from vfiocaps.process import Credentials
 
 HERE = Path(__file__).resolve().parent
 DEVICES_PER_TYPE = 4
-REAL_QEMU_REPEATS = 5
+REAL_QEMU_REPEATS = 20
 LAUNCH_LINE = re.compile(r"probe of \S+: \S+ after (\d+) launch")
 
 
@@ -109,8 +123,27 @@ def naive_way(lab: Lab, uuids: list[str], progress: Progress) -> dict[str, Any]:
     }
 
 
-async def _bare_qemu(binary: Path, accel: Accel) -> float:
-    """Start QEMU with no device and the QMP monitor on a socketpair, handshake, quit, reap."""
+@dataclass
+class _Stages:
+    """When one launch reached each moment (``time.monotonic()``)."""
+
+    began: float = 0.0
+    started: float = 0.0  # the QEMU process exists
+    qmp_ready: float = 0.0  # the QMP session is established
+    ended: float = 0.0  # QEMU has been reaped
+
+    def split(self) -> dict[str, float]:
+        return {
+            "spawn": self.started - self.began,
+            "handshake": self.qmp_ready - self.started,
+            "session": self.ended - self.qmp_ready,
+            "total": self.ended - self.began,
+        }
+
+
+async def _bare_qemu(binary: Path, accel: Accel, credentials: Credentials | None) -> _Stages:
+    """Start QEMU with no device and the QMP monitor on a socketpair as *credentials* (the
+    probe's user and groups), handshake, quit, reap: the least a probe launch can cost."""
     from qemu.qmp import QMPClient
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -121,58 +154,104 @@ async def _bare_qemu(binary: Path, accel: Accel) -> float:
         qmp_fd=theirs.fileno(),
         sandbox=False,
     )
-    began = time.monotonic()
+    stages = _Stages(began=time.monotonic())
     process = await asyncio.create_subprocess_exec(
         *build_qemu_argv(binary, plan),
         pass_fds=(theirs.fileno(),),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        user=credentials.uid if credentials else None,
+        group=credentials.gid if credentials else None,
+        extra_groups=list(credentials.groups) if credentials else None,
     )
+    stages.started = time.monotonic()
     theirs.close()
     client = QMPClient("bench-floor")
     await client.connect(ours)
+    stages.qmp_ready = time.monotonic()
     await client.execute("quit")
     await process.wait()
+    stages.ended = time.monotonic()
     with contextlib.suppress(EOFError):  # QEMU closes the socket as it quits
         await client.disconnect()
     ours.close()
-    return time.monotonic() - began
+    if process.returncode != 0:
+        raise RuntimeError(f"the bare QEMU exited with status {process.returncode}")
+    return stages
+
+
+def _floor_identity(prober: Prober, accel: Accel, stack: contextlib.ExitStack) -> ProbeIdentity:
+    """The user and groups a probe QEMU gets for *accel*, /dev/kvm granted as the prober would."""
+    identity = resolve_probe_identity(prober.config.probe_user)
+    if accel is not Accel.KVM or identity.credentials is None:
+        return identity
+    kvm = kvm_access(prober.config.dev_root, identity)
+    if kvm.needs_grant:
+        stack.enter_context(prober.grants.granted(kvm.node, identity.uid))
+    return identity.with_groups(kvm.group) if kvm.group is not None else identity
+
+
+def _stage_summaries(samples: list[_Stages]) -> dict[str, dict[str, float]]:
+    splits = [sample.split() for sample in samples]
+    return {name: summary([split[name] for split in splits]) for name in splits[0]}
 
 
 async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, Any]:
-    """The prober's bare self-test against a bare start-QMP-quit, both with the real QEMU."""
+    """The prober's bare self-test against a bare start-QMP-quit, both with the real QEMU, the
+    same accelerator and the same user and groups, alternating."""
     config = Config(
         qemu_binary=Path(qemu), runtime_dir=scratch / "run", cache_dir=scratch / "cache"
     )
-    prober = Prober(config)
+    current = _Stages()
+
+    def observe(event: LaunchEvent) -> None:
+        now = time.monotonic()
+        if event.stage is LaunchStage.STARTED:
+            current.started = now
+        elif event.stage is LaunchStage.QMP_READY:
+            current.qmp_ready = now
+        elif event.stage is LaunchStage.ENDED:
+            current.ended = now
+
+    prober = Prober(config, observer=observe)
     await prober.qemu_identity()
     probes: list[float] = []
     launches: list[float] = []
-    floors: list[float] = []
-    accel = Accel.TCG
-    for index in range(REAL_QEMU_REPEATS):
-        progress.note(f"real QEMU {index + 1}/{REAL_QEMU_REPEATS}")
-        began = time.monotonic()
-        report = await prober.check_qemu()
-        probes.append(time.monotonic() - began)
-        if report.outcome.value != "ok":
-            raise RuntimeError(f"the prober's self-test failed: {report.error}")
-        launches.append(report.duration)
-        machine = next(a for a in report.launches[-1].argv if "accel=" in a)
-        accel = Accel.KVM if "accel=kvm" in machine else Accel.TCG
-        floors.append(await _bare_qemu(Path(qemu), accel))
+    probe_stages: list[_Stages] = []
+    floors: list[_Stages] = []
+    report = await prober.check_qemu()  # warm-up: page cache, the accelerator in use
+    if report.outcome.value != "ok":
+        raise RuntimeError(f"the prober's self-test failed: {report.error}")
+    machine = next(a for a in report.launches[-1].argv if "accel=" in a)
+    accel = Accel.KVM if "accel=kvm" in machine else Accel.TCG
+    with contextlib.ExitStack() as stack:
+        credentials = _floor_identity(prober, accel, stack).credentials
+        await _bare_qemu(Path(qemu), accel, credentials)
+        for index in range(REAL_QEMU_REPEATS):
+            progress.note(f"real QEMU {index + 1}/{REAL_QEMU_REPEATS}")
+            current.began = time.monotonic()
+            report = await prober.check_qemu()
+            probes.append(time.monotonic() - current.began)
+            if report.outcome.value != "ok":
+                raise RuntimeError(f"the prober's self-test failed: {report.error}")
+            launches.append(report.duration)
+            probe_stages.append(dataclasses.replace(current))
+            floors.append(await _bare_qemu(Path(qemu), accel, credentials))
     return {
         "accel": accel.value,
+        "user": "root" if credentials is None else f"uid {credentials.uid}",
         "probe": summary(probes),
         "probe_launch": summary(launches),
-        "floor": summary(floors),
+        "probe_stages": _stage_summaries(probe_stages),
+        "floor": summary([f.split()["total"] for f in floors]),
+        "floor_stages": _stage_summaries(floors),
     }
 
 
 async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
     """The load side of a round trip with the real QEMU: a save launch, then the one extra
     ``-incoming defer`` launch a migratable type costs (no device: the QEMU and stream part),
-    as the probe user with TCG, against a bare start-QMP-quit with TCG."""
+    as the probe user with TCG, against a bare start-QMP-quit as that user with TCG."""
     accel = Accel.TCG
     identity = resolve_probe_identity(DEFAULT_PROBE_USER)
     settings = DeviceSettings(display=OnOffAuto.OFF, migration=None)
@@ -205,7 +284,8 @@ async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
             save_seconds.append(saved.migration.duration)
             load_seconds.append(loaded.incoming.duration)
             stream = saved.migration.stream_bytes or 0
-            floors.append(await _bare_qemu(Path(qemu), accel))
+            floor = await _bare_qemu(Path(qemu), accel, identity.credentials)
+            floors.append(floor.split()["total"])
     return {
         "accel": accel.value,
         "floor": summary(floors),
@@ -235,7 +315,7 @@ def run(progress: Progress) -> dict[str, Any]:
     try:
         real = asyncio.run(real_qemu(REAL_QEMU, scratch, progress))
         progress.note("real QEMU round trip (save launch + -incoming defer launch)")
-        real["round_trip"] = asyncio.run(real_round_trip(REAL_QEMU, scratch, Accel(real["accel"])))
+        real["round_trip"] = asyncio.run(real_round_trip(REAL_QEMU, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     version = subprocess.run(

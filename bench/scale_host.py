@@ -65,5 +65,4 @@ class ScaleHost(MockHost):
 _register_specs()
 
 if __name__ == "__main__":
-    umockdev_hosts.HostBuilder = ScaleBuilder  # type: ignore[misc]
-    umockdev_hosts.serve(iter(sys.stdin.readline, ""), sys.stdout)
+    umockdev_hosts.serve(iter(sys.stdin.readline, ""), sys.stdout, ScaleBuilder)

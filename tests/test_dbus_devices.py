@@ -56,6 +56,28 @@ def test_device_interface_equals_the_contract(lab: Lab) -> None:
     assert contract.interfaces(xml.stdout)[DEVICE] == contract.contract()[DEVICE]
 
 
+def test_managed_objects_hold_what_get_all_gives(lab: Lab) -> None:
+    """GetManagedObjects takes every device's properties at once: the same values and types as
+    Properties.GetAll, for devices of different kinds and answers."""
+    lab.host.build("samples")
+    lab.start()
+    devices = [lab.host.add_instance(m, t) for m, t in (("mdpy", "mdpy-vga"), ("mtty", "mtty-2"))]
+    lab.wait_states(dict.fromkeys(devices, "done"))
+    out = busctl(
+        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH,
+        "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
+    )  # fmt: skip
+    objects = json.loads(out.stdout)["data"][0]
+    assert len(objects) == len(devices)
+    for device_id in devices:
+        path = device_path(lab, device_id)
+        out = busctl(
+            lab.bus.address, "call", "--json=short", BUS_NAME, path,
+            "org.freedesktop.DBus.Properties", "GetAll", "s", DEVICE,
+        )  # fmt: skip
+        assert objects[path] == {DEVICE: json.loads(out.stdout)["data"][0]}
+
+
 def test_devices_come_and_go_with_object_manager_signals(lab: Lab) -> None:
     lab.host.build("samples")
     lab.start()

@@ -13,9 +13,11 @@ import array
 import asyncio
 import logging
 import socket
+import struct
 from typing import Any
 
-from dbus_fast import BusType, Message
+from dbus_fast import BusType, Message, MessageFlag
+from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.service import ServiceInterface
@@ -44,6 +46,20 @@ DBUS_FAST_WRITER_ATTRIBUTES = (
     "bus", "loop", "sock", "fd", "buf", "offset", "messages", "unix_fds", "fut",
     "negotiate_unix_fd",
 )  # fmt: skip
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+MANAGED_OBJECTS = "a{oa{sa{sv}}}"
+MANAGED_OBJECT_ENTRY = "oa{sa{sv}}"  # one entry of MANAGED_OBJECTS, marshalled alone
+# An interface with a method of this name (returning ``dict[str, Variant]``) gives all its
+# properties at once, as GetAll would: much cheaper than the library's getter call and checks
+# per property, for thousands of objects.
+PROPERTY_SNAPSHOT = "property_variants"
+# From the D-Bus specification: a message header is four bytes, the body length (uint32), the
+# serial (uint32) and the header fields (an array: uint32 byte length, then the fields), padded
+# to 8; an array holds at most 64 MiB.
+HEADER_BODY_LENGTH_OFFSET = 4
+HEADER_FIELDS_OFFSET = 12
+MAX_ARRAY_BYTES = 1 << 26
 
 
 def _resolve(fut: asyncio.Future[None] | None, err: Exception | None = None) -> None:
@@ -147,45 +163,98 @@ class ResilientMessageBus(MessageBus):
         ServiceInterface._get_all_property_values(interface, send)
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
-        """``GetManagedObjects`` in one pass (the library re-walks its result per interface).
+        """``GetManagedObjects`` marshalled one object at a time, straight into the reply's body.
 
-        The reply is sent when the last property getter has answered; the first error is sent
-        instead, once.
+        The library would first build the whole answer as Python values (a dictionary and a
+        ``Variant`` per property: for 10,000 devices several times the reply's size) and then
+        marshal it twice (body, then header + body). Here each object's entry is marshalled
+        as soon as its properties are in and its values dropped, and the header and the body
+        go to the socket as two buffers, so the only large allocation is the body itself.
+        An interface with a ``PROPERTY_SNAPSHOT`` method is asked for all its properties at once.
+        The first property getter error is sent instead, once.
         """
+        if msg.flags.value & MessageFlag.NO_REPLY_EXPECTED.value:
+            return
         prefix = "/" if msg.path == "/" else f"{msg.path}/"
-        exports = {
-            node: interfaces
+        exports = [
+            (node, interfaces)
             for node, interfaces in self._path_exports.items()
             if node.startswith(prefix)
-        }
-        result: dict[str, dict[str, Any]] = {node: {} for node in exports}
-        pending = sum(len(interfaces) for interfaces in exports.values())
+        ]
+        body = bytearray(8)  # the array's byte length (set at the end) and padding to 8
+        partial: dict[str, dict[str, Any]] = {}
+        missing: dict[str, int] = {}
+        nodes_left = len(exports)
         failed = False
 
-        def reply() -> None:
-            send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
+        def add_entry(node: str, interfaces: dict[str, Any]) -> None:
+            nonlocal nodes_left
+            body.extend(bytes(-len(body) % 8))  # every dict entry starts 8-aligned
+            body.extend(Marshaller(MANAGED_OBJECT_ENTRY, [node, interfaces]).marshall())
+            nodes_left -= 1
+            if nodes_left == 0:
+                self._send_managed_objects(msg, body, send_reply)
 
         def collected(
             interface: ServiceInterface, values: Any, node: str, err: Exception | None
         ) -> None:
-            nonlocal pending, failed
+            nonlocal failed
             if failed:
                 return
             if err is not None:
                 failed = True
                 send_reply.send_error(err)
                 return
-            result[node][interface.name] = values
-            pending -= 1
-            if pending == 0:
-                reply()
+            partial[node][interface.name] = values
+            missing[node] -= 1
+            if missing[node] == 0:
+                del missing[node]
+                add_entry(node, partial.pop(node))
 
-        if pending == 0:
-            reply()
+        if not exports:
+            self._send_managed_objects(msg, body, send_reply)
             return
-        for node, interfaces in exports.items():
-            for interface in interfaces.values():
-                ServiceInterface._get_all_property_values(interface, collected, node)
+        for node, interfaces in exports:
+            if not interfaces:
+                add_entry(node, {})
+                continue
+            partial[node] = {}
+            missing[node] = len(interfaces)
+            for interface in list(interfaces.values()):
+                snapshot = getattr(interface, PROPERTY_SNAPSHOT, None)
+                if snapshot is not None:
+                    collected(interface, snapshot(), node, None)
+                else:
+                    ServiceInterface._get_all_property_values(interface, collected, node)
+
+    def _send_managed_objects(self, msg: Message, body: bytearray, send_reply: Any) -> None:
+        """Send *body* (a marshalled ``a{oa{sa{sv}}}`` whose length is still unset) as the reply
+        to *msg*: the header is the library's for an empty answer, with the real body length."""
+        array_bytes = len(body) - 8
+        if array_bytes > MAX_ARRAY_BYTES:
+            send_reply(
+                Message.new_error(
+                    msg,
+                    "org.freedesktop.DBus.Error.LimitsExceeded",
+                    f"the answer would be {array_bytes} bytes, more than a D-Bus array may hold",
+                )
+            )
+            return
+        struct.pack_into("<I", body, 0, array_bytes)
+        reply = Message.new_method_return(msg, MANAGED_OBJECTS, [{}])
+        reply.serial = self.next_serial()
+        empty = reply._marshall(self._negotiate_unix_fd)
+        fields_bytes = struct.unpack_from("<I", empty, HEADER_FIELDS_OFFSET)[0]
+        header_bytes = HEADER_FIELDS_OFFSET + 4 + fields_bytes
+        header = empty[: header_bytes + (-header_bytes % 8)]
+        struct.pack_into("<I", header, HEADER_BODY_LENGTH_OFFSET, len(body))
+        writer = self._writer
+        if writer is None or self._disconnected:
+            return
+        # Both parts are queued together: nothing else can come between them on the stream.
+        writer.messages.append((header, None, None))
+        writer.messages.append((body, None, None))
+        writer.schedule_write()
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         if self._disconnected or not self.announcing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from dbus_fast import Variant
 from dbus_fast.annotations import DBusBool, DBusDouble, DBusStr, DBusUInt64
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
@@ -12,6 +13,7 @@ from ..engine import DeviceView
 from .calls import mapped_errors
 from .names import DEVICE_INTERFACE
 from .values import (
+    PROPERTY_SIGNATURES,
     DBusCapabilities,
     DBusConditionList,
     DBusOptionList,
@@ -20,6 +22,7 @@ from .values import (
     capabilities_from_properties,
     changed_properties,
     device_properties,
+    property_value,
 )
 
 RefreshHandler = Callable[[str], Awaitable[DBusCapabilities]]
@@ -43,6 +46,14 @@ class DeviceInterface(ServiceInterface):
         if self._answer is None:
             self._answer = capabilities_from_properties(self._values, self._kind)
         return self._answer
+
+    def property_variants(self) -> dict[str, Variant]:
+        """Every property at once, as GetAll gives them (GetManagedObjects asks this way)."""
+        values = self._values
+        return {
+            name: Variant(signature, property_value(values, name))
+            for name, signature in PROPERTY_SIGNATURES.items()
+        }
 
     def update(self, view: DeviceView) -> None:
         """Take a new view and signal the properties that changed."""

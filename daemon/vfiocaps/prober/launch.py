@@ -221,8 +221,8 @@ class _Session:
     async def _inspect(self) -> None:
         settings = self.attempt.settings
         if settings is None:
-            # The self-test: QMP answers, and the paused VM can be saved through a socket.
-            await self.client.execute("query-status")
+            # The self-test: the paused VM can be saved through a socket (which also shows that
+            # QMP answers: the save takes three commands).
             self.migration = await self._migrate()
             remove_stream(self.context.workdir)
             return
@@ -286,6 +286,13 @@ class _Session:
             return MigrationResult("failed", err.error.error.desc, None, time.monotonic() - started)
         cancelled = False
         while True:
+            # QEMU closes its end once the save has ended: the drain's EOF is the moment to ask.
+            # Until then (and for a cancel, whose final state follows the close) ask every
+            # MIGRATION_POLL_SECONDS.
+            if drain.done():
+                await asyncio.sleep(MIGRATION_POLL_SECONDS)
+            else:
+                await asyncio.wait((drain,), timeout=MIGRATION_POLL_SECONDS)
             result = migration_result(
                 await self.client.execute("query-migrate"), time.monotonic() - started
             )
@@ -295,7 +302,6 @@ class _Session:
                 cancelled = True
                 with contextlib.suppress(ExecuteError):
                     await self.client.execute("migrate_cancel")
-            await asyncio.sleep(MIGRATION_POLL_SECONDS)
         # QEMU closes its end when the migration ends; the file then holds the whole stream.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(drain), QUIT_GRACE_SECONDS)
