@@ -1,5 +1,5 @@
 """polkit checks bounded in time and number, withdrawn when they end: the real daemon on a real
-dbus-daemon, a polkit authority that never answers one user (tests/polkit_authority.py), and
+dbus-daemon, a polkit authority that never answers one user (tests/support/polkit_authority.py), and
 callers running as other users."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 ADMIN = pwd.getpwnam("daemon").pw_uid  # polkit says yes to this user at once
 PATIENT = 65534  # polkit never answers this user (an agent that never replies)
 OPEN_TO_ALL = '<policy context="default"><allow user="*"/></policy>'
-AUTHORITY = REPO / "tests" / "polkit_authority.py"
+AUTHORITY = REPO / "tests" / "support" / "polkit_authority.py"
 
 
 def as_user(uid: int, *command: str) -> list[str]:

@@ -362,8 +362,15 @@ def recorded_uevents(builder: HostBuilder, start: int = 0) -> list[Any]:
 class SriovMockHost(MockHost):
     """A :class:`MockHost` whose wrapped process builds SR-IOV hosts too."""
 
-    def script(self) -> Path:
-        return Path(__file__).resolve()
+    def command(self) -> list[str]:
+        # This module imports its package relatively: run it as support.umockdev_sriov, with
+        # the tests directory on the path, as pytest has it.
+        tests = str(Path(__file__).resolve().parent.parent)
+        run = (
+            f"import runpy, sys; sys.path.insert(0, {tests!r}); "
+            "runpy.run_module('support.umockdev_sriov', run_name='__main__', alter_sys=True)"
+        )
+        return [sys.executable, "-c", run]
 
     def build_sriov(self, key: str, vfs: int | None = None) -> None:
         self.call("build_sriov", key=key, vfs=vfs)

@@ -217,7 +217,7 @@ class Discovery:
             return create_instance(self.config.sysfs_root, parent, type_id)
         known = frozenset(self._snapshot.devices)
         record = self._profiles.reserve(parent, type_id, exclude=known)
-        self._spawn_profile_task(self._set_profile(record), record.function)
+        self._spawn_profile_task(lambda: self._set_profile(record), record.function)
         return record.function
 
     def remove_instance(self, device: Device) -> None:
@@ -231,12 +231,29 @@ class Discovery:
         if not is_pci_address(device.device_id):
             remove_instance(self.config.sysfs_root, device)
             return
-        self._spawn_profile_task(self._clear_profile(device.device_id), device.device_id)
+        self._spawn_profile_task(lambda: self._clear_profile(device.device_id), device.device_id)
 
-    def _spawn_profile_task(self, work: Coroutine[object, object, None], function: str) -> None:
-        task = asyncio.create_task(work, name=f"vfiocaps-profile-{function}")
-        self._profile_tasks.add(task)
-        task.add_done_callback(self._profile_tasks.discard)
+    def _spawn_profile_task(
+        self, work: Callable[[], Coroutine[object, object, None]], function: str
+    ) -> None:
+        """Run *work* on discovery's loop; callers may be on it or in a worker thread (the
+        engine does sysfs writes off the loop)."""
+
+        def spawn() -> None:
+            task = asyncio.create_task(work(), name=f"vfiocaps-profile-{function}")
+            self._profile_tasks.add(task)
+            task.add_done_callback(self._profile_tasks.discard)
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            spawn()
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(spawn)
+        else:
+            raise ProfileError("discovery is not running: no profile can be set or cleared")
 
     async def _set_profile(self, record: ProfileRecord) -> None:
         try:

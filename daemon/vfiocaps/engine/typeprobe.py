@@ -11,7 +11,7 @@ from typing import TypeVar
 from ..capabilities import Capabilities
 from ..discovery.instances import InstanceLedger
 from ..errors import DiscoveryError, NotFoundError, ProbeError, ProbeTimeoutError
-from ..model import Device, DeviceKind, MdevType, Parent
+from ..model import Device, DeviceKind, MdevType, Parent, TypeKind
 from .views import DeviceSource, DeviceView, ProbeState
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class TypeProber:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[device_id] = waiter
         try:
-            self._ledger.record(device_id)
+            if mdev_type.kind is TypeKind.MDEV:  # a VF's profile is recorded by discovery
+                self._ledger.record(device_id)
             if self._device(device_id) is None:
                 try:
                     await asyncio.wait_for(asyncio.shield(waiter), self._appear_seconds)
