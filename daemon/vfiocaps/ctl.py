@@ -36,8 +36,8 @@ from .errors import (
 from .explain import explain
 from .fingerprint import MAX_DOCUMENT_BYTES
 from .hardening import forbid_new_privileges
+from .ids import canonical_device_id, is_mdev_uuid
 from .prober import Prober, ProbeTarget
-from .prober.target import PCI_ADDRESS_RE, UUID_RE
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -115,10 +115,10 @@ def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
     Raises :class:`NotFoundError` when there is no such device and :class:`InvalidArgumentError`
     when a path lies outside *sysfs_root*.
     """
-    if UUID_RE.match(value):
-        path = sysfs_root / "bus" / "mdev" / "devices" / value.lower()
-    elif PCI_ADDRESS_RE.match(value):
-        path = sysfs_root / "bus" / "pci" / "devices" / value.lower()
+    canonical = canonical_device_id(value)
+    if canonical is not None:
+        bus = "mdev" if is_mdev_uuid(canonical) else "pci"
+        path = sysfs_root / "bus" / bus / "devices" / canonical
     else:
         path = Path(os.path.abspath(value))
         root = sysfs_root.resolve()

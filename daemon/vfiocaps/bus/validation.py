@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from ..ids import canonical_device_id
 
 MAX_ID_LENGTH = 4096
 MAX_NAME_LENGTH = 64
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_PCI = re.compile(r"^(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -42,13 +41,9 @@ def parse_device_id(value: str, sysfs_root: Path) -> DeviceRef:
         raise InvalidArgumentError(f"device id longer than {MAX_ID_LENGTH} characters")
     if "\0" in value:
         raise InvalidArgumentError("device id contains a NUL character")
-    if _UUID.fullmatch(value):
-        return DeviceRef(device_id=value.lower())
-    if _PCI.fullmatch(value):
-        address = value.lower()
-        if address.count(":") == 1:
-            address = "0000:" + address
-        return DeviceRef(device_id=address)
+    canonical = canonical_device_id(value)
+    if canonical is not None:
+        return DeviceRef(device_id=canonical)
     if value.startswith("/"):
         return DeviceRef(sysfs_path=_resolve_sysfs_path(value, sysfs_root))
     raise InvalidArgumentError(f"not a UUID, PCI address or absolute sysfs path: {value[:80]!r}")

@@ -7,8 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ids import is_pci_address
 from ..model import MdevType, TypeKind
-from .names import is_pci_address, usable_name
+from .names import usable_name
 from .sysfs import SysfsTree
 
 log = logging.getLogger("vfiocaps.discovery")

@@ -10,6 +10,7 @@ import uuid as uuidlib
 from pathlib import Path
 
 from ..errors import DiscoveryError
+from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
 from .sysfs import SysfsTree
 
@@ -72,7 +73,6 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
 
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -111,7 +111,7 @@ class InstanceLedger:
         Raises:
             InstanceError: the record cannot be written (then the instance must be removed).
         """
-        if not _UUID.match(uuid):
+        if not is_mdev_uuid(uuid):
             raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
         text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
         try:
@@ -124,7 +124,7 @@ class InstanceLedger:
 
     def forget(self, uuid: str) -> None:
         """The instance is gone: drop its record. Raises nothing."""
-        if not _UUID.match(uuid):
+        if not is_mdev_uuid(uuid):
             return
         try:
             (self.directory / uuid).unlink(missing_ok=True)
@@ -140,7 +140,7 @@ class InstanceLedger:
         except OSError as err:
             log.warning("cannot read %s: %s", self.directory, err)
             return []
-        return [name for name in names if _UUID.match(name)]
+        return [name for name in names if is_mdev_uuid(name)]
 
     def remove_leftovers(self, sysfs_root: Path) -> list[str]:
         """Remove the instances recorded by dead daemons of this boot; return their UUIDs.

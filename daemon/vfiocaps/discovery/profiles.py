@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DiscoveryError
+from ..ids import is_pci_address
 from ..model import Parent
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
-from .names import is_pci_address
 from .scan import PCI_DEVICES, HostReader
 
 log = logging.getLogger("vfiocaps.discovery")

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ids import is_mdev_uuid, is_pci_address
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, FunctionReader, profile_types
 from .identity import IdentityResolver
-from .names import is_mdev_uuid, is_pci_address, usable_name
+from .names import usable_name
 from .sysfs import SysfsTree
 
 # The name checks are also importable from here, where they were first defined.

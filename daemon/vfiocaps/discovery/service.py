@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 from ..config import Config
+from ..ids import is_pci_address
 from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, TypeKind
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
 from .instances import create_instance, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
-from .names import is_pci_address
 from .profiles import (
     BOOT_ID,
     WRITE_SECONDS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+from ..ids import is_mdev_uuid, is_pci_address
 from ..model import (
     Device,
     DeviceAdded,
@@ -22,7 +23,6 @@ from ..model import (
     TypeKind,
 )
 from .monitor import Uevent
-from .names import is_mdev_uuid, is_pci_address
 from .scan import PCI_DEVICES, HostReader, ParentReading
 
 log = logging.getLogger("vfiocaps.discovery")

@@ -4,7 +4,6 @@ discovery's reader."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from ..discovery import host_reader
 from ..errors import InvalidArgumentError, NotFoundError
 from ..model import Device, DeviceKind
 
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-PCI_ADDRESS_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 SYSTEM_SYSFS = Path("/sys")
 MODULES_ROOT = Path("/lib/modules")
 
