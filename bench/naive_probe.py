@@ -22,13 +22,13 @@ from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
 from vfiocaps.prober.sandbox import (
-    group_node,
     kvm_access,
     private_directory,
     resolve_probe_identity,
 )
 from vfiocaps.prober.strategy import Attempt, Step
 from vfiocaps.prober.target import ProbeTarget
+from vfiocaps.vfiogroup import group_node
 
 QUESTIONS = {
     "display": DeviceSettings(display=OnOffAuto.ON, migration=None),
@@ -38,15 +38,15 @@ QUESTIONS = {
 
 async def probe_all(spec: dict[str, Any]) -> dict[str, Any]:
     """Ask every question of every device in turn; count launches and time them."""
-    identity = resolve_probe_identity(spec["probe_user"])
     dev_root = Path(spec["dev_root"])
+    identity = resolve_probe_identity(spec["probe_user"], dev_root)
     kvm = kvm_access(dev_root, identity)
     accel = Accel.KVM if kvm.usable else Accel.TCG
     grants = NodeGrants(journal=Path(spec["runtime_dir"]) / "naive-grants", dev_root=dev_root)
     launches, answers = [], {}
     began = time.monotonic()
     for path in spec["devices"]:
-        target = ProbeTarget.from_sysfs(Path(path))
+        target = ProbeTarget.from_sysfs(Path(path), Path("/sys"))
         node = group_node(dev_root, target.iommu_group or "")
         with contextlib.ExitStack() as stack:
             workdir = stack.enter_context(private_directory(Path(spec["runtime_dir"])))
