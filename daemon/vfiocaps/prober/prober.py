@@ -94,7 +94,7 @@ class Prober:
         that dead processes left lent to the probe user, and reset nodes the probe user owns
         without a grant; return those nodes. Call before the first probe.
 
-        Raises :class:`~vfiocaps.prober.grants.GrantError` when the journal is unsafe to use.
+        Raises :class:`~vfiocaps.prober.grantjournal.GrantError` when the journal is unsafe to use.
         """
         for path in remove_stale_probe_directories(self.config.runtime_dir):
             log.warning("removed %s, left by a killed probe", path)
