@@ -20,6 +20,7 @@ from typing import Any
 
 from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.observation import Attempt, Step
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
 from vfiocaps.prober.sandbox import (
     group_node,
@@ -27,7 +28,6 @@ from vfiocaps.prober.sandbox import (
     private_directory,
     resolve_probe_identity,
 )
-from vfiocaps.prober.strategy import Attempt, Step
 from vfiocaps.prober.target import ProbeTarget
 
 QUESTIONS = {
