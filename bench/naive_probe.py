@@ -20,13 +20,13 @@ from typing import Any
 
 from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.observation import Attempt, Step
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
 from vfiocaps.prober.sandbox import (
     kvm_access,
     private_directory,
     resolve_probe_identity,
 )
-from vfiocaps.prober.strategy import Attempt, Step
 from vfiocaps.prober.target import ProbeTarget
 from vfiocaps.vfiogroup import group_node
 

@@ -34,6 +34,7 @@ from vfiocaps.prober.launch import (
     probe_environment,
     run_launch,
 )
+from vfiocaps.prober.observation import Attempt, Step
 from vfiocaps.prober.plan import (
     Accel,
     DeviceSettings,
@@ -48,7 +49,6 @@ from vfiocaps.prober.sandbox import (
     private_directory,
     resolve_probe_identity,
 )
-from vfiocaps.prober.strategy import Attempt, Step
 from vfiocaps.process import Credentials
 
 HERE = Path(__file__).resolve().parent

@@ -9,17 +9,10 @@ from support.prober import load_fixture
 from vfiocaps.capabilities import Display, GlHost, Migration, ProbeOutcome
 from vfiocaps.prober.gldisplay import Screendump, ppm_size
 from vfiocaps.prober.launch import blocked_reasons, console_names
+from vfiocaps.prober.observation import Attempt, LaunchEnd, LaunchObservation, Step, Verdict
 from vfiocaps.prober.plan import Accel, OnOffAuto, ProbePlan, build_qemu_argv
 from vfiocaps.prober.render import NOT_ACCESSIBLE, RenderAccess
-from vfiocaps.prober.strategy import (
-    MAX_LAUNCHES,
-    Attempt,
-    LaunchEnd,
-    LaunchObservation,
-    ProbeStrategy,
-    Step,
-    Verdict,
-)
+from vfiocaps.prober.strategy import MAX_LAUNCHES, ProbeStrategy
 
 SAMPLES = load_fixture("qemu-10.0.13-mdev-samples.json")
 GL = load_fixture("qemu-10.0.13-mbochs-gl.json")

@@ -30,9 +30,9 @@ from vfiocaps.daemon import build_parser, config_from_args
 from vfiocaps.errors import ConfigError
 from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, ProbeTarget
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
+from vfiocaps.prober.observation import Attempt, LaunchEnd, Step
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto
 from vfiocaps.prober.sandbox import private_directory, resolve_probe_identity
-from vfiocaps.prober.strategy import Attempt, LaunchEnd, Step
 from vfiocaps.prober.stream import STREAM_FILE
 
 __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures

@@ -18,15 +18,9 @@ from vfiocaps.prober.migration import (
     MigrationResult,
     migration_conditions,
 )
+from vfiocaps.prober.observation import Attempt, LaunchEnd, LaunchObservation, Step, Verdict
 from vfiocaps.prober.plan import Accel, OnOffAuto
-from vfiocaps.prober.strategy import (
-    Attempt,
-    LaunchEnd,
-    LaunchObservation,
-    ProbeStrategy,
-    Step,
-    Verdict,
-)
+from vfiocaps.prober.strategy import ProbeStrategy
 
 QEMU10 = load_fixture("qemu-10.0.13-mdev-samples.json")
 QEMU72_PROPERTIES = frozenset({"display", "sysfsdev", "x-enable-migration", "xres", "yres"})

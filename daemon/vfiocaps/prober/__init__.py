@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .grants import GrantError
+from .grantjournal import GrantError
 from .identity import QemuBinary, QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
 from .plan import (

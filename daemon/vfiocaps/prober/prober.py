@@ -21,6 +21,7 @@ from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
 from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .migration import KernelMigrationFacts
+from .observation import Attempt, Step, Verdict
 from .plan import Accel, machine_for_architecture
 from .render import render_access
 from .sandbox import (
@@ -32,7 +33,7 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
-from .strategy import Attempt, ProbeStrategy, Step, Verdict
+from .strategy import ProbeStrategy
 from .target import ProbeTarget
 
 log = logging.getLogger("vfiocaps.prober")
@@ -94,7 +95,7 @@ class Prober:
         that dead processes left lent to the probe user, and reset nodes the probe user owns
         without a grant; return those nodes. Call before the first probe.
 
-        Raises :class:`~vfiocaps.prober.grants.GrantError` when the journal is unsafe to use.
+        Raises :class:`~vfiocaps.prober.grantjournal.GrantError` when the journal is unsafe to use.
         """
         for path in remove_stale_probe_directories(self.config.runtime_dir):
             log.warning("removed %s, left by a killed probe", path)

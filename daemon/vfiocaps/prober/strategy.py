@@ -1,4 +1,4 @@
-"""Pure probe decisions: which launch comes next, and what the evidence of each launch means.
+"""Pure probe decisions: which launch comes next, from what the launches so far showed.
 
 A probe starts with the configuration most likely to tell everything in one launch (display and
 migration on ``auto``, cold-plugged, then a real save of the paused VM) and falls back only
@@ -19,14 +19,12 @@ where QEMU's answer leaves a question open:
 
 from __future__ import annotations
 
-import enum
-import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ..capabilities import Capabilities, Display, GlHost, ProbeOutcome
-from .gldisplay import Screendump
+from .evidence import describe_status, device_blockers, display_from_consoles, strip_option_prefix
+from .glverdict import gl_verdict, with_gl_answer
 from .messages import Meaning, excerpt, findings, first_failure
 from .migration import (
     DEVICE_DIRTY_TRACKING,
@@ -34,118 +32,28 @@ from .migration import (
     LOADED_RUNSTATES,
     TRACKING_OFF_OPTIONS,
     Configuration,
-    IncomingResult,
     KernelMigrationFacts,
     MigrationLedger,
-    MigrationResult,
     destination_error,
     migration_conditions,
 )
+from .observation import Attempt, LaunchEnd, LaunchObservation, Step, Verdict
 from .plan import DEVICE_QOM_PATH, Accel, DeviceSettings, OnOffAuto
 from .render import RenderAccess
 
+# launch.py imports these names from this module; they are defined in .observation and .evidence.
+__all__ = [
+    "MAX_LAUNCHES",
+    "Attempt",
+    "Knowledge",
+    "LaunchEnd",
+    "LaunchObservation",
+    "ProbeStrategy",
+    "Step",
+    "device_blockers",
+]
+
 MAX_LAUNCHES = 6  # a KVM retry, discover, display-off, tracking-off, load, gl
-
-
-class Step(enum.Enum):
-    """The purpose of one launch."""
-
-    BARE = "bare"  # no device: QEMU and sandbox self-test
-    DISCOVER = "discover"  # display=auto, migration=auto, migrate the paused VM
-    DISPLAY_OFF = "display-off"  # the display is known; learn about migration
-    MIGRATION_OFF = "migration-off"  # migration is known (refused at realize); learn the display
-    TRACKING_OFF = "tracking-off"  # migrate again without device dirty tracking
-    LOAD = "load"  # -incoming defer: load the saved state into a fresh QEMU
-    GL = "gl"  # display=on under egl-headless on a render node: does this host set it up?
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One launch to make."""
-
-    step: Step
-    settings: DeviceSettings | None
-    accel: Accel
-    render_node: Path | None = None  # OpenGL through egl-headless on this node
-    groups: tuple[int, ...] = ()  # supplementary groups QEMU gets for this launch only
-
-    @property
-    def purpose(self) -> str:
-        """The launch's purpose as recorded in its :class:`LaunchRecord`."""
-        return self.step.value
-
-
-class LaunchEnd(enum.Enum):
-    """How a launch ended."""
-
-    QUIT = "quit"  # the session completed and QEMU quit when asked
-    EXITED = "exited"  # QEMU exited on its own (realize failure, error)
-    CRASHED = "crashed"  # QEMU died from a signal we did not send
-    TIMEOUT = "timeout"  # we killed it at the deadline
-
-
-@dataclass(frozen=True)
-class LaunchObservation:
-    """Everything one launch showed: how it ended, stderr, and what QMP answered."""
-
-    attempt: Attempt
-    end: LaunchEnd
-    started: bool  # the QMP session was established
-    exit_status: int | None = None
-    stderr: str = ""
-    qmp_error: str = ""
-    consoles: Mapping[str, str] = field(default_factory=dict)  # console -> device QOM path
-    blocked_reasons: tuple[str, ...] = ()
-    migration: MigrationResult | None = None
-    incoming: IncomingResult | None = None
-    qemu_version: str = ""
-    screendump: Screendump | None = None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The end of a probe."""
-
-    outcome: ProbeOutcome
-    capabilities: Capabilities | None = None
-    error: str = ""
-    stderr_excerpt: str = ""
-    notes: tuple[str, ...] = ()
-
-
-def linked_console(consoles: Mapping[str, str], device_path: str) -> str | None:
-    """The console whose ``device`` link names the device, or ``None``. Raises nothing."""
-    wanted = device_path.rstrip("/")
-    for name, linked in consoles.items():
-        if linked and linked.rstrip("/") == wanted:
-            return name
-    return None
-
-
-def display_from_consoles(consoles: Mapping[str, str], device_path: str) -> Display:
-    """REGION when a console's ``device`` link names the device, else NONE. Raises nothing."""
-    return Display.NONE if linked_console(consoles, device_path) is None else Display.REGION
-
-
-def device_blockers(
-    blocked_reasons: Iterable[str], names: Iterable[str]
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split migration blockers into (this device's, others').
-
-    A blocker is the device's when it names the device (QEMU 10 prefixes them with the device
-    name) or is one of the known VFIO migration blocker texts (QEMU 7.2 names no device).
-    """
-    names = [name for name in names if name]
-    mine: list[str] = []
-    others: list[str] = []
-    for reason in blocked_reasons:
-        failure = first_failure(reason)
-        known_vfio = failure is not None and failure.meaning in (
-            Meaning.MIGRATION_UNSUPPORTED,
-            Meaning.DIRTY_TRACKING_UNSUPPORTED,
-        )
-        (mine if known_vfio or any(name in reason for name in names) else others).append(reason)
-    return tuple(mine), tuple(others)
 
 
 @dataclass
@@ -287,7 +195,7 @@ class ProbeStrategy:
             Meaning.MIGRATION_UNSUPPORTED,
             Meaning.DIRTY_TRACKING_UNSUPPORTED,
         ):
-            know.ledger.refuse(_configuration(attempt), _strip_option_prefix(failure.line))
+            know.ledger.refuse(_configuration(attempt), strip_option_prefix(failure.line))
             know.migration_settled = True
             if know.display is not Display.UNKNOWN or settings.display is OnOffAuto.OFF:
                 return self._ok()
@@ -413,18 +321,18 @@ class ProbeStrategy:
             return verdict
         render = self.render
         if not caps.gl_required:
-            return _with_gl_answer(verdict, GlHost.NOT_NEEDED, "", "")
+            return with_gl_answer(verdict, GlHost.NOT_NEEDED, "", "")
         if render is None:
             return verdict  # not asked to check this host
         node = str(render.node) if render.node is not None else ""
         if render.node is None:
             detail = f"{render.reason}: QEMU cannot give the dma-buf display OpenGL on this host"
-            return _with_gl_answer(verdict, GlHost.NO_RENDER_NODE, node, detail)
+            return with_gl_answer(verdict, GlHost.NO_RENDER_NODE, node, detail)
         if not render.usable:
-            return _with_gl_answer(verdict, GlHost.INACCESSIBLE, node, render.reason)
+            return with_gl_answer(verdict, GlHost.INACCESSIBLE, node, render.reason)
         if self.launches >= MAX_LAUNCHES:
             detail = f"not checked: no launch left after {self.launches}"
-            return _with_gl_answer(verdict, GlHost.UNKNOWN, node, detail)
+            return with_gl_answer(verdict, GlHost.UNKNOWN, node, detail)
         self._before_gl = verdict
         groups = (render.group,) if render.group is not None else ()
         settings = self._settings(OnOffAuto.ON, OnOffAuto.OFF)
@@ -443,7 +351,7 @@ class ProbeStrategy:
             )
         node = str(obs.attempt.render_node or "")
         gl_host, detail = gl_verdict(obs, node)
-        return _with_gl_answer(before, gl_host, node, detail)
+        return with_gl_answer(before, gl_host, node, detail)
 
     # -- verdicts ------------------------------------------------------------------------
 
@@ -485,86 +393,9 @@ class ProbeStrategy:
         )
 
 
-GL_LIMIT = (
-    "a guest's frames are not proven: with software rendering (a render node without a GPU, "
-    "such as vgem) QEMU may still fail, or crash, on the first frame a guest draws"
-)
-GL_CRASH_CAUSE = (
-    "with software rendering QEMU crashes once the device shows a mode a guest set, and an "
-    "mbochs-like instance keeps its mode across QEMU runs: probe a freshly created instance to "
-    "tell the host from the instance"
-)
-
-
-def gl_verdict(obs: LaunchObservation, node: str) -> tuple[GlHost, str]:
-    """What the GL launch on *node* showed: the verdict and its evidence. Raises nothing.
-
-    Set up means all of: QEMU started (the device realized with ``display=on`` under
-    ``egl-headless``), a console is linked to the device, and ``screendump`` answered.
-    """
-    launch = f"QEMU with -display egl-headless,rendernode={node}"
-    if obs.end is LaunchEnd.CRASHED:
-        return GlHost.CRASHED, (
-            f"GL path crashed: {launch} {describe_status(obs.exit_status)}; the device's other "
-            f"answers stand. {GL_CRASH_CAUSE}"
-        )
-    if obs.end is LaunchEnd.TIMEOUT:
-        return GlHost.FAILED, f"{launch} did not finish in time and was killed"
-    failure = first_failure(f"{obs.stderr}\n{obs.qmp_error}")
-    if not obs.started or obs.end is not LaunchEnd.QUIT:
-        if failure is not None:
-            return GlHost.FAILED, f"{launch} refused the display: {failure.line}"
-        lines = excerpt(f"{obs.stderr}\n{obs.qmp_error}".strip()).splitlines()
-        why = f": {lines[-1]}" if lines else ""
-        return GlHost.FAILED, f"{launch} {describe_status(obs.exit_status)}{why}"
-    console = linked_console(obs.consoles, DEVICE_QOM_PATH)
-    if console is None:
-        return GlHost.FAILED, f"{launch} started, but no console is linked to the device"
-    shot = obs.screendump
-    if shot is None or not shot.answered:
-        why = shot.error if shot is not None else "screendump was not asked"
-        return GlHost.FAILED, f"{launch} started and linked {console} to the device, but {why}"
-    return GlHost.SET_UP, (
-        f"GL display set up on {node}: QEMU realized the device with display=on under "
-        f"-display egl-headless, {console} is linked to it and screendump answered with "
-        f"{shot.describe()}; {GL_LIMIT}"
-    )
-
-
-def _with_gl_answer(verdict: Verdict, gl_host: GlHost, node: str, detail: str) -> Verdict:
-    caps = verdict.capabilities
-    if caps is None:
-        return verdict
-    answer = replace(caps, gl_host=gl_host, gl_render_node=node, gl_detail=detail)
-    return replace(verdict, capabilities=answer)
-
-
 def _configuration(attempt: Attempt) -> Configuration:
     """The migration configuration a launch's settings stand for."""
     settings = attempt.settings
     if settings is not None and settings.device_dirty_tracking is False:
         return Configuration.OPTIONS
     return Configuration.DEFAULTS
-
-
-def describe_status(status: int | None) -> str:
-    """``exited with status 1`` / ``was killed by SIGSYS`` / ``ended``. Raises nothing."""
-    if status is None:
-        return "ended"
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        hint = " (a seccomp sandbox violation)" if -status == signal.SIGSYS else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with status {status}"
-
-
-def _strip_option_prefix(line: str) -> str:
-    """Drop ``qemu-system-x86_64: -device vfio-pci,...: `` in front of a realize error."""
-    if ": -device " in line:
-        _, _, rest = line.partition(": -device ")
-        _, sep, message = rest.partition(": ")
-        return message if sep else line
-    return line

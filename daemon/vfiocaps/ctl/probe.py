@@ -1,0 +1,185 @@
+"""``vfiocapsctl probe``: probe one device in this process with a sandboxed QEMU, no daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..capabilities import ProbeOutcome, ProbeReport
+from ..config import (
+    DEFAULT_PROBE_USER,
+    Config,
+    default_qemu_binary,
+    probe_environment_from,
+)
+from ..directories import ensure_private_directory
+from ..errors import InvalidArgumentError, NotFoundError
+from ..hardening import forbid_new_privileges
+from ..ids import canonical_device_id, is_mdev_uuid
+from ..prober import Prober, ProbeTarget
+from .exits import EXIT_BUSY, EXIT_FAILURE, EXIT_OK, PROBE_EXIT_CODES
+
+
+def _absolute(value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute():
+        raise argparse.ArgumentTypeError(f"must be an absolute path: {value!r}")
+    return path
+
+
+def add_probe_parser(commands: Any) -> None:
+    probe = commands.add_parser(
+        "probe",
+        help="probe one device now with a sandboxed QEMU, without the daemon",
+        description="Probe one VFIO device (an mdev UUID, a PCI address, or its sysfs path) "
+        "with a minimal sandboxed QEMU and print what it can do. Needs no daemon; run as root "
+        "so that QEMU can run as the unprivileged probe user.",
+        epilog=PROBE_EXIT_CODES,
+    )
+    probe.add_argument("device", metavar="PATH_OR_UUID")
+    probe.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    probe.add_argument("--sysfs-root", type=_absolute, default=Path("/sys"), metavar="DIR")
+    probe.add_argument("--dev-root", type=_absolute, default=Path("/dev"), metavar="DIR")
+    probe.add_argument(
+        "--runtime-dir", type=_absolute, metavar="DIR", help="default: /run/vfiocaps"
+    )
+    probe.add_argument("--qemu", type=_absolute, metavar="PATH", help="QEMU system emulator")
+    probe.add_argument("--probe-user", default=DEFAULT_PROBE_USER, metavar="USER")
+    probe.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    probe.add_argument(
+        "--probe-env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="give QEMU this variable (NAME alone: from this environment); repeatable",
+    )
+
+
+def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
+    """The sysfs directory of *value*: an mdev UUID, a PCI address, or a path under *sysfs_root*.
+
+    Raises :class:`NotFoundError` when there is no such device and :class:`InvalidArgumentError`
+    when a path lies outside *sysfs_root*.
+    """
+    canonical = canonical_device_id(value)
+    if canonical is not None:
+        bus = "mdev" if is_mdev_uuid(canonical) else "pci"
+        path = sysfs_root / "bus" / bus / "devices" / canonical
+    else:
+        path = Path(os.path.abspath(value))
+        root = sysfs_root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise InvalidArgumentError(f"{value} is not under {sysfs_root}")
+    if not path.is_dir():
+        raise NotFoundError(f"no device {value} (looked at {path})")
+    return path
+
+
+def report_as_dict(device: Path, report: ProbeReport) -> dict[str, Any]:
+    """A probe report as JSON-friendly values."""
+    caps = report.capabilities
+    return {
+        "device": str(device),
+        "outcome": report.outcome.value,
+        "capabilities": None
+        if caps is None
+        else {
+            "display": caps.display.value,
+            "gl_required": caps.gl_required,
+            "migration": caps.migration.value,
+            "migration_blockers": list(caps.migration_blockers),
+            "migration_notes": list(caps.migration_notes),
+            "qemu_version": caps.qemu_version,
+            "migration_options": [f"{k}={v}" for k, v in caps.migration_options],
+            "migration_with_options": caps.migration_with_options.value,
+            "migration_state_bytes": caps.migration_state_bytes,
+            "migration_save_seconds": round(caps.migration_save_seconds, 6),
+            "migration_load_seconds": round(caps.migration_load_seconds, 6),
+            "migration_flags": list(caps.migration_flags),
+            "migration_conditions": [
+                f"{c.condition}: {c.verdict.value} ({c.decided_by.value}) {c.reason}"
+                for c in caps.migration_conditions
+            ],
+        },
+        "error": report.error,
+        "stderr_excerpt": report.stderr_excerpt,
+        "duration": round(report.duration, 6),
+        "launches": [
+            {**asdict(launch), "argv": list(launch.argv), "duration": round(launch.duration, 6)}
+            for launch in report.launches
+        ],
+        "notes": list(report.notes),
+    }
+
+
+def _print_report(values: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = [("device", values["device"]), ("outcome", values["outcome"])]
+    caps = values["capabilities"]
+    if caps is not None:
+        rows += [
+            ("display", caps["display"]),
+            ("gl", "required" if caps["gl_required"] else "not required"),
+            ("migration", caps["migration"]),
+        ]
+        rows += [("  blocker", blocker) for blocker in caps["migration_blockers"]]
+        if caps["migration_options"]:
+            options = ",".join(caps["migration_options"])
+            rows.append(("  with options", f"{caps['migration_with_options']} ({options})"))
+        if caps["migration_load_seconds"]:
+            rows.append(
+                (
+                    "  round trip",
+                    f"{caps['migration_state_bytes']} bytes, saved in "
+                    f"{caps['migration_save_seconds']:.3f} s, loaded in "
+                    f"{caps['migration_load_seconds']:.3f} s",
+                )
+            )
+        if caps["migration_flags"]:
+            rows.append(("  kernel flags", ", ".join(caps["migration_flags"])))
+        rows += [("  condition", condition) for condition in caps["migration_conditions"]]
+        rows += [("  note", note) for note in caps["migration_notes"]]
+        rows.append(("qemu", caps["qemu_version"]))
+    if values["error"]:
+        rows.append(("error", values["error"]))
+    for launch in values["launches"]:
+        status = launch["exit_status"]
+        rows.append(("launch", f"{launch['purpose']} {launch['duration']:.3f} s (exit {status})"))
+    rows += [("note", note) for note in values["notes"]]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if values["stderr_excerpt"]:
+        print("QEMU said:")
+        print(values["stderr_excerpt"])
+
+
+async def probe_command(args: argparse.Namespace) -> int:
+    device = resolve_probe_device(args.device, args.sysfs_root)
+    config = Config(
+        sysfs_root=args.sysfs_root,
+        dev_root=args.dev_root,
+        runtime_dir=args.runtime_dir or Path("/run/vfiocaps"),
+        qemu_binary=args.qemu or default_qemu_binary(),
+        probe_user=args.probe_user,
+        probe_timeout=args.timeout,
+        probe_environment=probe_environment_from(args.probe_env, os.environ),
+    )
+    ensure_private_directory(config.runtime_dir, "runtime")
+    forbid_new_privileges()
+    prober = Prober(config)
+    prober.recover_grants()
+    report = await prober.probe(ProbeTarget.from_sysfs(device, args.sysfs_root))
+    values = report_as_dict(device, report)
+    if getattr(args, "json", False):
+        print(json.dumps(values, indent=2))
+    else:
+        _print_report(values)
+    if report.outcome is ProbeOutcome.OK:
+        return EXIT_OK
+    if report.outcome is ProbeOutcome.BUSY:
+        return EXIT_BUSY
+    return EXIT_FAILURE
