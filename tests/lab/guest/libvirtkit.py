@@ -142,6 +142,28 @@ def domain(name: str, parts: DomainParts, kvm: bool | None = None) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def libvirtd_journal(lines: int = 30) -> str:
+    """The last lines libvirt's daemons logged (what a command that never answered was doing)."""
+    return subprocess.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-n",
+            str(lines),
+            "-u",
+            "libvirtd",
+            "-u",
+            "virtqemud",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one libvirt command did."""
@@ -171,7 +193,7 @@ class Libvirt:
             )
             ok, output = result.returncode == 0, (result.stdout + result.stderr).strip()
         except subprocess.TimeoutExpired:
-            ok, output = False, f"no answer within {timeout:.0f} s"
+            ok, output = False, f"no answer within {timeout:.0f} s; {libvirtd_journal()}"
         outcome = Outcome(" ".join(argv), ok, output, time.monotonic() - started)
         self.log.append(
             {

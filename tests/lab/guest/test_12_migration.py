@@ -94,7 +94,7 @@ def test_migration_conditions(
     daemon: Daemon, samples: dict[str, str], module: str, type_id: str
 ) -> None:
     props = daemon.wait_settled(samples[type_id])
-    rows = {row[0]: row for row in props["MigrationConditions"]}
+    rows = {row[0]: tuple(row) for row in props["MigrationConditions"]}
     assert tuple(rows) == CONDITIONS, props["MigrationConditions"]
     for condition, verdict, decided_by, reason in rows.values():
         assert verdict in ("supported", "unsupported", "unknown"), condition

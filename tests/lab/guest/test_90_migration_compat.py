@@ -35,6 +35,10 @@ def load_state(mdev_uuid: str, stream: Path, workdir: Path) -> dict[str, Any]:
         qmp.execute("migrate-incoming", uri=f"file:{stream}", **{"exit-on-error": False})
         answer = migration_finished(qmp)
         answer["vm-status"] = qmp.execute("query-status")["status"]
+        if answer["status"] == "completed":
+            # Leave the device out of RESUMING (it stays there while the VM is paused).
+            qmp.execute("cont")
+            qmp.execute("stop")
     answer["log"] = (workdir / "vm.log").read_text()[-2000:]
     return answer
 
