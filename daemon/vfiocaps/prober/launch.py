@@ -362,7 +362,7 @@ class _Session:
         The kernel keeps a device that received a state in RESUMING until the VM runs: QEMU
         moves it on (through STOP, where the driver applies the state) at ``cont``. A
         destination that quits while paused leaves the device mid-migration for its next user,
-        which must not find it so (Linux 6.12's mtty dereferences a freed migration file on its
+        which must not find it so (Linux 6.12's mtty dereferences a NULL migration file on its
         next state change). ``cont`` then ``stop`` leave it stopped, as a saved source leaves
         its device; the probe VM runs only between the two. A refusal is QEMU's answer and
         changes nothing here. Raises the QMP client's errors when the session is lost.
