@@ -119,7 +119,7 @@ def test_domain_starts_as_proposed(case: Case, libvirt: Libvirt) -> None:
 
 def test_region_display_gives_a_screenshot(case: Case, libvirt: Libvirt) -> None:
     if case.props["Display"] != "region":
-        pytest.skip(f"display {case.props['Display']}: no image without GL")
+        pytest.skip(f"display {case.props['Display']}: only a region display gives an image here")
     assert case.started, "the domain did not start"
     image = WORKDIR / f"{case.name}.screen"
     image.unlink(missing_ok=True)
