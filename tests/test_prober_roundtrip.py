@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -114,6 +115,26 @@ async def test_mtty_round_trip_keeps_the_stream_private_and_only_until_the_load(
     load = report.launches[-1].argv
     assert load[load.index("-incoming") + 1] == "defer"
     assert "x-device-dirty-page-tracking=off" in load[load.index("-device") + 1]
+
+
+async def test_the_destination_leaves_the_device_out_of_resuming_before_it_quits(
+    scratch: Path, fake_host: FakeHost, probe_user: str
+) -> None:
+    # A destination that quits paused leaves the device in RESUMING for its next user; Linux
+    # 6.12's mtty then oopses on the next state change (a second probe, a VM start).
+    device = fake_host.add_mdev(MTTY, "mtty-1", "mtty", "0")
+    qmp_log = scratch / "qmp.log"
+    qmp_log.touch(mode=0o666)
+    qmp_log.chmod(0o666)
+    report = await probe(scratch, device, fake_host, probe_user, {"qmp_log": str(qmp_log)})
+    assert report.outcome is ProbeOutcome.OK, report
+    commands = [json.loads(line) for line in qmp_log.read_text().splitlines()]
+    load = commands[max(i for i, c in enumerate(commands) if c["execute"] == "migrate-incoming") :]
+    names = [command["execute"] for command in load]
+    assert names[-3:] == ["cont", "stop", "quit"], names
+    assert load[-3]["resuming"] is True  # loaded, still RESUMING before cont
+    assert load[-1]["resuming"] is False  # out of it when QEMU quits
+    assert load[-1]["status"] == "paused"
 
 
 async def test_a_state_that_saves_but_does_not_load_is_unsupported(

@@ -247,14 +247,20 @@ def test_unit_keeps_what_a_probe_needs(destdir: Path) -> None:
     assert settings["CapabilityBoundingSet"] == [
         "CAP_CHOWN CAP_FOWNER CAP_SETUID CAP_SETGID CAP_KILL"
     ]
-    assert set(settings["DeviceAllow"]) == {"/dev/vfio/vfio rw", "char-vfio rw", "/dev/kvm rw"}
+    assert set(settings["DeviceAllow"]) == {
+        "/dev/vfio/vfio rw",
+        "char-vfio rw",
+        "/dev/kvm rw",
+        "char-drm rw",
+    }
     assert settings["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     assert "seccomp" in settings["SystemCallFilter"][0].split()
     assert "MemoryDenyWriteExecute" not in settings  # QEMU's TCG needs W+X
     assert "ProtectKernelModules" not in settings  # would hide /usr/lib/modules
-    # a private /dev, with the VFIO directory (nodes appear later) and KVM bound in
+    # a private /dev, with the VFIO directory (nodes appear later), KVM and the DRM render
+    # nodes (the GL check of a dma-buf display) bound in
     assert settings["PrivateDevices"] == ["yes"]
-    assert set(settings["BindPaths"]) == {"-/dev/vfio", "-/dev/kvm"}
+    assert set(settings["BindPaths"]) == {"-/dev/vfio", "-/dev/kvm", "-/dev/dri"}
     assert settings["ProtectKernelTunables"] == ["yes"]
     assert "ReadWritePaths" not in settings  # /sys stays read-only unless an admin opts in
 

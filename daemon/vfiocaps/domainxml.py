@@ -41,7 +41,7 @@ class Viewer(enum.Enum):
     """Where the person looking at the VM's display sits."""
 
     LOCAL = "local"  # on the host: SPICE with OpenGL over a local socket is possible
-    REMOTE = "remote"  # elsewhere: VNC (through egl-headless for a dma-buf display)
+    REMOTE = "remote"  # elsewhere: VNC (a dma-buf display: egl-headless alone, no viewer)
 
     @classmethod
     def parse(cls, value: str) -> Viewer:
@@ -150,8 +150,9 @@ def domain_parts(
     libvirt takes a mdev hostdev's ``display`` and ``ramfb`` only as on or off, and wants a
     ``<graphics>`` element whenever a display is on. A region display needs no OpenGL and is
     shown through VNC. A dma-buf display needs OpenGL: ``egl-headless`` (with *render_node*)
-    plus VNC for a remote viewer, or SPICE with ``<gl>`` on a local socket for a local one
-    (SPICE's OpenGL does not cross the network). ``<video><model type='none'/>`` keeps
+    alone for a remote viewer (QEMU 10 refuses VNC on a dma-buf console, so none comes with
+    it), or SPICE with ``<gl>`` on a local socket for a local one (SPICE's OpenGL does not
+    cross the network). ``<video><model type='none'/>`` keeps
     libvirt from adding an emulated card, so the device's display is the VM's only one.
     The render node a probe set the GL display up on wins over *render_node* (the host's
     first); the probe's GL answer goes into the notes.
@@ -250,9 +251,13 @@ def _graphics(
             f"  <gl enable='yes'{rendernode}/>\n"
             "</graphics>"
         )
-    return (
-        f"<graphics type='egl-headless'>\n  <gl{rendernode}/>\n</graphics>\n<graphics type='vnc'/>"
+    notes.append(
+        "no viewer comes with the dma-buf display for a remote viewer: QEMU 10 refuses VNC on "
+        'a dma-buf console ("The console requires display DMABUF support"), so '
+        "egl-headless alone gives the display its OpenGL and the VM starts; on the host, "
+        "SPICE with OpenGL shows it (the local viewer's parts)"
     )
+    return f"<graphics type='egl-headless'>\n  <gl{rendernode}/>\n</graphics>"
 
 
 def _qemu_override(alias: str, options: tuple[tuple[str, str], ...]) -> str:

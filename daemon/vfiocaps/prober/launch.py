@@ -359,12 +359,29 @@ class _Session:
                 realized=realized if isinstance(realized, bool) else None,
                 duration=duration,
             )
+            if status == "completed" and realized is True:
+                await self._leave_resuming()
         finally:
             if self.incoming is not None and not self.incoming.duration:
                 self.incoming = dataclasses.replace(
                     self.incoming, duration=time.monotonic() - started
                 )
             remove_stream(self.context.workdir)
+
+    async def _leave_resuming(self) -> None:
+        """Take the loaded device out of the kernel's RESUMING state, as a real destination does.
+
+        The kernel keeps a device that received a state in RESUMING until the VM runs: QEMU
+        moves it on (through STOP, where the driver applies the state) at ``cont``. A
+        destination that quits while paused leaves the device mid-migration for its next user,
+        which must not find it so (Linux 6.12's mtty dereferences a NULL migration file on its
+        next state change). ``cont`` then ``stop`` leave it stopped, as a saved source leaves
+        its device; the probe VM runs only between the two. A refusal is QEMU's answer and
+        changes nothing here. Raises the QMP client's errors when the session is lost.
+        """
+        with contextlib.suppress(ExecuteError):
+            await self.client.execute("cont")
+            await self.client.execute("stop")
 
     async def close(self) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,12 +32,76 @@ SAMPLE_TYPES = {
     "mdpy": ("mdpy-vga", "mdpy-hd"),
     "mbochs": ("mbochs-small", "mbochs-medium"),
 }
-# What the daemon must publish for each sample (observed with QEMU 10 on kernel 6.12).
+# What the daemon must publish for each sample (observed with QEMU 10 on kernel 6.12): mtty
+# migrates only with its device options (QEMU's defaults fail at the save); the others not at all.
+# GlHost is the answer on a host without a DRM render node (the GL test loads vgem later).
 EXPECTED = {
-    "mtty": {"Display": "none", "GlRequired": False, "Migration": "supported"},
-    "mdpy": {"Display": "region", "GlRequired": False, "Migration": "unsupported"},
-    "mbochs": {"Display": "dmabuf", "GlRequired": True, "Migration": "unsupported"},
+    "mtty": {
+        "Display": "none",
+        "GlRequired": False,
+        "Migration": "unsupported",
+        "MigrationWithOptions": "supported",
+        "GlHost": "not-needed",
+    },
+    "mdpy": {
+        "Display": "region",
+        "GlRequired": False,
+        "Migration": "unsupported",
+        "MigrationWithOptions": "unsupported",
+        "GlHost": "not-needed",
+    },
+    "mbochs": {
+        "Display": "dmabuf",
+        "GlRequired": True,
+        "Migration": "unsupported",
+        "MigrationWithOptions": "unsupported",
+        "GlHost": "no-render-node",
+    },
 }
+# What QEMU 10 says when it saves an mtty VM started with its defaults.
+DEFAULTS_SAVE_ERROR = "ram_save_setup failed: Operation not supported"
+# The device options mtty needs to migrate (string values, QEMU's OnOffAuto).
+MTTY_OPTIONS = [["x-device-dirty-page-tracking", "off"], ["enable-migration", "on"]]
+# The device state mtty saves: a header plus its ports' registers (mtty.c), per type.
+MTTY_STATE_BYTES = {"mtty-1": 60, "mtty-2": 96}
+# Where the lab image keeps the sample drivers' C sources the modules were built from.
+SAMPLE_SOURCES = Path("/usr/lib/vfiocaps-lab/source")
+_SOURCE_FLAGS = {
+    "VFIO_MIGRATION_STOP_COPY": "stop-copy",
+    "VFIO_MIGRATION_P2P": "p2p",
+    "VFIO_MIGRATION_PRE_COPY": "pre-copy",
+}
+
+
+@dataclass(frozen=True)
+class DriverMigration:
+    """What a sample driver's source declares to the VFIO core about migration."""
+
+    flags: frozenset[str]  # the names of the VFIO_MIGRATION_* flags it sets
+    dirty_tracking: bool  # it gives the core DMA logging operations (log_ops)
+
+
+def driver_source_migration(module: str) -> DriverMigration:
+    """The migration flags and DMA logging a sample driver's C source sets up."""
+    text = (SAMPLE_SOURCES / f"{module}.c").read_text()
+    found = re.search(r"\bmigration_flags\s*=\s*([^;]+);", text)
+    flags = set()
+    if found:
+        for word in re.findall(r"VFIO_MIGRATION_\w+", found.group(1)):
+            assert word in _SOURCE_FLAGS, f"{module}.c sets {word}, unknown to the lab"
+            flags.add(_SOURCE_FLAGS[word])
+    return DriverMigration(frozenset(flags), re.search(r"\blog_ops\s*=", text) is not None)
+
+
+def kernel_config(names: tuple[str, ...]) -> dict[str, str]:
+    """``CONFIG_X`` values of the running kernel's config (``n`` when not set)."""
+    path = Path("/boot") / f"config-{os.uname().release}"
+    values = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in names:
+            values[key] = value
+    return {name: values.get(name, "n") for name in names}
 
 
 @dataclass
@@ -58,7 +123,13 @@ class CapabilityTable:
             ("name", "name"),
             ("display", "display"),
             ("gl", "GL"),
-            ("migration", "migration"),
+            ("gl_host", "GL host"),
+            ("migration", "migration (QEMU's defaults)"),
+            ("migration_with_options", "with options"),
+            ("state_bytes", "state bytes"),
+            ("save_load", "save / load s"),
+            ("flags", "kernel flags"),
+            ("conditions", "conditions"),
             ("notes", "notes / blockers"),
             ("cache_hit", "2nd instance from cache"),
             ("prober", "vfiocapsctl probe"),
@@ -475,3 +546,42 @@ def migration_finished(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
         return answer if answer.get("status") in ("completed", "failed", "cancelled") else None
 
     return dict(wait_for(finished, timeout, "the migration to finish", 0.2))
+
+
+def installed_python() -> str:
+    """The interpreter of the installed package (its virtual environment), as the daemon uses."""
+    found = Path("/opt/vfiocaps/bin/python")
+    return str(found) if found.exists() else "python3"
+
+
+def read_vfio_features(mdev_uuid: str) -> dict[str, Any]:
+    """The installed VFIO feature reader run by hand (as root), the way vfiocapsd runs it."""
+    python = installed_python()
+    where = subprocess.run(
+        [python, "-c", "import vfiocaps.prober.vfiofeatures as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    group = MdevLab.group_of(mdev_uuid)
+    result = subprocess.run(
+        [
+            python,
+            "-I",
+            "-S",
+            where,
+            "--container",
+            "/dev/vfio/vfio",
+            "--group",
+            f"/dev/vfio/{group}",
+            "--device",
+            mdev_uuid,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    return dict(json.loads(result.stdout))

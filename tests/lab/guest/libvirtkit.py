@@ -77,26 +77,36 @@ def parse_parts(text: str) -> DomainParts:
     return parts
 
 
-def override(alias: str, properties: dict[str, str]) -> ET.Element:
-    """A ``<qemu:override>`` setting string frontend properties of the device *alias*."""
-    element = ET.Element(f"{{{QEMU_NS}}}override")
-    device = ET.SubElement(element, f"{{{QEMU_NS}}}device", alias=alias)
-    frontend = ET.SubElement(device, f"{{{QEMU_NS}}}frontend")
-    for name, value in properties.items():
-        ET.SubElement(frontend, f"{{{QEMU_NS}}}property", name=name, type="string", value=value)
-    return element
+# The parts DomainXmlParts names that hold domain elements, in the order they are read.
+ELEMENT_PARTS = ("hostdev", "graphics", "video", "qemu-override")
+NAMESPACE_PART = f"xmlns:qemu='{QEMU_NS}'"
 
 
-def mdev_hostdev(mdev_uuid: str, alias: str | None = None, display: str = "off") -> ET.Element:
-    """A ``<hostdev>`` of an mdev, written by the lab itself (independent of the daemon)."""
-    hostdev = ET.Element(
-        "hostdev", mode="subsystem", type="mdev", model="vfio-pci", display=display
-    )
-    source = ET.SubElement(hostdev, "source")
-    ET.SubElement(source, "address", uuid=mdev_uuid)
-    if alias:
-        ET.SubElement(hostdev, "alias", name=alias)
-    return hostdev
+def parts_from_named(named: dict[str, str]) -> DomainParts:
+    """The domain elements of a DomainXmlParts answer ({part name: text}).
+
+    The ``domain-namespace`` part must be exactly the attribute an override needs, present
+    with an override and absent without one (the domain built here declares it).
+    """
+    unknown = set(named) - {*ELEMENT_PARTS, "domain-namespace", "notes"}
+    assert not unknown, f"parts the lab does not know: {sorted(unknown)}"
+    if "qemu-override" in named:
+        assert named.get("domain-namespace") == NAMESPACE_PART, named.get("domain-namespace")
+    else:
+        assert "domain-namespace" not in named, named
+    parts = DomainParts()
+    for name in ELEMENT_PARTS:
+        if name in named:
+            parts.extend(parse_parts(named[name]))
+    return parts
+
+
+def serialised(parts: DomainParts) -> list[str]:
+    """Every element of *parts* as canonical text, for comparing two answers."""
+    return [
+        ET.canonicalize(ET.tostring(element, encoding="unicode"), strip_text=True)
+        for element in (*parts.hostdevs, *parts.graphics, *parts.video, *parts.overrides)
+    ]
 
 
 def domain(name: str, parts: DomainParts, kvm: bool | None = None) -> str:
@@ -132,6 +142,28 @@ def domain(name: str, parts: DomainParts, kvm: bool | None = None) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def libvirtd_journal(lines: int = 30) -> str:
+    """The last lines libvirt's daemons logged (what a command that never answered was doing)."""
+    return subprocess.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-n",
+            str(lines),
+            "-u",
+            "libvirtd",
+            "-u",
+            "virtqemud",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one libvirt command did."""
@@ -161,7 +193,7 @@ class Libvirt:
             )
             ok, output = result.returncode == 0, (result.stdout + result.stderr).strip()
         except subprocess.TimeoutExpired:
-            ok, output = False, f"no answer within {timeout:.0f} s"
+            ok, output = False, f"no answer within {timeout:.0f} s; {libvirtd_journal()}"
         outcome = Outcome(" ".join(argv), ok, output, time.monotonic() - started)
         self.log.append(
             {

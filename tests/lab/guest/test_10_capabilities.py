@@ -7,7 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labkit import DEVICE, EXPECTED, SAMPLE_TYPES, SYSFS, CapabilityTable, Daemon, MdevLab
+from labkit import (
+    DEFAULTS_SAVE_ERROR,
+    DEVICE,
+    EXPECTED,
+    MTTY_OPTIONS,
+    SAMPLE_TYPES,
+    SYSFS,
+    CapabilityTable,
+    Daemon,
+    MdevLab,
+)
 
 CASES = [(module, type_id) for module, type_ids in SAMPLE_TYPES.items() for type_id in type_ids]
 
@@ -28,6 +38,12 @@ def record(table: CapabilityTable, module: str, mdevs: MdevLab, props: dict[str,
     notes = [*props.get("MigrationNotes", []), *props.get("MigrationBlockers", [])]
     if props.get("ProbeState") != "done":
         notes.append(f"{props.get('ProbeState')}: {props.get('LastError')}")
+    options = ",".join(f"{name}={value}" for name, value in props.get("MigrationOptions", []))
+    with_options = str(props.get("MigrationWithOptions", ""))
+    conditions = "; ".join(
+        f"{condition}: {verdict} ({decided_by})"
+        for condition, verdict, decided_by, _ in props.get("MigrationConditions", [])
+    )
     table.record(
         props.get("TypeId") or mdevs.type_of(str(props["Uuid"])),
         driver=module,
@@ -35,7 +51,15 @@ def record(table: CapabilityTable, module: str, mdevs: MdevLab, props: dict[str,
         name=props.get("TypeName", ""),
         display=props.get("Display", ""),
         gl="required" if props.get("GlRequired") else "not required",
+        gl_host=props.get("GlHost", ""),
         migration=props.get("Migration", ""),
+        migration_with_options=f"{with_options} ({options})" if options else with_options,
+        state_bytes=props.get("MigrationStateBytes", ""),
+        save_load=f"{props.get('MigrationSaveSeconds', 0):.2f} / "
+        f"{props.get('MigrationLoadSeconds', 0):.2f}",
+        flags=f"{', '.join(props.get('MigrationFlags', [])) or 'none'}; DMA logging "
+        f"{props.get('DeviceDirtyTracking', '')}",
+        conditions=conditions,
         notes="; ".join(map(str, notes)),
     )
 
@@ -57,10 +81,22 @@ def test_device_capabilities(
     for name, value in EXPECTED[module].items():
         assert props[name] == value, f"{type_id}: {name} is {props[name]!r}, not {value!r}"
     if props["Migration"] == "supported":
-        assert any("dirty" in note.lower() for note in props["MigrationNotes"]), props
-        assert props["MigrationBlockers"] == []
+        assert props["MigrationBlockers"] == [], props
     else:
         assert props["MigrationBlockers"], props
+    if module == "mtty":
+        blockers = " ".join(props["MigrationBlockers"])
+        assert DEFAULTS_SAVE_ERROR in blockers, props["MigrationBlockers"]
+        assert props["MigrationOptions"] == MTTY_OPTIONS, props["MigrationOptions"]
+        notes = " ".join(props["MigrationNotes"]).lower()
+        assert "x-device-dirty-page-tracking=off" in notes, props["MigrationNotes"]
+    else:
+        assert props["MigrationOptions"] == [], props["MigrationOptions"]
+    if props["GlHost"] == "no-render-node":
+        assert props["GlRenderNode"] == ""
+        assert "no DRM render node" in props["GlDetail"], props["GlDetail"]
+    elif props["GlHost"] == "not-needed":
+        assert props["GlRenderNode"] == props["GlDetail"] == ""
     assert props["ProbedAt"] > 0
     assert props["QemuVersion"] == daemon.prop("QemuVersion")
 

@@ -36,13 +36,17 @@ def test_prober_alone(samples: dict[str, str], table: CapabilityTable, module: s
     )
     assert result.returncode == 0, result.stderr
     answer = normalised(json.loads(result.stdout))
-    expected = EXPECTED[module]
+    compared = ("Display", "GlRequired", "Migration", "MigrationWithOptions")
+    expected = {key: EXPECTED[module][key] for key in compared}
     got = {
         "Display": str(answer.get("display", "")).lower(),
         "GlRequired": answer.get("glrequired"),
         "Migration": str(answer.get("migration", "")).lower(),
+        "MigrationWithOptions": str(answer.get("migrationwithoptions", "")).lower(),
     }
     table.record(
-        type_id, prober=f"{got['Display']}, GL {got['GlRequired']}, migration {got['Migration']}"
+        type_id,
+        prober=f"{got['Display']}, GL {got['GlRequired']}, migration {got['Migration']}, "
+        f"with options {got['MigrationWithOptions']}",
     )
     assert got == expected, result.stdout

@@ -1,5 +1,6 @@
 """State saved from one mtty type, loaded into another: what the driver does, and whether the
-daemon's migration fingerprint check predicts it."""
+daemon's migration fingerprint check (on the daemon's own fingerprints, which carry the kernel's
+migration flags) predicts it, through vfiocapsctl and CheckMigration on the bus alike."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from labkit import Daemon, migration_finished, qemu_vm, vfiocapsctl
+from labkit import MANAGER, ROOT_PATH, Daemon, migration_finished, qemu_vm, vfiocapsctl
 
 # What mtty needs to migrate with QEMU 10 (see the capability table's notes).
 OPTIONS = "display=off,x-device-dirty-page-tracking=off,enable-migration=on"
@@ -34,6 +35,10 @@ def load_state(mdev_uuid: str, stream: Path, workdir: Path) -> dict[str, Any]:
         qmp.execute("migrate-incoming", uri=f"file:{stream}", **{"exit-on-error": False})
         answer = migration_finished(qmp)
         answer["vm-status"] = qmp.execute("query-status")["status"]
+        if answer["status"] == "completed":
+            # Leave the device out of RESUMING (it stays there while the VM is paused).
+            qmp.execute("cont")
+            qmp.execute("stop")
     answer["log"] = (workdir / "vm.log").read_text()[-2000:]
     return answer
 
@@ -51,6 +56,13 @@ def check(fingerprint: Path, device: str) -> tuple[str, dict[str, Any]]:
     answer = json.loads(result.stdout)
     assert answer["verdict"] == CHECK_EXIT[result.returncode], answer
     return answer["verdict"], answer
+
+
+def check_on_the_bus(daemon: Daemon, fingerprint: str, device: str) -> tuple[str, list[Any]]:
+    """Manager.CheckMigration(fingerprint, device): the verdict and the (field, verdict, detail)
+    rows."""
+    verdict, reasons = daemon.call(ROOT_PATH, MANAGER, "CheckMigration", "ss", fingerprint, device)
+    return str(verdict), [list(row) for row in reasons]
 
 
 def test_mtty_2_state_into_mtty_1(daemon: Daemon, samples: dict[str, str], tmp_path: Path) -> None:
@@ -71,8 +83,26 @@ def test_mtty_2_state_into_mtty_1(daemon: Daemon, samples: dict[str, str], tmp_p
         check=True,
     )
     fingerprint.write_text(made.stdout)
+    document = json.loads(made.stdout)
+    published = daemon.wait_settled(source)
+    assert document["type_id"] == "mtty-2", document
+    assert document["migration_flags"] is not None, document
+    assert sorted(document["migration_flags"]) == sorted(published["MigrationFlags"]), document
+    assert document["migration_with_options"] == published["MigrationWithOptions"], document
     other_verdict, other_answer = check(fingerprint, destination)
     same_verdict, same_answer = check(fingerprint, source)
+    for device, verdict, answer in (
+        (destination, other_verdict, other_answer),
+        (source, same_verdict, same_answer),
+    ):
+        on_bus, rows = check_on_the_bus(daemon, made.stdout, device)
+        assert on_bus == verdict, (on_bus, rows, answer)
+        listed = [[row["field"], row["verdict"], row["detail"]] for row in answer["reasons"]]
+        assert rows == listed, (rows, listed)
+    flags_row = [row for row in same_answer["reasons"] if row["field"] == "migration_flags"]
+    assert flags_row, same_answer
+    assert flags_row[0]["verdict"] == "compatible", same_answer
+    assert flags_row[0]["detail"].startswith("both "), flags_row  # compared, not skipped
 
     results = os.environ.get("VFIOCAPS_LAB_RESULTS")
     if results:
