@@ -1,12 +1,17 @@
-"""Reading one launch's evidence: the console linked to the device, whose blockers, exit status."""
+"""Reading one launch's evidence: QMP replies, the console linked to the device, whose blockers."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..capabilities import Display
 from .messages import Meaning, first_failure
+from .migration import MigrationResult
+
+# query-migrate statuses after which a migration does not change any more.
+FINAL_MIGRATION_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
 def linked_console(consoles: Mapping[str, str], device_path: str) -> str | None:
@@ -65,3 +70,38 @@ def strip_option_prefix(line: str) -> str:
         _, sep, message = rest.partition(": ")
         return message if sep else line
     return line
+
+
+def console_names(qom_list_reply: Any) -> tuple[str, ...]:
+    """The ``console[N]`` children in a ``qom-list /backend`` reply. Raises nothing."""
+    if not isinstance(qom_list_reply, list):
+        return ()
+    names = (str(child.get("name", "")) for child in qom_list_reply if isinstance(child, dict))
+    return tuple(name for name in names if name.startswith("console["))
+
+
+def blocked_reasons(query_migrate_reply: Any) -> tuple[str, ...]:
+    """The ``blocked-reasons`` of a ``query-migrate`` reply (absent: none). Raises nothing."""
+    if not isinstance(query_migrate_reply, dict):
+        return ()
+    reasons = query_migrate_reply.get("blocked-reasons", [])
+    return tuple(str(reason) for reason in reasons) if isinstance(reasons, list) else ()
+
+
+def migration_result(query_migrate_reply: Any, duration: float) -> MigrationResult | None:
+    """The final result in a ``query-migrate`` reply, or ``None`` while it is still running.
+
+    The device's saved state size is the ``vfio`` ``transferred`` counter. Raises nothing.
+    """
+    info = query_migrate_reply if isinstance(query_migrate_reply, dict) else {}
+    status = str(info.get("status", ""))
+    if status not in FINAL_MIGRATION_STATES:
+        return None
+    vfio = info.get("vfio")
+    device_bytes = vfio.get("transferred") if isinstance(vfio, dict) else None
+    return MigrationResult(
+        status=status,
+        error=str(info.get("error-desc", "")),
+        device_bytes=device_bytes if isinstance(device_bytes, int) else None,
+        duration=duration,
+    )

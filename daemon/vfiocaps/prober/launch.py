@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
@@ -25,11 +24,18 @@ from ..process import (
     cancel_and_wait,
     minimal_environment,
 )
+from .evidence import (
+    FINAL_MIGRATION_STATES,
+    blocked_reasons,
+    console_names,
+    device_blockers,
+    migration_result,
+)
 from .gldisplay import Screendump, take_screendump
 from .migration import IncomingResult, MigrationResult
+from .observation import Attempt, LaunchEnd, LaunchObservation, Step
 from .plan import DEVICE_ID, DEVICE_QOM_PATH, DeviceSettings, ProbePlan, build_qemu_argv
 from .sandbox import ProbeIdentity
-from .strategy import Attempt, LaunchEnd, LaunchObservation, Step, device_blockers
 from .stream import (
     StreamReceipt,
     receive_stream,
@@ -43,7 +49,6 @@ log = logging.getLogger("vfiocaps.prober")
 MIGRATION_FD_NAME = "vfiocaps-migration"
 MIGRATION_POLL_SECONDS = 0.02
 QUIT_GRACE_SECONDS = 5.0
-FINAL_MIGRATION_STATES = frozenset({"completed", "failed", "cancelled"})
 INCOMING_FD_NAME = "vfiocaps-incoming"
 
 
@@ -435,41 +440,6 @@ def _greeting_version(client: QMPClient) -> str:
     if not isinstance(qemu, dict):
         return ""
     return ".".join(str(qemu.get(part, 0)) for part in ("major", "minor", "micro"))
-
-
-def console_names(qom_list_reply: Any) -> tuple[str, ...]:
-    """The ``console[N]`` children in a ``qom-list /backend`` reply. Raises nothing."""
-    if not isinstance(qom_list_reply, list):
-        return ()
-    names = (str(child.get("name", "")) for child in qom_list_reply if isinstance(child, dict))
-    return tuple(name for name in names if name.startswith("console["))
-
-
-def blocked_reasons(query_migrate_reply: Any) -> tuple[str, ...]:
-    """The ``blocked-reasons`` of a ``query-migrate`` reply (absent: none). Raises nothing."""
-    if not isinstance(query_migrate_reply, dict):
-        return ()
-    reasons = query_migrate_reply.get("blocked-reasons", [])
-    return tuple(str(reason) for reason in reasons) if isinstance(reasons, list) else ()
-
-
-def migration_result(query_migrate_reply: Any, duration: float) -> MigrationResult | None:
-    """The final result in a ``query-migrate`` reply, or ``None`` while it is still running.
-
-    The device's saved state size is the ``vfio`` ``transferred`` counter. Raises nothing.
-    """
-    info = query_migrate_reply if isinstance(query_migrate_reply, dict) else {}
-    status = str(info.get("status", ""))
-    if status not in FINAL_MIGRATION_STATES:
-        return None
-    vfio = info.get("vfio")
-    device_bytes = vfio.get("transferred") if isinstance(vfio, dict) else None
-    return MigrationResult(
-        status=status,
-        error=str(info.get("error-desc", "")),
-        device_bytes=device_bytes if isinstance(device_bytes, int) else None,
-        duration=duration,
-    )
 
 
 def probe_environment(extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:

@@ -41,18 +41,6 @@ from .observation import Attempt, LaunchEnd, LaunchObservation, Step, Verdict
 from .plan import DEVICE_QOM_PATH, Accel, DeviceSettings, OnOffAuto
 from .render import RenderAccess
 
-# launch.py imports these names from this module; they are defined in .observation and .evidence.
-__all__ = [
-    "MAX_LAUNCHES",
-    "Attempt",
-    "Knowledge",
-    "LaunchEnd",
-    "LaunchObservation",
-    "ProbeStrategy",
-    "Step",
-    "device_blockers",
-]
-
 MAX_LAUNCHES = 6  # a KVM retry, discover, display-off, tracking-off, load, gl
 
 
