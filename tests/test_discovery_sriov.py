@@ -11,12 +11,12 @@ import pytest
 
 from support.umockdev_hosts import DirectoryTestbed
 from support.umockdev_sriov import H100, MLX5, XE, SriovHostBuilder, recorded_uevents
+from vfiocaps.bootid import UNKNOWN_BOOT
 from vfiocaps.config import Config
 from vfiocaps.discovery import Discovery
 from vfiocaps.discovery.functions import parse_profiles
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
 from vfiocaps.discovery.profiles import (
-    UNKNOWN_BOOT,
     ProfileError,
     ProfileLedger,
     ProfileRecord,

@@ -190,9 +190,9 @@ def test_the_ledger_records_and_forgets_instances(tmp_path: Path) -> None:
     (tmp_path / "instances" / uuid).write_text("not json")
     assert ledger.remove_leftovers(tmp_path / "sys") == []
     assert ledger.recorded() == []
-    boot_id.unlink()
-    with pytest.raises(InstanceError, match="boot id"):
-        ledger.record(uuid)
+    boot_id.unlink()  # hidden, as under the unit's ProcSubset=pid: recorded all the same
+    ledger.record(uuid)
+    assert ledger.recorded() == [uuid]
 
 
 async def test_the_task_set_keeps_logs_and_stops_its_tasks(

@@ -9,6 +9,7 @@ import re
 import uuid as uuidlib
 from pathlib import Path
 
+from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
@@ -72,9 +73,6 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
     log.info("removed temporary instance %s", device.device_id)
 
 
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -100,10 +98,7 @@ class InstanceLedger:
         self._boot_id_path = boot_id_path
 
     def _boot_id(self) -> str:
-        try:
-            return self._boot_id_path.read_text().strip()
-        except OSError as err:
-            raise InstanceError(f"cannot read the boot id at {self._boot_id_path}: {err}") from err
+        return read_boot_id(self._boot_id_path)
 
     def record(self, uuid: str) -> None:
         """Note that this daemon created *uuid*.
@@ -147,11 +142,7 @@ class InstanceLedger:
 
         Raises nothing: an instance that cannot be removed keeps its record for the next start.
         """
-        try:
-            boot_id = self._boot_id()
-        except InstanceError as err:
-            log.warning("not removing leftover temporary instances: %s", err)
-            return []
+        boot_id = self._boot_id()
         removed = []
         for uuid in self.recorded():
             path = self.directory / uuid
@@ -162,7 +153,7 @@ class InstanceLedger:
                 log.warning("dropping the unreadable record %s: %s", path, err)
                 self.forget(uuid)
                 continue
-            if owner_boot != boot_id:
+            if not same_boot(owner_boot, boot_id):
                 self.forget(uuid)
                 continue
             if pid != os.getpid() and _pid_alive(pid):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_pci_address
 from ..model import Parent
@@ -23,11 +24,9 @@ from .scan import PCI_DEVICES, HostReader
 
 log = logging.getLogger("vfiocaps.discovery")
 
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # The boot id of a record made where the kernel's could not be read (a unit with
 # ProcSubset=pid hides /proc/sys). The runtime directory, on tmpfs under /run, then is what
 # ties records to the boot: it does not outlive it.
-UNKNOWN_BOOT = "unknown"
 # A write to current_vgpu_type makes the vendor driver reserve or release GPU resources.
 WRITE_SECONDS = 10.0
 # Records larger than this were not written by vfiocapsd.
@@ -77,20 +76,13 @@ class ProfileLedger:
     """One file per profile set for a probe under *directory* (``<runtime>/profiles``),
     written before the profile is set and removed once it is cleared."""
 
-    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID) -> None:
+    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.directory = directory
         self._boot_id_path = boot_id_path
 
     def boot_id(self) -> str:
-        """This boot's id, or :data:`UNKNOWN_BOOT` when the kernel's cannot be read."""
-        try:
-            value = self._boot_id_path.read_text()[:64].strip()
-        except OSError as err:
-            log.debug("profiles: cannot read %s: %s", self._boot_id_path, err.strerror)
-            return UNKNOWN_BOOT
-        if not value or not all(c in "0123456789abcdef-" for c in value):
-            return UNKNOWN_BOOT
-        return value
+        """This boot's id (see :func:`vfiocaps.bootid.read_boot_id`). Raises nothing."""
+        return read_boot_id(self._boot_id_path)
 
     def _path(self, function: str) -> Path:
         return self.directory / f"{function}.json"
@@ -312,7 +304,7 @@ class ProfileSetter:
         boot_id = self._ledger.boot_id()
         cleared = []
         for record in self._ledger.records():
-            if record.boot_id != boot_id:
+            if not same_boot(record.boot_id, boot_id):
                 log.info("profiles: dropping a record of an earlier boot for %s", record.function)
                 self._ledger.remove(record.function)
                 continue

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
+from ..bootid import BOOT_ID_PATH
 from ..config import Config
 from ..ids import is_pci_address
 from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, TypeKind
@@ -18,7 +19,6 @@ from .identity import IdentityResolver, ModuleFiles
 from .instances import create_instance, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
 from .profiles import (
-    BOOT_ID,
     WRITE_SECONDS,
     ProfileError,
     ProfileLedger,
@@ -85,7 +85,7 @@ class Discovery:
         *,
         monitor_factory: Callable[[], UdevMonitor] = UdevMonitor,
         coalesce_seconds: float = COALESCE_SECONDS,
-        boot_id_path: Path = BOOT_ID,
+        boot_id_path: Path = BOOT_ID_PATH,
     ) -> None:
         self.config = config
         self._reader = _reader_for(config)

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..bootid import BOOT_ID_PATH
 from ..capabilities import Capabilities, ProbeOutcome
 from ..config import Config
-from ..discovery.instances import BOOT_ID_PATH, InstanceLedger
+from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
 from ..model import (
     Device,

@@ -31,8 +31,6 @@ from ..errors import ProbeError
 
 log = logging.getLogger("vfiocaps.prober")
 
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-
 
 class GrantError(ProbeError):
     """A device node cannot be lent to the probe user (missing, not a device, unchangeable)."""
@@ -89,14 +87,6 @@ class GrantRecord:
             pid=values["pid"],
             boot_id=values["boot_id"],
         )
-
-
-def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
-    """This boot's id ("" when unreadable). Raises nothing."""
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
 
 
 def _check_private_directory(path: Path, st: os.stat_result) -> None:

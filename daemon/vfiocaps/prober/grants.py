@@ -33,14 +33,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import ProbeBusyError
 from .grantjournal import (
-    BOOT_ID_PATH,
     GrantError,
     GrantJournal,
     GrantRecord,
     NodeState,
-    read_boot_id,
 )
 
 log = logging.getLogger("vfiocaps.prober")
@@ -291,7 +290,7 @@ class NodeGrants:
                     path.unlink(missing_ok=True)
                 elif self._held(journal, record):
                     continue
-                elif boot_id and record.boot_id != boot_id:
+                elif not same_boot(record.boot_id, boot_id):
                     log.info("dropping grant record of %s from another boot", record.node)
                     path.unlink(missing_ok=True)
                 elif not self._recoverable(record):
