@@ -13,6 +13,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
+from ..statefile import replace_file
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ class InstanceLedger:
         text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temporary = self.directory / f".{uuid}.new"
-            temporary.write_text(text + "\n")
-            os.replace(temporary, self.directory / uuid)
+            replace_file(self.directory / uuid, text + "\n")
         except OSError as err:
             raise InstanceError(f"cannot record the temporary instance {uuid}: {err}") from err
 

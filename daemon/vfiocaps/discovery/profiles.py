@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_pci_address
 from ..model import Parent
+from ..statefile import replace_file
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .scan import PCI_DEVICES, HostReader
@@ -95,17 +95,7 @@ class ProfileLedger:
         """
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as stream:
-                    json.dump(record.__dict__, stream)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-                os.replace(temporary, self._path(record.function))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
+            replace_file(self._path(record.function), json.dumps(record.__dict__))
         except OSError as err:
             raise ProfileError(f"cannot record the profile in {self.directory}: {err}") from err
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProbeError
+from ..statefile import replace_file
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -152,18 +153,7 @@ class GrantJournal:
 
         Raises ``OSError``.
         """
-        path = self._record_path(record.owner, record.node)
-        temporary = path.with_suffix(".tmp")
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-        with os.fdopen(fd, "w") as out:
-            out.write(record.to_json())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
+        replace_file(self._record_path(record.owner, record.node), record.to_json())
 
     def forget(self, record: GrantRecord) -> None:
         """Remove the file of *record*, if it is still there."""
