@@ -28,7 +28,7 @@ from bench.common import (
     python_daemon_pid,
     summary,
 )
-from vfiocaps.bus.adaptor import device_path
+from vfiocaps.bus.device import device_path
 from vfiocaps.discovery.service import QUIET_SECONDS
 
 HERE = Path(__file__).resolve().parent

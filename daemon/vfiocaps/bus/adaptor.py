@@ -13,12 +13,11 @@ from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
 from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
-from .device import DeviceInterface
+from .device import DeviceObjects, device_path
 from .manager import ManagerInterface, ManagerState
-from .names import DEVICES_PATH, ROOT_PATH
+from .names import ROOT_PATH
 from .polkit import Authority
 from .validation import (
-    escape_path_element,
     parse_device_id,
     parse_driver_name,
     parse_type_name,
@@ -41,11 +40,6 @@ def cache_state_text(status: EngineStatus) -> str:
     return f"{status.cache_state.value}: {status.cache_error}"
 
 
-def device_path(device_id: str) -> str:
-    """The object path of the device with *device_id*."""
-    return f"{DEVICES_PATH}/{escape_path_element(device_id)}"
-
-
 class BusAdaptor:
     """Keeps the bus objects in step with the engine; everything it registers it unregisters."""
 
@@ -55,7 +49,7 @@ class BusAdaptor:
         self._config = config
         self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
-        self._devices: dict[str, DeviceInterface] = {}
+        self._devices = DeviceObjects(bus, self._refresh_by_id)
         self._started = False
         self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
@@ -66,6 +60,7 @@ class BusAdaptor:
         self._bus.object_manager_root = ROOT_PATH
         self._bus.add_message_handler(note_caller)
         self._bus.export(ROOT_PATH, self._manager)
+        self._devices.start()
         self._started = True
         self._engine.subscribe(self)
         for view in self._engine.views():
@@ -77,34 +72,23 @@ class BusAdaptor:
         if not self._started:
             return
         self._started = False
-        self._engine.unsubscribe(self)
-        for device_id in list(self._devices):
-            self.device_removed(device_id)
-        self._bus.unexport(ROOT_PATH, self._manager)
-        self._bus.remove_message_handler(note_caller)
+        try:
+            self._engine.unsubscribe(self)
+            self._devices.stop()
+            self._bus.unexport(ROOT_PATH, self._manager)
+        finally:
+            self._bus.remove_message_handler(note_caller)
 
     # ---- engine listener ------------------------------------------------------------------
 
     def device_added(self, view: DeviceView) -> None:
-        device_id = view.device.device_id
-        if device_id in self._devices:
-            self.device_changed(view)
-            return
-        interface = DeviceInterface(view, self._refresh_by_id)
-        self._devices[device_id] = interface
-        self._bus.export(device_path(device_id), interface)
+        self._devices.add(view)
 
     def device_changed(self, view: DeviceView) -> None:
-        interface = self._devices.get(view.device.device_id)
-        if interface is None:
-            self.device_added(view)
-        else:
-            interface.update(view)
+        self._devices.update(view)
 
     def device_removed(self, device_id: str) -> None:
-        interface = self._devices.pop(device_id, None)
-        if interface is not None:
-            self._bus.unexport(device_path(device_id), interface)
+        self._devices.remove(device_id)
 
     def cache_invalidated(self, driver: str, old: str, new: str, records: int) -> None:
         self._manager.CacheInvalidated(driver, old, new, records)
@@ -135,7 +119,7 @@ class BusAdaptor:
 
     def get_device(self, device_id: str) -> str:
         view = self._lookup(device_id)
-        if view.device.device_id not in self._devices:
+        if self._devices.get(view.device.device_id) is None:
             raise NotFoundError(f"no device {device_id!r}")
         return device_path(view.device.device_id)
 
@@ -154,9 +138,9 @@ class BusAdaptor:
             known = self._engine.find(sysfs_path=ref.sysfs_path).device.device_id
         if self._engine.probe_state(known) in (ProbeState.PENDING, ProbeState.PROBING):
             await self._settled_by_id(known)
-        interface = self._devices.get(known)
-        if interface is not None:
-            return interface.capabilities()
+        device = self._devices.get(known)
+        if device is not None:
+            return device.capabilities()
         return capabilities_dict(self._engine.view(known))
 
     def list_types(self) -> list[dict[str, Variant]]:

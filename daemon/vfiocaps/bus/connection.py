@@ -14,9 +14,11 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from dbus_fast import BusType, Message, MessageFlag
+from dbus_fast import BusType, Message, MessageFlag, Variant
+from dbus_fast import introspection as intr
 from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
@@ -38,6 +40,7 @@ DBUS_FAST_PRIVATE = (
     "dbus_fast.aio.message_bus:MessageBus._emit_interface_added",
     "dbus_fast.aio.message_bus:MessageBus._emit_interface_removed",
     "dbus_fast.aio.message_bus:MessageBus._default_get_managed_objects_handler",
+    "dbus_fast.aio.message_bus:MessageBus._introspect_export_path",
     "dbus_fast.service:ServiceInterface._get_all_property_values",
 )
 # Instance attributes read or replaced: of a connection, and of its message writer.
@@ -50,16 +53,26 @@ DBUS_FAST_WRITER_ATTRIBUTES = (
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 MANAGED_OBJECTS = "a{oa{sa{sv}}}"
 MANAGED_OBJECT_ENTRY = "oa{sa{sv}}"  # one entry of MANAGED_OBJECTS, marshalled alone
-# An interface with a method of this name (returning ``dict[str, Variant]``) gives all its
-# properties at once, as GetAll would: much cheaper than the library's getter call and checks
-# per property, for thousands of objects.
-PROPERTY_SNAPSHOT = "property_variants"
 # From the D-Bus specification: a message header is four bytes, the body length (uint32), the
 # serial (uint32) and the header fields (an array: uint32 byte length, then the fields), padded
 # to 8; an array holds at most 64 MiB.
 HEADER_BODY_LENGTH_OFFSET = 4
 HEADER_FIELDS_OFFSET = 12
 MAX_ARRAY_BYTES = 1 << 26
+
+
+ManagedInterfaces = dict[str, dict[str, Variant]]  # interface name -> property -> value
+
+
+class ObjectSource(Protocol):
+    """Objects served by a message handler rather than exported one by one: the bus lists them
+    in introspection and in ``GetManagedObjects``."""
+
+    def child_names(self, path: str) -> Iterable[str]:
+        """Names of the nodes just below *path* that lead to one of the objects."""
+
+    def managed_objects(self, path: str) -> Iterable[tuple[str, ManagedInterfaces]]:
+        """The objects below *path*, each with its interfaces and their properties."""
 
 
 def _resolve(fut: asyncio.Future[None] | None, err: Exception | None = None) -> None:
@@ -131,6 +144,8 @@ class ResilientMessageBus(MessageBus):
     # objects exported or unexported then are not announced. Clients call GetManagedObjects when
     # the name appears and drop everything when it goes.
     announcing: bool = True
+    # Objects that are not exported but served by a message handler (see ObjectSource).
+    object_source: ObjectSource | None = None
 
     def _manager_for(self, path: str) -> str | None:
         root = self.object_manager_root
@@ -138,29 +153,60 @@ class ResilientMessageBus(MessageBus):
             return root
         return None
 
-    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+    def announce_added(self, path: str, interfaces: ManagedInterfaces) -> None:
+        """Send ``InterfacesAdded`` for an object at *path*, from its manager's path."""
         if self._disconnected or not self.announcing:
             return
-        root = self._manager_for(path)
-        if root is None:
-            super()._emit_interface_added(path, interface)
+        self.send(
+            Message.new_signal(
+                path=self._manager_for(path) or path,
+                interface=OBJECT_MANAGER_INTERFACE,
+                member="InterfacesAdded",
+                signature="oa{sa{sv}}",
+                body=[path, interfaces],
+            )
+        )
+
+    def announce_removed(self, path: str, interfaces: list[str]) -> None:
+        """Send ``InterfacesRemoved`` for an object at *path*, from its manager's path."""
+        if self._disconnected or not self.announcing:
+            return
+        self.send(
+            Message.new_signal(
+                path=self._manager_for(path) or path,
+                interface=OBJECT_MANAGER_INTERFACE,
+                member="InterfacesRemoved",
+                signature="oas",
+                body=[path, interfaces],
+            )
+        )
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected or not self.announcing:
             return
 
         def send(_: ServiceInterface, values: Any, __: Any, err: Exception | None) -> None:
             if err is not None:
                 log.error("properties of %s at %s unreadable: %s", interface.name, path, err)
                 return
-            self.send(
-                Message.new_signal(
-                    path=root,
-                    interface=OBJECT_MANAGER_INTERFACE,
-                    member="InterfacesAdded",
-                    signature="oa{sa{sv}}",
-                    body=[path, {interface.name: values}],
-                )
-            )
+            self.announce_added(path, {interface.name: values})
 
         ServiceInterface._get_all_property_values(interface, send)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        self.announce_removed(path, removed_interfaces)
+
+    def _introspect_export_path(self, path: str) -> intr.Node:
+        """The library's node for *path*, with the object source's children beside the
+        exported ones."""
+        node = super()._introspect_export_path(path)
+        source = self.object_source
+        if source is not None:
+            known = {child.name for child in node.nodes}
+            node.nodes += [
+                intr.Node(name) for name in source.child_names(path) if name not in known
+            ]
+        return node
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
         """``GetManagedObjects`` marshalled one object at a time, straight into the reply's body.
@@ -170,8 +216,8 @@ class ResilientMessageBus(MessageBus):
         marshal it twice (body, then header + body). Here each object's entry is marshalled
         as soon as its properties are in and its values dropped, and the header and the body
         go to the socket as two buffers, so the only large allocation is the body itself.
-        An interface with a ``PROPERTY_SNAPSHOT`` method is asked for all its properties at once.
-        The first property getter error is sent instead, once.
+        The object source's objects come first, then the exported ones (their getters may answer
+        later). The first property getter error is sent instead, once.
         """
         if msg.flags.value & MessageFlag.NO_REPLY_EXPECTED.value:
             return
@@ -211,6 +257,11 @@ class ResilientMessageBus(MessageBus):
                 del missing[node]
                 add_entry(node, partial.pop(node))
 
+        source = self.object_source
+        if source is not None:
+            for object_path, managed in source.managed_objects(msg.path or "/"):
+                body.extend(bytes(-len(body) % 8))
+                body.extend(Marshaller(MANAGED_OBJECT_ENTRY, [object_path, managed]).marshall())
         if not exports:
             self._send_managed_objects(msg, body, send_reply)
             return
@@ -221,11 +272,7 @@ class ResilientMessageBus(MessageBus):
             partial[node] = {}
             missing[node] = len(interfaces)
             for interface in list(interfaces.values()):
-                snapshot = getattr(interface, PROPERTY_SNAPSHOT, None)
-                if snapshot is not None:
-                    collected(interface, snapshot(), node, None)
-                else:
-                    ServiceInterface._get_all_property_values(interface, collected, node)
+                ServiceInterface._get_all_property_values(interface, collected, node)
 
     def _send_managed_objects(self, msg: Message, body: bytearray, send_reply: Any) -> None:
         """Send *body* (a marshalled ``a{oa{sa{sv}}}`` whose length is still unset) as the reply
@@ -255,23 +302,6 @@ class ResilientMessageBus(MessageBus):
         writer.messages.append((header, None, None))
         writer.messages.append((body, None, None))
         writer.schedule_write()
-
-    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if self._disconnected or not self.announcing:
-            return
-        root = self._manager_for(path)
-        if root is None:
-            super()._emit_interface_removed(path, removed_interfaces)
-            return
-        self.send(
-            Message.new_signal(
-                path=root,
-                interface=OBJECT_MANAGER_INTERFACE,
-                member="InterfacesRemoved",
-                signature="oas",
-                body=[path, removed_interfaces],
-            )
-        )
 
     async def connect(self) -> ResilientMessageBus:
         """Connect and authenticate, then install the back-pressure writer.
