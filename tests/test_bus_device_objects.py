@@ -7,18 +7,13 @@ import json
 import subprocess
 import time
 
-from support.daemon_lab import Lab
+from support.daemon_lab import Lab, device_object_path
 from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 DEVICES_PATH = f"{ROOT_PATH}/devices"
-
-
-def _path(lab: Lab, device_id: str) -> str:
-    out = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "GetDevice", "s", device_id)
-    return out.stdout.split('"')[1]
 
 
 def _call(
@@ -35,7 +30,7 @@ def test_the_object_tree_leads_to_every_device(lab: Lab) -> None:
     lab.start()
     devices = [lab.host.add_instance(m, t) for m, t in (("mdpy", "mdpy-vga"), ("mtty", "mtty-1"))]
     lab.wait_states(dict.fromkeys(devices, "done"))
-    paths = {_path(lab, device) for device in devices}
+    paths = {device_object_path(lab.bus, device) for device in devices}
     tree = busctl(lab.bus.address, "tree", "--list", BUS_NAME).stdout.split()
     assert paths <= set(tree)
     assert {ROOT_PATH, DEVICES_PATH} <= set(tree)
@@ -55,7 +50,7 @@ def test_the_object_tree_leads_to_every_device(lab: Lab) -> None:
         if len(paths & set(tree)) == 1:
             break
         time.sleep(0.05)
-    assert paths & set(tree) == {_path(lab, devices[1])}
+    assert paths & set(tree) == {device_object_path(lab.bus, devices[1])}
 
 
 def test_standard_interfaces_and_their_errors(lab: Lab) -> None:
@@ -63,7 +58,7 @@ def test_standard_interfaces_and_their_errors(lab: Lab) -> None:
     lab.start()
     uuid = lab.host.add_instance("mdpy", "mdpy-vga")
     lab.wait_states({uuid: "done"})
-    path = _path(lab, uuid)
+    path = device_object_path(lab.bus, uuid)
     got = _call(lab, path, PROPERTIES, "Get", "ss", DEVICE, "Display")
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["data"][0] == {"type": "s", "data": "region"}
@@ -100,7 +95,7 @@ def test_a_changed_answer_is_signalled_on_the_device_path(lab: Lab) -> None:
     lab.start()
     uuid = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({uuid: "done"})
-    path = _path(lab, uuid)
+    path = device_object_path(lab.bus, uuid)
     monitor = subprocess.Popen(
         ["gdbus", "monitor", "--address", lab.bus.address, "--dest", BUS_NAME,
          "--object-path", path],

@@ -10,22 +10,12 @@ import sys
 import time
 from typing import Any
 
-from support.daemon_lab import Lab
+from support.daemon_lab import Lab, vfiocapsctl
 from support.harness import DaemonFactory, PrivateBus
 
 
-def ctl(bus: PrivateBus, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", bus.address, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def ctl_json(bus: PrivateBus, *args: str) -> Any:
-    result = ctl(bus, *args, "--json")
+    result = vfiocapsctl(bus, *args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -41,9 +31,9 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert status["DeviceCount"] == 2
     assert status["ProbeCount"] == 2
     assert status["CacheState"] == "ok"
-    assert "DeviceCount" in ctl(lab.bus, "status").stdout
+    assert "DeviceCount" in vfiocapsctl(lab.bus, "status").stdout
 
-    listed = ctl(lab.bus, "list")
+    listed = vfiocapsctl(lab.bus, "list")
     assert listed.returncode == 0
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["ID", "TYPE", "DRIVER", "STATE", "DISPLAY", "GL", "MIGRATION"]
@@ -56,14 +46,14 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert shown["Migration"] == "unsupported"  # with QEMU's defaults
     assert shown["MigrationWithOptions"] == "supported"
     assert shown["MigrationNotes"]
-    text = ctl(lab.bus, "show", mtty).stdout
+    text = vfiocapsctl(lab.bus, "show", mtty).stdout
     assert (
         "with options  supported with x-device-dirty-page-tracking=off, enable-migration=on" in text
     )
     assert re.search(r"^  condition +alone: supported \(decided by qemu\)", text, re.M)
     assert re.search(r"^  round trip +60 bytes of device state", text, re.M)
     assert shown["DomainXmlParts"]["hostdev"].startswith("<hostdev")
-    text = ctl(lab.bus, "show", mbochs).stdout
+    text = vfiocapsctl(lab.bus, "show", mbochs).stdout
     assert f"{mbochs}: mdev of type mbochs-small" in text
     assert re.search(r"^  display +dmabuf: dma-buf display: needs OpenGL", text, re.M)
     assert re.search(r"^  OpenGL +required$", text, re.M)
@@ -74,13 +64,13 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert re.search(r"^  driver +mbochs", text, re.M)
     assert "blocker" in text
     assert "<graphics type='egl-headless'>" in text
-    assert "type='spice'" in ctl(lab.bus, "show", mbochs, "--viewer", "local").stdout
+    assert "type='spice'" in vfiocapsctl(lab.bus, "show", mbochs, "--viewer", "local").stdout
 
     types = ctl_json(lab.bus, "types")
     assert len(types) == 8
-    assert "mbochs-small" in ctl(lab.bus, "types").stdout
+    assert "mbochs-small" in vfiocapsctl(lab.bus, "types").stdout
 
-    xml = ctl(lab.bus, "xml", mbochs)
+    xml = vfiocapsctl(lab.bus, "xml", mbochs)
     assert xml.returncode == 0
     assert xml.stdout.startswith("<hostdev mode='subsystem' type='mdev'")
     assert ctl_json(lab.bus, "xml", mtty)["xml"].startswith("<hostdev")
@@ -88,28 +78,28 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert "type='spice'" in local["parts"]["graphics"]
     assert local["xml"].startswith(local["parts"]["hostdev"])
     assert "<graphics type='egl-headless'>" in xml.stdout
-    assert ctl(lab.bus, "xml", mbochs, "--viewer", "vnc").returncode == 2
+    assert vfiocapsctl(lab.bus, "xml", mbochs, "--viewer", "vnc").returncode == 2
 
     refreshed = ctl_json(lab.bus, "refresh", mtty)
     assert refreshed["ProbeState"] == "done"
     assert ctl_json(lab.bus, "invalidate", "mbochs") == {"records": 1}
-    assert ctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
+    assert vfiocapsctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
 
 
 def test_exit_codes_scripts_can_rely_on(
     private_bus: PrivateBus, start_daemon: DaemonFactory
 ) -> None:
     start_daemon()
-    missing = ctl(private_bus, "show", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01")
+    missing = vfiocapsctl(private_bus, "show", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01")
     assert missing.returncode == 5
     assert missing.stderr.count("\n") == 1
     assert missing.stderr.startswith("vfiocapsctl: no device")
-    malformed = ctl(private_bus, "xml", "not a device")
+    malformed = vfiocapsctl(private_bus, "xml", "not a device")
     assert malformed.returncode == 2
     assert "not a UUID, PCI address or absolute sysfs path" in malformed.stderr
-    bad_driver = ctl(private_bus, "invalidate", "../etc")
+    bad_driver = vfiocapsctl(private_bus, "invalidate", "../etc")
     assert bad_driver.returncode == 2
-    usage = ctl(private_bus, "frobnicate")
+    usage = vfiocapsctl(private_bus, "frobnicate")
     assert usage.returncode == 2
 
 
@@ -126,7 +116,7 @@ def test_no_daemon_is_exit_status_three(tmp_path: object) -> None:
 
 
 def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -> None:
-    result = ctl(private_bus, "status")
+    result = vfiocapsctl(private_bus, "status")
     assert result.returncode == 3
     assert "org.vfiocaps" in result.stderr
 

@@ -6,28 +6,14 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from support import contract
-from support.daemon_lab import Lab, capabilities, manager_property
+from support.daemon_lab import Lab, capabilities, device_object_path, manager_call, manager_property
 from support.harness import BUS_NAME, ROOT_PATH, busctl, gdbus
 from support.libvirt_domain import minimal_domain, validate
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"
-
-
-def device_path(lab: Lab, device_id: str) -> str:
-    out = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "GetDevice", "s", device_id)
-    return out.stdout.split('"')[1]
-
-
-def call_json(lab: Lab, method: str, *args: str) -> Any:
-    out = busctl(
-        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, method, *args,
-        timeout=120,
-    )  # fmt: skip
-    return json.loads(out.stdout)["data"]
 
 
 class Monitor:
@@ -52,7 +38,13 @@ def test_device_interface_equals_the_contract(lab: Lab) -> None:
     lab.start()
     uuid = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({uuid: "done"})
-    xml = busctl(lab.bus.address, "introspect", "--xml-interface", BUS_NAME, device_path(lab, uuid))
+    xml = busctl(
+        lab.bus.address,
+        "introspect",
+        "--xml-interface",
+        BUS_NAME,
+        device_object_path(lab.bus, uuid),
+    )
     assert contract.interfaces(xml.stdout)[DEVICE] == contract.contract()[DEVICE]
 
 
@@ -70,7 +62,7 @@ def test_managed_objects_hold_what_get_all_gives(lab: Lab) -> None:
     objects = json.loads(out.stdout)["data"][0]
     assert len(objects) == len(devices)
     for device_id in devices:
-        path = device_path(lab, device_id)
+        path = device_object_path(lab.bus, device_id)
         out = busctl(
             lab.bus.address, "call", "--json=short", BUS_NAME, path,
             "org.freedesktop.DBus.Properties", "GetAll", "s", DEVICE,
@@ -84,7 +76,7 @@ def test_devices_come_and_go_with_object_manager_signals(lab: Lab) -> None:
     monitor = Monitor(lab)
     uuid = lab.host.add_instance("mdpy", "mdpy-vga")
     lab.wait_states({uuid: "done"})
-    path = device_path(lab, uuid)
+    path = device_object_path(lab.bus, uuid)
     lab.host.remove_instance(uuid)
     for _ in range(100):
         if uuid not in lab.states():
@@ -144,9 +136,9 @@ def test_domain_xml_follows_the_truth(lab: Lab) -> None:
     mdpy = lab.host.add_instance("mdpy", "mdpy-xga")
     mbochs = lab.host.add_instance("mbochs", "mbochs-medium")
     lab.wait_states({mtty: "done", mdpy: "done", mbochs: "done"})
-    xml_mtty = call_json(lab, "DomainXml", "s", mtty)[0]
-    xml_mdpy = call_json(lab, "DomainXml", "s", mdpy)[0]
-    xml_mbochs = call_json(lab, "DomainXml", "s", mbochs)[0]
+    xml_mtty = manager_call(lab.bus, "DomainXml", "s", mtty)[0]
+    xml_mdpy = manager_call(lab.bus, "DomainXml", "s", mdpy)[0]
+    xml_mbochs = manager_call(lab.bus, "DomainXml", "s", mbochs)[0]
     assert f"<address uuid='{mtty}'/>" in xml_mtty
     assert "display='off'" in xml_mtty
     assert "ramfb" not in xml_mtty
@@ -167,7 +159,7 @@ def test_domain_xml_parts_validate_against_libvirt_schema(lab: Lab, tmp_path: Pa
     graphics: dict[tuple[str, str], str] = {}
     for device in (mtty, mdpy, mbochs):
         for viewer in ("local", "remote"):
-            (answer,) = call_json(lab, "DomainXmlParts", "ss", device, viewer)
+            (answer,) = manager_call(lab.bus, "DomainXmlParts", "ss", device, viewer)
             parts = dict(answer)
             domain = minimal_domain(parts)
             result = validate(domain, tmp_path / device / viewer)
@@ -180,7 +172,7 @@ def test_domain_xml_parts_validate_against_libvirt_schema(lab: Lab, tmp_path: Pa
     assert "type='egl-headless'" in graphics[mbochs, "remote"]
     # The lab has no DRM render node: the notes say so and no rendernode is named.
     assert "rendernode" not in graphics[mbochs, "remote"]
-    assert "render node" in call_json(lab, "DomainXmlParts", "ss", mbochs, "")[0]["notes"]
+    assert "render node" in manager_call(lab.bus, "DomainXmlParts", "ss", mbochs, "")[0]["notes"]
     refused = busctl(
         lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "DomainXmlParts", "ss", mdpy,
         "vnc", check=False,
@@ -194,7 +186,9 @@ def test_list_types_reports_probed_types(lab: Lab) -> None:
     lab.start()
     uuid = lab.host.add_instance("mbochs", "mbochs-large")
     lab.wait_states({uuid: "done"})
-    types = {(t["Parent"]["data"], t["TypeId"]["data"]): t for t in call_json(lab, "ListTypes")[0]}
+    types = {
+        (t["Parent"]["data"], t["TypeId"]["data"]): t for t in manager_call(lab.bus, "ListTypes")[0]
+    }
     assert len(types) == 8
     large = types[("mbochs", "mbochs-large")]
     assert large["Instances"]["data"] == 1
@@ -211,21 +205,22 @@ def test_refresh_and_invalidate_reprobe(lab: Lab) -> None:
     uuid = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({uuid: "done"})
     before = capabilities(lab.bus, uuid)["ProbedAt"]
-    fresh = call_json(lab, "Refresh", "s", uuid)[0]
+    fresh = manager_call(lab.bus, "Refresh", "s", uuid)[0]
     assert fresh["ProbeState"]["data"] == "done"
     assert fresh["ProbedAt"]["data"] > before
     assert manager_property(lab.bus, "ProbeCount") == 2
     device_fresh = gdbus(
-        lab.bus.address, "call", "--dest", BUS_NAME, "--object-path", device_path(lab, uuid),
-        "--method", f"{DEVICE}.Refresh", timeout=120,
+        lab.bus.address, "call", "--dest", BUS_NAME,
+        "--object-path", device_object_path(lab.bus, uuid), "--method", f"{DEVICE}.Refresh",
+        timeout=120,
     )  # fmt: skip
     assert "'ProbeState': <'done'>" in device_fresh.stdout
     assert manager_property(lab.bus, "ProbeCount") == 3
     monitor = Monitor(lab)
-    assert call_json(lab, "Invalidate", "s", "mtty") == [1]
+    assert manager_call(lab.bus, "Invalidate", "s", "mtty") == [1]
     lab.wait_states({uuid: "done"})
     assert manager_property(lab.bus, "ProbeCount") == 4
-    assert call_json(lab, "Invalidate", "s", "nvidia") == [0]
+    assert manager_call(lab.bus, "Invalidate", "s", "nvidia") == [0]
     output = monitor.stop()
     assert "CacheInvalidated ('mtty', '0.1', '0.1', uint32 1)" in output
     assert "CacheInvalidated ('nvidia', '', '', uint32 0)" in output

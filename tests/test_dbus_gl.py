@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
 import sys
-from typing import Any
 
-from support.daemon_lab import Lab, capabilities
+from support.daemon_lab import Lab, capabilities, manager_call
 from support.gl_host import add_render_node
-from support.harness import BUS_NAME, ROOT_PATH, busctl
 
 MANAGER = "org.vfiocaps1.Manager"
-
-
-def call(lab: Lab, method: str, *args: str) -> Any:
-    out = busctl(
-        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, method, *args,
-        timeout=120,
-    )  # fmt: skip
-    return json.loads(out.stdout)["data"]
 
 
 def show(lab: Lab, device: str) -> str:
@@ -53,9 +42,9 @@ def test_gl_set_up_then_crashed_on_a_used_instance_published_and_shown(lab: Lab)
     assert (lab.devices()[mdpy]["GlHost"], lab.devices()[mdpy]["GlDetail"]) == ("not-needed", "")
     answer = capabilities(lab.bus, mbochs)
     assert (answer["GlHost"], answer["GlRenderNode"]) == ("set-up", str(node))
-    types = {t["TypeId"]["data"]: t for t in call(lab, "ListTypes")[0]}
+    types = {t["TypeId"]["data"]: t for t in manager_call(lab.bus, "ListTypes")[0]}
     assert types["mbochs-small"]["GlHost"]["data"] == "set-up"
-    parts = call(lab, "DomainXmlParts", "ss", mbochs, "remote")[0]
+    parts = manager_call(lab.bus, "DomainXmlParts", "ss", mbochs, "remote")[0]
     assert f"rendernode='{node}'" in parts["graphics"]
     assert "OpenGL on this host: set-up" in parts["notes"]
     text = show(lab, mbochs)
@@ -64,7 +53,7 @@ def test_gl_set_up_then_crashed_on_a_used_instance_published_and_shown(lab: Lab)
 
     # A guest has set a mode on the instance since: the GL path crashes, the rest stands.
     lab.overrides({"devices": {mbochs: {"mode_set": True}}})
-    fresh = {k: v["data"] for k, v in call(lab, "Refresh", "s", mbochs)[0].items()}
+    fresh = {k: v["data"] for k, v in manager_call(lab.bus, "Refresh", "s", mbochs)[0].items()}
     assert fresh["ProbeState"] == "done"
     assert (fresh["Display"], fresh["Migration"]) == ("dmabuf", "unsupported")
     assert fresh["GlHost"] == "crashed"

@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from support.daemon_lab import Lab, capabilities
-from support.harness import BUS_NAME, ROOT_PATH, busctl
+from support.daemon_lab import Lab, capabilities, device_object_path
+from support.harness import BUS_NAME, busctl
 
 DEVICE = "org.vfiocaps1.Device"
 MANAGER = "org.vfiocaps1.Manager"
-
-
-def device_path(lab: Lab, device_id: str) -> str:
-    out = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "GetDevice", "s", device_id)
-    return out.stdout.split('"')[1]
 
 
 def get(lab: Lab, path: str, name: str) -> Any:
@@ -30,7 +25,7 @@ def test_mtty_reads_unsupported_with_defaults_and_supported_with_its_options(lab
     lab.start()
     uuid = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({uuid: "done"})
-    path = device_path(lab, uuid)
+    path = device_object_path(lab.bus, uuid)
     assert get(lab, path, "Migration") == ("s", "unsupported")
     assert get(lab, path, "MigrationBlockers") == (
         "as",
@@ -66,7 +61,7 @@ def test_a_device_without_migration_reads_unsupported_both_ways(lab: Lab) -> Non
     lab.start()
     uuid = lab.host.add_instance("mdpy", "mdpy-vga")
     lab.wait_states({uuid: "done"})
-    path = device_path(lab, uuid)
+    path = device_object_path(lab.bus, uuid)
     assert get(lab, path, "Migration") == ("s", "unsupported")
     assert get(lab, path, "MigrationWithOptions") == ("s", "unsupported")
     assert get(lab, path, "MigrationOptions") == ("a(ss)", [])

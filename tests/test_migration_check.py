@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-from support.daemon_lab import Lab
-from support.harness import BUS_NAME, ROOT_PATH, busctl
+from support.daemon_lab import Lab, manager_call, vfiocapsctl
 
 MANAGER = "org.vfiocaps1.Manager"
-
-
-def ctl(lab: Lab, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        check=False,
-    )
-
-
-def call(lab: Lab, method: str, *args: str, check: bool = True) -> Any:
-    out = busctl(
-        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, method, *args,
-        timeout=60, check=check,
-    )  # fmt: skip
-    return json.loads(out.stdout)["data"] if out.returncode == 0 else out.stderr
 
 
 def test_fingerprint_and_check_over_the_bus_and_the_command_line(lab: Lab, tmp_path: Path) -> None:
@@ -42,7 +19,7 @@ def test_fingerprint_and_check_over_the_bus_and_the_command_line(lab: Lab, tmp_p
     mbochs = lab.host.add_instance("mbochs", "mbochs-small")
     lab.wait_states({one: "done", two: "done", other_one: "done", mbochs: "done"})
 
-    (document,) = call(lab, "MigrationFingerprint", "s", two)
+    (document,) = manager_call(lab.bus, "MigrationFingerprint", "s", two)
     values = json.loads(document)
     assert values["format"] == "vfiocaps-migration-fingerprint"
     assert (values["driver"], values["type_id"], values["device_api"]) == (
@@ -56,46 +33,50 @@ def test_fingerprint_and_check_over_the_bus_and_the_command_line(lab: Lab, tmp_p
     assert two not in document, "a fingerprint describes the type, not the instance"
 
     # The same type here: compatible, and the destination named.
-    verdict, reasons = call(lab, "CheckMigration", "ss", document, "")
+    verdict, reasons = manager_call(lab.bus, "CheckMigration", "ss", document, "")
     assert verdict == "compatible", reasons
     assert reasons[0] == ["destination", "compatible", two]
     # mtty-2's state into an mtty-1: the type differs.
-    verdict, reasons = call(lab, "CheckMigration", "ss", document, one)
+    verdict, reasons = manager_call(lab.bus, "CheckMigration", "ss", document, one)
     assert verdict == "incompatible"
     assert [r[0] for r in reasons[1:] if r[1] == "incompatible"] == ["type_id"]
 
     saved = tmp_path / "mtty-2.json"
-    made = ctl(lab, "migration", "fingerprint", two, "--json")
+    made = vfiocapsctl(lab.bus, "migration", "fingerprint", two, "--json")
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout) == values
     saved.write_text(made.stdout)
-    shown = ctl(lab, "migration", "fingerprint", two).stdout
+    shown = vfiocapsctl(lab.bus, "migration", "fingerprint", two).stdout
     assert "type_id" in shown
     assert "None" not in shown
 
-    same = ctl(lab, "migration", "check", str(saved))
+    same = vfiocapsctl(lab.bus, "migration", "check", str(saved))
     assert same.returncode == 0, same.stderr
     assert same.stdout.splitlines()[0] == "compatible"
-    other = ctl(lab, "migration", "check", str(saved), "--device", one, "--json")
+    other = vfiocapsctl(lab.bus, "migration", "check", str(saved), "--device", one, "--json")
     assert other.returncode == 7, other.stderr
     answer = json.loads(other.stdout)
     assert answer["verdict"] == "incompatible"
     assert {"field": "type_id", "verdict": "incompatible"}.items() <= next(
         row for row in answer["reasons"] if row["field"] == "type_id"
     ).items()
-    assert "mtty-2" in ctl(lab, "migration", "check", str(saved), "--device", one).stdout
+    assert (
+        "mtty-2" in vfiocapsctl(lab.bus, "migration", "check", str(saved), "--device", one).stdout
+    )
 
     # Another driver version with no published state format: only the driver knows.
     newer = dict(values, driver_version="0.2")
-    undecided = ctl(lab, "migration", "check", "-", stdin=json.dumps(newer))
+    undecided = vfiocapsctl(lab.bus, "migration", "check", "-", stdin=json.dumps(newer))
     assert undecided.returncode == 8, undecided.stderr
     assert undecided.stdout.splitlines()[0] == "unknown"
     # A type that does not migrate here (mbochs) is never compatible.
-    (mbochs_document,) = call(lab, "MigrationFingerprint", "s", mbochs)
-    refused = ctl(lab, "migration", "check", "-", stdin=mbochs_document)
+    (mbochs_document,) = manager_call(lab.bus, "MigrationFingerprint", "s", mbochs)
+    refused = vfiocapsctl(lab.bus, "migration", "check", "-", stdin=mbochs_document)
     assert refused.returncode == 7, refused.stdout
     # No probed device of the type here: unknown, and says what to do.
-    absent = ctl(lab, "migration", "check", "-", stdin=json.dumps(dict(values, type_id="mtty-3")))
+    absent = vfiocapsctl(
+        lab.bus, "migration", "check", "-", stdin=json.dumps(dict(values, type_id="mtty-3"))
+    )
     assert absent.returncode == 8
     assert "create an instance" in absent.stdout
 
@@ -105,24 +86,26 @@ def test_bad_fingerprints_and_devices_are_clear_errors(lab: Lab, tmp_path: Path)
     lab.start()
     one = lab.host.add_instance("mtty", "mtty-1")
     lab.wait_states({one: "done"})
-    error = call(lab, "CheckMigration", "ss", '{"format": "x"}', "", check=False)
+    error = manager_call(lab.bus, "CheckMigration", "ss", '{"format": "x"}', "", check=False)
     assert "org.vfiocaps1.Error.InvalidArgument" in error or "not a migration" in error
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
-    bad = ctl(lab, "migration", "check", str(garbage))
+    bad = vfiocapsctl(lab.bus, "migration", "check", str(garbage))
     assert bad.returncode == 2
     assert bad.stderr.startswith("vfiocapsctl: not a usable fingerprint: not JSON")
-    missing = ctl(lab, "migration", "check", str(tmp_path / "absent.json"))
+    missing = vfiocapsctl(lab.bus, "migration", "check", str(tmp_path / "absent.json"))
     assert missing.returncode == 2
     assert "cannot read the fingerprint" in missing.stderr
-    huge = ctl(lab, "migration", "check", "-", stdin=" " * 20000)
+    huge = vfiocapsctl(lab.bus, "migration", "check", "-", stdin=" " * 20000)
     assert huge.returncode == 2
     assert "larger than a fingerprint" in huge.stderr
-    unknown = ctl(lab, "migration", "fingerprint", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01")
+    unknown = vfiocapsctl(
+        lab.bus, "migration", "fingerprint", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01"
+    )
     assert unknown.returncode == 5
-    document = ctl(lab, "migration", "fingerprint", one, "--json").stdout
-    gone = ctl(
-        lab, "migration", "check", "-", "--device", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01",
+    document = vfiocapsctl(lab.bus, "migration", "fingerprint", one, "--json").stdout
+    gone = vfiocapsctl(
+        lab.bus, "migration", "check", "-", "--device", "6f3b0d1e-93b4-4e5c-9fbc-2d2d7a6c1a01",
         stdin=document,
     )  # fmt: skip
     assert gone.returncode == 5

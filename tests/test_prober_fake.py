@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,10 +15,12 @@ from support.prober import (
     install_fake_qemu,
     leftovers,
     make_readable,
+    node_state,
     probe_user,
+    probe_with_fake_qemu,
     scratch,
 )
-from vfiocaps.capabilities import Display, Migration, ProbeOutcome, ProbeReport
+from vfiocaps.capabilities import Display, Migration, ProbeOutcome
 from vfiocaps.config import Config
 from vfiocaps.model import Device, DeviceKind, DriverIdentity
 from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, ProbeTarget
@@ -37,41 +37,11 @@ UUIDS = {
 KVM_USABLE = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def node_state(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-
-
-async def probe(
-    scratch: Path,
-    host: FakeHost,
-    probe_user: str,
-    device: Path,
-    overrides: dict[str, Any] | None = None,
-    observer: Any = None,
-) -> ProbeReport:
-    qemu = install_fake_qemu(scratch / "qemu", overrides)
-    make_readable(scratch)
-    config = Config(
-        runtime_dir=scratch / "run",
-        dev_root=host.dev,
-        sysfs_root=host.sysfs,
-        qemu_binary=qemu,
-        probe_user=probe_user,
-        probe_timeout=20.0,
-    )
-    report = await Prober(config, observer=observer).probe(
-        ProbeTarget.from_sysfs(device, host.sysfs)
-    )
-    assert leftovers(scratch / "run") == []
-    return report
-
-
 async def test_mtty_has_no_display_and_migrates_without_device_dirty_tracking(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mtty"], "mtty-1", "mtty", "0")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -99,7 +69,7 @@ async def test_mdpy_has_a_region_display_and_does_not_migrate(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mdpy"], "mdpy-vga", "mdpy", "1", parent="mdpy")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -118,7 +88,7 @@ async def test_mbochs_needs_gl_for_its_dmabuf_display_and_does_not_migrate(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mbochs"], "mbochs-small", "mbochs", "2", parent="mbochs")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -134,7 +104,9 @@ async def test_gvt_g_without_kvm_is_no_kvm(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["gvt"], "i915-GVTg_V5_4", "vfio_mdev", "3", parent="i915")
-    report = await probe(scratch, fake_host, probe_user, device)  # no kvm node in this tree
+    report = await probe_with_fake_qemu(
+        scratch, fake_host, probe_user, device
+    )  # no kvm node in this tree
     assert report.outcome is ProbeOutcome.NO_KVM, report
     assert "KVM is required to use Intel vGPU" in report.error
     assert any("probing with TCG" in note for note in report.notes)
@@ -147,7 +119,7 @@ async def test_gvt_g_with_kvm_is_probed(
     fake_host.link_kvm()
     kvm_before = node_state(Path("/dev/kvm"))
     device = fake_host.add_mdev(UUIDS["gvt"], "i915-GVTg_V5_4", "vfio_mdev", "3", parent="i915")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.OK, report
     assert report.capabilities is not None
     assert report.capabilities.display is Display.DMABUF
@@ -159,7 +131,7 @@ async def test_nvidia_gets_a_vm_uuid_and_migrates_with_its_own_dirty_tracking(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["nvidia"], "nvidia-63", "nvidia-vgpu-vfio", "4", "nvidia")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -203,7 +175,7 @@ async def test_a_busy_device_is_reported_busy(
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mtty"], "mtty-1", "mtty", "0")
     overrides = {"devices": {UUIDS["mtty"]: {"busy": True}}}
-    report = await probe(scratch, fake_host, probe_user, device, overrides)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device, overrides)
     assert report.outcome is ProbeOutcome.BUSY, report
     assert "Device or resource busy" in report.error
     assert len(report.launches) == 1
@@ -213,7 +185,7 @@ async def test_an_unknown_device_failure_keeps_the_stderr_excerpt(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mtty"], "unknown-1", "unknown", "0", parent="unknown")
-    report = await probe(scratch, fake_host, probe_user, device)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     assert report.outcome is ProbeOutcome.FAILED, report
     assert "exited with status 1" in report.error
     assert "failed to get device info" in report.stderr_excerpt
@@ -224,7 +196,7 @@ async def test_overrides_change_a_profile(
 ) -> None:
     device = fake_host.add_mdev(UUIDS["mtty"], "mtty-1", "mtty", "0")
     overrides = {"devices": {UUIDS["mtty"]: {"profile": "mdpy"}}}
-    report = await probe(scratch, fake_host, probe_user, device, overrides)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device, overrides)
     assert report.capabilities is not None
     assert report.capabilities.display is Display.REGION
 
@@ -246,7 +218,7 @@ async def test_group_node_is_granted_for_the_probe_and_restored_exactly(
         if event.stage is LaunchStage.QMP_READY:
             during.append(node_state(node))
 
-    report = await probe(scratch, fake_host, probe_user, device, observer=watch)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device, observer=watch)
     assert report.outcome is ProbeOutcome.OK, report
     uid = pwd.getpwnam(probe_user).pw_uid
     assert during == [(uid, 6, 0o640)]

@@ -8,7 +8,6 @@ import json
 import os
 import pwd
 import socket
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ from support.prober import (
     REAL_QEMU,
     FakeHost,
     fake_host,
-    install_fake_qemu,
+    fake_qemu_config,
     leftovers,
-    make_readable,
+    node_state,
     probe_user,
     scratch,
 )
 from vfiocaps.capabilities import Display, GlHost, Migration, ProbeOutcome, ProbeReport
-from vfiocaps.config import Config
 from vfiocaps.prober import Prober, ProbeTarget
 from vfiocaps.prober.gldisplay import take_screendump
 from vfiocaps.prober.render import NOT_ACCESSIBLE, render_access
@@ -42,11 +40,6 @@ AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="the group grant needs a probe user")
 
 
-def node_state(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-
-
 async def probe(
     scratch: Path,
     host: FakeHost,
@@ -57,20 +50,13 @@ async def probe(
 ) -> tuple[ProbeReport, list[list[str]]]:
     """Probe *device* with a render node of mode *node_mode* (``None``: no node)."""
     argv_log = scratch / "argv.log"
-    qemu = install_fake_qemu(scratch / "qemu", {**(overrides or {}), "argv_log": str(argv_log)})
-    make_readable(scratch)
+    config = fake_qemu_config(
+        scratch, host, probe_user, {**(overrides or {}), "argv_log": str(argv_log)}
+    )
     argv_log.touch(mode=0o666)
     argv_log.chmod(0o666)
-    if node_mode is not None:
+    if node_mode is not None:  # after the tree was made readable: the node keeps its mode
         add_render_node(host.dev, mode=node_mode)
-    config = Config(
-        runtime_dir=scratch / "run",
-        dev_root=host.dev,
-        sysfs_root=host.sysfs,
-        qemu_binary=qemu,
-        probe_user=probe_user,
-        probe_timeout=20.0,
-    )
     before = node_state(host.dev / "dri" / "renderD128") if node_mode is not None else None
     report = await Prober(config).probe(ProbeTarget.from_sysfs(device, host.sysfs))
     assert leftovers(scratch / "run") == []

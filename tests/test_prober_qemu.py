@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from support.prober import REAL_QEMU, leftovers, make_readable, probe_user, scratch
+from support.prober import REAL_QEMU, leftovers, make_readable, node_state, probe_user, scratch
 from vfiocaps.capabilities import ProbeOutcome
 from vfiocaps.config import Config
 from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, QemuMissingError
@@ -31,11 +30,6 @@ def config(scratch: Path, probe_user: str, **overrides: object) -> Config:
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
-
-
-def node_state(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
 def gone(pid: int) -> bool:

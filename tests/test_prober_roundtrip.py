@@ -6,7 +6,6 @@ import json
 import stat
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,13 +14,12 @@ from support.prober import (
     REAL_QEMU,
     FakeHost,
     fake_host,
-    install_fake_qemu,
     leftovers,
-    make_readable,
     probe_user,
+    probe_with_fake_qemu,
     scratch,
 )
-from vfiocaps.capabilities import Migration, ProbeOutcome, ProbeReport
+from vfiocaps.capabilities import Migration, ProbeOutcome
 from vfiocaps.config import (
     DEFAULT_MIGRATION_STREAM_LIMIT,
     MAX_MIGRATION_STREAM_LIMIT,
@@ -29,7 +27,7 @@ from vfiocaps.config import (
 )
 from vfiocaps.daemon import build_parser, config_from_args
 from vfiocaps.errors import ConfigError
-from vfiocaps.prober import LaunchEvent, LaunchStage, Prober, ProbeTarget
+from vfiocaps.prober import LaunchEvent, LaunchStage
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
 from vfiocaps.prober.observation import Attempt, LaunchEnd, Step
 from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto
@@ -41,33 +39,6 @@ __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
 MTTY = "22222222-2222-4333-8444-000000000001"
 NVIDIA = "22222222-2222-4333-8444-000000000005"
 UNLOADABLE = "22222222-2222-4333-8444-000000000009"
-
-
-async def probe(
-    scratch: Path,
-    device: Path,
-    host: FakeHost,
-    user: str,
-    overrides: dict[str, Any] | None = None,
-    observer: Any = None,
-    **config: Any,
-) -> ProbeReport:
-    qemu = install_fake_qemu(scratch / "qemu", overrides)
-    make_readable(scratch)
-    settings = Config(
-        runtime_dir=scratch / "run",
-        dev_root=host.dev,
-        sysfs_root=host.sysfs,
-        qemu_binary=qemu,
-        probe_user=user,
-        probe_timeout=20.0,
-        **config,
-    )
-    report = await Prober(settings, observer=observer).probe(
-        ProbeTarget.from_sysfs(device, host.sysfs)
-    )
-    assert leftovers(scratch / "run") == [], "the stream or the probe directory was left"
-    return report
 
 
 class StreamWatcher:
@@ -93,7 +64,7 @@ async def test_mtty_round_trip_keeps_the_stream_private_and_only_until_the_load(
 ) -> None:
     device = fake_host.add_mdev(MTTY, "mtty-1", "mtty", "0")
     watcher = StreamWatcher(scratch / "run")
-    report = await probe(scratch, device, fake_host, probe_user, observer=watcher)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device, observer=watcher)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -126,7 +97,9 @@ async def test_the_destination_leaves_the_device_out_of_resuming_before_it_quits
     qmp_log = scratch / "qmp.log"
     qmp_log.touch(mode=0o666)
     qmp_log.chmod(0o666)
-    report = await probe(scratch, device, fake_host, probe_user, {"qmp_log": str(qmp_log)})
+    report = await probe_with_fake_qemu(
+        scratch, fake_host, probe_user, device, {"qmp_log": str(qmp_log)}
+    )
     assert report.outcome is ProbeOutcome.OK, report
     commands = [json.loads(line) for line in qmp_log.read_text().splitlines()]
     load = commands[max(i for i, c in enumerate(commands) if c["execute"] == "migrate-incoming") :]
@@ -142,7 +115,7 @@ async def test_a_state_that_saves_but_does_not_load_is_unsupported(
 ) -> None:
     device = fake_host.add_mdev(UNLOADABLE, "nvidia-63", "nvidia-vgpu-vfio", "3", "nvidia")
     overrides = {"devices": {UNLOADABLE: {"profile": "saves-not-loads"}}}
-    report = await probe(scratch, device, fake_host, probe_user, overrides)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device, overrides)
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -161,7 +134,9 @@ async def test_a_state_past_the_limit_is_cancelled_not_proven_and_not_kept(
 ) -> None:
     device = fake_host.add_mdev(NVIDIA, "nvidia-63", "nvidia-vgpu-vfio", "4", "nvidia")
     limit = 1 << 20  # the fake's NVIDIA state is 4 MiB
-    report = await probe(scratch, device, fake_host, probe_user, migration_stream_limit=limit)
+    report = await probe_with_fake_qemu(
+        scratch, fake_host, probe_user, device, migration_stream_limit=limit
+    )
     assert report.outcome is ProbeOutcome.OK, report
     caps = report.capabilities
     assert caps is not None
@@ -174,7 +149,7 @@ async def test_nvidia_round_trips_with_qemus_defaults(
     scratch: Path, fake_host: FakeHost, probe_user: str
 ) -> None:
     device = fake_host.add_mdev(NVIDIA, "nvidia-63", "nvidia-vgpu-vfio", "4", "nvidia")
-    report = await probe(scratch, device, fake_host, probe_user)
+    report = await probe_with_fake_qemu(scratch, fake_host, probe_user, device)
     caps = report.capabilities
     assert caps is not None
     assert caps.migration is Migration.SUPPORTED

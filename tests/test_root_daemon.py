@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from support.daemon_lab import Lab
 from support.harness import wait_until
+from support.prober import node_state
 from support.reliability import daemon_pid, qemu_pids
 
 pytestmark = [
@@ -25,11 +25,6 @@ pytestmark = [
 
 HELD = "44444444-5555-4666-8777-000000000001"
 NOBODY = 65534
-
-
-def node_state(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
 def lent_nodes(lab: Lab) -> list[Path]:

@@ -25,6 +25,7 @@ from support.prober import (
     install_fake_qemu,
     make_group_node,
     make_readable,
+    node_state,
     probe_user,
     scratch,
 )
@@ -36,11 +37,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lending device nodes 
 FIRST = "33333333-4444-4555-8666-000000000001"
 SECOND = "33333333-4444-4555-8666-000000000002"
 ACL_XATTR = "system.posix_acl_access"
-
-
-def node_state(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
 def pausing(uuid: str, seconds: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from support.daemon_lab import Lab, capabilities, make_lab, manager_property
+from support.daemon_lab import Lab, capabilities, list_types, make_lab, manager_property
 from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from support.umockdev_sriov import H100, MLX5, XE, SriovMockHost
 
@@ -33,14 +33,6 @@ def lab() -> Iterator[Lab]:
 def host(lab: Lab) -> SriovMockHost:
     assert isinstance(lab.host, SriovMockHost)
     return lab.host
-
-
-def types(lab: Lab) -> dict[tuple[str, str], dict[str, Any]]:
-    out = busctl(lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ListTypes")
-    return {
-        (e["Parent"]["data"], e["TypeId"]["data"]): {k: v["data"] for k, v in e.items()}
-        for e in json.loads(out.stdout)["data"][0]
-    }
 
 
 def probe_type(lab: Lab, parent: str, type_id: str, check: bool = True) -> Any:
@@ -68,7 +60,7 @@ def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: 
     xe_vfs = [XE.vf_address(0), XE.vf_address(1)]
     mlx5_vf = MLX5.vf_address(0)
     lab.wait_states({xe_vfs[0]: "done", xe_vfs[1]: "done", mlx5_vf: "done"})
-    listed = types(lab)
+    listed = list_types(lab.bus)
     assert {key: t["Kind"] for key, t in listed.items()} == {
         (H100.address, "1060"): "vf-profile",
         (H100.address, "1061"): "vf-profile",
@@ -114,9 +106,9 @@ def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: 
 def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
     host(lab).build_sriov("h100", vfs=0)
     daemon = lab.start()
-    assert not types(lab)
+    assert not list_types(lab.bus)
     host(lab).enable_vfs("h100", 4)
-    wait_until(lambda: len(types(lab)) == 3, 20, "the profiles of the new VFs")
+    wait_until(lambda: len(list_types(lab.bus)) == 3, 20, "the profiles of the new VFs")
     vf = H100.vf_address(2)
     host(lab).set_profile(vf, "1062")
     lab.wait_states({vf: "done"})
@@ -126,7 +118,7 @@ def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
         "NVIDIA H100-80C",
         H100.address,
     )
-    listed = types(lab)
+    listed = list_types(lab.bus)
     assert set(listed) == {(H100.address, "1062")}  # nothing else fits next to an 80C
     assert (
         listed[(H100.address, "1062")]["Instances"],
@@ -134,11 +126,11 @@ def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
     ) == (1, True)
     host(lab).set_profile(vf, "0")
     wait_until(lambda: vf not in lab.devices(), 20, "the VF to go with its profile")
-    wait_until(lambda: len(types(lab)) == 3, 20, "every profile back")
+    wait_until(lambda: len(list_types(lab.bus)) == 3, 20, "every profile back")
     # The answer stays cached for the profile: known before any VF takes it again.
-    assert types(lab)[(H100.address, "1062")]["Probed"] is True
+    assert list_types(lab.bus)[(H100.address, "1062")]["Probed"] is True
     host(lab).disable_vfs("h100")
-    wait_until(lambda: not types(lab), 20, "the profiles to go with the VFs")
+    wait_until(lambda: not list_types(lab.bus), 20, "the profiles to go with the VFs")
     assert "event ParentUnregistered parent=0000:41:00.0" in daemon.log()
 
 
@@ -232,7 +224,7 @@ def test_opt_in_probes_every_profile_on_a_free_vf_and_clears_each(lab: Lab) -> N
     daemon = lab.start("--probe-types-without-instances")
 
     def settled() -> bool:
-        listed = types(lab)
+        listed = list_types(lab.bus)
         cleared = set(profiles_of(lab).values()) == {"0"}
         return cleared and len(listed) == 3 and all(t["Probed"] for t in listed.values())
 

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from support.daemon_lab import Lab, manager_property
+from support.daemon_lab import Lab, list_types, manager_property
 from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 
 MANAGER = "org.vfiocaps1.Manager"
-
-
-def types(lab: Lab) -> dict[tuple[str, str], dict[str, Any]]:
-    out = busctl(lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ListTypes")
-    entries = json.loads(out.stdout)["data"][0]
-    return {
-        (e["Parent"]["data"], e["TypeId"]["data"]): {k: v["data"] for k, v in e.items()}
-        for e in entries
-    }
 
 
 def test_probe_type_creates_probes_and_removes_an_instance(lab: Lab) -> None:
@@ -32,7 +22,7 @@ def test_probe_type_creates_probes_and_removes_an_instance(lab: Lab) -> None:
     assert answer["Display"] == "region"
     assert answer["GlRequired"] is False
     wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 10, "the removal")
-    assert types(lab)[("mdpy", "mdpy-vga")]["Instances"] == 0
+    assert list_types(lab.bus)[("mdpy", "mdpy-vga")]["Instances"] == 0
     assert manager_property(lab.bus, "ProbeCount") == 1
     assert "created temporary instance" in daemon.log()
     assert "removed temporary instance" in daemon.log()
@@ -58,8 +48,13 @@ def test_probe_type_rejects_bad_names_and_unknown_types(lab: Lab) -> None:
 def test_opt_in_probes_every_uninstantiated_type_by_itself(lab: Lab) -> None:
     lab.host.build("samples")
     lab.start("--probe-types-without-instances")
-    wait_until(lambda: all(t["Probed"] for t in types(lab).values()), 120, "every type probed", 0.5)
-    known = types(lab)
+    wait_until(
+        lambda: all(t["Probed"] for t in list_types(lab.bus).values()),
+        120,
+        "every type probed",
+        0.5,
+    )
+    known = list_types(lab.bus)
     assert len(known) == 8
     assert known[("mbochs", "mbochs-large")]["Display"] == "dmabuf"
     assert known[("mtty", "mtty-2")]["MigrationWithOptions"] == "supported"
@@ -72,6 +67,6 @@ def test_without_the_opt_in_nothing_is_created(lab: Lab) -> None:
     lab.host.build("samples")
     daemon = lab.start()
     wait_until(lambda: "event Resynchronised" in daemon.log(), 10, "coldplug")
-    assert not any(t["Probed"] for t in types(lab).values())
+    assert not any(t["Probed"] for t in list_types(lab.bus).values())
     assert manager_property(lab.bus, "ProbeCount") == 0
     assert "created temporary instance" not in daemon.log()

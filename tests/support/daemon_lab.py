@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,48 @@ def capabilities(bus: PrivateBus, device_id: str) -> dict[str, Any]:
         "s", device_id, timeout=120,
     )  # fmt: skip
     return {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+
+
+def manager_call(
+    bus: PrivateBus, method: str, *args: str, timeout: float = 120, check: bool = True
+) -> Any:
+    """A Manager method's answer (busctl's JSON ``data``); its error text when *check* is false
+    and the call failed."""
+    out = busctl(
+        bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, method, *args,
+        timeout=timeout, check=check,
+    )  # fmt: skip
+    return json.loads(out.stdout)["data"] if out.returncode == 0 else out.stderr
+
+
+def device_object_path(bus: PrivateBus, device_id: str) -> str:
+    """The object path the daemon gives the device *device_id* (``GetDevice``)."""
+    path: str = manager_call(bus, "GetDevice", "s", device_id, timeout=30)[0]
+    return path
+
+
+def list_types(bus: PrivateBus) -> dict[tuple[str, str], dict[str, Any]]:
+    """``ListTypes`` by (parent, type id), each entry's values unwrapped."""
+    return {
+        (entry["Parent"]["data"], entry["TypeId"]["data"]): {
+            key: value["data"] for key, value in entry.items()
+        }
+        for entry in manager_call(bus, "ListTypes", timeout=30)[0]
+    }
+
+
+def vfiocapsctl(
+    bus: PrivateBus, *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``vfiocapsctl`` against the daemon on *bus*, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", bus.address, *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @dataclass

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from vfiocaps.config import DEFAULT_PROBE_USER
+from vfiocaps.capabilities import ProbeReport
+from vfiocaps.config import DEFAULT_PROBE_USER, Config
+from vfiocaps.prober import Prober, ProbeTarget
 
 from .harness import REPO
 
@@ -169,3 +171,50 @@ def leftovers(directory: Path) -> list[Path]:
         for path in directory.rglob("*")
         if path != journal or not path.is_dir() or any(path.iterdir())
     )
+
+
+def node_state(path: Path) -> tuple[int, int, int]:
+    """A node's owner, group and permission bits (of the link itself, for a link)."""
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def fake_qemu_config(
+    scratch: Path,
+    host: FakeHost,
+    user: str,
+    overrides: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Config:
+    """A prober configuration for *host* with the fake QEMU (and *overrides*) installed in
+    *scratch*, everything there made readable for the probe user."""
+    qemu = install_fake_qemu(scratch / "qemu", overrides)
+    make_readable(scratch)
+    return Config(
+        runtime_dir=scratch / "run",
+        dev_root=host.dev,
+        sysfs_root=host.sysfs,
+        qemu_binary=qemu,
+        probe_user=user,
+        probe_timeout=20.0,
+        **settings,
+    )
+
+
+async def probe_with_fake_qemu(
+    scratch: Path,
+    host: FakeHost,
+    user: str,
+    device: Path,
+    overrides: dict[str, Any] | None = None,
+    observer: Any = None,
+    **settings: Any,
+) -> ProbeReport:
+    """Probe *device* of *host* with the real prober and the fake QEMU (with *overrides*);
+    checks that the probe left nothing in its runtime directory."""
+    config = fake_qemu_config(scratch, host, user, overrides, **settings)
+    report = await Prober(config, observer=observer).probe(
+        ProbeTarget.from_sysfs(device, host.sysfs)
+    )
+    assert leftovers(scratch / "run") == [], "the stream or the probe directory was left"
+    return report
