@@ -297,6 +297,23 @@ async def test_idle_types_are_probed_one_at_a_time_when_asked(tmp_path: Path) ->
         await rig.stop()
 
 
+async def test_no_instance_is_created_before_probes_are_allowed(tmp_path: Path) -> None:
+    """A second daemon, which will not get the name, learns the host but never changes it."""
+    runner = ScriptedRunner(rig_config(tmp_path).qemu_binary)
+    runner.allowed.clear()
+    busy = mdev("mtty", "mtty-1")
+    rig = await start_rig(tmp_path, host(busy), runner=runner, probe_types_without_instances=True)
+    try:
+        for _ in range(10):
+            await rig.idle()
+        assert rig.source.created == []
+        assert rig.runner.probed == []
+        runner.allowed.set()
+        await rig.until(lambda: len(rig.source.removed) == 2, "both idle types probed")
+    finally:
+        await rig.stop()
+
+
 async def test_a_corrupt_database_is_moved_aside_and_rebuilt(tmp_path: Path) -> None:
     database = rig_config(tmp_path).database_path
     database.parent.mkdir(parents=True)

@@ -207,6 +207,7 @@ class ScriptedRunner:
     version: str = "10.0.3"
     steps: dict[str, deque[Step]] = field(default_factory=dict)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    allowed: asyncio.Event = field(default_factory=asyncio.Event)
     probed: list[str] = field(default_factory=list)
     running: int = 0
     most_running: int = 0
@@ -222,11 +223,18 @@ class ScriptedRunner:
         """Hold the probes of *type_id* until the returned event is set."""
         return self.gates.setdefault(type_id, asyncio.Event())
 
+    def __post_init__(self) -> None:
+        self.allowed.set()  # as a daemon that owns its name; clear it to be a second daemon
+
+    async def wait_allowed(self) -> None:
+        await self.allowed.wait()
+
     async def qemu_version(self) -> str:
         self.identity_calls += 1
         return self.version
 
     async def probe_device(self, device: Device, owner: Parent | None) -> ProbeReport:
+        await self.wait_allowed()  # as the prober: no probe before the name is owned
         self.probed.append(device.device_id)
         self.running += 1
         self.most_running = max(self.most_running, self.running)

@@ -122,6 +122,7 @@ class Engine:
             stop_probe=self._stop_probe,
             device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
             idle_types=self._idle_types,
+            allowed=runner.wait_allowed,
             probe_seconds=config.probe_timeout * 3,
             appear_seconds=timings.instance_appear,
             write_seconds=timings.sysfs_write,

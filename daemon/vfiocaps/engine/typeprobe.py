@@ -36,6 +36,7 @@ class TypeProber:
         stop_probe: Callable[[str], Awaitable[None]],
         device: Callable[[str], Device | None],
         idle_types: Callable[[], list[tuple[Parent, MdevType]]],
+        allowed: Callable[[], Awaitable[None]],
         probe_seconds: float,
         appear_seconds: float = 10.0,
         write_seconds: float = 10.0,
@@ -46,6 +47,7 @@ class TypeProber:
         self._stop_probe = stop_probe
         self._device = device
         self._idle_types = idle_types
+        self._allowed = allowed
         self._probe_seconds = probe_seconds
         self._appear_seconds = appear_seconds
         self._write_seconds = write_seconds
@@ -178,7 +180,9 @@ class TypeProber:
         self._ledger.forget(device_id)
 
     async def run_idle(self) -> None:
-        """Probe, one at a time, every type nobody has instantiated, whenever woken (opt-in)."""
+        """Probe, one at a time, every type nobody has instantiated, whenever woken (opt-in);
+        no instance is created before probes are allowed."""
+        await self._allowed()
         self._wakeup.set()
         while True:
             await self._wakeup.wait()

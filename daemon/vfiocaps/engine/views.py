@@ -130,3 +130,8 @@ class ProbeRunner(Protocol):
     async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
         """Probe *device*; device-level failures are in the report, not raised."""
         ...
+
+    async def wait_allowed(self) -> None:
+        """Return once probes may change the host (lend nodes, create instances): when the
+        daemon owns its name, so that a second daemon, which will not get it, changes nothing."""
+        ...

@@ -113,6 +113,10 @@ class Prober:
         daemon, which will not get the name, never lends a device node."""
         self._may_probe.set()
 
+    async def wait_allowed(self) -> None:
+        """Return once :meth:`allow_probes` was called."""
+        await self._may_probe.wait()
+
     async def qemu_version(self) -> str:
         """The configured QEMU binary's version, as the engine keys its cache.
 
@@ -128,7 +132,7 @@ class Prober:
 
         Never raises for device- or host-level failures (see :meth:`probe`).
         """
-        await self._may_probe.wait()
+        await self.wait_allowed()
         if device.driver is None and parent is not None and parent.driver is not None:
             device = replace(device, driver=parent.driver)
         return await self.probe(ProbeTarget.from_device(device))
