@@ -147,7 +147,8 @@ class DeviceObjects:
             return
         device = DeviceObject(view)
         self._objects[path] = device
-        self._bus.announce_added(path, {DEVICE_INTERFACE: device.property_variants()})
+        if self._bus.announcing:  # not while the host is learned, before the name is taken
+            self._bus.announce_added(path, {DEVICE_INTERFACE: device.property_variants()})
 
     def update(self, view: DeviceView) -> None:
         """Take a new view of a published device and signal what changed."""
