@@ -62,11 +62,14 @@ def run(progress: Progress, keep: Path, repeats: int = REPEATS) -> dict[str, Any
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
+        shown = None
         try:
             while process.poll() is None:
                 # The guest writes its progress to the results share as it goes.
                 latest = _last_line(results / "bench.log") or _last_line(runner_log)
-                progress.note(latest.removeprefix("lab bench: ").removeprefix("lab: ")[:110])
+                if latest != shown:
+                    progress.note(latest.removeprefix("lab bench: ").removeprefix("lab: ")[:110])
+                    shown = latest
                 time.sleep(2)
         finally:
             if process.poll() is None:

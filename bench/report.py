@@ -286,7 +286,7 @@ def lab_rows(lab: dict[str, Any]) -> list[Row]:
             f"lab: bare QEMU start-QMP-quit, no device ({lab['accel']}, p50 of "
             f"{lab['floor']['count']})",
             _s(floor),
-            lab["qemu"],
+            f"{lab['qemu']}; guest kernel {lab['kernel']}, {lab.get('guest_cpus', '?')} vCPU",
             "",
             "",
             None,
@@ -323,12 +323,14 @@ def lab_rows(lab: dict[str, Any]) -> list[Row]:
         )
     count = len(lab["types"])
     for level, start in sorted(lab["start_to_all_answered"].items(), key=lambda i: int(i[0])):
-        answered = start["all_answered"]["p50"]
+        spread = start["all_answered"]
+        answered = spread["p50"]
         launches = max(start["launches"])
         rows.append(
             Row(
                 f"lab: start to all {count} types answered, cold cache, {level} concurrent "
-                f"probe(s) (p50 of {start['all_answered']['count']})",
+                f"probe(s) (p50 of {spread['count']}, min-max {spread['min']:.1f}-"
+                f"{spread['max']:.1f} s)",
                 f"{_s(answered)}, {launches} launches",
                 f"{_s(launches * floor)} ({launches} bare starts)",
                 f"{answered / (launches * floor):.2f}x",

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -408,6 +409,7 @@ def summarise(
         }
     return {
         "kernel": kernel_release(),
+        "guest_cpus": os.cpu_count(),
         "qemu": qemu_version(),
         "accel": accel,
         "naive_accel": sorted({n["accel"] for runs in naive.values() for n in runs}),
