@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import time
@@ -11,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The line vfiocapsd logs when a probe ends (vfiocaps.prober.prober): the device (``QEMU`` for the
+# self-test), the outcome, the number of QEMU launches and their summed wall time.
+PROBE_LOG_LINE = re.compile(
+    r"probe of (?P<device>\S+): (?P<outcome>\S+) after (?P<launches>\d+) launch\(es\), "
+    r"(?P<seconds>[0-9.]+) s"
+)
 
 BENCH_FLOOR_NAME = "org.vfiocaps.BenchFloor"
 BENCH_FLOOR_PATH = "/org/vfiocaps/BenchFloor"

@@ -7,15 +7,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,8 @@ from tests.support.harness import wait_until
 from tests.support.prober import REAL_QEMU, ensure_probe_user
 from tests.support.umockdev_hosts import PARENTS
 
-from bench.common import Progress, summary
+from bench.common import PROBE_LOG_LINE, REPO, Progress, summary
+from bench.qemu_floor import Stages, bare_qemu, launch_identity, self_test_accel
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
 from vfiocaps.prober import Prober
 from vfiocaps.prober.launch import (
@@ -39,22 +37,16 @@ from vfiocaps.prober.plan import (
     Accel,
     DeviceSettings,
     OnOffAuto,
-    ProbePlan,
-    build_qemu_argv,
     machine_for_architecture,
 )
 from vfiocaps.prober.sandbox import (
-    ProbeIdentity,
     kvm_access,
     private_directory,
     resolve_probe_identity,
 )
-from vfiocaps.process import Credentials
 
-HERE = Path(__file__).resolve().parent
 DEVICES_PER_TYPE = 4
 REAL_QEMU_REPEATS = 20
-LAUNCH_LINE = re.compile(r"probe of \S+: \S+ after (\d+) launch")
 
 
 def _sample_types() -> list[tuple[str, str]]:
@@ -78,7 +70,7 @@ def vfiocaps_way(lab: Lab, progress: Progress) -> tuple[dict[str, Any], list[str
     coldplugged = time.monotonic() - began
     wait_until(lambda: _all_done(lab, uuids), 120, "every device probed", interval=0.02)
     wall = time.monotonic() - began
-    launches = sum(int(n) for n in LAUNCH_LINE.findall(daemon.log()))
+    launches = sum(int(m["launches"]) for m in PROBE_LOG_LINE.finditer(daemon.log()))
     result = {
         "devices": len(uuids),
         "types": len(types),
@@ -103,13 +95,14 @@ def naive_way(lab: Lab, uuids: list[str], progress: Progress) -> dict[str, Any]:
         "timeout": 30,
         "devices": [f"/sys/bus/mdev/devices/{u}" for u in uuids],
     }
-    command = [*lab.host.daemon_wrapper(), sys.executable, str(HERE / "naive_probe.py")]
+    command = [*lab.host.daemon_wrapper(), sys.executable, "-m", "bench.naive_probe"]
     began = time.monotonic()
     out = subprocess.run(
         [*command, json.dumps(spec)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=REPO,  # python -m finds the bench package here
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **lab.host.daemon_env()},
         timeout=600,
     )
@@ -123,75 +116,7 @@ def naive_way(lab: Lab, uuids: list[str], progress: Progress) -> dict[str, Any]:
     }
 
 
-@dataclass
-class _Stages:
-    """When one launch reached each moment (``time.monotonic()``)."""
-
-    began: float = 0.0
-    started: float = 0.0  # the QEMU process exists
-    qmp_ready: float = 0.0  # the QMP session is established
-    ended: float = 0.0  # QEMU has been reaped
-
-    def split(self) -> dict[str, float]:
-        return {
-            "spawn": self.started - self.began,
-            "handshake": self.qmp_ready - self.started,
-            "session": self.ended - self.qmp_ready,
-            "total": self.ended - self.began,
-        }
-
-
-async def _bare_qemu(binary: Path, accel: Accel, credentials: Credentials | None) -> _Stages:
-    """Start QEMU with no device and the QMP monitor on a socketpair as *credentials* (the
-    probe's user and groups), handshake, quit, reap: the least a probe launch can cost."""
-    from qemu.qmp import QMPClient
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    plan = ProbePlan(
-        machine=machine_for_architecture(None),
-        accel=accel,
-        vm_uuid=str(uuid.uuid4()),
-        qmp_fd=theirs.fileno(),
-        sandbox=False,
-    )
-    stages = _Stages(began=time.monotonic())
-    process = await asyncio.create_subprocess_exec(
-        *build_qemu_argv(binary, plan),
-        pass_fds=(theirs.fileno(),),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        user=credentials.uid if credentials else None,
-        group=credentials.gid if credentials else None,
-        extra_groups=list(credentials.groups) if credentials else None,
-    )
-    stages.started = time.monotonic()
-    theirs.close()
-    client = QMPClient("bench-floor")
-    await client.connect(ours)
-    stages.qmp_ready = time.monotonic()
-    await client.execute("quit")
-    await process.wait()
-    stages.ended = time.monotonic()
-    with contextlib.suppress(EOFError):  # QEMU closes the socket as it quits
-        await client.disconnect()
-    ours.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"the bare QEMU exited with status {process.returncode}")
-    return stages
-
-
-def _floor_identity(prober: Prober, accel: Accel, stack: contextlib.ExitStack) -> ProbeIdentity:
-    """The user and groups a probe QEMU gets for *accel*, /dev/kvm granted as the prober would."""
-    identity = resolve_probe_identity(prober.config.probe_user)
-    if accel is not Accel.KVM or identity.credentials is None:
-        return identity
-    kvm = kvm_access(prober.config.dev_root, identity)
-    if kvm.needs_grant:
-        stack.enter_context(prober.grants.granted(kvm.node, identity.uid))
-    return identity.with_groups(kvm.group) if kvm.group is not None else identity
-
-
-def _stage_summaries(samples: list[_Stages]) -> dict[str, dict[str, float]]:
+def _stage_summaries(samples: list[Stages]) -> dict[str, dict[str, float]]:
     splits = [sample.split() for sample in samples]
     return {name: summary([split[name] for split in splits]) for name in splits[0]}
 
@@ -202,7 +127,7 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
     config = Config(
         qemu_binary=Path(qemu), runtime_dir=scratch / "run", cache_dir=scratch / "cache"
     )
-    current = _Stages()
+    current = Stages()
 
     def observe(event: LaunchEvent) -> None:
         now = time.monotonic()
@@ -217,16 +142,14 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
     await prober.qemu_identity()
     probes: list[float] = []
     launches: list[float] = []
-    probe_stages: list[_Stages] = []
-    floors: list[_Stages] = []
-    report = await prober.check_qemu()  # warm-up: page cache, the accelerator in use
-    if report.outcome.value != "ok":
-        raise RuntimeError(f"the prober's self-test failed: {report.error}")
-    machine = next(a for a in report.launches[-1].argv if "accel=" in a)
-    accel = Accel.KVM if "accel=kvm" in machine else Accel.TCG
+    probe_stages: list[Stages] = []
+    floors: list[Stages] = []
+    accel = await self_test_accel(prober)  # also a warm-up: page cache, the accelerator
     with contextlib.ExitStack() as stack:
-        credentials = _floor_identity(prober, accel, stack).credentials
-        await _bare_qemu(Path(qemu), accel, credentials)
+        identity = resolve_probe_identity(config.probe_user, config.dev_root)
+        kvm = kvm_access(config.dev_root, identity)
+        credentials = launch_identity(identity, kvm, prober.grants, stack).credentials
+        await bare_qemu(Path(qemu), accel, credentials)
         for index in range(REAL_QEMU_REPEATS):
             progress.note(f"real QEMU {index + 1}/{REAL_QEMU_REPEATS}")
             current.began = time.monotonic()
@@ -236,7 +159,7 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
                 raise RuntimeError(f"the prober's self-test failed: {report.error}")
             launches.append(report.duration)
             probe_stages.append(dataclasses.replace(current))
-            floors.append(await _bare_qemu(Path(qemu), accel, credentials))
+            floors.append(await bare_qemu(Path(qemu), accel, credentials))
     return {
         "accel": accel.value,
         "user": "root" if credentials is None else f"uid {credentials.uid}",
@@ -284,7 +207,7 @@ async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
             save_seconds.append(saved.migration.duration)
             load_seconds.append(loaded.incoming.duration)
             stream = saved.migration.stream_bytes or 0
-            floor = await _bare_qemu(Path(qemu), accel, identity.credentials)
+            floor = await bare_qemu(Path(qemu), accel, identity.credentials)
             floors.append(floor.split()["total"])
     return {
         "accel": accel.value,

@@ -4,35 +4,18 @@ guest-side suite (tests/lab/guest) against the installed daemon; this test boots
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from support.harness import REPO
+from support.lab_host import RUNNER, skip_reason
 
-RUNNER = REPO / "tests" / "lab" / "run"
 # A cold build (about 2 minutes) plus boot, install and the guest suite under emulation.
 LAB_TIMEOUT = 2400
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(LAB_TIMEOUT + 120)]
-
-
-def skip_reason() -> str | None:
-    """Why the lab cannot run here, or None."""
-    wanted = os.environ.get("VFIOCAPS_LAB", "")
-    if wanted == "0":
-        return "VFIOCAPS_LAB=0"
-    if wanted != "1" and not Path("/dev/kvm").exists():
-        return "no /dev/kvm: not a virtualization host (set VFIOCAPS_LAB=1 to run the lab anyway)"
-    if os.geteuid() != 0 and not (
-        shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], check=False).returncode == 0
-    ):
-        return "the lab build needs root or a password-less sudo (mmdebstrap, apt-get)"
-    return None
 
 
 def failures(junit: Path) -> list[str]:
