@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.qemu_floor import launch_identity
+from vfiocaps.prober import launch_identity
 from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
 from vfiocaps.prober.observation import Attempt, Step

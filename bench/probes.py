@@ -22,9 +22,9 @@ from tests.support.prober import REAL_QEMU, ensure_probe_user
 from tests.support.umockdev_hosts import PARENTS
 
 from bench.common import PROBE_LOG_LINE, REPO, Progress, summary
-from bench.qemu_floor import Stages, bare_qemu, launch_identity, self_test_accel
+from bench.qemu_floor import Stages, bare_qemu, self_test_accel
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
-from vfiocaps.prober import Prober
+from vfiocaps.prober import Prober, launch_identity
 from vfiocaps.prober.launch import (
     LaunchContext,
     LaunchEvent,

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfiocaps.prober import Prober
-from vfiocaps.prober.grants import NodeGrants
 from vfiocaps.prober.plan import Accel, ProbePlan, build_qemu_argv, machine_for_architecture
-from vfiocaps.prober.sandbox import KvmAccess, ProbeIdentity
 from vfiocaps.process import Credentials
 
 
@@ -83,18 +81,6 @@ async def bare_qemu(binary: Path, accel: Accel, credentials: Credentials | None)
     if process.returncode != 0:
         raise RuntimeError(f"the bare QEMU exited with status {process.returncode}")
     return stages
-
-
-def launch_identity(
-    identity: ProbeIdentity, kvm: KvmAccess, grants: NodeGrants, stack: contextlib.ExitStack
-) -> ProbeIdentity:
-    """The user and groups a probe QEMU runs with, /dev/kvm made usable the way the prober does
-    it: the node's group added, or the node lent to the probe user for the life of *stack*."""
-    if not kvm.usable or identity.credentials is None:
-        return identity
-    if kvm.needs_grant:
-        stack.enter_context(grants.granted(kvm.node, identity.uid))
-    return identity.with_groups(kvm.group) if kvm.group is not None else identity
 
 
 async def self_test_accel(prober: Prober) -> Accel:

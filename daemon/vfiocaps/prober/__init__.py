@@ -13,7 +13,7 @@ from .plan import (
     UnsupportedArchitectureError,
     build_qemu_argv,
 )
-from .prober import Prober
+from .prober import Prober, launch_identity
 from .sandbox import ProbeSandboxError
 from .target import ProbeTarget
 
@@ -34,4 +34,5 @@ __all__ = [
     "QemuUnusableError",
     "UnsupportedArchitectureError",
     "build_qemu_argv",
+    "launch_identity",
 ]

@@ -25,6 +25,7 @@ from .observation import Attempt, Step, Verdict
 from .plan import Accel, machine_for_architecture
 from .render import render_access
 from .sandbox import (
+    KvmAccess,
     ProbeIdentity,
     ProbeSandboxError,
     check_group_not_busy,
@@ -45,6 +46,23 @@ class _ProbeRun:
 
     launches: list[LaunchRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def launch_identity(
+    identity: ProbeIdentity, kvm: KvmAccess, grants: NodeGrants, stack: contextlib.ExitStack
+) -> ProbeIdentity:
+    """The user and groups a probe QEMU runs with, /dev/kvm made usable: the node's group added,
+    or the node lent to the probe user for the life of *stack*. Unchanged as root or without a
+    usable KVM.
+
+    Raises:
+        GrantError: the node cannot be lent (see :meth:`NodeGrants.granted`).
+    """
+    if not kvm.usable or identity.credentials is None:
+        return identity
+    if kvm.needs_grant:
+        stack.enter_context(grants.granted(kvm.node, identity.uid))
+    return identity.with_groups(kvm.group) if kvm.group is not None else identity
 
 
 class Prober:
@@ -201,13 +219,9 @@ class Prober:
             run.notes.append(f"KVM is not usable ({kvm.reason}); probing with TCG")
         with contextlib.ExitStack() as stack:
             workdir = stack.enter_context(private_directory(self.config.runtime_dir))
-            if identity.credentials is not None:
-                if node is not None:
-                    stack.enter_context(self.grants.granted(node, identity.uid))
-                if kvm.usable and kvm.needs_grant:
-                    stack.enter_context(self.grants.granted(kvm.node, identity.uid))
-                if kvm.usable and kvm.group is not None:
-                    identity = identity.with_groups(kvm.group)
+            if identity.credentials is not None and node is not None:
+                stack.enter_context(self.grants.granted(node, identity.uid))
+            identity = launch_identity(identity, kvm, self.grants, stack)
             kernel: KernelMigrationFacts | None = None
             if target is not None and node is not None:
                 kernel = await read_kernel_facts(

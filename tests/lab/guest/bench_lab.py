@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.common import PROBE_LOG_LINE, summary
 from bench.naive_probe import probe_all
-from bench.qemu_floor import bare_qemu, launch_identity, self_test_accel
+from bench.qemu_floor import bare_qemu, self_test_accel
 from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 from labkit import (
@@ -49,7 +49,7 @@ from labkit import (
 
 from vfiocaps.client import describe_signal
 from vfiocaps.config import DEFAULT_PROBE_USER, Config, default_qemu_binary
-from vfiocaps.prober import Prober
+from vfiocaps.prober import Prober, launch_identity
 from vfiocaps.prober.sandbox import kvm_access, resolve_probe_identity
 
 DROP_IN = "50-lab-bench.conf"
