@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,3 +135,25 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of *pid* so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def add_match(bus: Any, rule: str) -> None:
+    """Ask the bus daemon to route the signals *rule* matches to *bus* (a dbus-fast connection).
+
+    Raises:
+        RuntimeError: the bus daemon refused the rule.
+    """
+    from dbus_fast import Message
+
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=[rule],
+        )
+    )
+    if reply is None or reply.error_name:
+        raise RuntimeError(f"the bus refused the match rule {rule!r}: {reply and reply.body}")

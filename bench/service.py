@@ -24,6 +24,7 @@ from bench.common import (
     BENCH_FLOOR_NAME,
     BENCH_FLOOR_PATH,
     Progress,
+    add_match,
     cpu_seconds,
     python_daemon_pid,
     summary,
@@ -178,16 +179,7 @@ class SignalRecorder:
             "type='signal',interface='org.freedesktop.DBus.ObjectManager',member='InterfacesAdded'",
             "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged'",
         ):
-            await bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=[rule],
-                )
-            )
+            await add_match(bus, rule)
         self.ready.set()
         await asyncio.to_thread(self.stop.wait)
         bus.disconnect()

@@ -155,28 +155,21 @@ class ResilientMessageBus(MessageBus):
 
     def announce_added(self, path: str, interfaces: ManagedInterfaces) -> None:
         """Send ``InterfacesAdded`` for an object at *path*, from its manager's path."""
-        if self._disconnected or not self.announcing:
-            return
-        self.send(
-            Message.new_signal(
-                path=self._manager_for(path) or path,
-                interface=OBJECT_MANAGER_INTERFACE,
-                member="InterfacesAdded",
-                signature="oa{sa{sv}}",
-                body=[path, interfaces],
-            )
-        )
+        self._announce(path, "InterfacesAdded", "oa{sa{sv}}", interfaces)
 
     def announce_removed(self, path: str, interfaces: list[str]) -> None:
         """Send ``InterfacesRemoved`` for an object at *path*, from its manager's path."""
+        self._announce(path, "InterfacesRemoved", "oas", interfaces)
+
+    def _announce(self, path: str, member: str, signature: str, interfaces: object) -> None:
         if self._disconnected or not self.announcing:
             return
         self.send(
             Message.new_signal(
                 path=self._manager_for(path) or path,
                 interface=OBJECT_MANAGER_INTERFACE,
-                member="InterfacesRemoved",
-                signature="oas",
+                member=member,
+                signature=signature,
                 body=[path, interfaces],
             )
         )

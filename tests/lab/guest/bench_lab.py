@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROBE_LOG_LINE, summary
+from bench.common import PROBE_LOG_LINE, add_match, summary
 from bench.naive_probe import probe_all
 from bench.qemu_floor import bare_qemu, self_test_accel
 from dbus_fast import BusType, Message
@@ -177,18 +177,7 @@ class StateWatch:
     async def subscribe(self, bus: MessageBus) -> None:
         """Add the match rule and the handler (before the daemon starts: nothing is missed)."""
         rule = f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT_PATH}'"
-        reply = await bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
-        if reply is None or reply.error_name:
-            raise RuntimeError(f"cannot watch {BUS_NAME}: {reply and reply.body}")
+        await add_match(bus, rule)
         bus.add_message_handler(self._on_message)
 
     def _on_message(self, message: Message) -> None:
