@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,7 @@ def test_a_profile_is_recorded_set_and_cleared_on_a_free_vf(tmp_path: Path) -> N
         "profile": "1062",
         "parent": H100.address,
         "boot_id": BOOT,
+        "pid": str(os.getpid()),
     }
     asyncio.run(setter.apply(record))
     builder.answer_writes()
@@ -349,3 +352,35 @@ def test_a_profile_no_vf_lists_keeps_its_name_through_a_re_read(tmp_path: Path) 
     assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"
     state.resync(reader.host())  # as after lost uevents
     assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"
+
+
+def test_a_running_daemons_profile_is_left_to_it_by_a_second_daemon(tmp_path: Path) -> None:
+    """A second vfiocapsd starting (before it knows it will not get the name) must not clear
+    the profile a running one has set for its probe; once that daemon is gone, it is cleared."""
+    builder = make_host(tmp_path, "h100")
+    parent = reader_for(builder).host().parents[H100.address]
+    running = subprocess.Popen(["sleep", "60"])  # stands for the first daemon
+    try:
+        setter, ledger = setter_for(builder, tmp_path)
+        record = setter.reserve(parent, "1060")
+        asyncio.run(setter.apply(record))
+        builder.answer_writes()
+        # The record names its owner; make the running process the owner.
+        path = ledger.directory / f"{record.function}.json"
+        path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{running.pid}"'))
+        second = ProfileSetter(
+            reader_for(builder),
+            ProfileLedger(ledger.directory, ledger._boot_id_path),
+            tmp_path / "dev",
+            held=lambda _d, _g: False,
+        )
+        assert asyncio.run(second.recover()) == []
+        builder.answer_writes()
+        assert builder.current_profile(record.function) == "1060"
+        assert ledger.functions() == {record.function}
+    finally:
+        running.kill()
+        running.wait()
+    assert asyncio.run(second.recover()) == [record.function]
+    builder.answer_writes()
+    assert builder.current_profile(record.function) == "0"

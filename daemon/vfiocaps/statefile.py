@@ -1,4 +1,4 @@
-"""Writing a small state file so that a crash leaves its old content or its new, never a mix."""
+"""State records: written so a crash leaves the old content or the new, and whose writer lives."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def owner_alive(pid: int) -> bool:
+    """Whether the process *pid* that wrote a record still runs (a record of a running daemon is
+    left to it). A pid that was reused looks alive: its record is then kept and acted on at a
+    later start, never taken from a running owner. Pid 0 or less means no known owner."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

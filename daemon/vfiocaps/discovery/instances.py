@@ -13,7 +13,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
-from ..statefile import replace_file
+from ..statefile import owner_alive, replace_file
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,6 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
         raise InstanceError(f"{device.device_id} is not an mdev instance")
     _write_attribute(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
     log.info("removed temporary instance %s", device.device_id)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class InstanceLedger:
@@ -155,7 +145,7 @@ class InstanceLedger:
             if not same_boot(owner_boot, boot_id):
                 self.forget(uuid)
                 continue
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and owner_alive(pid):
                 continue
             device = sysfs_root / "bus" / "mdev" / "devices" / uuid
             if not os.path.lexists(device):

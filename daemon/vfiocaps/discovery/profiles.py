@@ -17,7 +17,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_pci_address
 from ..model import Parent
-from ..statefile import replace_file
+from ..statefile import owner_alive, replace_file
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .scan import PCI_DEVICES, HostReader
@@ -59,6 +59,7 @@ class ProfileRecord:
     profile: str  # the id written to current_vgpu_type
     parent: str  # the physical function
     boot_id: str
+    pid: str = "0"  # the vfiocapsd that set it ("0": not known, as in records of older versions)
 
     def valid(self) -> bool:
         return (
@@ -69,6 +70,9 @@ class ProfileRecord:
             and self.profile != NO_PROFILE
             and len(self.profile) <= 9
             and 0 < len(self.boot_id) <= 64
+            and self.pid.isascii()
+            and self.pid.isdigit()
+            and len(self.pid) <= 10
         )
 
 
@@ -124,7 +128,8 @@ class ProfileLedger:
                 if len(data) > RECORD_LIMIT:
                     raise ValueError("too large")
                 values = json.loads(data)
-                record = ProfileRecord(**{k: str(values[k]) for k in ProfileRecord.__annotations__})
+                fields = {k: str(values[k]) for k in ProfileRecord.__annotations__ if k != "pid"}
+                record = ProfileRecord(**fields, pid=str(values.get("pid", "0")))
                 if not record.valid() or name != f"{record.function}.json":
                     raise ValueError("fields out of range")
             except (OSError, ValueError, KeyError, TypeError) as err:
@@ -216,7 +221,9 @@ class ProfileSetter:
             ProfileError: no function is free or the record cannot be written.
         """
         function = self.choose(parent, profile, exclude)
-        record = ProfileRecord(function.address, profile, parent.name, self._ledger.boot_id())
+        record = ProfileRecord(
+            function.address, profile, parent.name, self._ledger.boot_id(), str(os.getpid())
+        )
         self._ledger.add(record)
         return record
 
@@ -289,14 +296,23 @@ class ProfileSetter:
 
     async def recover(self) -> list[str]:
         """Clear profiles an earlier vfiocapsd set in this boot and did not clear; return the
-        functions cleared. Records of an earlier boot are dropped (profiles do not survive a
-        reboot). Raises nothing."""
+        functions cleared. A profile of a vfiocapsd still running is left to it; records of an
+        earlier boot are dropped (profiles do not survive a reboot). Raises nothing."""
         boot_id = self._ledger.boot_id()
         cleared = []
         for record in self._ledger.records():
             if not same_boot(record.boot_id, boot_id):
                 log.info("profiles: dropping a record of an earlier boot for %s", record.function)
                 self._ledger.remove(record.function)
+                continue
+            owner = int(record.pid)
+            if owner != os.getpid() and owner_alive(owner):
+                log.info(
+                    "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
+                    record.function,
+                    record.profile,
+                    owner,
+                )
                 continue
             log.warning(
                 "profiles: %s carries profile %s set by an earlier vfiocapsd; clearing it",
