@@ -133,10 +133,8 @@ class DeviceObjects:
 
     # ---- the devices ----------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._objects)
-
     def get(self, device_id: str) -> DeviceObject | None:
+        """The published device *device_id*, if any."""
         return self._objects.get(device_path(device_id))
 
     def add(self, view: DeviceView) -> None:
