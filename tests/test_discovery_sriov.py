@@ -384,3 +384,31 @@ def test_a_running_daemons_profile_is_left_to_it_by_a_second_daemon(tmp_path: Pa
     assert asyncio.run(second.recover()) == [record.function]
     builder.answer_writes()
     assert builder.current_profile(record.function) == "0"
+
+
+def test_a_dead_daemons_profile_is_cleared_though_its_pid_was_reused(tmp_path: Path) -> None:
+    """The daemon that set the profile died and another process got its pid: its owner lock,
+    not the pid, tells that the profile is left over."""
+    builder = make_host(tmp_path, "h100")
+    parent = reader_for(builder).host().parents[H100.address]
+    reuser = subprocess.Popen(["sleep", "60"])  # has the dead daemon's pid now
+    try:
+        setter, ledger = setter_for(builder, tmp_path)
+        record = setter.reserve(parent, "1060")
+        asyncio.run(setter.apply(record))
+        builder.answer_writes()
+        path = ledger.directory / f"{record.function}.json"
+        path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{reuser.pid}"'))
+        (ledger.directory / f"{reuser.pid}.owner").write_text("")  # left unlocked by the dead
+        restarted = ProfileSetter(
+            reader_for(builder),
+            ProfileLedger(ledger.directory, ledger._boot_id_path),
+            tmp_path / "dev",
+            held=lambda _d, _g: False,
+        )
+        assert asyncio.run(restarted.recover()) == [record.function]
+        builder.answer_writes()
+        assert builder.current_profile(record.function) == "0"
+    finally:
+        reuser.kill()
+        reuser.wait()

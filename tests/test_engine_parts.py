@@ -4,12 +4,15 @@ background tasks, the record of temporary instances."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from support.engine_rig import KERNEL, driver, host, mdev
+from support.owners import owner_lock_holder
 from vfiocaps.capabilities import ProbeOutcome
 from vfiocaps.discovery import InstanceError
 from vfiocaps.discovery.instances import InstanceLedger
@@ -193,6 +196,33 @@ def test_the_ledger_records_and_forgets_instances(tmp_path: Path) -> None:
     boot_id.unlink()  # hidden, as under the unit's ProcSubset=pid: recorded all the same
     ledger.record(uuid)
     assert ledger.recorded() == [uuid]
+
+
+def test_leftovers_are_told_by_their_owner_lock_not_by_a_reused_pid(tmp_path: Path) -> None:
+    """An instance whose daemon died is removed at start even though another process has that
+    daemon's pid now; one whose daemon still holds its lock is left to it."""
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("b00710\n")
+    directory = tmp_path / "instances"
+    dead, running = "3b4f0a52-1f4c-4a57-9a43-7c51d0f0b002", "3b4f0a52-1f4c-4a57-9a43-7c51d0f0b003"
+    for uuid in (dead, running):
+        device = tmp_path / "sys" / "bus" / "mdev" / "devices" / uuid
+        device.mkdir(parents=True)
+        (device / "remove").write_text("")
+    holder = owner_lock_holder(directory)
+    reuser = subprocess.Popen(["sleep", "60"])
+    try:
+        (directory / f"{reuser.pid}.owner").write_text("")  # its dead writer's, unlocked
+        for uuid, pid in ((dead, reuser.pid), (running, holder.pid)):
+            record = {"boot_id": "b00710", "pid": pid, "uuid": uuid}
+            (directory / uuid).write_text(json.dumps(record))
+        ledger = InstanceLedger(directory, boot_id)
+        assert ledger.remove_leftovers(tmp_path / "sys") == [dead]
+        assert ledger.recorded() == [running]
+    finally:
+        for process in (holder, reuser):
+            process.kill()
+            process.wait()
 
 
 async def test_the_task_set_keeps_logs_and_stops_its_tasks(

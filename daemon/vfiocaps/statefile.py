@@ -1,8 +1,9 @@
-"""State records: written so a crash leaves the old content or the new, and whose writer lives."""
+"""State records: written so that a crash leaves the old content or the new; their writers."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -29,12 +30,61 @@ def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
-def owner_alive(pid: int) -> bool:
-    """Whether the process *pid* that wrote a record still runs (a record of a running daemon is
-    left to it). A pid that was reused looks alive: its record is then kept and acted on at a
-    later start, never taken from a running owner. Pid 0 or less means no known owner."""
-    if pid <= 0:
+OWNER_SUFFIX = ".owner"
+
+
+class OwnerLock:
+    """Who wrote the records in *directory*: each writer holds an ``flock`` on its file
+    ``<pid>.owner`` there for as long as it runs, so a record's writer is alive exactly while
+    that file is locked, whatever process has its pid since."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def hold(self) -> None:
+        """Create and lock this process's owner file (once; the lock goes with the process).
+
+        Raises:
+            OSError: the file cannot be created or locked.
+        """
+        if self._fd is not None:
+            return
+        path = self.directory / f"{os.getpid()}{OWNER_SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def alive(self, pid: int) -> bool:
+        """Whether the writer *pid* of a record still runs: its owner file is locked. An owner
+        file found unlocked is removed. Without one (a record of an older version) the pid
+        alone is asked, and a reused pid looks alive: the record is then kept, never taken from
+        a running writer. A file that cannot be looked at counts as alive. Raises nothing."""
+        if pid <= 0:
+            return False
+        path = self.directory / f"{pid}{OWNER_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return _pid_alive(pid)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return False
+
+
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,7 +13,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
-from ..statefile import owner_alive, replace_file
+from ..statefile import OwnerLock, replace_file
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,14 @@ class InstanceLedger:
     A record holds the boot id, the creating daemon's pid and the instance's UUID. At start,
     :meth:`remove_leftovers` removes the instances of an earlier daemon of this boot that died
     with them; records of another boot are dropped (the instances went with that boot), and
-    those of a daemon still running are left to it. The directory is the daemon's own runtime
+    those of a daemon still running (it holds its owner lock here) are left to it. The directory is the daemon's own runtime
     directory; the UUID alone chooses the instance, so a record can name no other file.
     """
 
     def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.directory = directory
         self._boot_id_path = boot_id_path
+        self._owner = OwnerLock(directory)
 
     def _boot_id(self) -> str:
         return read_boot_id(self._boot_id_path)
@@ -102,6 +103,7 @@ class InstanceLedger:
         text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._owner.hold()
             replace_file(self.directory / uuid, text + "\n")
         except OSError as err:
             raise InstanceError(f"cannot record the temporary instance {uuid}: {err}") from err
@@ -145,7 +147,7 @@ class InstanceLedger:
             if not same_boot(owner_boot, boot_id):
                 self.forget(uuid)
                 continue
-            if pid != os.getpid() and owner_alive(pid):
+            if pid != os.getpid() and self._owner.alive(pid):
                 continue
             device = sysfs_root / "bus" / "mdev" / "devices" / uuid
             if not os.path.lexists(device):

@@ -17,7 +17,7 @@ from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..ids import is_pci_address
 from ..model import Parent
-from ..statefile import owner_alive, replace_file
+from ..statefile import OwnerLock, replace_file
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .scan import PCI_DEVICES, HostReader
@@ -83,6 +83,7 @@ class ProfileLedger:
     def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.directory = directory
         self._boot_id_path = boot_id_path
+        self._owner = OwnerLock(directory)
 
     def boot_id(self) -> str:
         """This boot's id (see :func:`vfiocaps.bootid.read_boot_id`). Raises nothing."""
@@ -99,6 +100,7 @@ class ProfileLedger:
         """
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._owner.hold()
             replace_file(self._path(record.function), json.dumps(record.__dict__))
         except OSError as err:
             raise ProfileError(f"cannot record the profile in {self.directory}: {err}") from err
@@ -139,6 +141,11 @@ class ProfileLedger:
                 continue
             found.append(record)
         return found
+
+    def owner_alive(self, pid: int) -> bool:
+        """Whether the vfiocapsd *pid* that wrote a record still runs (see
+        :meth:`vfiocaps.statefile.OwnerLock.alive`)."""
+        return self._owner.alive(pid)
 
     def functions(self) -> set[str]:
         """The virtual functions that carry a profile set for a probe."""
@@ -306,7 +313,7 @@ class ProfileSetter:
                 self._ledger.remove(record.function)
                 continue
             owner = int(record.pid)
-            if owner != os.getpid() and owner_alive(owner):
+            if owner != os.getpid() and self._ledger.owner_alive(owner):
                 log.info(
                     "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
                     record.function,
