@@ -13,6 +13,7 @@ import pytest
 
 from support.engine_rig import ScriptedRunner, host, mdev, rig_config, start_rig
 from vfiocaps.capabilities import ProbeOutcome
+from vfiocaps.discovery.instances import InstanceLedger
 from vfiocaps.engine import Timings
 from vfiocaps.errors import ProbeTimeoutError
 from vfiocaps.model import DeviceAdded
@@ -86,7 +87,7 @@ async def test_a_temporary_instance_is_removed_only_after_its_probe_ended(tmp_pa
         await rig.until(lambda: runner.running == 1, "the probe of the temporary instance")
         ledger = rig.config.runtime_dir / "temporary-instances"
         await rig.idle()
-        recorded = [p.name for p in ledger.iterdir()] if ledger.exists() else []
+        recorded = InstanceLedger(ledger).recorded()
         rig.clock.advance(3.5)  # past the wait for the probe (three probe timeouts)
         with pytest.raises(ProbeTimeoutError, match="was stopped"):
             await call
@@ -94,7 +95,7 @@ async def test_a_temporary_instance_is_removed_only_after_its_probe_ended(tmp_pa
         assert runner.cancelled == 1
         assert rig.source.removed == rig.source.created
         assert recorded == rig.source.created
-        assert list(ledger.iterdir()) == []
+        assert InstanceLedger(ledger).recorded() == []
     finally:
         await rig.stop()
 
@@ -127,7 +128,7 @@ async def test_a_removal_that_never_ends_is_given_up_and_stays_recorded(tmp_path
         view = await call
         assert view.capabilities is not None
         ledger = rig.config.runtime_dir / "temporary-instances"
-        assert [p.name for p in ledger.iterdir()] == rig.source.created
+        assert InstanceLedger(ledger).recorded() == rig.source.created
     finally:
         rig.source.hold_removal.set()
         await rig.stop()

@@ -80,8 +80,9 @@ class InstanceLedger:
     A record holds the boot id, the creating daemon's pid and the instance's UUID. At start,
     :meth:`remove_leftovers` removes the instances of an earlier daemon of this boot that died
     with them; records of another boot are dropped (the instances went with that boot), and
-    those of a daemon still running (it holds its owner lock here) are left to it. The directory is the daemon's own runtime
-    directory; the UUID alone chooses the instance, so a record can name no other file.
+    those of a daemon still running (it holds its owner lock here) are left to it. The
+    directory is the daemon's own runtime directory; the UUID alone chooses the instance, so a
+    record can name no other file.
     """
 
     def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
