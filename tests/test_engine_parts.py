@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from support.engine_rig import KERNEL, driver, host, mdev
+from support.engine_rig import KERNEL, FakeDeviceSource, driver, host, mdev
 from support.owners import owner_lock_holder
 from vfiocaps.capabilities import ProbeOutcome
 from vfiocaps.discovery import InstanceError
@@ -21,6 +22,7 @@ from vfiocaps.engine.announcer import Announcer
 from vfiocaps.engine.scheduler import FAILURE_BACKOFF_MAX, backoff_seconds
 from vfiocaps.engine.table import DeviceEntry, DeviceTable
 from vfiocaps.engine.tasks import TaskSet
+from vfiocaps.engine.typeprobe import TypeProber
 from vfiocaps.errors import NotFoundError
 from vfiocaps.model import Device, DeviceKind
 from vfiocaps.store import CapabilityKey, CapabilityRecord, QemuIdentity
@@ -223,6 +225,59 @@ def test_leftovers_are_told_by_their_owner_lock_not_by_a_reused_pid(tmp_path: Pa
         for process in (holder, reuser):
             process.kill()
             process.wait()
+
+
+async def test_a_stop_that_comes_with_a_sysfs_writes_result_is_not_lost(tmp_path: Path) -> None:
+    """The engine is stopped just as a sysfs write in its thread returns: the type prober must
+    stop too (Python 3.11's wait_for returned the result and dropped the cancellation, and the
+    idle-type loop went on waiting after the daemon was told to stop). The stop is sent from
+    the thread a few loop turns late, so that it meets the result at every step of its way."""
+    loop = asyncio.get_running_loop()
+
+    def later(turns: int, callback: Callable[[], object]) -> None:
+        if turns == 0:
+            callback()
+        else:
+            loop.call_soon(later, turns - 1, callback)
+
+    class StoppedWhileRemoving(InstanceLedger):
+        def __init__(self, turns: int) -> None:
+            super().__init__(tmp_path / "instances", tmp_path / "boot_id")
+            self.turns = turns
+            self.task: asyncio.Future[None] | None = None
+            self.accepted: list[bool] = []
+
+        def remove_leftovers(self, sysfs_root: Path) -> list[str]:
+            task = self.task
+            assert task is not None
+            loop.call_soon_threadsafe(
+                later, self.turns, lambda: self.accepted.append(task.cancel())
+            )
+            return []
+
+    def unused(*_: object) -> None:
+        raise AssertionError("not called here")
+
+    tried = []
+    for turns in range(6):
+        ledger = StoppedWhileRemoving(turns)
+        prober = TypeProber(
+            FakeDeviceSource(host()),
+            ledger,
+            settled=unused,  # type: ignore[arg-type]
+            stop_probe=unused,  # type: ignore[arg-type]
+            device=lambda _id: None,
+            idle_types=list,
+            allowed=unused,  # type: ignore[arg-type]
+            probe_seconds=1.0,
+        )
+        ledger.task = asyncio.ensure_future(prober.remove_leftovers(tmp_path / "sys"))
+        await asyncio.gather(ledger.task, return_exceptions=True)
+        await asyncio.sleep(0.05)  # a stop that comes after the end is refused, and fine
+        if ledger.accepted == [True]:  # the stop came while the write was still awaited
+            tried.append(turns)
+            assert ledger.task.cancelled(), f"the stop was lost {turns} loop turns after the result"
+    assert tried, "no stop met the write"
 
 
 async def test_the_task_set_keeps_logs_and_stops_its_tasks(

@@ -68,7 +68,8 @@ class VfiocapsClient:
             flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
         )
         try:
-            reply = await asyncio.wait_for(self._bus.call(message), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                reply = await self._bus.call(message)
         except TimeoutError as err:
             raise ClientError("timeout", f"no answer to {member} in {self._timeout:g}s") from err
         if reply is None:

@@ -41,7 +41,8 @@ async def release_name(bus: ResilientMessageBus) -> None:
     if not bus.connected:
         return
     try:
-        await asyncio.wait_for(bus.release_name(BUS_NAME), NAME_RELEASE_SECONDS)
+        async with asyncio.timeout(NAME_RELEASE_SECONDS):
+            await bus.release_name(BUS_NAME)
     except TimeoutError:
         log.debug("the bus did not answer the release of %s in time", BUS_NAME)
     except Exception as err:  # noqa: BLE001 - on the way out a failing bus is only worth a line

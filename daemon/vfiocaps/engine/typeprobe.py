@@ -71,8 +71,11 @@ class TypeProber:
         Raises:
             ProbeTimeoutError: the kernel did not answer in time (the thread is left to finish).
         """
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that arrives
+        # together with the thread's result, and the task would go on after a stop.
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call, *args), self._write_seconds)
+            async with asyncio.timeout(self._write_seconds):
+                return await asyncio.to_thread(call, *args)
         except TimeoutError as err:
             raise ProbeTimeoutError(f"{what} took over {self._write_seconds:g} s") from err
 
@@ -148,7 +151,8 @@ class TypeProber:
                 self._ledger.record(device_id)
             if self._device(device_id) is None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(waiter), self._appear_seconds)
+                    async with asyncio.timeout(self._appear_seconds):
+                        await asyncio.shield(waiter)
                 except TimeoutError as err:
                     raise ProbeTimeoutError(
                         f"the temporary instance {device_id} did not appear"

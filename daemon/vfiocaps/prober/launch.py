@@ -309,7 +309,8 @@ class _Session:
                     await self.client.execute("migrate_cancel")
         # QEMU closes its end when the migration ends; the file then holds the whole stream.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(drain), QUIT_GRACE_SECONDS)
+            async with asyncio.timeout(QUIT_GRACE_SECONDS):
+                await asyncio.shield(drain)
         receipt = _receipt(drain)
         exceeded = receipt is not None and receipt.exceeded
         kept = result.status == "completed" and receipt is not None and not exceeded
