@@ -68,20 +68,31 @@ class OwnerLock:
             return False
         path = self.directory / f"{pid}{OWNER_SUFFIX}"
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if lock_held(path):
+                return True
         except FileNotFoundError:
             return _pid_alive(pid)
         except OSError:
             return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
         with contextlib.suppress(OSError):
             path.unlink()
         return False
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds an ``flock`` on the file *path* (a link is not followed).
+
+    Raises:
+        OSError: *path* cannot be opened (``FileNotFoundError`` when there is none).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProbeError
-from ..statefile import replace_file
+from ..statefile import lock_held, replace_file
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -165,16 +165,9 @@ class GrantJournal:
         if owner == "":
             return False
         try:
-            fd = os.open(self.path / f"{owner}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return lock_held(self.path / f"{owner}.lock")
         except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
     def records(self) -> Iterator[tuple[Path, GrantRecord | None]]:
         """Every record file with its record (None when it is unreadable or not ours)."""
