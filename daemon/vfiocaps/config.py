@@ -41,6 +41,17 @@ class BusChoice:
         if self.address is not None and ":" not in self.address:
             raise ConfigError(f"not a D-Bus address: {self.address!r}")
 
+    @classmethod
+    def from_options(cls, address: str | None, session: bool) -> BusChoice:
+        """The bus that ``--bus-address``/``--session`` name (the system bus with neither).
+
+        Raises:
+            ConfigError: *address* is not a D-Bus address.
+        """
+        if address:
+            return cls(BusKind.ADDRESS, address)
+        return cls(BusKind.SESSION if session else BusKind.SYSTEM)
+
     def describe(self) -> str:
         """Return a human description such as ``system bus`` or ``bus at unix:path=...``."""
         if self.kind is BusKind.ADDRESS:

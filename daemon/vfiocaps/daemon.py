@@ -15,7 +15,6 @@ from . import __version__
 from .app import serve
 from .config import (
     BusChoice,
-    BusKind,
     Config,
     default_cache_dir,
     default_qemu_binary,
@@ -127,14 +126,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     Raises:
         ConfigError: a value is out of range or inconsistent.
     """
-    if args.bus_address:
-        bus = BusChoice(BusKind.ADDRESS, args.bus_address)
-    elif args.session:
-        bus = BusChoice(BusKind.SESSION)
-    else:
-        bus = BusChoice(BusKind.SYSTEM)
     values: dict[str, object] = {
-        "bus": bus,
+        "bus": BusChoice.from_options(args.bus_address, args.session),
         "cache_dir": args.cache_dir or default_cache_dir(environ),
         "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
         "qemu_binary": args.qemu or default_qemu_binary(),

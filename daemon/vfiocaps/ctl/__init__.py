@@ -10,7 +10,7 @@ from typing import Any
 
 from ..bus.connection import close_bus, connect_bus
 from ..client import ClientError, VfiocapsClient
-from ..config import BusChoice, BusKind
+from ..config import BusChoice
 from ..domainxml import Viewer
 from ..errors import (
     BusError,
@@ -131,13 +131,7 @@ def _add_migration_parser(commands: Any) -> None:
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         return await probe_command(args)
-    if args.bus_address:
-        choice = BusChoice(BusKind.ADDRESS, args.bus_address)
-    elif args.session:
-        choice = BusChoice(BusKind.SESSION)
-    else:
-        choice = BusChoice(BusKind.SYSTEM)
-    bus = await connect_bus(choice)
+    bus = await connect_bus(BusChoice.from_options(args.bus_address, args.session))
     try:
         return await daemon_command(args, VfiocapsClient(bus, args.timeout))
     finally:
