@@ -354,26 +354,34 @@ def test_a_profile_no_vf_lists_keeps_its_name_through_a_re_read(tmp_path: Path) 
     assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"
 
 
+def profile_owned_by(
+    builder: SriovHostBuilder, tmp_path: Path, pid: int
+) -> tuple[ProfileRecord, ProfileLedger, ProfileSetter]:
+    """A profile set for a probe and recorded as set by the vfiocapsd *pid*; the ledger, and the
+    setter of another vfiocapsd starting on the same runtime directory."""
+    parent = reader_for(builder).host().parents[H100.address]
+    setter, ledger = setter_for(builder, tmp_path)
+    record = setter.reserve(parent, "1060")
+    asyncio.run(setter.apply(record))
+    builder.answer_writes()
+    path = ledger.directory / f"{record.function}.json"
+    path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{pid}"'))
+    other = ProfileSetter(
+        reader_for(builder),
+        ProfileLedger(ledger.directory, boot_id_file(tmp_path)),
+        tmp_path / "dev",
+        held=lambda _d, _g: False,
+    )
+    return record, ledger, other
+
+
 def test_a_running_daemons_profile_is_left_to_it_by_a_second_daemon(tmp_path: Path) -> None:
     """A second vfiocapsd starting (before it knows it will not get the name) must not clear
     the profile a running one has set for its probe; once that daemon is gone, it is cleared."""
     builder = make_host(tmp_path, "h100")
-    parent = reader_for(builder).host().parents[H100.address]
     running = subprocess.Popen(["sleep", "60"])  # stands for the first daemon
     try:
-        setter, ledger = setter_for(builder, tmp_path)
-        record = setter.reserve(parent, "1060")
-        asyncio.run(setter.apply(record))
-        builder.answer_writes()
-        # The record names its owner; make the running process the owner.
-        path = ledger.directory / f"{record.function}.json"
-        path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{running.pid}"'))
-        second = ProfileSetter(
-            reader_for(builder),
-            ProfileLedger(ledger.directory, ledger._boot_id_path),
-            tmp_path / "dev",
-            held=lambda _d, _g: False,
-        )
+        record, ledger, second = profile_owned_by(builder, tmp_path, running.pid)
         assert asyncio.run(second.recover()) == []
         builder.answer_writes()
         assert builder.current_profile(record.function) == "1060"
@@ -390,22 +398,10 @@ def test_a_dead_daemons_profile_is_cleared_though_its_pid_was_reused(tmp_path: P
     """The daemon that set the profile died and another process got its pid: its owner lock,
     not the pid, tells that the profile is left over."""
     builder = make_host(tmp_path, "h100")
-    parent = reader_for(builder).host().parents[H100.address]
     reuser = subprocess.Popen(["sleep", "60"])  # has the dead daemon's pid now
     try:
-        setter, ledger = setter_for(builder, tmp_path)
-        record = setter.reserve(parent, "1060")
-        asyncio.run(setter.apply(record))
-        builder.answer_writes()
-        path = ledger.directory / f"{record.function}.json"
-        path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{reuser.pid}"'))
+        record, ledger, restarted = profile_owned_by(builder, tmp_path, reuser.pid)
         (ledger.directory / f"{reuser.pid}.owner").write_text("")  # left unlocked by the dead
-        restarted = ProfileSetter(
-            reader_for(builder),
-            ProfileLedger(ledger.directory, ledger._boot_id_path),
-            tmp_path / "dev",
-            held=lambda _d, _g: False,
-        )
         assert asyncio.run(restarted.recover()) == [record.function]
         builder.answer_writes()
         assert builder.current_profile(record.function) == "0"
