@@ -50,7 +50,6 @@ DBUS_FAST_WRITER_ATTRIBUTES = (
     "negotiate_unix_fd",
 )  # fmt: skip
 
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 MANAGED_OBJECTS = "a{oa{sa{sv}}}"
 MANAGED_OBJECT_ENTRY = "oa{sa{sv}}"  # one entry of MANAGED_OBJECTS, marshalled alone
 # From the D-Bus specification: a message header is four bytes, the body length (uint32), the

@@ -19,7 +19,14 @@ from dbus_fast.errors import DBusError
 from ..engine import DeviceView
 from .connection import ManagedInterfaces, ResilientMessageBus
 from .errors import to_dbus_error
-from .names import DEVICE_INTERFACE, DEVICES_PATH
+from .names import (
+    DEVICE_INTERFACE,
+    DEVICES_PATH,
+    INTROSPECTABLE_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    PEER_INTERFACE,
+    PROPERTIES_INTERFACE,
+)
 from .validation import escape_path_element
 from .values import (
     PROPERTY_SIGNATURES,
@@ -33,11 +40,9 @@ from .values import (
 
 RefreshHandler = Callable[[str], Awaitable[DBusCapabilities]]
 
-PROPERTIES = "org.freedesktop.DBus.Properties"
-INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 # Served by the library for every path, exported or not.
-LIBRARY_INTERFACES = ("org.freedesktop.DBus.Peer", "org.freedesktop.DBus.ObjectManager")
-STANDARD_INTERFACES = (PROPERTIES, INTROSPECTABLE, *LIBRARY_INTERFACES)
+LIBRARY_INTERFACES = (PEER_INTERFACE, OBJECT_MANAGER_INTERFACE)
+STANDARD_INTERFACES = (PROPERTIES_INTERFACE, INTROSPECTABLE_INTERFACE, *LIBRARY_INTERFACES)
 PROPERTIES_SIGNATURES = {"Get": "ss", "GetAll": "s", "Set": "ssv"}
 REFRESH = "Refresh"
 CAPABILITIES_SIGNATURE = "a{sv}"
@@ -160,7 +165,7 @@ class DeviceObjects:
             self._bus.send(
                 Message.new_signal(
                     path=path,
-                    interface=PROPERTIES,
+                    interface=PROPERTIES_INTERFACE,
                     member="PropertiesChanged",
                     signature="sa{sv}as",
                     body=[DEVICE_INTERFACE, changed, []],
@@ -226,9 +231,16 @@ class DeviceObjects:
                 setting a property (they are all read-only).
         """
         member = msg.member or ""
-        if msg.interface == PROPERTIES and PROPERTIES_SIGNATURES.get(member) == msg.signature:
+        if (
+            msg.interface == PROPERTIES_INTERFACE
+            and PROPERTIES_SIGNATURES.get(member) == msg.signature
+        ):
             return self._properties(msg, path, device)
-        if msg.interface == INTROSPECTABLE and msg.member == "Introspect" and not msg.signature:
+        if (
+            msg.interface == INTROSPECTABLE_INTERFACE
+            and msg.member == "Introspect"
+            and not msg.signature
+        ):
             return Message.new_method_return(msg, "s", [self._introspect(path)])
         raise DBusError(
             ErrorType.UNKNOWN_METHOD,
