@@ -315,18 +315,29 @@ class ResilientMessageBus(MessageBus):
         return self
 
 
+_ADDRESS_ADVICE = (
+    "name the bus with --bus-address=unix:path=SOCKET, or set DBUS_SESSION_BUS_ADDRESS or "
+    "DBUS_SYSTEM_BUS_ADDRESS to a D-Bus address"
+)
+
+
 async def connect_bus(choice: BusChoice) -> ResilientMessageBus:
     """Connect to the bus *choice* names.
 
     Raises:
-        BusError: the bus cannot be reached or refuses authentication.
+        BusError: the address is malformed or missing, or the bus cannot be reached or refuses
+            authentication.
     """
-    if choice.kind is BusKind.ADDRESS:
-        bus = ResilientMessageBus(bus_address=choice.address)
-    elif choice.kind is BusKind.SESSION:
-        bus = ResilientMessageBus(bus_type=BusType.SESSION)
-    else:
-        bus = ResilientMessageBus(bus_type=BusType.SYSTEM)
+    try:
+        # The library reads and parses the address (DBUS_*_BUS_ADDRESS) in the constructor.
+        if choice.kind is BusKind.ADDRESS:
+            bus = ResilientMessageBus(bus_address=choice.address)
+        elif choice.kind is BusKind.SESSION:
+            bus = ResilientMessageBus(bus_type=BusType.SESSION)
+        else:
+            bus = ResilientMessageBus(bus_type=BusType.SYSTEM)
+    except Exception as err:
+        raise BusError(f"cannot use the {choice.describe()}: {err}; {_ADDRESS_ADVICE}") from err
     try:
         await bus.connect()
     except asyncio.CancelledError:
