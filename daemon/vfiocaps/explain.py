@@ -113,9 +113,11 @@ def migration_summary(values: dict[str, Any]) -> str:
     """The migration verdict in one cell: QEMU's defaults, and with options when they differ."""
     migration = str(values.get("Migration") or "unknown")
     with_options = str(values.get("MigrationWithOptions") or migration)
-    if with_options != migration:
-        return f"{migration}; {with_options} with options"
-    return migration
+    if with_options == migration:
+        return migration
+    if with_options == "supported":
+        return "supported with options"  # and not with QEMU's defaults
+    return f"{migration}; with options {with_options}"
 
 
 def explain(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -321,6 +322,20 @@ _ADDRESS_ADVICE = (
 )
 
 
+def _why(err: Exception) -> str:
+    """Why a connection failed, saying what to do (the library's text is often empty)."""
+    if isinstance(err, FileNotFoundError | ConnectionRefusedError):
+        return f"{err}: no bus listens there (is the daemon's bus running?)"
+    if isinstance(err, PermissionError):
+        return f"{err}: this user (uid {os.getuid()}) may not open the bus socket"
+    detail = str(err) or type(err).__name__
+    return (
+        f"{detail}: the bus refused this user (uid {os.getuid()}); a private bus (the quick "
+        "start's, the demo's) admits only the user who started it: run vfiocapsctl as that "
+        "user, e.g. with sudo"
+    )
+
+
 async def connect_bus(choice: BusChoice) -> ResilientMessageBus:
     """Connect to the bus *choice* names.
 
@@ -343,7 +358,7 @@ async def connect_bus(choice: BusChoice) -> ResilientMessageBus:
     except asyncio.CancelledError:
         raise
     except Exception as err:
-        raise BusError(f"cannot connect to the {choice.describe()}: {err}") from err
+        raise BusError(f"cannot connect to the {choice.describe()}: {_why(err)}") from err
     log.info("connected to the %s as %s", choice.describe(), bus.unique_name)
     return bus
 

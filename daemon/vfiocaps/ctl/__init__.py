@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+        program, _, command = self.prog.partition(" ")
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"{program}: {where}{message} (see '{self.prog} --help')\n")
 
 
 def _viewer_option(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bus-address",
         metavar="ADDR",
         help="use the bus at this D-Bus address, e.g. unix:path=/run/vfiocaps-quickstart/bus "
-        "(as ./scripts/run-daemon prints it)",
+        "as ./scripts/run-daemon prints it (default: the system bus)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON (default: text)")
     parser.add_argument(
@@ -102,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(show)
     _json_flag(
         commands.add_parser(
-            "types", help="every mdev type, VF profile and PCI device type, and what is known"
+            "types",
+            help="every mdev type, VF profile and PCI device type, and what is known",
+            description="List every mdev type (KIND mdev), SR-IOV vGPU profile (vf-profile) "
+            "and VFIO PCI device type (pci) with its instances, what is available and the "
+            "answer when probed. Long names are shortened to fit 100 columns; --json gives "
+            "every value in full, driver versions included.",
         )
     )
     refresh = commands.add_parser("refresh", help="probe a device anew (needs authorization)")

@@ -31,16 +31,16 @@ TYPE_COLUMNS = (
     Column("TYPE", "TypeId"),
     Column("NAME", "Name"),
     Column("DRIVER", "Driver"),
-    Column("VERSION", "DriverVersion"),
     Column("INST", "Instances"),
     Column("AVAIL", "AvailableInstances"),
     Column("DISPLAY", "Display"),
     Column("GL", "GlRequired"),
     Column("MIGRATION", "MigrationSummary"),
 )
-# The longest cell of a column that can hold long text (sha256 driver versions, type names);
-# with it `types` fits 100 columns for the usual ids. --json has every value in full.
-_TYPE_CELL_LIMITS = {"Name": 14, "DriverVersion": 12, "Parent": 12}
+# The longest cell of a column that can hold long text (type names, PCI addresses): with them
+# `types` fits 100 columns for the usual ids. --json has every value in full, driver versions
+# (often a sha256) included.
+_TYPE_CELL_LIMITS = {"Name": 16, "Parent": 12}
 
 
 def _clip(text: str, limit: int) -> str:

@@ -93,7 +93,8 @@ def add_probe_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="NAME[=VALUE]",
-        help="give QEMU this variable (NAME alone: from this environment); repeatable",
+        help="give QEMU this variable (NAME alone: from this environment); repeatable "
+        "(default: only PATH and LC_ALL)",
     )
 
 
@@ -197,7 +198,6 @@ def _print_report(values: dict[str, Any]) -> None:
 
 async def probe_command(args: argparse.Namespace) -> int:
     device = resolve_probe_device(args.device, args.sysfs_root)
-    target = ProbeTarget.from_sysfs(device, args.sysfs_root)  # not VFIO: said before any set-up
     config = Config(
         sysfs_root=args.sysfs_root,
         dev_root=args.dev_root,
@@ -217,6 +217,7 @@ async def probe_command(args: argparse.Namespace) -> int:
             "root (sudo), so that QEMU runs as the unprivileged probe user; or, to probe as "
             "yourself, name a directory of your own with --runtime-dir"
         ) from err
+    target = ProbeTarget.from_sysfs(device, args.sysfs_root)
     forbid_new_privileges()
     prober = Prober(config)
     prober.recover_grants()
