@@ -52,6 +52,17 @@ def one_line_error(result: subprocess.CompletedProcess[bytes], program: str) -> 
     return err
 
 
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory other users can enter (pytest's tmp_path lies under a root-only one)."""
+    path = Path(tempfile.mkdtemp(prefix="vfiocaps-ctl-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # -- 1. the quick start prints one line to copy ------------------------------------------------
 
 
@@ -202,7 +213,8 @@ def _monitor(bus: PrivateBus) -> subprocess.Popen[str]:
         [*CTL, "--bus-address", bus.address, "monitor"], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_until(lambda: _subscribed(bus), 20, "monitor's match rule")
+    wait_until(lambda: _subscribed(bus), 20, "monitor's connection")
+    time.sleep(1.5)  # its first calls and its match rule
     return process
 
 
@@ -290,10 +302,13 @@ def test_version_timeout_and_probe_type(lab: object) -> None:
     assert re.search(rf"^{mtty} .* supported with options$", listed, re.M), listed
     types = vfiocapsctl(lab.bus, "types").stdout
     assert max(len(line) for line in types.splitlines()) <= 100, types
+    assert re.search(r"^mdev +mtty +mtty-2 .* supported\*$", types, re.M), types
+    assert types.splitlines()[-1].startswith("supported*: supported with options"), types
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
-def test_probe_says_what_is_wrong_and_as_a_user_to_run_it_as_root(tmp_path: Path) -> None:
+def test_probe_says_what_is_wrong_and_as_a_user_to_run_it_as_root(scratch: Path) -> None:
+    tmp_path = scratch
     pci = tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:02.0"
     pci.mkdir(parents=True)
     (pci / "vendor").write_text("0x8086\n")
@@ -332,12 +347,10 @@ def open_bus() -> Iterator[PrivateBus]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="calls as another user need root")
-def test_a_user_who_may_not_is_told_why_and_what_to_do(
-    tmp_path: Path, start_daemon: DaemonFactory
-) -> None:
+def test_a_user_who_may_not_is_told_why_and_what_to_do(scratch: Path) -> None:
     # The quick start's bus admits only its owner: another user hears why, not an empty text.
-    bus = PrivateBus(tmp_path / "own").start()
-    (tmp_path / "own").chmod(0o755)
+    bus = PrivateBus(scratch / "own").start()
+    (scratch / "own").chmod(0o755)
     bus.socket.chmod(0o777)
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     try:

@@ -23,6 +23,11 @@ from .errors import BusError, VfiocapsError
 
 # The most changes monitor holds unread before it gives up rather than grow without bound.
 _MONITOR_BACKLOG = 10_000
+# The bus's answers to a call on a name nobody owns.
+_DAEMON_AWAY = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
 
 
 class ClientError(VfiocapsError):
@@ -237,7 +242,7 @@ class VfiocapsClient:
         self._bus.add_message_handler(on_message)
         gone = asyncio.ensure_future(self._bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         try:
-            ids = {path: str(values.get("Id", "")) for path, values in await self._paths()}
+            ids = await self._ids()
             while True:
                 if overflowed:
                     raise ClientError(
@@ -257,13 +262,20 @@ class VfiocapsClient:
             gone.cancel()
             self._bus.remove_message_handler(on_message)
 
-    async def _paths(self) -> list[tuple[str, dict[str, Any]]]:
-        (objects,) = await self._call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
-        return [
-            (str(path), dict(plain(interfaces[DEVICE_INTERFACE])))
+    async def _ids(self) -> dict[str, str]:
+        """Device ids by object path, of the devices there now (none while the daemon is away:
+        its devices come with InterfacesAdded when it returns)."""
+        try:
+            (objects,) = await self._call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        except ClientError as err:
+            if err.name in _DAEMON_AWAY:
+                return {}
+            raise
+        return {
+            str(path): str(plain(interfaces[DEVICE_INTERFACE]).get("Id", ""))
             for path, interfaces in objects.items()
             if DEVICE_INTERFACE in interfaces
-        ]
+        }
 
     async def _bus_call_dbus(self, member: str, argument: str) -> None:
         reply = await self._bus.call(

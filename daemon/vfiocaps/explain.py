@@ -116,7 +116,7 @@ def migration_summary(values: dict[str, Any]) -> str:
     if with_options == migration:
         return migration
     if with_options == "supported":
-        return "supported with options"  # and not with QEMU's defaults
+        return "supported with options"  # only: not with QEMU's defaults
     return f"{migration}; with options {with_options}"
 
 

@@ -327,7 +327,10 @@ def _why(err: Exception) -> str:
     if isinstance(err, FileNotFoundError | ConnectionRefusedError):
         return f"{err}: no bus listens there (is the daemon's bus running?)"
     if isinstance(err, PermissionError):
-        return f"{err}: this user (uid {os.getuid()}) may not open the bus socket"
+        return (
+            f"{err}: this user (uid {os.getuid()}) may not open the bus socket; run "
+            "vfiocapsctl as the user who started the bus, e.g. with sudo"
+        )
     detail = str(err) or type(err).__name__
     return (
         f"{detail}: the bus refused this user (uid {os.getuid()}); a private bus (the quick "

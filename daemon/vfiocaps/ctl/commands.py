@@ -43,6 +43,10 @@ TYPE_COLUMNS = (
 _TYPE_CELL_LIMITS = {"Name": 16, "Parent": 12}
 
 
+_WITH_OPTIONS = "supported with options"
+_WITH_OPTIONS_MARK = "supported*"
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -75,7 +79,10 @@ async def daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> in
         if want_json:
             print(as_json([{**entry, EMULATED_KEY: emulated} for entry in types]))
         else:
-            print(table([_type_row(entry) for entry in types], TYPE_COLUMNS))
+            rows = [_type_row(entry) for entry in types]
+            print(table(rows, TYPE_COLUMNS))
+            if any(row["MigrationSummary"] == _WITH_OPTIONS_MARK for row in rows):
+                print(f"{_WITH_OPTIONS_MARK}: {_WITH_OPTIONS} (see 'vfiocapsctl show ID')")
     elif command == "probe-type":
         answer = await client.probe_type(args.parent, args.type_id)
         if want_json:
@@ -122,7 +129,10 @@ async def _show(
 
 
 def _type_row(entry: dict[str, Any]) -> dict[str, Any]:
-    row = {**entry, "MigrationSummary": migration_summary(entry) if entry.get("Probed") else ""}
+    summary = migration_summary(entry) if entry.get("Probed") else ""
+    if summary == _WITH_OPTIONS:  # a footnote keeps the table within 100 columns
+        summary = _WITH_OPTIONS_MARK
+    row = {**entry, "MigrationSummary": summary}
     for key, limit in _TYPE_CELL_LIMITS.items():
         row[key] = _clip(str(entry.get(key) or ""), limit)
     return row

@@ -113,7 +113,14 @@ def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
         root = sysfs_root.resolve()
         if not path.resolve().is_relative_to(root):
             raise InvalidArgumentError(f"{value} is not under {sysfs_root}")
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError as err:
+        raise NotAuthorizedError(
+            f"cannot look at {path} as uid {os.geteuid()}: {err.strerror}; run "
+            "'vfiocapsctl probe' as root (sudo)"
+        ) from err
+    if not found:
         raise NotFoundError(f"no device {value} (looked at {path})")
     return path
 
