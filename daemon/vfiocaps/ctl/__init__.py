@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -184,7 +185,8 @@ async def _run(args: argparse.Namespace) -> int:
 def _not_utf8(args: argparse.Namespace) -> str | None:
     """The first argument that is not valid UTF-8 (D-Bus strings must be), if any."""
     for value in vars(args).values():
-        for text in value if isinstance(value, list) else [value]:
+        for item in value if isinstance(value, list) else [value]:
+            text = os.fspath(item) if isinstance(item, os.PathLike) else item
             if isinstance(text, str):
                 try:
                     text.encode("utf-8")
