@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from support.daemon_lab import Lab, vfiocapsctl
-from support.harness import DaemonFactory, PrivateBus
+from support.harness import DaemonFactory, PrivateBus, match_rules, wait_until
 
 
 def ctl_json(bus: PrivateBus, *args: str) -> Any:
@@ -130,6 +130,7 @@ def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -
 def test_monitor_streams_changes(lab: Lab) -> None:
     lab.host.build("mtty")
     lab.start()
+    before = match_rules(lab.bus.address)
     monitor, text = (
         subprocess.Popen(
             [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
@@ -139,7 +140,7 @@ def test_monitor_streams_changes(lab: Lab) -> None:
         for json_flag in (["--json"], [])
     )  # fmt: skip
     try:
-        time.sleep(3.0)  # both subscribed
+        wait_until(lambda: match_rules(lab.bus.address) >= before + 2, 30, "both subscribed")
         uuid = lab.host.add_instance("mtty", "mtty-2")
         lab.wait_states({uuid: "done"})
         lab.host.remove_instance(uuid)
@@ -150,9 +151,7 @@ def test_monitor_streams_changes(lab: Lab) -> None:
         text.send_signal(signal.SIGINT)
         lines, text_err = text.communicate(timeout=10)
     # In text: the device by its id, values as show prints them.
-    assert any(line.startswith(f"device-added {uuid} ") for line in lines.splitlines()), (
-        lines + text_err
-    )
+    assert lines.splitlines()[0].startswith(f"device-added {uuid} "), lines + text_err
     assert "/org/vfiocaps/devices" not in lines
     assert "['" not in lines
     assert re.search(r"ProbedAt=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", lines), lines

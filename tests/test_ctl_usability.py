@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from support.callers import OPEN_TO_ALL
 from support.cli_help import commands_of, help_text
-from support.harness import REPO, DaemonFactory, PrivateBus, wait_until
+from support.harness import REPO, DaemonFactory, PrivateBus, match_rules, wait_until
 
 NOBODY = 65534
 AUTHORITY = REPO / "tests" / "support" / "polkit_authority.py"
@@ -209,22 +209,14 @@ def test_any_daemon_command_line_gets_a_documented_exit_and_no_traceback(
 
 
 def _monitor(bus: PrivateBus) -> subprocess.Popen[str]:
+    """``vfiocapsctl monitor``, once it has subscribed (its match rule is on the bus)."""
+    before = match_rules(bus.address)
     process = subprocess.Popen(
         [*CTL, "--bus-address", bus.address, "monitor"], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_until(lambda: _subscribed(bus), 20, "monitor's connection")
-    time.sleep(1.5)  # its first calls and its match rule
+    wait_until(lambda: match_rules(bus.address) > before, 30, "monitor's match rule")
     return process
-
-
-def _subscribed(bus: PrivateBus) -> bool:
-    done = subprocess.run(
-        ["busctl", f"--address={bus.address}", "call", "org.freedesktop.DBus",
-         "/org/freedesktop/DBus", "org.freedesktop.DBus", "ListNames"],
-        capture_output=True, text=True, timeout=10, check=False,
-    )  # fmt: skip
-    return done.stdout.count('":1.') >= 3  # the daemon, monitor and this call
 
 
 def test_monitor_ends_with_a_message_when_the_bus_goes(
