@@ -73,10 +73,10 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     xml = vfiocapsctl(lab.bus, "xml", mbochs)
     assert xml.returncode == 0
     assert xml.stdout.startswith("<hostdev mode='subsystem' type='mdev'")
-    assert ctl_json(lab.bus, "xml", mtty)["xml"].startswith("<hostdev")
+    assert ctl_json(lab.bus, "xml", mtty)["Xml"].startswith("<hostdev")
     local = ctl_json(lab.bus, "xml", mbochs, "--viewer", "local")
-    assert "type='spice'" in local["parts"]["graphics"]
-    assert local["xml"].startswith(local["parts"]["hostdev"])
+    assert "type='spice'" in local["Parts"]["graphics"]
+    assert local["Xml"].startswith(local["Parts"]["hostdev"])
     assert "<graphics type='egl-headless'>" in xml.stdout
     assert vfiocapsctl(lab.bus, "xml", mbochs, "--viewer", "vnc").returncode == 2
 
@@ -88,7 +88,7 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
     assert fresh.startswith(f"{mtty}: mdev of type mtty-1"), fresh
     assert re.search(r"^  probed +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", fresh, re.M), fresh
     assert "[" not in fresh.split("libvirt domain XML")[0]
-    assert ctl_json(lab.bus, "invalidate", "mbochs") == {"records": 1}
+    assert ctl_json(lab.bus, "invalidate", "mbochs") == {"Records": 1}
     assert vfiocapsctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
 
 
@@ -159,13 +159,13 @@ def test_monitor_streams_changes(lab: Lab) -> None:
     assert f"device-removed {uuid}" in lines
     assert monitor.returncode == 130, err  # interrupted, as shells report SIGINT
     events = [json.loads(line) for line in out.splitlines()]
-    kinds = [event["event"] for event in events]
+    kinds = [event["Event"] for event in events]
     assert kinds[0] == "device-added"
     assert events[0]["Id"] == uuid
-    assert all(event["emulated"] is False for event in events)
-    device_events = [event for event in events if event["event"].startswith("device-")]
-    assert all(event["id"] == uuid for event in device_events)  # by id, removal included
-    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
+    assert all(event["Emulated"] is False for event in events)
+    device_events = [event for event in events if event["Event"].startswith("device-")]
+    assert all(event["Id"] == uuid for event in device_events)  # by id, removal included
+    assert any(e["Event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
     assert "device-removed" in kinds
     assert kinds.index("device-removed") > kinds.index("device-added")
-    assert any(e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events)
+    assert any(e["Event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events)

@@ -74,7 +74,7 @@ def test_the_demo_serves_an_emulated_host_and_says_so() -> None:
         assert all(d["Emulated"] is True for d in json.loads(ctl("list", "--json").stdout))
         assert all(t["Emulated"] is True for t in json.loads(ctl("types", "--json").stdout))
         assert json.loads(ctl("show", str(mdpy), "--json").stdout)["Emulated"] is True
-        assert json.loads(ctl("xml", str(mdpy), "--json").stdout)["emulated"] is True
+        assert json.loads(ctl("xml", str(mdpy), "--json").stdout)["Emulated"] is True
         assert ctl("xml", str(mdpy)).stdout.startswith("<!-- EMULATED HOST")
         printed = json.loads(ctl("migration", "fingerprint", str(mdpy), "--json").stdout)
         assert printed["emulated"] is True

@@ -19,6 +19,8 @@ FOUNDATION = frozenset(
         "bootid",
         "statefile",
         "capabilities",
+        "capschema",
+        "fieldspec",
         "drm",
         "vfiogroup",
         "journal",
@@ -27,6 +29,7 @@ FOUNDATION = frozenset(
         "directories",
         "config",
         "process",
+        "qemubinary",
     }
 )
 # Pure renderings of an answer: no I/O of the daemon's, usable by the daemon and by vfiocapsctl.

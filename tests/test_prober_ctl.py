@@ -63,12 +63,12 @@ def test_probe_by_uuid_prints_json(scratch: Path, fake_host: FakeHost, probe_use
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout)
     assert values["device"] == str(fake_host.sysfs / "bus" / "mdev" / "devices" / MDPY)
-    assert values["outcome"] == "ok"
-    assert values["capabilities"]["display"] == "region"
-    assert values["capabilities"]["gl_required"] is False
-    assert values["capabilities"]["migration"] == "unsupported"
-    assert values["launches"][0]["purpose"] == "discover"
-    assert values["launches"][0]["argv"][0].endswith("qemu-system-x86_64")
+    assert values["Outcome"] == "ok"
+    assert values["Capabilities"]["Display"] == "region"
+    assert values["Capabilities"]["GlRequired"] is False
+    assert values["Capabilities"]["Migration"] == "unsupported"
+    assert values["Launches"][0]["Purpose"] == "discover"
+    assert values["Launches"][0]["Argv"][0].endswith("qemu-system-x86_64")
     assert leftovers(scratch / "run") == []
 
 
@@ -87,7 +87,7 @@ def test_busy_device_exits_4(scratch: Path, fake_host: FakeHost, probe_user: str
     overrides = {"devices": {MDPY: {"busy": True}}}
     result = vfiocapsctl(scratch, fake_host, probe_user, MDPY, "--json", overrides=overrides)
     assert result.returncode == 4, result.stderr
-    assert json.loads(result.stdout)["outcome"] == "busy"
+    assert json.loads(result.stdout)["Outcome"] == "busy"
 
 
 def test_failure_exits_1(scratch: Path, fake_host: FakeHost, probe_user: str) -> None:
@@ -150,8 +150,8 @@ def test_unprivileged_vfiocapsctl_runs_qemu_as_itself(scratch: Path, fake_host: 
     )
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout)
-    assert values["capabilities"]["display"] == "region"
+    assert values["Capabilities"]["Display"] == "region"
     expected = f"not root: QEMU runs as vfiocapsd's own user (uid {NOBODY})"
-    assert any(expected in note for note in values["notes"])
+    assert any(expected in note for note in values["Notes"])
     assert node.stat().st_uid == NOBODY
     assert leftovers(scratch / "run") == []

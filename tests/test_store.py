@@ -93,7 +93,11 @@ async def test_old_database_is_migrated_with_its_rows(tmp_path: Path, version: i
         # "supported" once meant "the state saved" (mtty only with device options), and a GL
         # answer once left the host unchecked (mbochs): such answers are dropped at the
         # upgrade, so that the devices are probed again.
-        assert set(records) == {"mdpy", "nvidia"}
+        # The last schema with capabilities in columns also holds answers that survive the
+        # move into the versioned document: every column must arrive in its field.
+        assert set(records) == (
+            {"mdpy", "nvidia"} | ({"mtty", "mbochs"} if version == 5 else set())
+        )
         mdpy = records["mdpy"].capabilities
         assert mdpy is not None
         assert mdpy.display is Display.REGION
@@ -173,9 +177,74 @@ async def test_migration_facts_round_trip(tmp_path: Path) -> None:
         await store.close()
 
 
-def test_the_last_fixture_holds_an_answer_that_needed_gl() -> None:
+async def test_capability_columns_move_into_the_document(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript((FIXTURES / "schema-v5.sql").read_text())
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        records = {r.key.driver: r for r in await store.load_records()}
+    finally:
+        await store.close()
+    mtty, mbochs = records["mtty"].capabilities, records["mbochs"].capabilities
+    assert mtty == Capabilities(
+        display=Display.NONE,
+        gl_required=False,
+        migration=Migration.UNSUPPORTED,
+        migration_blockers=("ram_save_setup failed: Operation not supported",),
+        migration_notes=("needs x-device-dirty-page-tracking=off",),
+        qemu_version="10.0.3",
+        migration_options=(("x-device-dirty-page-tracking", "off"),),
+        migration_with_options=Migration.SUPPORTED,
+        migration_state_bytes=60,
+        migration_save_seconds=0.21,
+        migration_load_seconds=0.12,
+        migration_flags=("stop-copy", "p2p"),
+        device_dirty_tracking=False,
+        migration_conditions=(
+            MigrationCondition("alone", Migration.SUPPORTED, Decider.QEMU, "saved and loaded"),
+            MigrationCondition(
+                "beside other VFIO devices", Migration.SUPPORTED, Decider.KERNEL, "P2P"
+            ),
+        ),
+        gl_host=GlHost.NOT_NEEDED,
+    )
+    assert mbochs is not None
+    assert (mbochs.display, mbochs.gl_required, mbochs.gl_host) == (
+        Display.DMABUF,
+        True,
+        GlHost.SET_UP,
+    )
+    assert mbochs.gl_render_node == "/dev/dri/renderD128"
+    assert records["mtty"].probed_at_us == 1731000000300000
+
+
+async def test_a_document_that_does_not_match_the_schema_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        good, bad, newer = record(key("mtty-1")), record(key("mtty-2")), record(key("mtty-3"))
+        await store.put_records([good, bad, newer])
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE capabilities SET document = json_set(document, '$.display', 'hologram') "
+            "WHERE type_id = 'mtty-2'"
+        )
+        db.execute("UPDATE capabilities SET document_version = 99 WHERE type_id = 'mtty-3'")
+    await store.open()
+    try:
+        assert await store.load_records() == [good]
+    finally:
+        await store.close()
+
+
+def test_the_v4_fixture_holds_an_answer_that_needed_gl() -> None:
     # What the upgrade to GL answers drops must be in the fixture it is tested with.
-    text = (FIXTURES / f"schema-v{SCHEMA_VERSION - 1}.sql").read_text()
+    text = (FIXTURES / "schema-v4.sql").read_text()
     assert "'mbochs-small'" in text
     assert "'dmabuf',1," in text
 

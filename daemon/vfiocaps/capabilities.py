@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .fieldspec import Place, schema_record, spec
+
 
 class Display(enum.Enum):
     """How a device offers a display to QEMU."""
@@ -70,7 +72,11 @@ class ProbeOutcome(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
+_SUMMARY = Place.TYPE_SUMMARY
+_TRACKING = {True: Migration.SUPPORTED, False: Migration.UNSUPPORTED, None: Migration.UNKNOWN}
+
+
+@schema_record
 class Capabilities:
     """The truth about one device type, as one QEMU version saw it.
 
@@ -90,25 +96,95 @@ class Capabilities:
     ``gl_required`` says QEMU refused the dma-buf display without OpenGL; ``gl_host`` says
     whether this host satisfied it (on ``gl_render_node``, the render node tried) and
     ``gl_detail`` the evidence or the reason, in words.
+
+    This class is the capability schema: each field declares its D-Bus (and JSON) name and
+    signature, its ``show`` label and where else it appears (:mod:`vfiocaps.fieldspec`); every
+    output and the cache derive from it (:mod:`vfiocaps.capschema`). A new field needs a
+    default, so that answers cached before it existed still load.
     """
 
-    display: Display
-    gl_required: bool
-    migration: Migration
-    migration_blockers: tuple[str, ...] = ()
-    migration_notes: tuple[str, ...] = ()
-    qemu_version: str = ""
-    migration_options: tuple[tuple[str, str], ...] = ()
-    migration_with_options: Migration = Migration.UNKNOWN
-    migration_state_bytes: int = 0
-    migration_save_seconds: float = 0.0
-    migration_load_seconds: float = 0.0
-    migration_flags: tuple[str, ...] = ()
-    device_dirty_tracking: bool | None = None
-    migration_conditions: tuple[MigrationCondition, ...] = ()
-    gl_host: GlHost = GlHost.UNKNOWN
-    gl_render_node: str = ""
-    gl_detail: str = ""
+    display: Display = spec(
+        "Display", "s", "display", "how the device offers a display", _SUMMARY | Place.LABELS
+    )
+    gl_required: bool = spec(
+        "GlRequired", "b", "OpenGL", "the display needs OpenGL", _SUMMARY | Place.LABELS
+    )
+    migration: Migration = spec(
+        "Migration",
+        "s",
+        "migration",
+        "live migration with QEMU's defaults",
+        _SUMMARY | Place.LABELS | Place.FINGERPRINT,
+    )
+    migration_blockers: tuple[str, ...] = spec(
+        "MigrationBlockers", "as", "blocker", "why QEMU refuses to migrate", default=()
+    )
+    migration_notes: tuple[str, ...] = spec(
+        "MigrationNotes", "as", "note", "how the migration answer was found", default=()
+    )
+    qemu_version: str = spec(
+        "QemuVersion", "s", "QEMU", "the QEMU that answered", Place.FINGERPRINT, default=""
+    )
+    migration_options: tuple[tuple[str, str], ...] = spec(
+        "MigrationOptions", "a(ss)", "options", "device options migration needs", default=()
+    )
+    migration_with_options: Migration = spec(
+        "MigrationWithOptions",
+        "s",
+        "with options",
+        "live migration with those options",
+        _SUMMARY | Place.LABELS | Place.FINGERPRINT,
+        default=Migration.UNKNOWN,
+    )
+    migration_state_bytes: int = spec(
+        "MigrationStateBytes",
+        "t",
+        "state size",
+        "the device's share of the migration stream",
+        default=0,
+        to_dbus=lambda value: max(0, value),
+    )
+    migration_save_seconds: float = spec(
+        "MigrationSaveSeconds", "d", "save", "seconds the state took to save", default=0.0
+    )
+    migration_load_seconds: float = spec(
+        "MigrationLoadSeconds", "d", "load", "seconds the state took to load", default=0.0
+    )
+    migration_flags: tuple[str, ...] = spec(
+        "MigrationFlags",
+        "as",
+        "kernel flags",
+        "the kernel's VFIO migration flags",
+        Place.FINGERPRINT,
+        default=(),
+    )
+    device_dirty_tracking: bool | None = spec(
+        "DeviceDirtyTracking",
+        "s",
+        "dirty tracking",
+        "whether the kernel accepts DMA logging for the device",
+        default=None,
+        to_dbus=lambda value: _TRACKING[value].value,
+    )
+    migration_conditions: tuple[MigrationCondition, ...] = spec(
+        "MigrationConditions",
+        "a(ssss)",
+        "condition",
+        "VM configurations and whether the device migrates in each",
+        default=(),
+    )
+    gl_host: GlHost = spec(
+        "GlHost",
+        "s",
+        "GL on host",
+        "whether this host gives the display its OpenGL",
+        _SUMMARY | Place.LABELS,
+        default=GlHost.UNKNOWN,
+    )
+    gl_render_node: str = spec(
+        "GlRenderNode", "s", "render node", "the render node the GL launch used", default=""
+    )
+    gl_detail: str = spec("GlDetail", "s", "gl", "the GL evidence, in words", default="")
 
 
 @dataclass(frozen=True, slots=True)

@@ -301,24 +301,24 @@ def describe_signal(message: Message, ids: dict[str, str]) -> dict[str, Any] | N
         path, interfaces = body
         values = plain(interfaces.get(DEVICE_INTERFACE, {}))
         ids[path] = str(values.get("Id", ""))
-        return {"event": "device-added", "id": ids[path], "path": path, **values}
+        return {"Event": "device-added", "Path": path, **values, "Id": ids[path]}
     if message.interface == OBJECT_MANAGER_INTERFACE and member == "InterfacesRemoved":
-        return {"event": "device-removed", "id": ids.pop(body[0], ""), "path": body[0]}
+        return {"Event": "device-removed", "Id": ids.pop(body[0], ""), "Path": body[0]}
     if message.interface == PROPERTIES_INTERFACE and member == "PropertiesChanged":
         interface, changed, _ = body
         if interface == DEVICE_INTERFACE:
             path = message.path or ""
-            return {"event": "device-changed", "id": ids.get(path, ""), "path": path,
-                    **plain(changed)}  # fmt: skip
-        return {"event": "manager-changed", "path": message.path, **plain(changed)}
+            return {"Event": "device-changed", **plain(changed), "Id": ids.get(path, ""),
+                    "Path": path}  # fmt: skip
+        return {"Event": "manager-changed", "Path": message.path, **plain(changed)}
     if message.interface == MANAGER_INTERFACE and member == "CacheInvalidated":
         driver, old, new, records = body
         return {
-            "event": "cache-invalidated",
-            "driver": driver,
-            "old_version": old,
-            "new_version": new,
-            "records": records,
+            "Event": "cache-invalidated",
+            "Driver": driver,
+            "OldVersion": old,
+            "NewVersion": new,
+            "Records": records,
         }
     return None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from .capschema import fields_in
 from .domainxml import DomainParts
+from .fieldspec import Place
 
 DISPLAY_MEANING = {
     "none": "no display for the VM",
@@ -79,6 +81,48 @@ def _migration_evidence(device: dict[str, Any]) -> list[tuple[str, str]]:
     for name, verdict, decider, reason in device.get("MigrationConditions") or []:
         detail = f": {reason}" if reason else ""
         rows.append(("condition", f"{name}: {verdict} (decided by {decider}){detail}"))
+    return rows
+
+
+def evidence_rows(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """A row, under its label, for each capability field that the schema shows as evidence of
+    its own (:attr:`Place.EVIDENCE`) and that has a value."""
+    return [
+        (item.spec.label, render_value(item.name, values[item.name]))
+        for item in fields_in(Place.EVIDENCE)
+        if values.get(item.name) not in (None, "", [], 0, 0.0)
+    ]
+
+
+def capability_rows(caps: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows ``vfiocapsctl probe`` prints for capabilities given as D-Bus values."""
+    rows = [
+        ("display", caps["Display"]),
+        ("gl", "required" if caps["GlRequired"] else "not required"),
+        ("migration", caps["Migration"]),
+    ]
+    rows += [("  blocker", blocker) for blocker in caps["MigrationBlockers"]]
+    if caps["MigrationOptions"]:
+        options = render_value("MigrationOptions", caps["MigrationOptions"])
+        rows.append(("  with options", f"{caps['MigrationWithOptions']} ({options})"))
+    if caps["MigrationLoadSeconds"]:
+        rows.append(
+            (
+                "  round trip",
+                f"{caps['MigrationStateBytes']} bytes, saved in "
+                f"{caps['MigrationSaveSeconds']:.3f} s, loaded in "
+                f"{caps['MigrationLoadSeconds']:.3f} s",
+            )
+        )
+    if caps["MigrationFlags"]:
+        rows.append(("  kernel flags", ", ".join(caps["MigrationFlags"])))
+    rows += [
+        ("  condition", f"{name}: {verdict} ({decider}) {reason}".rstrip())
+        for name, verdict, decider, reason in caps["MigrationConditions"]
+    ]
+    rows += [("  note", note) for note in caps["MigrationNotes"]]
+    rows += evidence_rows(caps)
+    rows.append(("qemu", caps["QemuVersion"]))
     return rows
 
 
@@ -164,6 +208,7 @@ def explain(
     if device.get("GlDetail"):
         evidence.append(("gl", device["GlDetail"]))
     evidence += _migration_evidence(device)
+    evidence += evidence_rows(device)
     evidence += [("blocker", text) for text in device["MigrationBlockers"]]
     evidence += [("note", text) for text in device["MigrationNotes"]]
     if device["LastError"]:

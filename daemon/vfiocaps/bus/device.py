@@ -290,7 +290,7 @@ class DeviceObjects:
     def _start_refresh(self, msg: Message, device: DeviceObject, expects_reply: bool) -> None:
         # The task copies this context, in which the bus noted the caller.
         task = asyncio.get_running_loop().create_task(
-            self._serve_refresh(msg, device.values.Id, expects_reply)
+            self._serve_refresh(msg, device.values.get("Id"), expects_reply)
         )
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)

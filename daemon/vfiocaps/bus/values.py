@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
-from ..capabilities import Capabilities, Display, GlHost, Migration
+from ..capschema import CAPABILITY_FIELDS, fields_in
 from ..domainxml import DomainParts, Viewer
 from ..domainxml import domain_parts as parts_for
 from ..engine import DeviceView, ProbeState, TypeView
 from ..errors import ProbeBusyError, ProbeError
+from ..fieldspec import Place
 from ..model import DeviceKind
 
 DBusCapabilities = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
@@ -25,118 +25,9 @@ DBusConditionList = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 DBusStrDict = Annotated[dict[str, str], DBusSignature("a{ss}")]
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceProperties:
-    """The ``org.vfiocaps1.Device`` properties as plain Python values (one per device, so kept
-    small: a slotted record rather than a dictionary)."""
-
-    Id: str
-    Uuid: str
-    SysfsPath: str
-    Parent: str
-    TypeId: str
-    TypeName: str
-    DeviceApi: str
-    Driver: str
-    DriverVersion: str
-    ProbeState: str
-    Display: str
-    GlRequired: bool
-    Migration: str
-    MigrationBlockers: tuple[str, ...]
-    MigrationNotes: tuple[str, ...]
-    ProbedAt: int
-    QemuVersion: str
-    LastError: str
-    MigrationOptions: tuple[tuple[str, str], ...]
-    MigrationWithOptions: str
-    MigrationStateBytes: int
-    MigrationSaveSeconds: float
-    MigrationLoadSeconds: float
-    MigrationFlags: tuple[str, ...]
-    DeviceDirtyTracking: str
-    MigrationConditions: tuple[tuple[str, str, str, str], ...]
-    GlHost: str
-    GlRenderNode: str
-    GlDetail: str
-
-
-def device_properties(view: DeviceView) -> DeviceProperties:
-    """The ``org.vfiocaps1.Device`` property values of *view*, as plain Python values."""
-    device, caps, driver = view.device, view.capabilities, view.driver
-    return DeviceProperties(
-        Id=device.device_id,
-        Uuid=device.device_id if device.kind is DeviceKind.MDEV else "",
-        SysfsPath=device.sysfs_path,
-        Parent=device.parent,
-        TypeId=device.type_id,
-        TypeName=view.type_name,
-        DeviceApi=device.device_api,
-        Driver=driver.module if driver else "",
-        DriverVersion=driver.version if driver else "",
-        ProbeState=view.state.value,
-        Display=(caps.display if caps else Display.UNKNOWN).value,
-        GlRequired=bool(caps and caps.gl_required),
-        Migration=(caps.migration if caps else Migration.UNKNOWN).value,
-        MigrationBlockers=caps.migration_blockers if caps else (),
-        MigrationNotes=caps.migration_notes if caps else (),
-        ProbedAt=view.probed_at_us if caps else 0,
-        QemuVersion=caps.qemu_version if caps else "",
-        LastError=view.last_error,
-        **_migration_properties(caps),
-        GlHost=(caps.gl_host if caps else GlHost.UNKNOWN).value,
-        GlRenderNode=caps.gl_render_node if caps else "",
-        GlDetail=caps.gl_detail if caps else "",
-    )
-
-
-def _migration_properties(caps: Capabilities | None) -> dict[str, Any]:
-    """The migration facts beyond the plain verdict (options, round trip, kernel, conditions)."""
-    if caps is None:
-        return {
-            "MigrationOptions": (),
-            "MigrationWithOptions": Migration.UNKNOWN.value,
-            "MigrationStateBytes": 0,
-            "MigrationSaveSeconds": 0.0,
-            "MigrationLoadSeconds": 0.0,
-            "MigrationFlags": (),
-            "DeviceDirtyTracking": Migration.UNKNOWN.value,
-            "MigrationConditions": (),
-        }
-    tracking = {True: Migration.SUPPORTED, False: Migration.UNSUPPORTED, None: Migration.UNKNOWN}
-    return {
-        "MigrationOptions": caps.migration_options,
-        "MigrationWithOptions": caps.migration_with_options.value,
-        "MigrationStateBytes": max(0, caps.migration_state_bytes),
-        "MigrationSaveSeconds": caps.migration_save_seconds,
-        "MigrationLoadSeconds": caps.migration_load_seconds,
-        "MigrationFlags": caps.migration_flags,
-        "DeviceDirtyTracking": tracking[caps.device_dirty_tracking].value,
-        "MigrationConditions": tuple(
-            (c.condition, c.verdict.value, c.decided_by.value, c.reason)
-            for c in caps.migration_conditions
-        ),
-    }
-
-
-def property_value(properties: DeviceProperties, name: str) -> object:
-    """One property in its D-Bus form (arrays as lists)."""
-    value = getattr(properties, name)
-    if isinstance(value, tuple):
-        return [list(item) if isinstance(item, tuple) else item for item in value]
-    return value
-
-
-def changed_properties(old: DeviceProperties, new: DeviceProperties) -> dict[str, object]:
-    """The properties whose values differ, in their D-Bus form."""
-    return {
-        name: property_value(new, name)
-        for name in PROPERTY_SIGNATURES
-        if getattr(old, name) != getattr(new, name)
-    }
-
-
-PROPERTY_SIGNATURES = {
+# The properties of a device that are not capabilities, with their signatures. The capability
+# properties follow, from the schema (:mod:`vfiocaps.capschema`).
+_DEVICE_SIGNATURES = {
     "Id": "s",
     "Uuid": "s",
     "SysfsPath": "s",
@@ -147,53 +38,71 @@ PROPERTY_SIGNATURES = {
     "Driver": "s",
     "DriverVersion": "s",
     "ProbeState": "s",
-    "Display": "s",
-    "GlRequired": "b",
-    "Migration": "s",
-    "MigrationBlockers": "as",
-    "MigrationNotes": "as",
     "ProbedAt": "t",
-    "QemuVersion": "s",
     "LastError": "s",
-    "MigrationOptions": "a(ss)",
-    "MigrationWithOptions": "s",
-    "MigrationStateBytes": "t",
-    "MigrationSaveSeconds": "d",
-    "MigrationLoadSeconds": "d",
-    "MigrationFlags": "as",
-    "DeviceDirtyTracking": "s",
-    "MigrationConditions": "a(ssss)",
-    "GlHost": "s",
-    "GlRenderNode": "s",
-    "GlDetail": "s",
 }
+PROPERTY_SIGNATURES = {
+    **_DEVICE_SIGNATURES,
+    **{item.name: item.signature for item in CAPABILITY_FIELDS},
+}
+_INDEX = {name: index for index, name in enumerate(PROPERTY_SIGNATURES)}
+# GetCapabilities answers every capability and these device properties (and Kind).
+_ANSWER_DEVICE_KEYS = ("Id", "TypeId", "Driver", "DriverVersion", "ProbeState", "ProbedAt",
+                       "LastError")  # fmt: skip
+_CAPABILITY_KEYS = (*_ANSWER_DEVICE_KEYS, *(item.name for item in CAPABILITY_FIELDS))
 
-_CAPABILITY_KEYS = (
-    "Id",
-    "TypeId",
-    "Driver",
-    "DriverVersion",
-    "ProbeState",
-    "Display",
-    "GlRequired",
-    "Migration",
-    "MigrationBlockers",
-    "MigrationNotes",
-    "ProbedAt",
-    "QemuVersion",
-    "LastError",
-    "MigrationOptions",
-    "MigrationWithOptions",
-    "MigrationStateBytes",
-    "MigrationSaveSeconds",
-    "MigrationLoadSeconds",
-    "MigrationFlags",
-    "DeviceDirtyTracking",
-    "MigrationConditions",
-    "GlHost",
-    "GlRenderNode",
-    "GlDetail",
-)
+
+class DeviceProperties:
+    """The ``org.vfiocaps1.Device`` property values of one device, in their D-Bus form (one
+    per device, so kept small: one tuple in the order of :data:`PROPERTY_SIGNATURES`)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self.values = values
+
+    def get(self, name: str) -> Any:
+        """The value of property *name*.
+
+        Raises:
+            KeyError: there is no such property.
+        """
+        return self.values[_INDEX[name]]
+
+
+def device_properties(view: DeviceView) -> DeviceProperties:
+    """The ``org.vfiocaps1.Device`` property values of *view*."""
+    device, caps, driver = view.device, view.capabilities, view.driver
+    values = (
+        device.device_id,
+        device.device_id if device.kind is DeviceKind.MDEV else "",
+        device.sysfs_path,
+        device.parent,
+        device.type_id,
+        view.type_name,
+        device.device_api,
+        driver.module if driver else "",
+        driver.version if driver else "",
+        view.state.value,
+        view.probed_at_us if caps else 0,
+        view.last_error,
+        *(item.dbus(caps) for item in CAPABILITY_FIELDS),
+    )
+    return DeviceProperties(values)
+
+
+def property_value(properties: DeviceProperties, name: str) -> object:
+    """One property in its D-Bus form."""
+    return properties.get(name)
+
+
+def changed_properties(old: DeviceProperties, new: DeviceProperties) -> dict[str, object]:
+    """The properties whose values differ, in their D-Bus form."""
+    return {
+        name: value
+        for name, before, value in zip(PROPERTY_SIGNATURES, old.values, new.values, strict=True)
+        if before != value
+    }
 
 
 def capabilities_dict(view: DeviceView) -> dict[str, Variant]:
@@ -204,8 +113,7 @@ def capabilities_dict(view: DeviceView) -> dict[str, Variant]:
 def capabilities_from_properties(properties: DeviceProperties, kind: str) -> dict[str, Variant]:
     """The ``a{sv}`` answer built from a device's property values."""
     answer = {
-        key: Variant(PROPERTY_SIGNATURES[key], property_value(properties, key))
-        for key in _CAPABILITY_KEYS
+        key: Variant(PROPERTY_SIGNATURES[key], properties.get(key)) for key in _CAPABILITY_KEYS
     }
     answer["Kind"] = Variant("s", kind)
     return answer
@@ -227,13 +135,8 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         "Probed": Variant("b", view.capabilities is not None),
     }
     if view.capabilities is not None:
-        answer["Display"] = Variant("s", view.capabilities.display.value)
-        answer["GlRequired"] = Variant("b", view.capabilities.gl_required)
-        answer["Migration"] = Variant("s", view.capabilities.migration.value)
-        answer["MigrationWithOptions"] = Variant(
-            "s", view.capabilities.migration_with_options.value
-        )
-        answer["GlHost"] = Variant("s", view.capabilities.gl_host.value)
+        for item in fields_in(Place.TYPE_SUMMARY):
+            answer[item.name] = Variant(item.signature, item.dbus(view.capabilities))
     return answer
 
 

@@ -92,12 +92,12 @@ async def daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> in
             print(key_values(rendered))
     elif command == "invalidate":
         count = await client.invalidate(args.driver)
-        print(as_json({"records": count}) if want_json else f"{count} records dropped")
+        print(as_json({"Records": count}) if want_json else f"{count} records dropped")
     elif command == "xml":
         parts = await client.domain_xml_parts(args.id, args.viewer)
         xml = DomainParts.from_names(parts).fragment()
         if want_json:
-            print(as_json({"xml": xml, "parts": parts, "emulated": emulated}))
+            print(as_json({"Xml": xml, "Parts": parts, EMULATED_KEY: emulated}))
         else:
             print(f"<!-- EMULATED HOST: {EMULATED_WARNING} -->\n" if emulated else "", end="")
             print(xml, end="")
@@ -106,7 +106,7 @@ async def daemon_command(args: argparse.Namespace, client: VfiocapsClient) -> in
     elif command == "monitor":
         async for event in client.changes():
             if want_json:
-                print(json.dumps({**event, "emulated": emulated}, sort_keys=True), flush=True)
+                print(json.dumps({**event, EMULATED_KEY: emulated}, sort_keys=True), flush=True)
             else:
                 print(describe_event(event, emulated), flush=True)
     return EXIT_OK
@@ -141,12 +141,12 @@ def _type_row(entry: dict[str, Any]) -> dict[str, Any]:
 def describe_event(event: dict[str, Any], emulated: bool = False) -> str:
     """One line for a monitor event: what happened, to which device (by its id), and the
     values as ``show`` prints them."""
-    kind = event["event"]
-    target = event.get("id") or ("" if kind.startswith("device") else event.get("path", ""))
+    kind = event["Event"]
+    target = event.get("Id") or ("" if kind.startswith("device") else event.get("Path", ""))
     details = "; ".join(
         f"{key}={render_value(key, value)}"
         for key, value in sorted(event.items())
-        if key not in ("event", "path", "id")
+        if key not in ("Event", "Path", "Id")
     )
     line = " ".join(part for part in (kind, target, details) if part)
     return f"{line} (emulated)" if emulated else line

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..capabilities import ProbeOutcome, ProbeReport
+from ..capschema import dbus_values
 from ..config import (
     DEFAULT_PROBE_USER,
     Config,
@@ -18,6 +18,7 @@ from ..config import (
 )
 from ..directories import ensure_private_directory
 from ..errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, UnsafeDirectoryError
+from ..explain import capability_rows
 from ..hardening import forbid_new_privileges
 from ..ids import canonical_device_id, is_mdev_uuid
 from ..prober import Prober, ProbeTarget
@@ -126,81 +127,46 @@ def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
 
 
 def report_as_dict(device: Path, report: ProbeReport) -> dict[str, Any]:
-    """A probe report as JSON-friendly values."""
+    """A probe report as JSON values, named as the daemon's D-Bus API names them (capabilities
+    as the Device properties of their names)."""
     caps = report.capabilities
     return {
-        "device": str(device),
-        "outcome": report.outcome.value,
-        "capabilities": None
-        if caps is None
-        else {
-            "display": caps.display.value,
-            "gl_required": caps.gl_required,
-            "migration": caps.migration.value,
-            "migration_blockers": list(caps.migration_blockers),
-            "migration_notes": list(caps.migration_notes),
-            "qemu_version": caps.qemu_version,
-            "migration_options": [f"{k}={v}" for k, v in caps.migration_options],
-            "migration_with_options": caps.migration_with_options.value,
-            "migration_state_bytes": caps.migration_state_bytes,
-            "migration_save_seconds": round(caps.migration_save_seconds, 6),
-            "migration_load_seconds": round(caps.migration_load_seconds, 6),
-            "migration_flags": list(caps.migration_flags),
-            "migration_conditions": [
-                f"{c.condition}: {c.verdict.value} ({c.decided_by.value}) {c.reason}"
-                for c in caps.migration_conditions
-            ],
-        },
-        "error": report.error,
-        "stderr_excerpt": report.stderr_excerpt,
-        "duration": round(report.duration, 6),
-        "launches": [
-            {**asdict(launch), "argv": list(launch.argv), "duration": round(launch.duration, 6)}
+        "Device": str(device),
+        "Outcome": report.outcome.value,
+        "Capabilities": None if caps is None else dbus_values(caps),
+        "Error": report.error,
+        "StderrExcerpt": report.stderr_excerpt,
+        "Duration": round(report.duration, 6),
+        "Launches": [
+            {
+                "Purpose": launch.purpose,
+                "Argv": list(launch.argv),
+                "Duration": round(launch.duration, 6),
+                "ExitStatus": launch.exit_status,
+            }
             for launch in report.launches
         ],
-        "notes": list(report.notes),
+        "Notes": list(report.notes),
     }
 
 
 def _print_report(values: dict[str, Any]) -> None:
-    rows: list[tuple[str, str]] = [("device", values["device"]), ("outcome", values["outcome"])]
-    caps = values["capabilities"]
+    rows: list[tuple[str, str]] = [("device", values["Device"]), ("outcome", values["Outcome"])]
+    caps = values["Capabilities"]
     if caps is not None:
-        rows += [
-            ("display", caps["display"]),
-            ("gl", "required" if caps["gl_required"] else "not required"),
-            ("migration", caps["migration"]),
-        ]
-        rows += [("  blocker", blocker) for blocker in caps["migration_blockers"]]
-        if caps["migration_options"]:
-            options = ",".join(caps["migration_options"])
-            rows.append(("  with options", f"{caps['migration_with_options']} ({options})"))
-        if caps["migration_load_seconds"]:
-            rows.append(
-                (
-                    "  round trip",
-                    f"{caps['migration_state_bytes']} bytes, saved in "
-                    f"{caps['migration_save_seconds']:.3f} s, loaded in "
-                    f"{caps['migration_load_seconds']:.3f} s",
-                )
-            )
-        if caps["migration_flags"]:
-            rows.append(("  kernel flags", ", ".join(caps["migration_flags"])))
-        rows += [("  condition", condition) for condition in caps["migration_conditions"]]
-        rows += [("  note", note) for note in caps["migration_notes"]]
-        rows.append(("qemu", caps["qemu_version"]))
-    if values["error"]:
-        rows.append(("error", values["error"]))
-    for launch in values["launches"]:
-        status = launch["exit_status"]
-        rows.append(("launch", f"{launch['purpose']} {launch['duration']:.3f} s (exit {status})"))
-    rows += [("note", note) for note in values["notes"]]
+        rows += capability_rows(caps)
+    if values["Error"]:
+        rows.append(("error", values["Error"]))
+    for launch in values["Launches"]:
+        status = launch["ExitStatus"]
+        rows.append(("launch", f"{launch['Purpose']} {launch['Duration']:.3f} s (exit {status})"))
+    rows += [("note", note) for note in values["Notes"]]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    if values["stderr_excerpt"]:
+    if values["StderrExcerpt"]:
         print("QEMU said:")
-        print(values["stderr_excerpt"])
+        print(values["StderrExcerpt"])
 
 
 async def probe_command(args: argparse.Namespace) -> int:

@@ -102,6 +102,63 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE capabilities SET gl_host = 'not-needed' WHERE outcome = 'ok' AND gl_required = 0",
         "DELETE FROM capabilities WHERE outcome = 'ok' AND gl_required = 1",
     ),
+    # 6: the capabilities as one versioned JSON document (keyed by the attribute names of
+    # vfiocaps.capabilities.Capabilities, see vfiocaps.capschema) beside real columns for the
+    # key and the outcome; failures have no document. Later fields need no migration: a
+    # document without them loads with their defaults.
+    (
+        """
+        CREATE TABLE capability_records (
+            driver            TEXT    NOT NULL,
+            driver_version    TEXT    NOT NULL,
+            kernel_release    TEXT    NOT NULL,
+            parent_pci_id     TEXT    NOT NULL,
+            type_id           TEXT    NOT NULL,
+            qemu_path         TEXT    NOT NULL,
+            qemu_version      TEXT    NOT NULL,
+            qemu_ctime_ns     INTEGER NOT NULL,
+            outcome           TEXT    NOT NULL,
+            error             TEXT    NOT NULL,
+            probed_at_us      INTEGER NOT NULL,
+            retry_at_us       INTEGER NOT NULL,
+            failures          INTEGER NOT NULL,
+            document_version  INTEGER NOT NULL,
+            document          TEXT,
+            PRIMARY KEY (driver, driver_version, kernel_release, parent_pci_id, type_id,
+                         qemu_path, qemu_version, qemu_ctime_ns)
+        )
+        """,
+        """
+        INSERT INTO capability_records
+        SELECT driver, driver_version, kernel_release, parent_pci_id, type_id, qemu_path,
+               qemu_version, qemu_ctime_ns, outcome, error, probed_at_us, retry_at_us, failures,
+               1,
+               CASE WHEN outcome = 'ok' THEN json_object(
+                   'display', display,
+                   'gl_required', json(CASE WHEN gl_required THEN 'true' ELSE 'false' END),
+                   'migration', migration,
+                   'migration_blockers', json(blockers),
+                   'migration_notes', json(notes),
+                   'qemu_version', qemu_version,
+                   'migration_options', json(migration_options),
+                   'migration_with_options', migration_with_options,
+                   'migration_state_bytes', migration_state_bytes,
+                   'migration_save_seconds', migration_save_seconds,
+                   'migration_load_seconds', migration_load_seconds,
+                   'migration_flags', json(migration_flags),
+                   'device_dirty_tracking', json(CASE WHEN device_dirty_tracking IS NULL
+                       THEN 'null' WHEN device_dirty_tracking THEN 'true' ELSE 'false' END),
+                   'migration_conditions', json(migration_conditions),
+                   'gl_host', gl_host,
+                   'gl_render_node', gl_render_node,
+                   'gl_detail', gl_detail
+               ) END
+        FROM capabilities
+        """,
+        "DROP TABLE capabilities",
+        "ALTER TABLE capability_records RENAME TO capabilities",
+        "CREATE INDEX capabilities_by_driver ON capabilities (driver, driver_version)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
