@@ -62,7 +62,7 @@ def test_probe_by_uuid_prints_json(scratch: Path, fake_host: FakeHost, probe_use
     result = vfiocapsctl(scratch, fake_host, probe_user, MDPY, "--json")
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout)
-    assert values["device"] == str(fake_host.sysfs / "bus" / "mdev" / "devices" / MDPY)
+    assert values["Device"] == str(fake_host.sysfs / "bus" / "mdev" / "devices" / MDPY)
     assert values["Outcome"] == "ok"
     assert values["Capabilities"]["Display"] == "region"
     assert values["Capabilities"]["GlRequired"] is False
