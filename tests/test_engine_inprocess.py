@@ -203,6 +203,22 @@ async def test_a_new_kernel_invalidates_every_record(tmp_path: Path) -> None:
         await again.stop()
 
 
+async def test_each_probe_is_handed_the_engines_qemu_identity(tmp_path: Path) -> None:
+    devices = [mdev("mtty", "mtty-1"), mdev("mtty", "mtty-2")]
+    rig = await start_rig(tmp_path, host(*devices))
+    try:
+        await rig.settle("done")
+        assert sorted(rig.runner.probed) == sorted(d.device_id for d in devices)
+        assert rig.runner.identity_calls == 1  # read once, by the engine, not per probe
+        handed = {qemu for qemu in rig.runner.handed}
+        assert len(handed) == 1
+        (qemu,) = handed
+        assert qemu is not None
+        assert qemu.version == rig.runner.version
+    finally:
+        await rig.stop()
+
+
 async def test_a_warm_cache_launches_nothing(tmp_path: Path) -> None:
     devices = [mdev("mtty", "mtty-1"), mdev("mtty", "mtty-2")]
     clock = ManualClock()
@@ -213,7 +229,7 @@ async def test_a_warm_cache_launches_nothing(tmp_path: Path) -> None:
     try:
         await again.settle("done")
         assert again.runner.probed == []
-        assert again.runner.identity_calls == 0  # the version came from the cache too
+        assert again.runner.identity_calls == 0  # the binary came from the cache too
     finally:
         await again.stop()
 

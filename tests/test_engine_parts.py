@@ -25,9 +25,10 @@ from vfiocaps.engine.tasks import TaskSet
 from vfiocaps.engine.typeprobe import TypeProber
 from vfiocaps.errors import NotFoundError
 from vfiocaps.model import Device, DeviceKind
-from vfiocaps.store import CapabilityKey, CapabilityRecord, QemuIdentity
+from vfiocaps.qemubinary import QemuBinary
+from vfiocaps.store import CapabilityKey, CapabilityRecord
 
-QEMU = QemuIdentity("/usr/bin/qemu-system-x86_64", "10.0.3", 111)
+QEMU = QemuBinary("/usr/bin/qemu-system-x86_64", "10.0.3", 111)
 
 
 def test_a_device_has_a_key_once_driver_and_qemu_are_known() -> None:

@@ -17,6 +17,7 @@ from vfiocaps.discovery.instances import InstanceLedger
 from vfiocaps.engine import Timings
 from vfiocaps.errors import ProbeTimeoutError
 from vfiocaps.model import DeviceAdded
+from vfiocaps.qemubinary import QemuBinary
 from vfiocaps.store import CapabilityKey, CapabilityRecord, CapabilityStore
 
 
@@ -31,8 +32,8 @@ async def test_a_thousand_failures_do_not_overflow_the_back_off(tmp_path: Path) 
     )  # fmt: skip
     store = CapabilityStore(config.database_path)
     await store.open()
-    await store.remember_qemu_version(
-        str(config.qemu_binary), stat.st_ctime_ns, stat.st_size, "10.0.3"
+    await store.remember_qemu_binary(
+        QemuBinary(str(config.qemu_binary), "10.0.3", stat.st_ctime_ns, stat.st_size)
     )
     await store.put_records([CapabilityRecord(key, ProbeOutcome.FAILED, None, "old", 1, 1, 1100)])
     await store.close()

@@ -243,10 +243,10 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     qemu = install_fake_qemu(scratch / "qemu")
     make_readable(scratch)
     prober = Prober(Config(runtime_dir=scratch / "run", qemu_binary=qemu, probe_user=probe_user))
-    identity = await prober.qemu_identity()
+    identity = await prober.read_qemu()
     assert identity.version == "10.0.13"
     assert {"enable-migration", "x-device-dirty-page-tracking"} <= identity.vfio_pci_properties
-    report = await prober.check_qemu()
+    report = await prober.check_qemu(identity)
     assert report.outcome is ProbeOutcome.OK, report
     assert [launch.purpose for launch in report.launches] == ["bare"]
     assert leftovers(scratch / "run") == []

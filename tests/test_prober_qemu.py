@@ -61,12 +61,17 @@ class Recorder:
 
 async def test_identity_of_the_installed_qemu(scratch: Path, probe_user: str) -> None:
     prober = Prober(config(scratch, probe_user))
-    identity = await prober.qemu_identity()
-    assert identity.path == Path(REAL_QEMU or "").resolve()
+    identity = await prober.read_qemu()
+    assert identity.path == str(REAL_QEMU)  # as configured: the cache keys on that name
     assert identity.version_tuple >= (7, 0)
-    assert identity.ctime_ns == identity.path.stat().st_ctime_ns
+    resolved = Path(REAL_QEMU or "").resolve().stat()
+    assert (identity.ctime_ns, identity.size) == (resolved.st_ctime_ns, resolved.st_size)
     assert {"sysfsdev", "display"} <= identity.vfio_pci_properties
-    assert await prober.qemu_identity() is identity  # cached while the binary is unchanged
+    # A probe handed the identity launches only its own QEMU: no -version, no -device help.
+    report = await prober.check_qemu(identity)
+    assert report.outcome is ProbeOutcome.OK, report
+    assert len(report.launches) == 1
+    assert "-version" not in report.launches[0].argv
 
 
 async def test_missing_qemu_raises_from_identity_and_is_an_outcome_of_probe(
@@ -74,7 +79,7 @@ async def test_missing_qemu_raises_from_identity_and_is_an_outcome_of_probe(
 ) -> None:
     prober = Prober(config(scratch, probe_user, qemu_binary=scratch / "no-such-qemu"))
     with pytest.raises(QemuMissingError):
-        await prober.qemu_identity()
+        await prober.read_qemu()
     report = await prober.check_qemu()
     assert report.outcome is ProbeOutcome.QEMU_MISSING
     assert report.launches == ()

@@ -18,6 +18,7 @@ from vfiocaps.capabilities import (
     MigrationCondition,
     ProbeOutcome,
 )
+from vfiocaps.qemubinary import QemuBinary
 from vfiocaps.store import (
     CapabilityKey,
     CapabilityRecord,
@@ -299,11 +300,15 @@ async def test_known_devices_and_qemu_versions(tmp_path: Path) -> None:
         await store.replace_known_devices([device])
         await store.replace_known_devices([device])
         assert await store.known_devices() == [device]
-        assert await store.qemu_version("/q", 1, 2) is None
-        await store.remember_qemu_version("/q", 1, 2, "10.0.3")
-        await store.remember_qemu_version("/q", 3, 2, "10.1.0")
-        assert await store.qemu_version("/q", 1, 2) is None
-        assert await store.qemu_version("/q", 3, 2) == "10.1.0"
+        assert await store.qemu_binary("/q", 1, 2) is None
+        await store.remember_qemu_binary(QemuBinary("/q", "10.0.3", 1, 2))
+        newer = QemuBinary("/q", "10.1.0", 3, 2, frozenset({"sysfsdev", "display"}))
+        await store.remember_qemu_binary(newer)
+        assert await store.qemu_binary("/q", 1, 2) is None
+        found = await store.qemu_binary("/q", 3, 2)
+        assert found == newer
+        assert found is not None
+        assert found.vfio_pci_properties == newer.vfio_pci_properties
     finally:
         await store.close()
 

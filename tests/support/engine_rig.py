@@ -42,6 +42,7 @@ from vfiocaps.model import (
     ParentUnregistered,
     Resynchronised,
 )
+from vfiocaps.qemubinary import QemuBinary
 from vfiocaps.store import CapabilityStore
 
 KERNEL = "6.1.0-test"
@@ -213,6 +214,7 @@ class ScriptedRunner:
     most_running: int = 0
     cancelled: int = 0
     identity_calls: int = 0
+    handed: list[QemuBinary | None] = field(default_factory=list)  # the identity of each probe
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def script(self, type_id: str, *steps: Step) -> None:
@@ -229,13 +231,17 @@ class ScriptedRunner:
     async def wait_allowed(self) -> None:
         await self.allowed.wait()
 
-    async def qemu_version(self) -> str:
+    async def read_qemu(self) -> QemuBinary:
         self.identity_calls += 1
-        return self.version
+        st = self.qemu_binary.stat()
+        return QemuBinary(str(self.qemu_binary), self.version, st.st_ctime_ns, st.st_size)
 
-    async def probe_device(self, device: Device, owner: Parent | None) -> ProbeReport:
+    async def probe_device(
+        self, device: Device, owner: Parent | None, qemu: QemuBinary | None
+    ) -> ProbeReport:
         await self.wait_allowed()  # as the prober: no probe before the name is owned
         self.probed.append(device.device_id)
+        self.handed.append(qemu)
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..errors import StoreError
+from ..qemubinary import QemuBinary
 from ..store import (
     CapabilityKey,
     CapabilityRecord,
@@ -72,26 +73,24 @@ class RecordCache:
         self._records = {record.key: record for record in records}
         log.info("cache %s: %d records", self._store.path, len(records))
 
-    async def qemu_version(self, path: str, ctime_ns: int, size: int) -> str | None:
-        """The version the store remembers for this QEMU binary, if any and readable."""
+    async def qemu_binary(self, path: str, ctime_ns: int, size: int) -> QemuBinary | None:
+        """The QEMU binary the store remembers for this file, if any and readable."""
         if not self._store.is_open:
             return None
         try:
-            return await self._store.qemu_version(path, ctime_ns, size)
+            return await self._store.qemu_binary(path, ctime_ns, size)
         except StoreError as err:
-            log.debug("QEMU version lookup failed: %s", err)
+            log.debug("QEMU binary lookup failed: %s", err)
             return None
 
-    async def remember_qemu_version(
-        self, path: str, ctime_ns: int, size: int, version: str
-    ) -> None:
-        """Keep a QEMU binary's version for the next start, if the store can."""
+    async def remember_qemu_binary(self, binary: QemuBinary) -> None:
+        """Keep a QEMU binary for the next start, if the store can."""
         if not self._store.is_open:
             return
         try:
-            await self._store.remember_qemu_version(path, ctime_ns, size, version)
+            await self._store.remember_qemu_binary(binary)
         except StoreError as err:
-            log.debug("cannot remember the QEMU version: %s", err)
+            log.debug("cannot remember the QEMU binary: %s", err)
 
     def remember(self, record: CapabilityRecord, history: ProbeHistoryEntry | None = None) -> None:
         """Keep *record* (and the probe that made it) and write it behind."""

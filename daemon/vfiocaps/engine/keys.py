@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..capabilities import ProbeOutcome
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
-from ..store import CapabilityKey, CapabilityRecord, QemuIdentity
+from ..qemubinary import QemuBinary
+from ..store import CapabilityKey, CapabilityRecord
 
 
 def driver_of(device: Device, snapshot: HostSnapshot) -> DriverIdentity | None:
@@ -37,7 +38,7 @@ def make_key(
     pci_id: str,
     type_id: str,
     kernel_release: str,
-    qemu: QemuIdentity,
+    qemu: QemuBinary,
     parent_version: str = "",
 ) -> CapabilityKey:
     """The key of one type under one driver, kernel and QEMU binary. A VF on a variant driver
@@ -57,7 +58,7 @@ def make_key(
 
 
 def key_for(
-    device: Device, snapshot: HostSnapshot, kernel_release: str, qemu: QemuIdentity | None
+    device: Device, snapshot: HostSnapshot, kernel_release: str, qemu: QemuBinary | None
 ) -> CapabilityKey | None:
     """The key of *device*, or None while its driver or the QEMU binary is unknown."""
     driver = driver_of(device, snapshot)
@@ -108,16 +109,14 @@ def driver_invalidated(
     return Invalidation(module, versions(k.driver_version for k in stale), versions(live), stale)
 
 
-def qemu_changed(
-    keys: Iterable[CapabilityKey], old: QemuIdentity, new: QemuIdentity
-) -> Invalidation:
+def qemu_changed(keys: Iterable[CapabilityKey], old: QemuBinary, new: QemuBinary) -> Invalidation:
     """The QEMU binary changed: keys made with another binary are stale."""
     stale = tuple(key for key in keys if key.qemu_ctime_ns != new.ctime_ns)
     return Invalidation("qemu", old.version, new.version, stale)
 
 
 def at_start(
-    keys: Iterable[CapabilityKey], kernel_release: str, qemu: QemuIdentity | None
+    keys: Iterable[CapabilityKey], kernel_release: str, qemu: QemuBinary | None
 ) -> list[Invalidation]:
     """Keys made under another kernel (one invalidation per kernel) or another QEMU binary."""
     by_kernel: dict[str, list[CapabilityKey]] = {}
@@ -143,7 +142,7 @@ def idle_types(
     snapshot: HostSnapshot,
     live: set[tuple[str, str]],
     kernel_release: str,
-    qemu: QemuIdentity | None,
+    qemu: QemuBinary | None,
     record_of: Callable[[CapabilityKey], CapabilityRecord | None],
     now_us: int,
 ) -> list[tuple[Parent, MdevType]]:

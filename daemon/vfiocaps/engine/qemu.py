@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ProbeError
-from ..store import QemuIdentity
+from ..qemubinary import QemuBinary
 from .cache import RecordCache
 from .views import ProbeRunner
 
@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class QemuWatcher:
-    """Knows which QEMU binary answers probes: path, version (asked once per file) and ctime.
+    """The one owner of the QEMU binary's identity (:class:`QemuBinary`): the engine keys its
+    cache on it and hands it to each probe, so nothing else asks the binary who it is.
 
-    A change of the file (its ctime or size) costs one ``--version`` unless the store remembers
-    that file; *changed* is called with the old and new identity when a known binary changes,
+    A change of the file (its ctime or size) costs one reading of the binary (``-version`` and
+    its ``vfio-pci`` properties) unless the store remembers that file: a warm start launches
+    no QEMU; *changed* is called with the old and new identity when a known binary changes,
     *identified* when the binary is first known. While it is not, ``error`` says why (e.g. no
     probe user) and it is looked at again after *retry* seconds instead of *interval*.
     """
@@ -31,7 +33,7 @@ class QemuWatcher:
         runner: ProbeRunner,
         cache: RecordCache,
         *,
-        changed: Callable[[QemuIdentity, QemuIdentity], object],
+        changed: Callable[[QemuBinary, QemuBinary], object],
         identified: Callable[[], None],
         checked: Callable[[], None],
         interval: float = 30.0,
@@ -46,7 +48,7 @@ class QemuWatcher:
         self._interval = interval
         self._retry = min(interval, retry)
         self._stat: tuple[int, int] | None = None
-        self.identity: QemuIdentity | None = None
+        self.identity: QemuBinary | None = None
         self.error = ""
 
     async def check(self, initial: bool = False) -> None:
@@ -68,23 +70,28 @@ class QemuWatcher:
         stat_key = (st.st_ctime_ns, st.st_size)
         if stat_key == self._stat and self.identity is not None:
             return
-        version = await self._cache.qemu_version(str(path), *stat_key)
-        if version is None:
+        found = await self._cache.qemu_binary(str(path), *stat_key)
+        if found is None:
             try:
-                version = await self._runner.qemu_version()
+                found = await self._runner.read_qemu()
             except ProbeError as err:
                 log.warning("cannot identify QEMU %s: %s", path, err)
                 self.error = str(err)
                 return
-            await self._cache.remember_qemu_version(str(path), *stat_key, version)
+            if (found.path, found.ctime_ns, found.size) != (str(path), *stat_key):
+                # read_qemu names the binary as configured; a file that changed while it was
+                # read is read again at the next check
+                log.info("QEMU %s changed while it was read", path)
+                return
+            await self._cache.remember_qemu_binary(found)
         old = self.identity
-        self.identity = QemuIdentity(str(path), version, st.st_ctime_ns)
+        self.identity = found
         self._stat = stat_key
         self.error = ""
         if old is None:
             self._identified()
         elif old != self.identity:
-            log.info("QEMU changed: %s -> %s", old.version, version)
+            log.info("QEMU changed: %s -> %s", old.version, found.version)
             self._changed(old, self.identity)
 
     async def run(self) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..capabilities import ProbeOutcome, ProbeReport
 from ..model import Device, Parent
+from ..qemubinary import QemuBinary
 from ..store import CapabilityKey, CapabilityRecord, ProbeHistoryEntry
 from .cache import RecordCache
 from .table import DeviceEntry, DeviceTable
@@ -60,6 +61,7 @@ class ProbeScheduler:
         runner: ProbeRunner,
         *,
         parent_of: Callable[[Device], Parent | None],
+        qemu_of: Callable[[], QemuBinary | None],
         clock_us: Callable[[], int],
         retry_seconds: float,
         running_changed: Callable[[], None],
@@ -68,6 +70,7 @@ class ProbeScheduler:
         self._cache = cache
         self._runner = runner
         self._parent_of = parent_of
+        self._qemu_of = qemu_of
         self._clock_us = clock_us
         self._retry_seconds = retry_seconds
         self._running_changed = running_changed
@@ -260,7 +263,9 @@ class ProbeScheduler:
         self.running += 1
         self._running_changed()
         try:
-            report = await self._runner.probe_device(device, self._parent_of(device))
+            report = await self._runner.probe_device(
+                device, self._parent_of(device), self._qemu_of()
+            )
         finally:
             self.running -= 1
         self.launched += 1

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from ..capabilities import Capabilities, ProbeReport
 from ..model import Device, DiscoveryEvent, DriverIdentity, HostSnapshot, Parent, TypeKind
-from ..store import QemuIdentity
+from ..qemubinary import QemuBinary
 
 
 class ProbeState(enum.Enum):
@@ -65,7 +65,7 @@ class TypeView:
 class EngineStatus:
     """Daemon-wide state for the Manager interface; ``cache_error`` says why the cache degraded."""
 
-    qemu: QemuIdentity | None
+    qemu: QemuBinary | None
     kernel_release: str
     kvm_available: bool
     probing: bool
@@ -119,16 +119,19 @@ class DeviceSource(Protocol):
 class ProbeRunner(Protocol):
     """What the engine needs from the prober (:class:`vfiocaps.prober.Prober` is one)."""
 
-    async def qemu_version(self) -> str:
-        """The configured QEMU binary's version.
+    async def read_qemu(self) -> QemuBinary:
+        """Ask the configured QEMU binary who it is (version, ``vfio-pci`` properties).
 
         Raises:
             ProbeError: the binary cannot be asked.
         """
         ...
 
-    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
-        """Probe *device*; device-level failures are in the report, not raised."""
+    async def probe_device(
+        self, device: Device, parent: Parent | None, qemu: QemuBinary | None
+    ) -> ProbeReport:
+        """Probe *device* with the binary *qemu* (the engine's identity of it; ``None``: the
+        runner reads it); device-level failures are in the report, not raised."""
         ...
 
     async def wait_allowed(self) -> None:

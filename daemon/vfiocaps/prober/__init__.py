@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .grantjournal import GrantError
-from .identity import QemuBinary, QemuMissingError, QemuUnusableError
+from .identity import QemuMissingError, QemuUnusableError
 from .launch import LaunchEvent, LaunchObserver, LaunchStage
 from .plan import (
     Accel,
@@ -29,7 +29,6 @@ __all__ = [
     "ProbeSandboxError",
     "ProbeTarget",
     "Prober",
-    "QemuBinary",
     "QemuMissingError",
     "QemuUnusableError",
     "UnsupportedArchitectureError",

@@ -1,14 +1,14 @@
-"""Which QEMU binary probes run: its path, version and change time, and its vfio-pci properties."""
+"""Asking a QEMU binary who it is: its version banner and its vfio-pci properties."""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProbeError
 from ..process import Credentials, ProcessStartError, minimal_environment, run_command
+from ..qemubinary import QemuBinary
 
 VERSION_RE = re.compile(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)")
 PROPERTY_RE = re.compile(r"^\s+([A-Za-z][\w.-]*)=<", re.MULTILINE)
@@ -21,21 +21,6 @@ class QemuMissingError(ProbeError):
 
 class QemuUnusableError(ProbeError):
     """The QEMU binary runs but does not identify itself as a QEMU system emulator."""
-
-
-@dataclass(frozen=True)
-class QemuBinary:
-    """A QEMU binary as a cache key: resolved path, version, and inode change time."""
-
-    path: Path
-    version: str
-    ctime_ns: int
-    vfio_pci_properties: frozenset[str] = field(default=frozenset(), compare=False)
-
-    @property
-    def version_tuple(self) -> tuple[int, ...]:
-        """The version as numbers, e.g. ``(10, 0, 13)``."""
-        return tuple(int(part) for part in self.version.split("."))
 
 
 def parse_version(output: str) -> str:
@@ -67,7 +52,8 @@ def binary_stat(binary: Path) -> tuple[Path, os.stat_result]:
 
 
 async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBinary:
-    """Ask *binary* for its version and vfio-pci properties (run as *credentials*).
+    """Ask *binary* for its version and vfio-pci properties (run as *credentials*); the
+    answer names it as given, with the change time and size of the file it resolves to.
 
     Raises :class:`QemuMissingError` when it cannot be executed and
     :class:`QemuUnusableError` when it does not answer like QEMU.
@@ -96,8 +82,9 @@ async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBi
             f"{resolved} -version exited with {banner.returncode}: {banner.stderr.strip()[:200]}"
         )
     return QemuBinary(
-        path=resolved,
+        path=str(binary),
         version=parse_version(banner.stdout),
         ctime_ns=st.st_ctime_ns,
+        size=st.st_size,
         vfio_pci_properties=parse_device_properties(device_help.stdout + device_help.stderr),
     )

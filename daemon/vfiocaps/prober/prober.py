@@ -15,9 +15,10 @@ from ..config import Config
 from ..errors import ProbeBusyError, ProbeError
 from ..model import Device, Parent
 from ..process import ProcessStartError
+from ..qemubinary import QemuBinary
 from ..vfiogroup import group_node
 from .grants import NodeGrants
-from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
+from .identity import QemuMissingError, binary_stat, read_identity
 from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .migration import KernelMigrationFacts
@@ -83,25 +84,30 @@ class Prober:
         self.observer = observer
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
-        self._identities: dict[tuple[Path, int, int, int], QemuBinary] = {}
         self._may_probe = asyncio.Event()
 
-    async def qemu_identity(self) -> QemuBinary:
-        """The configured QEMU binary's identity (cached until the binary changes).
+    async def read_qemu(self) -> QemuBinary:
+        """Ask the configured QEMU binary who it is: version and ``vfio-pci`` properties (two
+        short launches). The daemon's engine keeps the answer and hands it to each probe.
 
         Raises:
             QemuMissingError: the binary does not exist or cannot be executed.
             QemuUnusableError: the binary does not answer like QEMU.
             ProbeSandboxError: the probe user is unusable.
         """
+        return await read_identity(self.config.qemu_binary, self._identity().credentials)
+
+    async def _binary_for(self, qemu: QemuBinary | None) -> tuple[Path, QemuBinary]:
+        """The file to launch and its identity: *qemu* while the file is unchanged (a stat, no
+        launch), else what the binary says now.
+
+        Raises:
+            QemuMissingError, QemuUnusableError, ProbeSandboxError: see :meth:`read_qemu`.
+        """
         resolved, st = binary_stat(self.config.qemu_binary)
-        key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
-        cached = self._identities.get(key)
-        if cached is not None:
-            return cached
-        identity = await read_identity(resolved, self._identity().credentials)
-        self._identities = {key: identity}
-        return identity
+        if qemu is None or (qemu.ctime_ns, qemu.size) != (st.st_ctime_ns, st.st_size):
+            qemu = await self.read_qemu()
+        return resolved, qemu
 
     def _identity(self) -> ProbeIdentity:
         """Who QEMU runs as, looked up anew each time: a probe user created while the daemon
@@ -135,16 +141,9 @@ class Prober:
         """Return once :meth:`allow_probes` was called."""
         await self._may_probe.wait()
 
-    async def qemu_version(self) -> str:
-        """The configured QEMU binary's version, as the engine keys its cache.
-
-        Raises:
-            ProbeError: the binary is missing, does not answer like QEMU, or the probe user is
-                unusable (see :meth:`qemu_identity`).
-        """
-        return (await self.qemu_identity()).version
-
-    async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
+    async def probe_device(
+        self, device: Device, parent: Parent | None, qemu: QemuBinary | None
+    ) -> ProbeReport:
         """Probe a discovered device, once :meth:`allow_probes` was called; an mdev is probed
         with its parent's driver identity.
 
@@ -153,29 +152,31 @@ class Prober:
         await self.wait_allowed()
         if device.driver is None and parent is not None and parent.driver is not None:
             device = replace(device, driver=parent.driver)
-        return await self.probe(ProbeTarget.from_device(device))
+        return await self.probe(ProbeTarget.from_device(device), qemu)
 
-    async def probe(self, target: ProbeTarget) -> ProbeReport:
-        """Probe *target* and report; never raises for device- or host-level failures.
+    async def probe(self, target: ProbeTarget, qemu: QemuBinary | None = None) -> ProbeReport:
+        """Probe *target* with the binary *qemu* (``None``: read it now) and report; never
+        raises for device- or host-level failures.
 
         The outcome says what happened (``ok``, ``busy``, ``no-kvm``, ``qemu-missing``,
         ``timeout``, ``crashed``, ``failed``). Cancellation propagates, after QEMU's process
         group has been killed and reaped, device nodes restored and files removed.
         """
-        return await self._run(target)
+        return await self._run(target, qemu)
 
-    async def check_qemu(self) -> ProbeReport:
-        """Start the sandboxed QEMU without a device, complete a QMP session and stop it.
+    async def check_qemu(self, qemu: QemuBinary | None = None) -> ProbeReport:
+        """Start the sandboxed QEMU (*qemu*, or the binary read now) without a device, complete
+        a QMP session and stop it.
 
         A self-test of the binary, the probe user and the sandbox; never raises (see
         :meth:`probe`).
         """
-        return await self._run(None)
+        return await self._run(None, qemu)
 
-    async def _run(self, target: ProbeTarget | None) -> ProbeReport:
+    async def _run(self, target: ProbeTarget | None, qemu: QemuBinary | None) -> ProbeReport:
         run = _ProbeRun()
         try:
-            verdict = await self._probe(target, run)
+            verdict = await self._probe(target, qemu, run)
         except QemuMissingError as err:
             verdict = Verdict(ProbeOutcome.QEMU_MISSING, error=str(err))
         except ProbeBusyError as err:
@@ -200,10 +201,12 @@ class Prober:
         )
         return report
 
-    async def _probe(self, target: ProbeTarget | None, run: _ProbeRun) -> Verdict:
+    async def _probe(
+        self, target: ProbeTarget | None, known: QemuBinary | None, run: _ProbeRun
+    ) -> Verdict:
         identity = self._identity()
         run.notes.append(identity.description)
-        qemu = await self.qemu_identity()
+        binary, qemu = await self._binary_for(known)
         machine = machine_for_architecture(self.architecture)
         node: Path | None = None
         if target is not None:
@@ -228,7 +231,7 @@ class Prober:
                     self.config.dev_root, node, target.qemu_name, identity.credentials
                 )
             context = LaunchContext(
-                binary=qemu.path,
+                binary=binary,
                 machine=machine,
                 vm_uuid=str(uuid.uuid4()),
                 sysfsdev=target.sysfs_path if target else None,

@@ -1,6 +1,6 @@
 """The capability cache on disk: one SQLite file, versioned schema, recovery from corruption."""
 
-from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry, QemuIdentity
+from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry
 from .sqlite import CapabilityStore, StoreCorruptError, StoreUnavailableError
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "CapabilityStore",
     "KnownDevice",
     "ProbeHistoryEntry",
-    "QemuIdentity",
     "StoreCorruptError",
     "StoreUnavailableError",
 ]

@@ -8,15 +8,6 @@ from ..capabilities import Capabilities, ProbeOutcome
 
 
 @dataclass(frozen=True, slots=True)
-class QemuIdentity:
-    """Which QEMU binary answered: path, version and inode change time (as libvirt keys it)."""
-
-    path: str
-    version: str
-    ctime_ns: int
-
-
-@dataclass(frozen=True, slots=True)
 class CapabilityKey:
     """Everything that can change a probe's answer. Two devices with equal keys share one probe."""
 

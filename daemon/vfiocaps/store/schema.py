@@ -105,7 +105,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 6: the capabilities as one versioned JSON document (keyed by the attribute names of
     # vfiocaps.capabilities.Capabilities, see vfiocaps.capschema) beside real columns for the
     # key and the outcome; failures have no document. Later fields need no migration: a
-    # document without them loads with their defaults.
+    # document without them loads with their defaults. QEMU binaries keep their vfio-pci
+    # properties too.
     (
         """
         CREATE TABLE capability_records (
@@ -158,6 +159,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE capabilities",
         "ALTER TABLE capability_records RENAME TO capabilities",
         "CREATE INDEX capabilities_by_driver ON capabilities (driver, driver_version)",
+        # What a warm start needs of the QEMU binary besides its version: its vfio-pci
+        # properties (NULL for rows written before: read again once).
+        "ALTER TABLE qemu_binaries ADD COLUMN vfio_pci_properties TEXT",
     ),
 )
 

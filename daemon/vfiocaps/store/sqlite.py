@@ -17,6 +17,7 @@ import aiosqlite
 
 from ..capabilities import ProbeOutcome
 from ..errors import StoreError
+from ..qemubinary import QemuBinary
 from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry
 from .rows import DELETE_RECORD, SELECT_RECORDS, UPSERT_RECORD, record_to_row, row_to_record
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -351,34 +352,52 @@ class CapabilityStore:
         )
         return [KnownDevice(*row) for row in rows]
 
-    async def qemu_version(self, path: str, ctime_ns: int, size: int) -> str | None:
-        """The version remembered for this exact binary, if any.
+    async def qemu_binary(self, path: str, ctime_ns: int, size: int) -> QemuBinary | None:
+        """What a warm start needs of this exact binary (version and ``vfio-pci`` properties),
+        if it was remembered with both.
 
         Raises:
             StoreCorruptError, StoreUnavailableError: the database cannot be read.
         """
         rows = await self._read(
-            "reading QEMU versions",
-            "SELECT version FROM qemu_binaries WHERE path = ? AND ctime_ns = ? AND size = ?",
+            "reading QEMU binaries",
+            "SELECT version, vfio_pci_properties FROM qemu_binaries "
+            "WHERE path = ? AND ctime_ns = ? AND size = ?",
             (path, ctime_ns, size),
         )
-        return str(rows[0][0]) if rows else None
+        if not rows or rows[0][1] is None:
+            return None
+        version, properties = rows[0]
+        try:
+            names = json.loads(properties)
+        except ValueError:
+            return None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return None
+        return QemuBinary(str(path), str(version), ctime_ns, size, frozenset(names))
 
-    async def remember_qemu_version(
-        self, path: str, ctime_ns: int, size: int, version: str
-    ) -> None:
-        """Remember the version of this exact binary (replacing older entries for *path*).
+    async def remember_qemu_binary(self, binary: QemuBinary) -> None:
+        """Remember *binary* for the next start (replacing older entries for its path).
 
         Raises:
             StoreCorruptError, StoreUnavailableError: nothing was written.
         """
         await self._write(
-            "writing QEMU version",
+            "writing QEMU binary",
             [
-                ("DELETE FROM qemu_binaries WHERE path = ?", [(path,)]),
+                ("DELETE FROM qemu_binaries WHERE path = ?", [(binary.path,)]),
                 (
-                    "INSERT INTO qemu_binaries (path, ctime_ns, size, version) VALUES (?, ?, ?, ?)",
-                    [(path, ctime_ns, size, version)],
+                    "INSERT INTO qemu_binaries (path, ctime_ns, size, version, "
+                    "vfio_pci_properties) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            binary.path,
+                            binary.ctime_ns,
+                            binary.size,
+                            binary.version,
+                            json.dumps(sorted(binary.vfio_pci_properties)),
+                        )
+                    ],
                 ),
             ],
         )

@@ -275,7 +275,7 @@ async def naive_and_floor(
     qemu = default_qemu_binary()
     config = Config(qemu_binary=qemu, runtime_dir=scratch / "run", cache_dir=scratch / "cache")
     prober = Prober(config)
-    await prober.qemu_identity()
+    await prober.read_qemu()
     accel = await self_test_accel(prober)  # also a warm-up of the binary and the accelerator
     naive: dict[str, list[dict[str, Any]]] = {type_id: [] for type_id in devices}
     floors: list[float] = []
