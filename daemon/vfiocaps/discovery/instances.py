@@ -101,7 +101,14 @@ class InstanceLedger:
         """
         if not is_mdev_uuid(uuid):
             raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
-        text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
+        text = json.dumps(
+            {
+                "boot_id": self._boot_id(),
+                "pid": os.getpid(),
+                "started": self._owner.started(),
+                "uuid": uuid,
+            }
+        )
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._owner.hold()
@@ -141,6 +148,7 @@ class InstanceLedger:
             try:
                 entry = json.loads(path.read_text())
                 owner_boot, pid = str(entry["boot_id"]), int(entry["pid"])
+                started = str(entry.get("started", ""))
             except (OSError, ValueError, KeyError, TypeError) as err:
                 log.warning("dropping the unreadable record %s: %s", path, err)
                 self.forget(uuid)
@@ -148,7 +156,7 @@ class InstanceLedger:
             if not same_boot(owner_boot, boot_id):
                 self.forget(uuid)
                 continue
-            if pid != os.getpid() and self._owner.alive(pid):
+            if pid != os.getpid() and self._owner.alive(pid, started):
                 continue
             device = sysfs_root / "bus" / "mdev" / "devices" / uuid
             if not os.path.lexists(device):

@@ -60,6 +60,7 @@ class ProfileRecord:
     parent: str  # the physical function
     boot_id: str
     pid: str = "0"  # the vfiocapsd that set it ("0": not known, as in records of older versions)
+    started: str = ""  # when that vfiocapsd started (see statefile.process_start; "": not known)
 
     def valid(self) -> bool:
         return (
@@ -73,6 +74,8 @@ class ProfileRecord:
             and self.pid.isascii()
             and self.pid.isdigit()
             and len(self.pid) <= 10
+            and (self.started == "" or (self.started.isascii() and self.started.isdigit()))
+            and len(self.started) <= 20
         )
 
 
@@ -130,8 +133,12 @@ class ProfileLedger:
                 if len(data) > RECORD_LIMIT:
                     raise ValueError("too large")
                 values = json.loads(data)
-                fields = {k: str(values[k]) for k in ProfileRecord.__annotations__ if k != "pid"}
-                record = ProfileRecord(**fields, pid=str(values.get("pid", "0")))
+                optional = {"pid": "0", "started": ""}
+                fields = {
+                    k: str(values[k] if k not in optional else values.get(k, optional[k]))
+                    for k in ProfileRecord.__annotations__
+                }
+                record = ProfileRecord(**fields)
                 if not record.valid() or name != f"{record.function}.json":
                     raise ValueError("fields out of range")
             except (OSError, ValueError, KeyError, TypeError) as err:
@@ -142,10 +149,14 @@ class ProfileLedger:
             found.append(record)
         return found
 
-    def owner_alive(self, pid: int) -> bool:
-        """Whether the vfiocapsd *pid* that wrote a record still runs (see
+    def owner_alive(self, record: ProfileRecord) -> bool:
+        """Whether the vfiocapsd that wrote *record* still runs (see
         :meth:`vfiocaps.statefile.OwnerLock.alive`)."""
-        return self._owner.alive(pid)
+        return self._owner.alive(int(record.pid), record.started)
+
+    def started(self) -> str:
+        """This vfiocapsd's start time, for its records."""
+        return self._owner.started()
 
     def functions(self) -> set[str]:
         """The virtual functions that carry a profile set for a probe."""
@@ -229,7 +240,12 @@ class ProfileSetter:
         """
         function = self.choose(parent, profile, exclude)
         record = ProfileRecord(
-            function.address, profile, parent.name, self._ledger.boot_id(), str(os.getpid())
+            function.address,
+            profile,
+            parent.name,
+            self._ledger.boot_id(),
+            str(os.getpid()),
+            self._ledger.started(),
         )
         self._ledger.add(record)
         return record
@@ -313,7 +329,7 @@ class ProfileSetter:
                 self._ledger.remove(record.function)
                 continue
             owner = int(record.pid)
-            if owner != os.getpid() and self._ledger.owner_alive(owner):
+            if owner != os.getpid() and self._ledger.owner_alive(record):
                 log.info(
                     "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
                     record.function,
