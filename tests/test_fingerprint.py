@@ -150,7 +150,7 @@ def test_malformed_documents_say_what_is_wrong(document: str, message: str) -> N
 
 
 def test_nesting_is_measured_outside_strings_only() -> None:
-    document = dict(json.loads(MTTY_2.to_json()), note="[[[[[[[[{{{{{{{{\\\"[[[[[")
+    document = dict(json.loads(MTTY_2.to_json()), note='[[[[[[[[{{{{{{{{\\"[[[[[')
     assert parse(json.dumps(document)) == MTTY_2
 
 

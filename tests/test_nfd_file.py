@@ -86,7 +86,8 @@ def test_a_directory_others_may_change_is_refused(tmp_path: Path) -> None:
     os.chown(foreign, 4242, 4242)
     with pytest.raises(UnsafeDirectoryError, match="owned by uid 4242"):
         FeatureFile(foreign).write("x\n")
-    assert os.listdir(open_dir) == [] and os.listdir(foreign) == []
+    assert os.listdir(open_dir) == []
+    assert os.listdir(foreign) == []
 
 
 def test_no_parent_is_created(tmp_path: Path) -> None:

@@ -188,11 +188,13 @@ async def test_a_restarted_writer_renews_the_expiry_of_an_equal_file(tmp_path: P
     clock = [1_800_000_000.0]
     await NfdLabelWriter(FeatureFile(tmp_path), lambda: types, clock=lambda: clock[0]).update()
     first = expiry_time(tmp_path / "vfiocaps")
-    assert first is not None and first.timestamp() == clock[0] + EXPIRY_SECONDS
+    assert first is not None
+    assert first.timestamp() == clock[0] + EXPIRY_SECONDS
     clock[0] += 60
     await NfdLabelWriter(FeatureFile(tmp_path), lambda: types, clock=lambda: clock[0]).update()
     renewed = expiry_time(tmp_path / "vfiocaps")
-    assert renewed is not None and renewed.timestamp() == clock[0] + EXPIRY_SECONDS
+    assert renewed is not None
+    assert renewed.timestamp() == clock[0] + EXPIRY_SECONDS
 
 
 async def test_a_link_left_as_the_dot_file_is_not_followed(tmp_path: Path) -> None:

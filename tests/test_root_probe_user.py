@@ -162,8 +162,7 @@ def test_probe_users_in_well_known_device_groups_are_refused_without_their_nodes
     fake_host.add_mdev(DEVICE, "mdpy-vga", "mdpy", "4", parent="mdpy")
     for group in ("video", "dialout"):
         assert not any(
-            os.lstat(node).st_gid == grp.getgrnam(group).gr_gid
-            for node in fake_host.dev.rglob("*")
+            os.lstat(node).st_gid == grp.getgrnam(group).gr_gid for node in fake_host.dev.rglob("*")
         )
         remove_user(GROUPED)
         add_user(GROUPED, group)

@@ -67,7 +67,9 @@ def test_two_threads_take_the_lock_at_once(tmp_path: Path) -> None:
         barrier = threading.Barrier(4)
         failures: list[BaseException] = []
 
-        def take(lock: OwnerLock) -> None:
+        def take(
+            lock: OwnerLock, barrier: threading.Barrier, failures: list[BaseException]
+        ) -> None:
             barrier.wait()
             try:
                 lock.hold()
@@ -75,7 +77,10 @@ def test_two_threads_take_the_lock_at_once(tmp_path: Path) -> None:
                 failures.append(err)
 
         locks = [OwnerLock(directory), OwnerLock(directory)]
-        threads = [threading.Thread(target=take, args=(lock,)) for lock in (*locks, *locks)]
+        threads = [
+            threading.Thread(target=take, args=(lock, barrier, failures))
+            for lock in (*locks, *locks)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -52,7 +52,9 @@ def clean_report(report: ProbeReport) -> ProbeReport:
     launches' argv is the daemon's own)."""
     return replace(
         report,
-        capabilities=None if report.capabilities is None else clean_capabilities(report.capabilities),
+        capabilities=None
+        if report.capabilities is None
+        else clean_capabilities(report.capabilities),
         error=printable(report.error),
         stderr_excerpt=printable(report.stderr_excerpt),
         notes=_texts(report.notes),

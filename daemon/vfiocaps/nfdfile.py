@@ -1,4 +1,4 @@
-"""The NFD feature file on disk: its directory vetted as the runtime directory is, used by descriptor.
+"""The NFD feature file on disk: its directory vetted like the runtime directory, used by fd.
 
 Root writes and removes a file in a directory that belongs to another program (nfd-worker's
 ``features.d``), so nothing on the way may be steered by another user. The directory is opened
@@ -76,8 +76,10 @@ def open_directory(directory: Path, create: bool = True) -> int:
                     os.mkdir(name, 0o755, dir_fd=fd)
                 child = os.open(name, _DIRECTORY_FLAGS, dir_fd=fd)
             except OSError as err:
-                why = "is a symbolic link" if err.errno in (errno.ELOOP, errno.ENOTDIR) else (
-                    f"cannot be opened ({err.strerror})"
+                why = (
+                    "is a symbolic link"
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR)
+                    else (f"cannot be opened ({err.strerror})")
                 )
                 raise _refuse(directory, f"{shown} {why}") from err
             os.close(fd)

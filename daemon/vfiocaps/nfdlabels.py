@@ -227,7 +227,9 @@ def remove_stale_labels(record: LabelsRecord, current: Path | None) -> None:
     try:
         if written_by_us(stale.read()):
             stale.remove()
-            log.info("removed the NFD labels left in %s (--nfd-labels is off or elsewhere)", previous)
+            log.info(
+                "removed the NFD labels left in %s (--nfd-labels is off or elsewhere)", previous
+            )
     except (OSError, UnsafeDirectoryError) as err:
         log.warning("cannot remove the NFD labels left in %s: %s", previous, err)
         return
