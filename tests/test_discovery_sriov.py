@@ -203,6 +203,7 @@ def test_a_profile_is_recorded_set_and_cleared_on_a_free_vf(tmp_path: Path) -> N
         "boot_id": BOOT,
         "pid": str(os.getpid()),
         "started": process_start(os.getpid()),
+        "stamp": "",
     }
     asyncio.run(setter.apply(record))
     builder.answer_writes()

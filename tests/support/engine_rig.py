@@ -173,13 +173,16 @@ class FakeDeviceSource:
     async def close(self) -> None:
         self.closed = True
 
-    def create_instance(self, owner: Parent, type_id: str) -> str:
+    def create_instance(self, owner: Parent, type_id: str, uuid: str = "") -> str:
         if self.refuse_create is not None:
             raise DiscoveryError(self.refuse_create)
-        device = mdev(owner.name, type_id)
+        device = mdev(owner.name, type_id, uuid or None)
         self.created.append(device.device_id)
         self.push(DeviceAdded(device))
         return device.device_id
+
+    def instance_exists(self, device_id: str) -> bool:
+        return device_id in self.created and device_id not in self.removed
 
     def remove_instance(self, device: Device) -> None:
         if self.on_remove is not None:
