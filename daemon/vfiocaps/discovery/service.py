@@ -204,9 +204,9 @@ class Discovery:
         """Create a temporary instance of *type_id* on *parent*; return its device id.
 
         For an mdev type, the instance *uuid* (chosen and recorded by the caller first). For a
-        vGPU profile, the address of a free virtual function of *parent*: the profile is recorded, then set in the background
-        (bounded, off the event loop); the function then appears as a device, or, if the
-        driver refuses, does not.
+        vGPU profile, the address of a free virtual function of *parent*: the profile is
+        recorded, then set in the background (bounded, off the event loop); the function then
+        appears as a device, or, if the driver refuses, does not.
 
         Raises:
             InstanceError: the kernel refused or the type does not exist.
