@@ -183,6 +183,7 @@ class Discovery:
             if self._profile_tasks:
                 # Setting or clearing a profile is finished (or left recorded), not cut short.
                 await asyncio.wait(set(self._profile_tasks), timeout=PROFILE_CLOSE_SECONDS)
+            await self._profiles.close()  # late writes keep their records for the next start
             worker, self._worker = self._worker, None
             if worker is not None:
                 worker.cancel()
