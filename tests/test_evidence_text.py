@@ -16,8 +16,9 @@ from vfiocaps.capabilities import (
     MigrationCondition,
     ProbeOutcome,
     ProbeReport,
+    clean_report,
+    printable,
 )
-from vfiocaps.evidencetext import clean_report, printable
 from vfiocaps.store.records import CapabilityKey, CapabilityRecord
 from vfiocaps.store.rows import record_to_row, row_to_record
 

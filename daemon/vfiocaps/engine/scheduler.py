@@ -8,8 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..capabilities import ProbeOutcome, ProbeReport
-from ..evidencetext import clean_report, printable
+from ..capabilities import ProbeOutcome, ProbeReport, clean_report, printable
 from ..model import Device, Parent
 from ..store import CapabilityKey, CapabilityRecord, ProbeHistoryEntry
 from .cache import RecordCache

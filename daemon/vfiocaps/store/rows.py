@@ -14,8 +14,9 @@ from ..capabilities import (
     Migration,
     MigrationCondition,
     ProbeOutcome,
+    clean_capabilities,
+    printable,
 )
-from ..evidencetext import clean_capabilities, printable
 from .records import CapabilityKey, CapabilityRecord
 
 KEY_COLUMNS = (
