@@ -42,6 +42,7 @@ MAX_CHECKS_PER_USER = 8  # over all of a user's connections
 MAX_CHECKS = 64
 HEADROOM = 16  # checks past MAX_CHECKS, for administrators
 UID_SECONDS = 5.0  # the bus daemon naming a caller's uid
+MAX_LOOKUPS_PER_SENDER = 16  # uid questions of one connection under way at once
 # Users polkit authorised, remembered for the headroom (the most recent ones).
 REMEMBERED_ADMINS = 64
 
@@ -90,6 +91,7 @@ class Authority:
         self._total = total
         self._headroom = headroom
         self._admins: dict[int, None] = {}  # uids polkit authorised, oldest first
+        self._lookups: dict[str, int] = {}  # sender -> uid questions under way
         self._waiting: dict[str, int] = {}  # sender -> checks under way
         self._by_user: dict[int, int] = {}  # uid -> checks waiting for polkit
         self._departed: dict[str, asyncio.Event] = {}
@@ -136,7 +138,16 @@ class Authority:
             BusyError: too many checks of this connection, of this user, or in all, are waiting
                 already.
         """
-        uid = await self.caller_uid(sender)
+        looking = self._lookups.get(sender, 0)
+        if looking >= MAX_LOOKUPS_PER_SENDER:
+            raise BusyError("too many calls of this caller are being checked; try again")
+        self._lookups[sender] = looking + 1
+        try:
+            uid = await self.caller_uid(sender)
+        finally:
+            self._lookups[sender] -= 1
+            if not self._lookups[sender]:
+                del self._lookups[sender]
         if uid == 0:
             return
         self._admit(sender, uid)
