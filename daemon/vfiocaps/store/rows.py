@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..capabilities import ProbeOutcome
+from ..capabilities import ProbeOutcome, clean_capabilities, printable
 from ..capschema import DOCUMENT_VERSION, from_document, to_document
 from .records import CapabilityKey, CapabilityRecord
 
@@ -61,8 +61,9 @@ def row_to_record(row: Sequence[Any]) -> CapabilityRecord:
     return CapabilityRecord(
         key=key,
         outcome=outcome,
-        capabilities=capabilities,
-        error=values["error"],
+        # A row an older version wrote may hold control characters a device or QEMU printed.
+        capabilities=None if capabilities is None else clean_capabilities(capabilities),
+        error=printable(str(values["error"])),
         probed_at_us=values["probed_at_us"],
         retry_at_us=values["retry_at_us"],
         failures=values["failures"],
