@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .fieldspec import Place, schema_record, spec
 
@@ -232,29 +234,24 @@ def _texts(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(printable(value) for value in values)
 
 
+def _clean(value: Any) -> Any:
+    """*value* with every string in it, at any depth of tuples and records, made printable."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, tuple):
+        return tuple(_clean(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return replace(
+            value, **{f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        )
+    return value
+
+
 def clean_capabilities(capabilities: Capabilities) -> Capabilities:
-    """*capabilities* with every text field passed through :func:`printable`."""
-    return replace(
-        capabilities,
-        migration_blockers=_texts(capabilities.migration_blockers),
-        migration_notes=_texts(capabilities.migration_notes),
-        qemu_version=printable(capabilities.qemu_version),
-        migration_options=tuple(
-            (printable(name), printable(value)) for name, value in capabilities.migration_options
-        ),
-        migration_flags=_texts(capabilities.migration_flags),
-        migration_conditions=tuple(
-            MigrationCondition(
-                printable(condition.condition),
-                condition.verdict,
-                condition.decided_by,
-                printable(condition.reason),
-            )
-            for condition in capabilities.migration_conditions
-        ),
-        gl_render_node=printable(capabilities.gl_render_node),
-        gl_detail=printable(capabilities.gl_detail),
-    )
+    """*capabilities* with every text field (whatever fields the schema has) passed through
+    :func:`printable`."""
+    cleaned: Capabilities = _clean(capabilities)
+    return cleaned
 
 
 def clean_report(report: ProbeReport) -> ProbeReport:
