@@ -221,6 +221,22 @@ async def test_capability_columns_move_into_the_document(tmp_path: Path) -> None
     assert records["mtty"].probed_at_us == 1731000000300000
 
 
+async def test_an_old_row_with_broken_lists_costs_only_its_own_answer(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript((FIXTURES / "schema-v5.sql").read_text())
+        db.execute("UPDATE capabilities SET blockers = '[not json' WHERE driver = 'mtty'")
+    store = CapabilityStore(path)
+    await store.open()
+    try:
+        records = {r.key.driver for r in await store.load_records()}
+    finally:
+        await store.close()
+    assert records == {"mdpy", "nvidia", "mbochs"}
+    assert user_version(path) == SCHEMA_VERSION
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
 async def test_a_document_that_does_not_match_the_schema_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     store = CapabilityStore(path)

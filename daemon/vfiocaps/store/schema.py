@@ -104,7 +104,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 6: the capabilities as one versioned JSON document (keyed by the attribute names of
     # vfiocaps.capabilities.Capabilities, see vfiocaps.capschema) beside real columns for the
-    # key and the outcome; failures have no document. Later fields need no migration: a
+    # key and the outcome; failures have no document, and neither has an answer whose lists were
+    # not valid JSON (it is skipped when read, and probed again). Later fields need no migration: a
     # document without them loads with their defaults. QEMU binaries keep their vfio-pci
     # properties too.
     (
@@ -134,7 +135,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         SELECT driver, driver_version, kernel_release, parent_pci_id, type_id, qemu_path,
                qemu_version, qemu_ctime_ns, outcome, error, probed_at_us, retry_at_us, failures,
                1,
-               CASE WHEN outcome = 'ok' THEN json_object(
+               CASE WHEN outcome = 'ok' AND json_valid(blockers) AND json_valid(notes)
+                    AND json_valid(migration_options) AND json_valid(migration_flags)
+                    AND json_valid(migration_conditions) THEN json_object(
                    'display', display,
                    'gl_required', json(CASE WHEN gl_required THEN 'true' ELSE 'false' END),
                    'migration', migration,
