@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -39,9 +40,12 @@ def test_gl_set_up_then_crashed_on_a_used_instance_published_and_shown(lab: Lab)
     assert props["GlHost"] == "set-up"
     assert props["GlRenderNode"] == str(node)
     assert props["GlDetail"].startswith(f"GL display set up on {node}")
+    assert props["DisplaySize"] == "640x480"
+    assert lab.devices()[mdpy]["DisplaySize"] == ""
     assert (lab.devices()[mdpy]["GlHost"], lab.devices()[mdpy]["GlDetail"]) == ("not-needed", "")
     answer = capabilities(lab.bus, mbochs)
     assert (answer["GlHost"], answer["GlRenderNode"]) == ("set-up", str(node))
+    assert answer["DisplaySize"] == "640x480"
     types = {t["TypeId"]["data"]: t for t in manager_call(lab.bus, "ListTypes")[0]}
     assert types["mbochs-small"]["GlHost"]["data"] == "set-up"
     parts = manager_call(lab.bus, "DomainXmlParts", "ss", mbochs, "remote")[0]
@@ -50,6 +54,7 @@ def test_gl_set_up_then_crashed_on_a_used_instance_published_and_shown(lab: Lab)
     text = show(lab, mbochs)
     assert f"GL on host  set-up on {node}: the GL display was set up" in text
     assert "a guest's frames are not proven" in text
+    assert re.search(r"^  display size +640x480$", text, re.MULTILINE), text
 
     # A guest has set a mode on the instance since: the GL path crashes, the rest stands.
     lab.overrides({"devices": {mbochs: {"mode_set": True}}})
@@ -57,6 +62,7 @@ def test_gl_set_up_then_crashed_on_a_used_instance_published_and_shown(lab: Lab)
     assert fresh["ProbeState"] == "done"
     assert (fresh["Display"], fresh["Migration"]) == ("dmabuf", "unsupported")
     assert fresh["GlHost"] == "crashed"
+    assert fresh["DisplaySize"] == ""
     assert "GL path crashed" in fresh["GlDetail"]
     assert "SIGSEGV" in fresh["GlDetail"]
     assert fresh["LastError"] == ""

@@ -134,6 +134,7 @@ def test_set_up_means_realized_linked_and_a_screendump_that_answers() -> None:
     assert "console[0] is linked to it" in caps.gl_detail
     assert "a 640x480 image" in caps.gl_detail
     assert "a guest's frames are not proven" in caps.gl_detail
+    assert caps.display_size == "640x480"
 
 
 def test_a_crash_on_the_gl_path_is_the_gl_answer_not_the_devices() -> None:
@@ -146,6 +147,7 @@ def test_a_crash_on_the_gl_path_is_the_gl_answer_not_the_devices() -> None:
     assert "GL path crashed" in caps.gl_detail
     assert "was killed by SIGSEGV" in caps.gl_detail
     assert "freshly created instance" in caps.gl_detail
+    assert caps.display_size == ""  # no screendump answered
 
 
 def test_qemus_render_node_refusal_is_a_failed_gl_answer() -> None:

@@ -188,6 +188,14 @@ class Capabilities:
         "GlRenderNode", "s", "render node", "the render node the GL launch used", default=""
     )
     gl_detail: str = spec("GlDetail", "s", "gl", "the GL evidence, in words", default="")
+    display_size: str = spec(
+        "DisplaySize",
+        "s",
+        "display size",
+        "WIDTHxHEIGHT of the display as the GL launch's screendump of its console showed it",
+        Place.EVIDENCE,
+        default="",
+    )
 
 
 @dataclass(frozen=True, slots=True)

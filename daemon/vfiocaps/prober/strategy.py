@@ -339,7 +339,12 @@ class ProbeStrategy:
             )
         node = str(obs.attempt.render_node or "")
         gl_host, detail = gl_verdict(obs, node)
-        return with_gl_answer(before, gl_host, node, detail)
+        answer = with_gl_answer(before, gl_host, node, detail)
+        shot = obs.screendump
+        if answer.capabilities is None or shot is None or not shot.answered or not shot.width:
+            return answer
+        size = f"{shot.width}x{shot.height}"
+        return replace(answer, capabilities=replace(answer.capabilities, display_size=size))
 
     # -- verdicts ------------------------------------------------------------------------
 
