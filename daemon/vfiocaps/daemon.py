@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="create a temporary instance to probe a type nobody has instantiated yet",
     )
     parser.add_argument(
+        "--probe-settle-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="leave an instance created while the daemon runs alone this long before probing "
+        "it: a VM may be starting on it (default 5; 0 probes at once)",
+    )
+    parser.add_argument(
         "--migration-stream-limit",
         type=int,
         metavar="BYTES",
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
+        "probe_settle_seconds": args.probe_settle_seconds,
         "migration_stream_limit": args.migration_stream_limit,
         "nfd_features_dir": args.nfd_labels,
         "authorization_timeout": args.authorization_timeout,

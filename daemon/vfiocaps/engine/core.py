@@ -22,6 +22,7 @@ from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
 from ..model import (
     Device,
+    DeviceKind,
     DeviceAdded,
     DeviceRemoved,
     DiscoveryEvent,
@@ -37,6 +38,7 @@ from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
+from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
@@ -106,6 +108,7 @@ class Engine:
             interval=timings.qemu_check,
             retry=config.probe_retry_seconds,
         )
+        self._gate = ProbeGate()
         self._scheduler = ProbeScheduler(
             self._table,
             self._cache,
@@ -114,7 +117,9 @@ class Engine:
             clock_us=clock_us,
             retry_seconds=config.probe_retry_seconds,
             running_changed=tell.status_changed,
+            blocked=self._gate.blocks,
         )
+        self._holds = DomainHolds(self._table, self._gate, self._scheduler, self._resolve)
         self._types = TypeProber(
             source,
             InstanceLedger(config.runtime_dir / "temporary-instances", boot_id_path),
@@ -295,11 +300,33 @@ class Engine:
         entry.state, entry.last_error = self._resolve(entry.key, device)
         self._table.put(entry)
         if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._scheduler.enqueue(entry.key)
+            self._scheduler.enqueue(entry.key, delay=self._settle_delay(existing, device))
         self._types.device_appeared(device.device_id)
         self._cache.devices_changed(write_now=False)
         if existing is None:
             self._announcer.status_changed()
+
+    def _settle_delay(self, existing: DeviceEntry | None, device: Device) -> float:
+        """A user's instance created while the daemon runs is left alone for a while first:
+        whoever created it may be starting a VM on it right now."""
+        if existing is not None or not self._started.is_set():
+            return 0.0
+        if device.kind is not DeviceKind.MDEV or self._types.is_temporary(device.device_id):
+            return 0.0
+        return self.config.probe_settle_seconds
+
+    async def hold(self, domain: str, name: str, device_ids: list[str]) -> list[str]:
+        """Keep probes off the devices a domain is about to use (see :meth:`DomainHolds.hold`).
+
+        Raises:
+            InvalidArgumentError: too many devices for one domain.
+            BusyError: too many domains hold devices.
+        """
+        return await self._holds.hold(domain, name, device_ids)
+
+    def release(self, domain: str) -> list[str]:
+        """Let probes at a domain's devices again (see :meth:`DomainHolds.release`)."""
+        return self._holds.release(domain)
 
     def _remove_device(self, device_id: str) -> None:
         if self._table.remove(device_id):

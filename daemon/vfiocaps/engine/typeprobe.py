@@ -61,6 +61,10 @@ class TypeProber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def is_temporary(self, device_id: str) -> bool:
+        """Whether *device_id* is an instance created here to be probed."""
+        return device_id in self._waiters
+
     def wake(self) -> None:
         """The host changed: look for idle types again."""
         self._wakeup.set()
