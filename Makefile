@@ -26,6 +26,8 @@ DBUSSERVICEDIR ?= $(PREFIX)/share/dbus-1/system-services
 POLKITACTIONDIR ?= $(PREFIX)/share/polkit-1/actions
 MANDIR ?= $(PREFIX)/share/man
 BASHCOMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
+# libvirt (6.5 and later) runs every executable here; it reads no hook from under PREFIX.
+LIBVIRTHOOKDIR ?= /etc/libvirt/hooks/qemu.d
 
 BUILDDIR ?= build/system
 PIP_FLAGS ?= --no-deps --no-build-isolation --no-index --ignore-installed \
@@ -78,6 +80,7 @@ install-data:
 		$(DESTDIR)$(DBUSSERVICEDIR)/org.vfiocaps.service
 	$(INSTALL) -D -m 0644 polkit/org.vfiocaps.policy \
 		$(DESTDIR)$(POLKITACTIONDIR)/org.vfiocaps.policy
+	$(INSTALL) -D -m 0755 libvirt/hooks/qemu.d/vfiocaps $(DESTDIR)$(LIBVIRTHOOKDIR)/vfiocaps
 	$(INSTALL) -D -m 0644 man/vfiocapsctl.1 $(DESTDIR)$(MANDIR)/man1/vfiocapsctl.1
 	$(INSTALL) -D -m 0644 man/vfiocapsd.8 $(DESTDIR)$(MANDIR)/man8/vfiocapsd.8
 	$(INSTALL) -D -m 0644 completion/vfiocapsctl $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsctl
@@ -91,6 +94,7 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUSPOLICYDIR)/org.vfiocaps.conf
 	rm -f $(DESTDIR)$(DBUSSERVICEDIR)/org.vfiocaps.service
 	rm -f $(DESTDIR)$(POLKITACTIONDIR)/org.vfiocaps.policy
+	rm -f $(DESTDIR)$(LIBVIRTHOOKDIR)/vfiocaps
 	rm -f $(DESTDIR)$(MANDIR)/man1/vfiocapsctl.1 $(DESTDIR)$(MANDIR)/man8/vfiocapsd.8
 	rm -f $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsctl $(DESTDIR)$(BASHCOMPLETIONDIR)/vfiocapsd
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(PROGRAMS))
