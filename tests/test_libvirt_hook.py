@@ -159,14 +159,16 @@ def test_the_hook_never_fails_a_start_whatever_the_daemon_does(lab: Lab) -> None
     # Absent: nobody owns the name, and the hook does not start the daemon.
     absent = run_hook(lab.bus.address, "vm1", "prepare", "begin", XML)
     assert (absent.returncode, absent.stdout) == (0, "")
-    assert len(absent.stderr.splitlines()) == 1 and "cannot hold" in absent.stderr
+    assert len(absent.stderr.splitlines()) == 1
+    assert "cannot hold" in absent.stderr
     assert absent.seconds < 3.0
     # Refuses: a domain UUID the daemon rejects.
     daemon = lab.start()
     bogus = XML.replace(DOMAIN_UUID, "not-a-uuid")
     refused = run_hook(lab.bus.address, "vm1", "prepare", "begin", bogus)
     assert refused.returncode == 0
-    assert len(refused.stderr.splitlines()) == 1 and "not a domain UUID" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
+    assert "not a domain UUID" in refused.stderr
     # Hangs: the daemon stopped; the wait is bounded.
     pid = daemon_pid(daemon)
     os.kill(pid, signal.SIGSTOP)
@@ -175,7 +177,8 @@ def test_the_hook_never_fails_a_start_whatever_the_daemon_does(lab: Lab) -> None
     finally:
         os.kill(pid, signal.SIGCONT)
     assert (hung.returncode, hung.stdout) == (0, "")
-    assert len(hung.stderr.splitlines()) == 1 and "cannot hold" in hung.stderr
+    assert len(hung.stderr.splitlines()) == 1
+    assert "cannot hold" in hung.stderr
     assert hung.seconds < 4.5, f"the hook waited {hung.seconds:.1f} s"
     assert daemon.alive()
 

@@ -11,9 +11,7 @@ from .harness import REPO
 HOOK = REPO / "libvirt" / "hooks" / "qemu.d" / "vfiocaps"
 
 
-def domain_xml(
-    name: str, uuid: str, mdevs: tuple[str, ...] = (), pci: tuple[str, ...] = ()
-) -> str:
+def domain_xml(name: str, uuid: str, mdevs: tuple[str, ...] = (), pci: tuple[str, ...] = ()) -> str:
     """A domain as libvirt hands it to a hook, with these mdev and PCI host devices."""
     devices = [
         "<hostdev mode='subsystem' type='mdev' model='vfio-pci'>"

@@ -22,8 +22,8 @@ from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
 from ..model import (
     Device,
-    DeviceKind,
     DeviceAdded,
+    DeviceKind,
     DeviceRemoved,
     DiscoveryEvent,
     DriverChanged,

@@ -6,6 +6,7 @@ same UUIDs) the instances of the types it races on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -93,10 +94,8 @@ def race(
         running = state(daemon, mdev_uuid)
     libvirt.virsh("destroy", name, check="race: destroy", timeout=120)
     began = time.monotonic()
-    try:
+    with contextlib.suppress(AssertionError):
         wait_for(lambda: state(daemon, mdev_uuid)[0] == "done", ANSWER_SECONDS, "the answer", 1.0)
-    except AssertionError:
-        pass
     answer = state(daemon, mdev_uuid)
     libvirt.virsh("undefine", name, check="cleanup", timeout=120)
     if (SYSFS / "bus/mdev/devices" / mdev_uuid).exists():
