@@ -187,3 +187,18 @@ def test_the_hook_is_installed_executable_and_runs_without_the_project() -> None
     assert os.access(HOOK, os.X_OK)
     first = HOOK.read_text().splitlines()[0]
     assert first == "#!/usr/bin/python3 -I"  # isolated: no site packages, no environment
+
+
+def test_a_temporary_instance_answers_for_a_new_users_instance(lab: Lab) -> None:
+    """With --prefer-temporary-instances, a user's new instance is never opened by a probe
+    when its type has room: a temporary instance is probed, removed, and its answer shared."""
+    lab.host.build("mtty")
+    argv_log = logged_argv(lab)
+    lab.overrides({"argv_log": str(argv_log)})
+    daemon = lab.start("--prefer-temporary-instances", "--probe-settle-seconds", "0")
+    lab.host.add_instance("mtty", "mtty-1", uuid=VM_DEVICE)
+    lab.wait_states({VM_DEVICE: "done"}, timeout=60)
+    assert launches(argv_log, VM_DEVICE) == 0
+    assert argv_log.read_text().strip(), "no probe launched at all"
+    wait_until(lambda: list(lab.devices()) == [VM_DEVICE], 30, "the temporary instance removed")
+    assert "no answer from a temporary instance" not in daemon.log()

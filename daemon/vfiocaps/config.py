@@ -142,6 +142,8 @@ class Config:
     # How long a user's instance created while the daemon runs is left alone before its probe:
     # a VM may be starting on it (a probe holds the VFIO group, which VFIO gives one opener).
     probe_settle_seconds: float = 5.0
+    # Answer such an instance by probing a temporary instance of its type, where it has room.
+    prefer_temporary_instances: bool = False
     migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
     # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
     # and LD_PRELOAD); never taken from the daemon's environment unless configured.

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "it: a VM may be starting on it (default 5; 0 probes at once)",
     )
     parser.add_argument(
+        "--prefer-temporary-instances",
+        action="store_true",
+        help="answer an instance created while the daemon runs by probing a temporary instance "
+        "of its type, where the type has room, and leave the user's instance alone",
+    )
+    parser.add_argument(
         "--migration-stream-limit",
         type=int,
         metavar="BYTES",
@@ -139,6 +145,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
         "qemu_binary": args.qemu or default_qemu_binary(),
         "probe_types_without_instances": args.probe_types_without_instances,
+        "prefer_temporary_instances": args.prefer_temporary_instances,
         "emulated": args.emulated,
         "probe_environment": probe_environment_from(args.probe_env, environ),
     }

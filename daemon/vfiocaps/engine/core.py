@@ -23,7 +23,6 @@ from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutErro
 from ..model import (
     Device,
     DeviceAdded,
-    DeviceKind,
     DeviceRemoved,
     DiscoveryEvent,
     DriverChanged,
@@ -44,6 +43,7 @@ from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
 from .tasks import TaskSet
+from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (
     DeviceSource,
@@ -134,6 +134,17 @@ class Engine:
         )
         self._tasks = TaskSet()
         self._started = asyncio.Event()
+        self._new_instances = NewInstances(
+            config,
+            self._gate,
+            self._scheduler,
+            self._types,
+            self._tasks,
+            started=self._started,
+            snapshot=lambda: self._source.snapshot,
+            resolve=self._resolve,
+            entry=self._table.get,
+        )
         self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
@@ -300,20 +311,11 @@ class Engine:
         entry.state, entry.last_error = self._resolve(entry.key, device)
         self._table.put(entry)
         if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._scheduler.enqueue(entry.key, delay=self._settle_delay(existing, device))
+            self._new_instances.queue(entry, appeared=existing is None)
         self._types.device_appeared(device.device_id)
         self._cache.devices_changed(write_now=False)
         if existing is None:
             self._announcer.status_changed()
-
-    def _settle_delay(self, existing: DeviceEntry | None, device: Device) -> float:
-        """A user's instance created while the daemon runs is left alone for a while first:
-        whoever created it may be starting a VM on it right now."""
-        if existing is not None or not self._started.is_set():
-            return 0.0
-        if device.kind is not DeviceKind.MDEV or self._types.is_temporary(device.device_id):
-            return 0.0
-        return self.config.probe_settle_seconds
 
     async def hold(self, domain: str, name: str, device_ids: list[str]) -> list[str]:
         """Keep probes off the devices a domain is about to use (see :meth:`DomainHolds.hold`).

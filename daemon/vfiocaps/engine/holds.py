@@ -50,6 +50,7 @@ class ProbeGate:
         self._holds: dict[str, Hold] = {}
         self._by_device: dict[str, Hold] = {}
         self._by_group: dict[str, Hold] = {}
+        self._avoided: dict[str, str] = {}  # device id -> why, not for a domain
 
     def __len__(self) -> int:
         return len(self._holds)
@@ -64,7 +65,15 @@ class ProbeGate:
     def blocks(self, device: Device) -> str | None:
         """Why no probe may touch *device* now, or None when one may."""
         hold = self.holder(device)
-        return hold.reason() if hold is not None else None
+        return hold.reason() if hold is not None else self._avoided.get(device.device_id)
+
+    def avoid(self, device_id: str, reason: str | None) -> None:
+        """Keep probes off *device_id* for *reason* (another instance answers for it), or
+        no longer (None). The daemon's own choice: bounded by its own instances."""
+        if reason is None:
+            self._avoided.pop(device_id, None)
+        else:
+            self._avoided[device_id] = reason
 
     def hold(self, hold: Hold) -> None:
         """Record *hold*, replacing the domain's earlier one.
