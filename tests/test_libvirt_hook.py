@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -64,7 +65,13 @@ def test_prepare_cuts_a_running_probe_short_and_release_brings_the_answer(lab: L
     hook = run_hook(lab.bus.address, "vm1", "prepare", "begin", XML)
 
     assert (hook.returncode, hook.stdout, hook.stderr) == (0, "", "")
-    assert hook.seconds < 1.0, f"the hook took {hook.seconds:.2f} s"
+    # The daemon's part (probe stopped, QEMU reaped, node given back) within 1 s; the hook's
+    # whole run (a Python start and busctl's included) within its own bound.
+    held = re.search(rf"domain vm1 holds {VM_DEVICE} \(([0-9.]+) s", daemon.log())
+    assert held is not None, daemon.log()
+    assert float(held.group(1)) < 1.0, held.group(0)
+    assert hook.seconds < 3.0, f"the hook took {hook.seconds:.2f} s"
+    print(f"hold answered in {held.group(1)} s; the hook ran {hook.seconds:.2f} s")
     # Before the hook returned: QEMU gone and reaped, the node given back, nothing left.
     assert qemu_pids(lab) == []
     assert node_state(node)[0] == 0

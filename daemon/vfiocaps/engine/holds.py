@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,6 +138,7 @@ class DomainHolds:
             InvalidArgumentError: too many devices for one domain.
             BusyError: too many domains hold devices.
         """
+        started = time.monotonic()
         live = [e for i in device_ids if (e := self._table.get(i)) is not None]
         groups = frozenset(g for e in live if (g := e.device.iommu_group))
         self._gate.hold(Hold(domain, name, frozenset(device_ids), groups))
@@ -147,7 +149,12 @@ class DomainHolds:
             why = self._gate.blocks(entry.device)
             if why is not None and entry.state is not ProbeState.DONE:
                 self._table.set_state(entry, ProbeState.BUSY, why)
-        log.info("domain %s holds %s", name, ", ".join(sorted(device_ids)) or "nothing")
+        log.info(
+            "domain %s holds %s (%.3f s, probes stopped included)",
+            name,
+            ", ".join(sorted(device_ids)) or "nothing",
+            time.monotonic() - started,
+        )
         return sorted(e.device.device_id for e in held)
 
     def release(self, domain: str) -> list[str]:
