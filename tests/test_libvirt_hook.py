@@ -20,6 +20,9 @@ from support.harness import wait_until
 from support.libvirt_hook import HOOK, domain_xml, run_hook
 from support.prober import node_state
 from support.reliability import daemon_pid, probe_leftovers, qemu_pids, records
+from vfiocaps.engine.holds import Hold, ProbeGate
+from vfiocaps.errors import BusyError, InvalidArgumentError
+from vfiocaps.model import Device, DeviceKind
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"
@@ -209,3 +212,27 @@ def test_a_temporary_instance_answers_for_a_new_users_instance(lab: Lab) -> None
     assert argv_log.read_text().strip(), "no probe launched at all"
     wait_until(lambda: list(lab.devices()) == [VM_DEVICE], 30, "the temporary instance removed")
     assert "no answer from a temporary instance" not in daemon.log()
+
+
+def test_holds_are_bounded_and_a_release_keeps_another_domains_hold() -> None:
+    gate = ProbeGate(max_domains=2, max_devices=2)
+    device = Device(
+        DeviceKind.MDEV, VM_DEVICE, f"/sys/devices/x/{VM_DEVICE}", "x", "t", iommu_group="7"
+    )
+    sibling = Device(
+        DeviceKind.PCI, "0000:65:00.5", "/sys/devices/p", "p", "10de:2330", iommu_group="7"
+    )
+    gate.hold(Hold("a", "vm-a", frozenset({VM_DEVICE}), frozenset({"7"})))
+    gate.hold(Hold("b", "vm-b", frozenset({VM_DEVICE})))
+    with pytest.raises(BusyError, match="release the holds"):
+        gate.hold(Hold("c", "vm-c", frozenset()))
+    with pytest.raises(InvalidArgumentError, match="at most 2 devices"):
+        gate.hold(Hold("a", "vm-a", frozenset({"1", "2", "3"})))
+    assert gate.blocks(sibling) == "held by domain vm-a; probed when it releases the device"
+    assert gate.release("a") is not None
+    assert gate.blocks(device) == "held by domain vm-b; probed when it releases the device"
+    assert gate.blocks(sibling) is None  # the group was vm-a's alone
+    assert gate.release("b") is not None
+    assert gate.blocks(device) is None
+    assert gate.release("b") is None
+    assert len(gate) == 0
