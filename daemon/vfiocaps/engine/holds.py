@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # A host runs at most a few hundred VMs; a domain has at most a few dozen host devices.
 MAX_DOMAINS = 1024
 MAX_DEVICES_PER_DOMAIN = 256
+# The longest a hold waits for the probes it stops (QEMU killed and reaped: milliseconds).
+STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +146,8 @@ class DomainHolds:
         self._gate.hold(Hold(domain, name, frozenset(device_ids), groups))
         held = [e for e in self._table if self._gate.holder(e.device) is not None]
         reason = f"domain {name} is starting on it"
-        await self._scheduler.yield_devices({e.device.device_id for e in held}, reason)
+        stopped = {e.device.device_id for e in held}
+        await self._scheduler.yield_devices(stopped, reason, STOP_SECONDS)
         for entry in held:
             why = self._gate.blocks(entry.device)
             if why is not None and entry.state is not ProbeState.DONE:

@@ -224,9 +224,10 @@ class ProbeScheduler:
         job.task.cancel()
         await asyncio.wait((job.future,))
 
-    async def yield_devices(self, device_ids: set[str], reason: str) -> None:
+    async def yield_devices(self, device_ids: set[str], reason: str, wait: float) -> None:
         """Cut short the probes running on *device_ids* (their QEMU is reaped, their nodes given
-        back) and wait until their jobs settled; they cache nothing and are queued again."""
+        back) and wait until their jobs settled, at most *wait* seconds (a QEMU the kernel does
+        not let die is logged and left to end); they cache nothing and are queued again."""
         stopping = [
             job
             for job in self._jobs.values()
@@ -237,7 +238,9 @@ class ProbeScheduler:
             if job.task is not None:
                 job.task.cancel()
         if stopping:
-            await asyncio.wait([job.future for job in stopping])
+            _, late = await asyncio.wait([job.future for job in stopping], timeout=wait)
+            if late:
+                log.warning("%d probe(s) did not stop within %g s: %s", len(late), wait, reason)
 
     def _free(self, entry: DeviceEntry) -> bool:
         return self._blocked(entry.device) is None
