@@ -236,3 +236,25 @@ def test_holds_are_bounded_and_a_release_keeps_another_domains_hold() -> None:
     assert gate.blocks(device) is None
     assert gate.release("b") is None
     assert len(gate) == 0
+
+
+def test_a_probe_whose_node_a_vm_takes_is_not_an_answer(lab: Lab) -> None:
+    """Without the hook, libvirt labels the group node for its VM while a probe runs, and the
+    probe's QEMU cannot open it ("Permission denied"). That says nothing of the type: the device
+    is busy, nothing is cached, and it is probed again by itself."""
+    lab.host.build("mtty")
+    daemon = lab.start("--probe-settle-seconds", "2", "--probe-retry-seconds", "2")
+    lab.host.add_instance("mtty", "mtty-1", uuid=VM_DEVICE)
+    node = group_node(lab, VM_DEVICE)
+    fault = {"fault": {"on": "realize", "pause_seconds": 3}, "open_node": str(node)}
+    lab.overrides({"devices": {VM_DEVICE: fault}})
+    wait_until(lambda: qemu_pids(lab) and node_state(node)[0] != 0, 20, "the probe's grant")
+    os.chown(node, 4242, 4242)  # what libvirt's DAC labelling does for the VM's QEMU
+    wait_until(lambda: "Permission denied" in daemon.log(), 20, "the probe's failed open")
+    wait_until(lambda: not qemu_pids(lab), 20, "the probe to end")
+    time.sleep(1)  # the cache writes behind
+    assert lab.states()[VM_DEVICE] == "busy"
+    assert "was given to uid 4242 during the probe" in daemon.log()
+    assert records(lab.directory / "cache" / "capabilities.sqlite") == []
+    os.chown(node, 0, 0)  # the VM stopped: libvirt gave the node back
+    lab.wait_states({VM_DEVICE: "done"}, timeout=30)
