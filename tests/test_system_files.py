@@ -652,7 +652,16 @@ mdev-parent*)
 pci-*)
     dev=devices/pci0000:00/0000:00:02.0
     driver=${device#pci-}
-    mkdir -p $dev
+    case $driver in
+    nvidia-vf)
+        # an NVIDIA SR-IOV VF (vGPU 17+): on nvidia, with physfn and the profile files
+        driver=nvidia
+        mkdir -p $dev/nvidia devices/pci0000:00/0000:00:01.0
+        echo 0 > $dev/nvidia/current_vgpu_type
+        ln -s ../0000:00:01.0 $dev/physfn
+        ;;
+    esac
+    mkdir -p $dev bus/pci/drivers/$driver
     ln -s ../../../bus/pci $dev/subsystem
     ln -s ../../../bus/pci/drivers/$driver $dev/driver
     printf 'DRIVER=%s\nPCI_SLOT_NAME=0000:00:02.0\n' "$driver" > $dev/uevent
@@ -679,6 +688,14 @@ exec "$udevadm" test --action="$action" "/sys/$dev"
         ("bind", "pci-vfio-pci", True),
         ("add", "pci-vfio-pci", True),
         ("bind", "pci-nouveau", False),
+        # variant drivers, either spelling of the suffix
+        ("bind", "pci-xe-vfio-pci", True),
+        ("add", "pci-mlx5_vfio_pci", True),
+        ("bind", "pci-hisi_acc_vfio_pci", True),
+        # an NVIDIA VF with vGPU profiles, not the GPU's physical function or a plain GPU
+        ("bind", "pci-nvidia-vf", True),
+        ("add", "pci-nvidia-vf", True),
+        ("bind", "pci-nvidia", False),
         ("unbind", "pci-vfio-pci", False),
         ("remove", "pci-vfio-pci", False),
     ],

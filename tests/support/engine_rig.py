@@ -136,6 +136,9 @@ class FakeDeviceSource:
         self._loop = asyncio.get_running_loop()
         return self.snapshot
 
+    def recheck_profiles(self) -> list[str]:
+        return []  # this source has no virtual functions
+
     def push(self, *events: DiscoveryEvent) -> None:
         """Queue one batch of events, as discovery yields what one read of udev gave.
 

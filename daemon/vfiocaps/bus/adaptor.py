@@ -147,6 +147,7 @@ class BusAdaptor:
         return [type_dict(view) for view in self._engine.types()]
 
     async def refresh(self, device_id: str) -> dict[str, Variant]:
+        await self._engine.recheck_profiles()  # a VF's profile may have been set just now
         view = self._lookup(device_id)
         return await self._refresh_by_id(view.device.device_id)
 

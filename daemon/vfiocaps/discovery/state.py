@@ -119,15 +119,22 @@ class HostState:
             events.append(ParentRegistered(parent, reading.types))
 
     def _named_profiles(self, parent: str, types: tuple[MdevType, ...]) -> tuple[MdevType, ...]:
-        """A profile set on every VF that could take it is listed by none (the lists name only
-        what can still be created): it keeps the name it was last listed with."""
+        """A physical function's profiles as read, plus those it listed before and lists no
+        more: a profile set on every VF that could take it keeps the name it was last listed
+        with, and one the card has no room for now (another profile is set: the card is
+        homogeneous; or the card is full) stays known with no instance available, so that its
+        cached answer stays visible."""
         named = []
         for profile in types:
             known = self.types.get((parent, profile.type_id))
             if not profile.name and known is not None and known.name:
-                profile = replace(profile, name=known.name)
+                profile = replace(profile, name=known.name, requires=known.requires)
             named.append(profile)
-        return tuple(named)
+        listed = {profile.type_id for profile in types}
+        for (owner, type_id), known in self.types.items():
+            if owner == parent and type_id not in listed and known.kind is TypeKind.VF_PROFILE:
+                named.append(replace(known, available_instances=0))
+        return tuple(sorted(named, key=lambda profile: int(profile.type_id)))
 
     def _forget_functions(self, name: str) -> None:
         self.profile_parents.discard(name)
@@ -322,12 +329,16 @@ class HostState:
         for device in fresh.devices.values():
             self._add_device(device, events)
         # Instance counts and anything else the events above did not carry (a profile no VF
-        # lists keeps the name registration gave it).
+        # lists keeps the name and the place registration gave it).
+        kept = self.types
         self.types = {
-            key: replace(fresh_type, name=self.types[key].name)
-            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in self.types
+            key: replace(fresh_type, name=kept[key].name)
+            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in kept
             else fresh_type
             for key, fresh_type in fresh.types.items()
         }
+        for key, known in kept.items():
+            if key not in self.types and known.kind is TypeKind.VF_PROFILE:
+                self.types[key] = replace(known, available_instances=0)
         events.append(Resynchronised(self.snapshot()))
         return events

@@ -10,8 +10,15 @@ from typing import TypeVar
 
 from ..capabilities import Capabilities
 from ..discovery.instances import InstanceLedger
-from ..errors import DiscoveryError, NotFoundError, ProbeError, ProbeTimeoutError
-from ..model import Device, DeviceKind, MdevType, Parent, TypeKind
+from ..errors import (
+    DiscoveryError,
+    NeedsGpuInstanceError,
+    NotFoundError,
+    ProbeError,
+    ProbeTimeoutError,
+    ProfileRefusedError,
+)
+from ..model import NEEDS_GPU_INSTANCE, Device, DeviceKind, MdevType, Parent, TypeKind
 from .views import DeviceSource, DeviceView, ProbeState
 
 log = logging.getLogger(__name__)
@@ -98,7 +105,8 @@ class TypeProber:
 
         Raises:
             NotFoundError: no such parent or type.
-            ProbeError, ProbeTimeoutError: as :meth:`probe`.
+            ProbeError, ProbeTimeoutError, NeedsGpuInstanceError, ProfileRefusedError: as
+                :meth:`probe`.
         """
         snapshot = self._source.snapshot
         parent = snapshot.parents.get(parent_name)
@@ -112,12 +120,27 @@ class TypeProber:
         """Probe *mdev_type* on *parent* through a temporary instance.
 
         Raises:
+            NeedsGpuInstanceError: a MIG-backed profile; nothing is set.
+            ProfileRefusedError: the vendor driver refused the profile (named by its errno).
             ProbeError: no instance can be created or recorded, or the probe gave no answer.
             ProbeTimeoutError: the instance did not appear, the kernel did not answer, or the
                 probe did not end in time (it is stopped before the instance is removed).
         """
+        if mdev_type.requires == NEEDS_GPU_INSTANCE:
+            raise NeedsGpuInstanceError(
+                f"profile {mdev_type.type_id} ({mdev_type.name}) on {parent.name} is MIG-backed:"
+                " it needs MIG mode and a GPU instance first (nvidia-smi mig -cgi), which"
+                " vfiocapsd does not make; set it on a VF yourself and the VF is probed"
+            )
         if mdev_type.available_instances <= 0:
-            raise ProbeError(f"{mdev_type.type_id} on {parent.name} has no instance available")
+            raise ProbeError(
+                f"{mdev_type.type_id} on {parent.name} has no instance available"
+                + (
+                    " (the card has no room for it now)"
+                    if mdev_type.kind is TypeKind.VF_PROFILE
+                    else ""
+                )
+            )
         ident = (parent.name, mdev_type.type_id)
         if ident in self._probing:
             raise ProbeError(f"{mdev_type.type_id} on {parent.name} is being probed already")
@@ -142,6 +165,8 @@ class TypeProber:
                 parent,
                 mdev_type.type_id,
             )
+        except ProfileRefusedError:
+            raise  # named by the driver's errno
         except DiscoveryError as err:
             raise ProbeError(f"cannot create an instance to probe: {err}") from err
         waiter = asyncio.get_running_loop().create_future()

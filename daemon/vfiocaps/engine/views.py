@@ -59,6 +59,7 @@ class TypeView:
     capabilities: Capabilities | None
     kind: TypeKind = TypeKind.MDEV
     parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind the type
+    requires: str = ""  # what must exist before an instance can be made (MdevType.requires)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,10 @@ class DeviceSource(Protocol):
     def create_instance(self, parent: Parent, type_id: str) -> str: ...
 
     def remove_instance(self, device: Device) -> None: ...
+
+    def recheck_profiles(self) -> list[str]:
+        """Read again every VF whose vGPU profile changed unannounced; return them."""
+        ...
 
 
 class ProbeRunner(Protocol):
