@@ -104,6 +104,9 @@ class HostState:
             known is not None
             and replace(known, sysfs_path=parent.sysfs_path) == parent
             and _same_types(self._types_of(parent.name), reading.types)
+            # A card's room for its profiles is news (a probe may be possible again); an mdev
+            # type's count follows its instances' own events.
+            and not (reading.functions and self._counts_changed(parent.name, reading.types))
         )
         for key in [k for k in self.types if k[0] == parent.name]:
             del self.types[key]
@@ -117,6 +120,13 @@ class HostState:
                 self.vf_parents[address] = parent.name
         if not same:
             events.append(ParentRegistered(parent, reading.types))
+
+    def _counts_changed(self, parent: str, types: tuple[MdevType, ...]) -> bool:
+        return any(
+            (known := self.types.get((parent, t.type_id))) is None
+            or known.available_instances != t.available_instances
+            for t in types
+        )
 
     def _named_profiles(self, parent: str, types: tuple[MdevType, ...]) -> tuple[MdevType, ...]:
         """A physical function's profiles as read, plus those it listed before and lists no
