@@ -66,8 +66,10 @@ class ProfileWatch:
         return text != previous
 
     def changed(self, snapshot: HostSnapshot) -> list[str]:
-        """The virtual functions of *snapshot* whose profile is not what it says (a device of
-        that profile while one is set, no device while none is), in address order."""
+        """The virtual functions to read again: each whose profile is not what *snapshot* says
+        (a device of that profile while one is set, no device while none is), and, for a card
+        whose lists changed without that, one of its VFs (reading a VF again reads its whole
+        card's profiles: one per card, not one per sibling)."""
         self.passes += 1
         for gone in set(self._directories) - set(snapshot.functions):
             del self._directories[gone]
@@ -75,26 +77,35 @@ class ProfileWatch:
             del self._reported[gone]
         for gone in set(self._creatable) - set(snapshot.functions):
             del self._creatable[gone]
-        found = []
+        found: list[str] = []
+        cards: set[str] = set()
+        listed: dict[str, str] = {}  # card -> a VF whose list changed
         for function in sorted(snapshot.functions):
+            card = snapshot.functions[function]
             if self._creatable_changed(function):
+                listed.setdefault(card, function)
+            if self._profile_changed(function, snapshot):
                 found.append(function)
-                continue
-            device = snapshot.devices.get(function)
-            known = device.type_id if device is not None else NO_PROFILE
-            now = self.current(function)
-            if now is None:
-                now = "unreadable"
-            if now == known:
-                self._reported.pop(function, None)
-                continue
-            if self._reported.get(function) != now:
-                self._reported[function] = now
-                log.info(
-                    "discovery: profile of %s is %s now (known: %s); set by another tool",
-                    function,
-                    now,
-                    known,
-                )
-                found.append(function)
-        return found
+                cards.add(card)
+        found += [function for card, function in listed.items() if card not in cards]
+        return sorted(found)
+
+    def _profile_changed(self, function: str, snapshot: HostSnapshot) -> bool:
+        device = snapshot.devices.get(function)
+        known = device.type_id if device is not None else NO_PROFILE
+        now = self.current(function)
+        if now is None:
+            now = "unreadable"
+        if now == known:
+            self._reported.pop(function, None)
+            return False
+        if self._reported.get(function) == now:
+            return False  # told already: it cannot become what it says (logged once)
+        self._reported[function] = now
+        log.info(
+            "discovery: profile of %s is %s now (known: %s); set by another tool",
+            function,
+            now,
+            known,
+        )
+        return True
