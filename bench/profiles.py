@@ -6,8 +6,9 @@ beside its floor: the same files opened, read and closed in a bare loop (the lea
 must do). The appearance latency is measured on the real daemon under umockdev with its default
 interval: a profile written by another tool (no uevent, as NVIDIA's driver) at a random moment
 of the interval (an administrator's write does not know the pass) until the device is
-published on the bus (``DeviceCount`` polled every 10 ms), beside its floor in the same run: the same write followed at once by
-the ``change`` uevent a driver could send (the daemon's own processing and publication).
+published on the bus (``DeviceCount`` polled every 10 ms), beside its floor in the same run:
+the same write followed at once by the ``change`` uevent a driver could send (the daemon's own
+processing and publication).
 """
 
 from __future__ import annotations
