@@ -190,6 +190,17 @@ def test_refresh_finds_a_profile_set_a_moment_ago(lab: Lab) -> None:
     assert lab.devices()[vf]["TypeId"] == "1061"
 
 
+def test_any_uevent_of_the_card_looks_at_every_profile_at_once(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    lab.start("--profile-scan-seconds", "600")  # no periodic pass in this test's time
+    vf = H100.vf_address(2)
+    host(lab).set_profile(vf, "1062")  # silent
+    time.sleep(1.0)
+    assert vf not in lab.devices()
+    host(lab).call("uevent", devpath=H100.devpath, action="change")  # as udevadm trigger
+    wait_until(lambda: vf in lab.devices(), 5, "the VF seen with the card's uevent")
+
+
 def test_a_mig_backed_profile_is_named_not_probed(lab: Lab) -> None:
     host(lab).build_sriov("h100")
     daemon = lab.start()
