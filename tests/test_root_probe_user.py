@@ -4,6 +4,7 @@ an environment that comes from configuration only."""
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import stat
@@ -151,6 +152,25 @@ def test_the_probe_environment_is_configured(
         scratch, fake_host, probe_user, *given, env={"UMOCKDEV_DIR": "/nonexistent"}
     )
     assert environ == [b"GIVEN=yes", b"LC_ALL=C", PATH, b"UMOCKDEV_DIR=/nonexistent"]
+
+
+def test_probe_users_in_well_known_device_groups_are_refused_without_their_nodes_in_sight(
+    scratch: Path, fake_host: FakeHost, users: None
+) -> None:
+    """The daemon's /dev (a private one under the unit) holds no video or dialout node, but the
+    probe user's groups reach the host's: they are refused by name."""
+    fake_host.add_mdev(DEVICE, "mdpy-vga", "mdpy", "4", parent="mdpy")
+    for group in ("video", "dialout"):
+        assert not any(
+            os.lstat(node).st_gid == grp.getgrnam(group).gr_gid for node in fake_host.dev.rglob("*")
+        )
+        remove_user(GROUPED)
+        add_user(GROUPED, group)
+        ctl = run_ctl(scratch, fake_host, GROUPED)
+        out, err = ctl.communicate(timeout=60)
+        assert ctl.returncode == 1, (group, out, err)
+        assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
+        assert '"launches": []' in out
 
 
 def test_probe_users_in_groups_of_value_are_refused(

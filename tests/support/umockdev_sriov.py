@@ -31,6 +31,7 @@ answers within the write).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -360,8 +361,12 @@ class SriovHostBuilder(HostBuilder):
                 if not written:
                     continue  # caught between the writer's truncation and its write
                 if written != self.profiles.get(address, "0"):
+                    attribute = self._vf_dir(address) / "nvidia" / "current_vgpu_type"
+                    times = attribute.stat()
                     try:
                         self._apply_profile(address, written)
+                        # A driver answers within the write: the attribute keeps its time.
+                        os.utime(attribute, ns=(times.st_atime_ns, times.st_mtime_ns))
                     except ValueError as err:
                         sys.stderr.write(f"umockdev host: {err}; refused\n")
                         _write(
