@@ -120,10 +120,11 @@ $(WHEELDIR)/.complete: $(VENDOR_REQUIREMENTS)
 	SKIP_CYTHON=1 $(SYSTEM_PYTHON) -m pip wheel --quiet --no-deps --no-cache-dir \
 		--disable-pip-version-check --no-binary dbus-fast \
 		--wheel-dir $(WHEELDIR).tmp -r $(VENDOR_REQUIREMENTS)
-	@for wheel in $(WHEELDIR).tmp/*.whl; do \
-		if unzip -l "$$wheel" | grep -q '\.so'; then \
-			echo "$$wheel holds compiled code; the package must be pure Python" >&2; exit 1; fi; \
-	done
+	$(SYSTEM_PYTHON) -c 'import sys, zipfile; \
+		compiled = [f"{w}: {n}" for w in sys.argv[1:] for n in zipfile.ZipFile(w).namelist() \
+		            if n.endswith((".so", ".pyd"))]; \
+		sys.exit("compiled code, the package must be pure Python:\n" + "\n".join(compiled) \
+		         if compiled else 0)' $(WHEELDIR).tmp/*.whl
 	cp $(VENDOR_REQUIREMENTS) $(WHEELDIR).tmp/.complete
 	rm -rf $(WHEELDIR)
 	mv $(WHEELDIR).tmp $(WHEELDIR)
