@@ -139,20 +139,23 @@ def test_launchers_keep_the_callers_environment_out(unpacked: Path, tmp_path: Pa
 
 
 def test_maintainer_scripts(unpacked: Path) -> None:
-    scripts = {name: (unpacked / "DEBIAN" / name).read_text() for name in ("postinst", "prerm",
-                                                                            "postrm")}  # fmt: skip
+    names = ("postinst", "prerm", "postrm")
+    scripts = {name: (unpacked / "DEBIAN" / name).read_text() for name in names}
     for name in scripts:
         assert run("sh", "-n", str(unpacked / "DEBIAN" / name)).returncode == 0, name
-    assert "systemd-sysusers" in scripts["postinst"] and "vfiocaps.conf" in scripts["postinst"]
+    assert (
+        'systemd-sysusers ${DPKG_ROOT:+--root="$DPKG_ROOT"} vfiocaps.conf' in (scripts["postinst"])
+    )
     assert "try-restart 'vfiocapsd.service'" in scripts["postinst"]
     assert "udevadm control --reload" in scripts["postinst"]
     assert "py3compile -p vfiocaps /usr/share/vfiocaps" in scripts["postinst"]
     assert "deb-systemd-invoke stop vfiocapsd.service" in scripts["prerm"]
-    assert 'rm -rf "${DPKG_ROOT:-}/var/cache/vfiocaps" "${DPKG_ROOT:-}/run/vfiocaps"' in (
-        scripts["postrm"]
+    assert (
+        'rm -rf "${DPKG_ROOT:-}/var/cache/vfiocaps" "${DPKG_ROOT:-}/run/vfiocaps"'
+        in (scripts["postrm"])
     )
-    # The bus reloads its configuration by its own trigger on these directories.
+    # The bus reloads its policy and activation files by its own trigger (no script of ours).
     triggers = Path("/var/lib/dpkg/info").glob("dbus*.triggers")
     watched = "".join(path.read_text() for path in triggers)
-    if watched:
-        assert "/usr/share/dbus-1/system.d" in watched
+    assert "interest-noawait /usr/share/dbus-1/system.d" in watched
+    assert "interest-noawait /usr/share/dbus-1/system-services" in watched

@@ -74,7 +74,9 @@ def leftovers() -> list[str]:
     found = []
     for top in SEARCHED:
         if top.exists():
-            found += [str(path) for path in top.rglob("*vfiocaps*") if "vfiocaps-lab" not in str(path)]
+            found += [
+                str(path) for path in top.rglob("*vfiocaps*") if "vfiocaps-lab" not in str(path)
+            ]
     return sorted(found)
 
 
