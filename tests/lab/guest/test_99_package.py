@@ -19,7 +19,7 @@ PACKAGE = "vfiocaps"
 CACHE = Path("/var/cache/vfiocaps")
 RUNTIME = Path("/run/vfiocaps")
 # Where a file of the package's, or one the daemon made, could be left behind.
-SEARCHED = (Path("/usr"), Path("/etc"), Path("/var/cache"), Path("/var/lib/vfiocaps"), Path("/run"))
+SEARCHED = ("/usr", "/etc", "/var/cache", "/var/lib/vfiocaps", "/run")
 
 
 def deb() -> Path:
@@ -71,12 +71,12 @@ def package_files() -> list[Path]:
 
 
 def leftovers() -> list[str]:
+    """Paths named after the package under SEARCHED, skipping the lab's own (its shares too)."""
     found = []
     for top in SEARCHED:
-        if top.exists():
-            found += [
-                str(path) for path in top.rglob("*vfiocaps*") if "vfiocaps-lab" not in str(path)
-            ]
+        for where, dirs, names in os.walk(top):
+            dirs[:] = [name for name in dirs if "vfiocaps-lab" not in name]
+            found += [f"{where}/{name}" for name in dirs + names if "vfiocaps" in name]
     return sorted(found)
 
 
