@@ -116,24 +116,27 @@ def test_package_carries_its_pinned_dependencies_and_takes_none_from_debian(
 
 
 def test_launchers_keep_the_callers_environment_out(unpacked: Path, tmp_path: Path) -> None:
-    """A PYTHONPATH (or a module beside the caller) must not choose the code root runs."""
+    """A PYTHONPATH, or a module beside the launcher or in the current directory, must not
+    choose the code root runs: not vfiocaps, and not a module of Python's own (argparse)."""
     launcher = (unpacked / "usr/bin/vfiocapsd").read_text()
-    assert launcher.startswith("#!/usr/bin/python3 -I\n")
     assert 'sys.path.insert(0, "/usr/share/vfiocaps")' in launcher
     assert "from vfiocaps.daemon import main" in launcher
-    # Run the launcher against the unpacked modules: the same text, the directory rewritten.
-    copy = tmp_path / "vfiocapsd"
+    # Run the launcher itself (its #! line decides) against the unpacked modules: the same
+    # text with the directory rewritten.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    copy = bindir / "vfiocapsd"
     copy.write_text(launcher.replace("/usr/share/vfiocaps", str(unpacked / "usr/share/vfiocaps")))
-    evil = tmp_path / "evil" / "vfiocaps"
-    evil.mkdir(parents=True)
-    (evil / "__init__.py").write_text("raise SystemExit('the caller chose the code')\n")
-    (tmp_path / "vfiocaps").mkdir()
-    (tmp_path / "vfiocaps" / "__init__.py").write_text("raise SystemExit('the cwd chose it')\n")
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(evil.parent)}
+    copy.chmod(0o755)
+    evil = tmp_path / "evil"
+    for where in (evil, bindir, tmp_path):
+        (where / "vfiocaps").mkdir(parents=True)
+        (where / "vfiocaps" / "__init__.py").write_text(f"raise SystemExit('{where} chose')\n")
+        (where / "argparse.py").write_text(f"raise SystemExit('{where} chose argparse')\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(evil)}
     result = subprocess.run(
-        ["/usr/bin/python3", "-I", str(copy), "--version"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+        [str(copy), "--version"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"vfiocapsd {VERSION}")
 
