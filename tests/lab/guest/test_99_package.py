@@ -30,8 +30,10 @@ def deb() -> Path:
 
 
 def apt_get(*args: str) -> str:
+    """apt-get, offline all the same: the guest has no network and every dependency installed.
+    (Not --no-download: apt then refuses a local .deb, "Pathname to install is not absolute".)"""
     result = subprocess.run(
-        ["apt-get", "-y", "-q", "--no-download", *args],
+        ["apt-get", "-y", "-q", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -71,11 +73,16 @@ def package_files() -> list[Path]:
 
 
 def leftovers() -> list[str]:
-    """Paths named after the package under SEARCHED, skipping the lab's own (its shares too)."""
+    """Paths named after the package under SEARCHED, skipping the lab's own (its shares too)
+    and systemd's bookkeeping of units under /run/systemd, which is systemd's, not ours."""
     found = []
     for top in SEARCHED:
         for where, dirs, names in os.walk(top):
-            dirs[:] = [name for name in dirs if "vfiocaps-lab" not in name]
+            dirs[:] = [
+                name
+                for name in dirs
+                if "vfiocaps-lab" not in name and f"{where}/{name}" != "/run/systemd"
+            ]
             found += [f"{where}/{name}" for name in dirs + names if "vfiocaps" in name]
     return sorted(found)
 
