@@ -115,19 +115,18 @@ install-data:
 wheels: $(WHEELDIR)/.complete
 
 $(WHEELDIR)/.complete: $(VENDOR_REQUIREMENTS)
-	rm -rf $(WHEELDIR).tmp
-	mkdir -p $(WHEELDIR).tmp
+	@mkdir -p $(dir $(WHEELDIR))
+	set -e; scratch=$$(mktemp -d "$(WHEELDIR).XXXXXX"); trap 'rm -rf "$$scratch"' EXIT; \
 	SKIP_CYTHON=1 $(SYSTEM_PYTHON) -m pip wheel --quiet --no-deps --no-cache-dir \
 		--disable-pip-version-check --no-binary dbus-fast \
-		--wheel-dir $(WHEELDIR).tmp -r $(VENDOR_REQUIREMENTS)
+		--wheel-dir "$$scratch" -r $(VENDOR_REQUIREMENTS); \
 	$(SYSTEM_PYTHON) -c 'import sys, zipfile; \
 		compiled = [f"{w}: {n}" for w in sys.argv[1:] for n in zipfile.ZipFile(w).namelist() \
 		            if n.endswith((".so", ".pyd"))]; \
 		sys.exit("compiled code, the package must be pure Python:\n" + "\n".join(compiled) \
-		         if compiled else 0)' $(WHEELDIR).tmp/*.whl
-	cp $(VENDOR_REQUIREMENTS) $(WHEELDIR).tmp/.complete
-	rm -rf $(WHEELDIR)
-	mv $(WHEELDIR).tmp $(WHEELDIR)
+		         if compiled else 0)' "$$scratch"/*.whl; \
+	cp $(VENDOR_REQUIREMENTS) "$$scratch/.complete"; \
+	chmod 0755 "$$scratch"; rm -rf $(WHEELDIR); mv "$$scratch" $(WHEELDIR)
 
 # Offline: only the wheels in WHEELDIR and the checkout, built with the interpreter's
 # setuptools. Replaces PYTHONDIR as a whole, so no module of an older install stays behind.
@@ -176,4 +175,4 @@ uninstall:
 	rm -rf $(DESTDIR)$(PURELIB)/vfiocaps $(DESTDIR)$(PURELIB)/vfiocaps-$(VERSION).dist-info
 
 clean:
-	rm -rf $(BUILDDIR) $(WHEELDIR) $(WHEELDIR).tmp
+	rm -rf $(BUILDDIR) $(WHEELDIR)
