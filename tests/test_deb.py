@@ -5,7 +5,7 @@ dependencies it must not take from Debian (its own copies of dbus-fast, qemu.qmp
 aiosqlite in /usr/share/vfiocaps), the pinned versions it carries, pure Python only, launchers
 that keep the caller's environment out, and maintainer scripts that are valid shell and do what
 docs/install.md says. The install itself, on a clean Debian 12 chroot and on the lab's Debian 13
-with systemd, is ``scripts/try-deb`` and ``tests/lab/guest/test_99_package.py``.
+with systemd, is ``scripts/try-deb`` and ``tests/lab/guest/test_zz_package.py``.
 """
 
 from __future__ import annotations
