@@ -1,9 +1,10 @@
 """The Debian package's life on the guest's real systemd: upgrade, remove, purge, install again.
 
-Runs last (its name sorts after every numbered test): the package the lab installed (``VFIOCAPS_LAB_PACKAGE``, built on the host by
-``make deb``) is reinstalled over itself (the upgrade path: a running daemon is restarted on the
-new files), removed (the service stops, its cache stays), purged (nothing of it stays) and
-installed again, after which bus activation alone must bring the daemon back.
+Runs last (its name sorts after every numbered test): the package the lab installed
+(``VFIOCAPS_LAB_PACKAGE``, built on the host by ``make deb``) is reinstalled over itself (the
+upgrade path: a running daemon is restarted on the new files), removed (the service stops, its
+cache stays), purged (nothing of it stays) and installed again, after which bus activation
+alone must bring the daemon back.
 """
 
 from __future__ import annotations
