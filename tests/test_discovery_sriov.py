@@ -37,6 +37,7 @@ from vfiocaps.model import (
     TypeKind,
 )
 from vfiocaps.prober import ProbeTarget
+from vfiocaps.statefile import process_start
 
 RELEASE = "6.12.0-test"
 BOOT = "3f2a9c1e-8d4b-4e6f-a1b2-c3d4e5f60718"
@@ -201,6 +202,8 @@ def test_a_profile_is_recorded_set_and_cleared_on_a_free_vf(tmp_path: Path) -> N
         "parent": H100.address,
         "boot_id": BOOT,
         "pid": str(os.getpid()),
+        "started": process_start(os.getpid()),
+        "stamp": "",
     }
     asyncio.run(setter.apply(record))
     builder.answer_writes()
@@ -365,7 +368,8 @@ def profile_owned_by(
     asyncio.run(setter.apply(record))
     builder.answer_writes()
     path = ledger.directory / f"{record.function}.json"
-    path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{pid}"'))
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "pid": str(pid), "started": process_start(pid)}))
     other = ProfileSetter(
         reader_for(builder),
         ProfileLedger(ledger.directory, boot_id_file(tmp_path)),

@@ -278,7 +278,10 @@ def test_unit_keeps_what_a_probe_needs(destdir: Path) -> None:
     # a private /dev, with the VFIO directory (nodes appear later), KVM and the DRM render
     # nodes (the GL check of a dma-buf display) bound in
     assert settings["PrivateDevices"] == ["yes"]
-    assert set(settings["BindPaths"]) == {"-/dev/vfio", "-/dev/kvm", "-/dev/dri"}
+    binds = {path for line in settings["BindPaths"] for path in line.split()}
+    assert binds == {"-/dev/vfio", "-/dev/kvm"} | {f"-/dev/dri/renderD{n}" for n in range(128, 136)}
+    # only render nodes: never /dev/dri itself, whose card nodes drive displays
+    assert not [path for path in binds if "/dev/dri" in path and "/renderD" not in path]
     assert settings["ProtectKernelTunables"] == ["yes"]
     assert "ReadWritePaths" not in settings  # /sys stays read-only unless an admin opts in
 

@@ -28,6 +28,7 @@ its own writes (see test_discovery_sriov.py, where no uevent is delivered at all
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -325,8 +326,12 @@ class SriovHostBuilder(HostBuilder):
                 if not written:
                     continue  # caught between the writer's truncation and its write
                 if written != self.profiles.get(address, "0"):
+                    attribute = self._vf_dir(address) / "nvidia" / "current_vgpu_type"
+                    times = attribute.stat()
                     try:
                         self._apply_profile(address, written)
+                        # A driver answers within the write: the attribute keeps its time.
+                        os.utime(attribute, ns=(times.st_atime_ns, times.st_mtime_ns))
                         device = self._vf_dir(address)
                         self.uevent("/" + str(device.relative_to(self.sys)), "change")
                     except ValueError as err:

@@ -16,7 +16,7 @@ from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, T
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
-from .instances import create_instance, remove_instance
+from .instances import create_instance, instance_exists, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
 from .profiles import (
     WRITE_SECONDS,
@@ -183,6 +183,7 @@ class Discovery:
             if self._profile_tasks:
                 # Setting or clearing a profile is finished (or left recorded), not cut short.
                 await asyncio.wait(set(self._profile_tasks), timeout=PROFILE_CLOSE_SECONDS)
+            await self._profiles.close()  # late writes keep their records for the next start
             worker, self._worker = self._worker, None
             if worker is not None:
                 worker.cancel()
@@ -200,13 +201,13 @@ class Discovery:
 
     # ---- inside -----------------------------------------------------------------------------
 
-    def create_instance(self, parent: Parent, type_id: str) -> str:
+    def create_instance(self, parent: Parent, type_id: str, uuid: str = "") -> str:
         """Create a temporary instance of *type_id* on *parent*; return its device id.
 
-        For an mdev type, the UUID of a new instance. For a vGPU profile, the address of a
-        free virtual function of *parent*: the profile is recorded, then set in the background
-        (bounded, off the event loop); the function then appears as a device, or, if the
-        driver refuses, does not.
+        For an mdev type, the instance *uuid* (chosen and recorded by the caller first). For a
+        vGPU profile, the address of a free virtual function of *parent*: the profile is
+        recorded, then set in the background (bounded, off the event loop); the function then
+        appears as a device, or, if the driver refuses, does not.
 
         Raises:
             InstanceError: the kernel refused or the type does not exist.
@@ -214,7 +215,7 @@ class Discovery:
         """
         mdev_type = self._snapshot.types.get((parent.name, type_id))
         if mdev_type is None or mdev_type.kind is not TypeKind.VF_PROFILE:
-            return create_instance(self.config.sysfs_root, parent, type_id)
+            return create_instance(self.config.sysfs_root, parent, type_id, uuid)
         known = frozenset(self._snapshot.devices)
         record = self._profiles.reserve(parent, type_id, exclude=known)
         self._spawn_profile_task(lambda: self._set_profile(record), record.function)
@@ -232,6 +233,10 @@ class Discovery:
             remove_instance(self.config.sysfs_root, device)
             return
         self._spawn_profile_task(lambda: self._clear_profile(device.device_id), device.device_id)
+
+    def instance_exists(self, device_id: str) -> bool:
+        """Whether the mdev instance *device_id* exists in sysfs now. Raises nothing."""
+        return instance_exists(self.config.sysfs_root, device_id)
 
     def _spawn_profile_task(
         self, work: Callable[[], Coroutine[object, object, None]], function: str

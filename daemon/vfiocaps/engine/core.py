@@ -117,7 +117,9 @@ class Engine:
         )
         self._types = TypeProber(
             source,
-            InstanceLedger(config.runtime_dir / "temporary-instances", boot_id_path),
+            InstanceLedger(
+                config.runtime_dir / "temporary-instances", boot_id_path, dev_root=config.dev_root
+            ),
             settled=self.settled,
             stop_probe=self._stop_probe,
             device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
@@ -245,6 +247,7 @@ class Engine:
 
     async def _shutdown(self) -> None:
         await self._tasks.stop()
+        await self._types.close()  # late sysfs writes keep their records for the next start
         self._scheduler.stop()
         await self._cache.close()
         await self._source.close()
