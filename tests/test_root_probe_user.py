@@ -25,6 +25,8 @@ from support.prober import (
     probe_user,
     scratch,
 )
+from vfiocaps.prober.sandbox import ProbeIdentity, kvm_access
+from vfiocaps.process import Credentials
 
 __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
 
@@ -189,3 +191,27 @@ def test_probe_users_in_groups_of_value_are_refused(
         assert ctl.returncode == 1, (group, out, err)
         assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
         assert '"launches": []' in out
+
+
+@pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm")
+def test_kvm_is_reached_through_its_group_only_when_the_group_policy_allows_it(
+    tmp_path: Path,
+) -> None:
+    """A /dev/kvm left root:disk 0660 does not give QEMU the disk group (the node is lent to the
+    probe user instead); root:kvm 0660 gives the kvm group, unless kvm owns other nodes too."""
+    identity = ProbeIdentity(Credentials(4242, 4242, (4242,)), "u")
+    kvm = tmp_path / "kvm"
+    real = os.stat("/dev/kvm").st_rdev
+    os.mknod(kvm, stat.S_IFCHR | 0o660, real)
+    kvm.chmod(0o660)  # mknod's mode passes through the umask
+    for group, expected in (("disk", (None, True)), ("kvm", (grp.getgrnam("kvm").gr_gid, False))):
+        os.chown(kvm, 0, grp.getgrnam(group).gr_gid)
+        access = kvm_access(tmp_path, identity)
+        assert access.usable, access.reason
+        assert (access.group, access.needs_grant) == expected, group
+    other = tmp_path / "sdz"
+    os.mknod(other, stat.S_IFBLK | 0o660, os.makedev(7, 0))
+    other.chmod(0o660)
+    os.chown(other, 0, grp.getgrnam("kvm").gr_gid)
+    access = kvm_access(tmp_path, identity)
+    assert (access.group, access.needs_grant) == (None, True)

@@ -64,6 +64,8 @@ DEVICE_GROUPS = frozenset(
         "tape", "tty", "usb", "uucp", "video",
     }
 )  # fmt: skip
+# The group udev gives /dev/kvm (systemd's 50-udev-default.rules).
+KVM_GROUPS = frozenset({"kvm"})
 DEV_SCAN_DEPTH = 3
 DEV_SCAN_LIMIT = 20000
 
@@ -134,13 +136,14 @@ _REFUSED_NAMES = PRIVILEGED_GROUPS | DEVICE_GROUPS
 
 def launch_group_refusal(gid: int, dev_root: Path, own: frozenset[str], nodes: set[Path]) -> str:
     """Why the group *gid* may not be given to QEMU for one launch to reach *nodes* (``""``:
-    it may). Refused: root's group, a group of :data:`PRIVILEGED_GROUPS`, a device group of
-    :data:`DEVICE_GROUPS` other than *own* (the names expected for such nodes), and a group
-    that owns any other device node under *dev_root*. Raises nothing."""
+    it may). Refused: root's group, a group of :data:`PRIVILEGED_GROUPS` or :data:`DEVICE_GROUPS`
+    other than *own* (the names expected for such nodes: ``kvm`` for /dev/kvm, ``render`` for
+    render nodes), and a group that owns any other device node under *dev_root*. Raises
+    nothing."""
     name = _group_name(gid)
     if gid == 0:
         return "its group is root's"
-    if name in PRIVILEGED_GROUPS or (name in DEVICE_GROUPS and name not in own):
+    if name not in own and (name in PRIVILEGED_GROUPS or name in DEVICE_GROUPS):
         return f"its group {name} gives access to devices or files of value"
     others = [node for node in device_nodes_by_group(dev_root).get(gid, []) if node not in nodes]
     if others:
@@ -236,7 +239,9 @@ def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid == identity.uid or mode & 0o006 == 0o006:
         return KvmAccess(True, node)
-    if mode & 0o060 == 0o060 and st.st_gid != 0:
+    # Through its group only when the probe user's policy allows that group for a launch (a
+    # node left root:disk must not give QEMU the disk group); else the node is lent.
+    if mode & 0o060 == 0o060 and not launch_group_refusal(st.st_gid, dev_root, KVM_GROUPS, {node}):
         return KvmAccess(True, node, group=st.st_gid)
     return KvmAccess(True, node, needs_grant=True)
 
