@@ -138,6 +138,8 @@ class Config:
     probe_timeout: float = 30.0
     probe_concurrency: int = 2
     probe_retry_seconds: float = 30.0
+    # How often vGPU profiles are compared with sysfs (their writes send no uevent).
+    profile_scan_seconds: float = 5.0
     probe_types_without_instances: bool = False
     # How long a user's instance created while the daemon runs is left alone before its probe:
     # a VM may be starting on it (a probe holds the VFIO group, which VFIO gives one opener).
@@ -183,6 +185,11 @@ class Config:
         if not 0 <= self.probe_settle_seconds <= 3600:
             raise ConfigError(
                 f"probe settle time must be in [0, 3600] seconds, got {self.probe_settle_seconds}"
+            )
+        if not 0.05 <= self.profile_scan_seconds <= 3600:
+            raise ConfigError(
+                f"profile scan interval must be in [0.05, 3600] seconds, got "
+                f"{self.profile_scan_seconds}"
             )
         if not 0 < self.authorization_timeout <= 3600:
             raise ConfigError(

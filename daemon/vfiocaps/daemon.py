@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="first retry after a failed or busy probe (doubling up to an hour; default 30)",
     )
     parser.add_argument(
+        "--profile-scan-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="how often vGPU profiles set by other tools are looked for (default 5)",
+    )
+    parser.add_argument(
         "--probe-types-without-instances",
         action="store_true",
         help="create a temporary instance to probe a type nobody has instantiated yet",
@@ -197,6 +203,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
         "probe_settle_seconds": args.probe_settle_seconds,
+        "profile_scan_seconds": args.profile_scan_seconds,
         "migration_stream_limit": args.migration_stream_limit,
         "nfd_features_dir": args.nfd_labels,
         "authorization_timeout": args.authorization_timeout,

@@ -150,6 +150,7 @@ class BusAdaptor:
         return [type_dict(view) for view in self._engine.types()]
 
     async def refresh(self, device_id: str) -> dict[str, Variant]:
+        await self._engine.recheck_profiles()  # a VF's profile may have been set just now
         view = self._lookup(device_id)
         return await self._refresh_by_id(view.device.device_id)
 
@@ -175,13 +176,13 @@ class BusAdaptor:
         held = parse_held_devices(devices)
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_HOLD, caller.interactive)
-        return await self._engine.hold(domain_uuid, domain_name, held)
+        return await self._engine.holds.hold(domain_uuid, domain_name, held)
 
     async def release_devices(self, domain: str) -> list[str]:
         domain_uuid, _ = parse_domain(domain, "-")
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_HOLD, caller.interactive)
-        return self._engine.release(domain_uuid)
+        return self._engine.holds.release(domain_uuid)
 
     async def domain_xml(self, device_id: str) -> str:
         view = await self._settled(device_id)
