@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench import common, lab, probes, report, scale, service
+from bench import common, lab, probes, profiles, report, scale, service
 
-STAGES = ("service", "probes", "scale", "lab")
+STAGES = ("service", "probes", "scale", "profiles", "lab")
 
 
 def main() -> int:
@@ -34,6 +34,7 @@ def main() -> int:
         service.THROUGHPUT_ROUNDS, service.THROUGHPUT_SECONDS = 1, 1.0
         service.HOTPLUG_REPEATS = 10
         probes.REAL_QEMU_REPEATS = 2
+        profiles.PASSES, profiles.LATENCY_ROUNDS = 10, 2
         lab.REPEATS = 1
         sizes = (300, 1000)
     progress = common.Progress(len(stages))
@@ -59,6 +60,11 @@ def main() -> int:
         figures = scale.run(progress, sizes)
         results["scale"] = figures
         rows += report.scale_rows(figures)
+    if "profiles" in stages:
+        progress.stage("vGPU profiles set by other tools, 512 VFs")
+        figures = profiles.run(progress)
+        results["profiles"] = figures
+        rows += report.profile_rows(figures)
     if "lab" in stages:
         progress.stage("real-kernel lab (boot, install, benchmark)")
         figures = lab.run(progress, args.results / "lab", lab.REPEATS)

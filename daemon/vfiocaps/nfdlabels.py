@@ -9,8 +9,9 @@ NFD refuses namespaces under ``kubernetes.io`` except ``feature.node.kubernetes.
 subdomains, so the labels here live in ``vfiocaps.feature.node.kubernetes.io``, which every NFD
 accepts without configuration.
 
-Per probed type present on the node (``<type>`` is the type id, or a readable form with a hash
-where the id is not a valid label name)::
+Per probed type present on the node (``<type>`` is the type id, for a vGPU profile its name,
+since profile ids mean different profiles on different card models, e.g. ``NVIDIA-H100-40C``;
+a readable form with a hash where that is not a valid label name)::
 
     vfiocaps.feature.node.kubernetes.io/<type>.display=none|region|dmabuf|unknown
     vfiocaps.feature.node.kubernetes.io/<type>.gl-required=true|false
@@ -50,6 +51,7 @@ from pathlib import Path
 from .capabilities import Capabilities, Migration
 from .engine import DeviceView, EngineStatus, TypeView
 from .errors import UnsafeDirectoryError
+from .model import TypeKind
 from .nfdfile import MAX_FILE_BYTES, FeatureFile
 from .statefile import replace_file
 
@@ -93,6 +95,13 @@ def type_token(type_id: str) -> str:
     return f"{readable}-{digest}" if readable else f"type-{digest}"
 
 
+def view_token(view: TypeView) -> str:
+    """The label token of a type: a vGPU profile's name (spaces as ``-``), any other type's id."""
+    if view.kind is TypeKind.VF_PROFILE and view.name:
+        return type_token(view.name.replace(" ", "-"))
+    return type_token(view.type_id)
+
+
 def fingerprint_label(fingerprint: str) -> str:
     """The short hash of a migration fingerprint that a label carries."""
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
@@ -129,7 +138,7 @@ def labels_of(
         if view.capabilities is None:
             continue
         fingerprint = fingerprint_of(view) if fingerprint_of else ""
-        answers = per_token.setdefault(type_token(view.type_id), {})
+        answers = per_token.setdefault(view_token(view), {})
         for key, value in _answers(view.capabilities, fingerprint).items():
             answers.setdefault(key, set()).add(value)
     labels = {EMULATED_LABEL: "true"} if emulated else {}

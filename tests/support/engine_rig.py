@@ -139,6 +139,9 @@ class FakeDeviceSource:
         self._loop = asyncio.get_running_loop()
         return self.snapshot
 
+    def recheck_profiles(self) -> list[str]:
+        return []  # this source has no virtual functions
+
     def push(self, *events: DiscoveryEvent) -> None:
         """Queue one batch of events, as discovery yields what one read of udev gave.
 
@@ -312,6 +315,9 @@ def rig_config(directory: Path, **overrides: object) -> Config:
         "kernel_release": KERNEL,
         "probe_retry_seconds": 30.0,
         "probe_concurrency": 2,
+        # The rig's clock is a fake one and the settle time is real time: the rig's devices
+        # are probed at once (the settle time is tested on the daemon, test_libvirt_hook).
+        "probe_settle_seconds": 0.0,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

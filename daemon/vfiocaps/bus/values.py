@@ -133,6 +133,7 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         "Driver": Variant("s", view.driver.module if view.driver else ""),
         "DriverVersion": Variant("s", view.driver.version if view.driver else ""),
         "Probed": Variant("b", view.capabilities is not None),
+        "Requires": Variant("s", view.requires),
     }
     if view.capabilities is not None:
         for item in fields_in(Place.TYPE_SUMMARY):

@@ -13,6 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..bootid import same_boot
+from ..errors import (
+    DiscoveryError,
+    ProfileConflictError,
+    ProfileInUseError,
+    ProfileNoRoomError,
+    ProfileNotPermittedError,
+    ProfileRefusedError,
+    ProfileUnknownError,
+)
 from ..model import Parent
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
@@ -39,6 +48,53 @@ WRITE_SECONDS = 10.0
 # A write that missed WRITE_SECONDS is waited for this much longer in the background before
 # its record is left for the next start.
 LATE_WRITE_SECONDS = 300.0
+
+
+# What a profile write can fail with: a failure of vfiocapsd's own (ProfileError) or a refusal
+# of the vendor driver (ProfileRefusedError, one class per errno).
+PROFILE_FAILURES = (ProfileError, ProfileRefusedError)
+
+# The vendor driver's answers to a write of current_vgpu_type (NVIDIA's vendor-VFIO host
+# driver, current_vgpu_type_store; the nvidia-vgpu VFIO RFCs): what each means and what to do.
+_REFUSALS: dict[int, tuple[type[ProfileRefusedError], str]] = {
+    errno.EBUSY: (
+        ProfileInUseError,
+        "the VF is open (a VM or another tool holds it); close it first",
+    ),
+    errno.ENODEV: (
+        ProfileUnknownError,
+        "this card does not know that profile; pick one its creatable_vgpu_types lists",
+    ),
+    errno.EINVAL: (
+        ProfileConflictError,
+        "another profile is set on this card, which takes one profile at a time; clear the "
+        "others (echo 0) or pick the profile they carry",
+    ),
+    errno.ENOSPC: (
+        ProfileNoRoomError,
+        "the card has no room for another VF with it; clear a profile (echo 0) first",
+    ),
+    errno.EPERM: (
+        ProfileNotPermittedError,
+        "a vGPU exists on the VF; stop what uses it, then clear its profile",
+    ),
+}
+
+
+def refusal(attribute: Path, value: str, err: OSError) -> DiscoveryError:
+    """The error for the driver's refusal *err* of writing *value* to *attribute*: a
+    :class:`ProfileRefusedError` subclass naming the file, the errno and what to do, or a
+    :class:`ProfileError` for any other errno."""
+    code = err.errno or 0
+    name = errno.errorcode.get(code, str(code))
+    text = f"writing {value} to {attribute} failed with {name} ({err.strerror})"
+    known = _REFUSALS.get(code)
+    if known is None:
+        return ProfileError(text)
+    error_class, advice = known
+    refused = error_class(f"{text}: {advice}")
+    refused.errno = code
+    return refused
 
 
 def group_held(dev_root: Path, group: str) -> bool:
@@ -225,14 +281,15 @@ class ProfileSetter:
         function is seen without the profile.
 
         Raises:
-            ProfileError: the function is now held, vanished, or the driver refused.
+            ProfileError: the function is now held or vanished.
+            ProfileRefusedError: the driver refused (a subclass per errno).
         """
         function_dir = self._function_dir(record.function)
         try:
             if function_dir is None or self._is_held(function_dir):
                 raise ProfileError(f"{record.function} was taken before its profile was set")
             await self._write(record.function, record.profile)
-        except ProfileError:
+        except PROFILE_FAILURES:
             now = self.current(record.function)
             # Dropped only when the write has returned and the function is seen without the
             # profile; unreadable is unknown, and a late write is followed up.
@@ -275,7 +332,7 @@ class ProfileSetter:
             return False
         try:
             await self._write(function, NO_PROFILE)
-        except ProfileError as err:
+        except PROFILE_FAILURES as err:
             log.error("profiles: cannot clear the profile of %s: %s", function, err)
             return False
         if self.current(function) not in ("", None):
@@ -329,7 +386,8 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
     ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
 
     Raises:
-        ProfileError: the attribute is missing, a link, or the driver refused the value.
+        ProfileError: the attribute is missing or a link.
+        ProfileRefusedError: the driver refused the value (a subclass per errno).
     """
     directory = reader.sysfs.resolve(attribute.parent)
     if directory is None:
@@ -342,7 +400,7 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
     try:
         os.write(fd, value.encode())
     except OSError as err:
-        raise ProfileError(f"writing {value} to {real} failed: {err.strerror}") from err
+        raise refusal(real, value, err) from err
     finally:
         os.close(fd)
 

@@ -10,8 +10,15 @@ from typing import TypeVar
 
 from ..capabilities import Capabilities
 from ..discovery.instances import InstanceLedger, new_instance_uuid
-from ..errors import DiscoveryError, NotFoundError, ProbeError, ProbeTimeoutError
-from ..model import Device, DeviceKind, MdevType, Parent, TypeKind
+from ..errors import (
+    DiscoveryError,
+    NeedsGpuInstanceError,
+    NotFoundError,
+    ProbeError,
+    ProbeTimeoutError,
+    ProfileRefusedError,
+)
+from ..model import NEEDS_GPU_INSTANCE, Device, DeviceKind, MdevType, Parent, TypeKind
 from .views import DeviceSource, DeviceView, ProbeState
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,11 @@ class TypeProber:
         waiter = self._waiters.get(device_id)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def is_temporary(self, device: Device) -> bool:
+        """Whether *device* is (or may be: discovery can see it before its creation returned)
+        an instance created here to be probed."""
+        return device.device_id in self._waiters or (device.parent, device.type_id) in self._probing
 
     def wake(self) -> None:
         """The host changed: look for idle types again."""
@@ -151,7 +163,8 @@ class TypeProber:
 
         Raises:
             NotFoundError: no such parent or type.
-            ProbeError, ProbeTimeoutError: as :meth:`probe`.
+            ProbeError, ProbeTimeoutError, NeedsGpuInstanceError, ProfileRefusedError: as
+                :meth:`probe`.
         """
         snapshot = self._source.snapshot
         parent = snapshot.parents.get(parent_name)
@@ -165,12 +178,27 @@ class TypeProber:
         """Probe *mdev_type* on *parent* through a temporary instance.
 
         Raises:
+            NeedsGpuInstanceError: a MIG-backed profile; nothing is set.
+            ProfileRefusedError: the vendor driver refused the profile (named by its errno).
             ProbeError: no instance can be created or recorded, or the probe gave no answer.
             ProbeTimeoutError: the instance did not appear, the kernel did not answer, or the
                 probe did not end in time (it is stopped before the instance is removed).
         """
+        if mdev_type.requires == NEEDS_GPU_INSTANCE:
+            raise NeedsGpuInstanceError(
+                f"profile {mdev_type.type_id} ({mdev_type.name}) on {parent.name} is MIG-backed:"
+                " it needs MIG mode and a GPU instance first (nvidia-smi mig -cgi), which"
+                " vfiocapsd does not make; set it on a VF yourself and the VF is probed"
+            )
         if mdev_type.available_instances <= 0:
-            raise ProbeError(f"{mdev_type.type_id} on {parent.name} has no instance available")
+            raise ProbeError(
+                f"{mdev_type.type_id} on {parent.name} has no instance available"
+                + (
+                    " (the card has no room for it now)"
+                    if mdev_type.kind is TypeKind.VF_PROFILE
+                    else ""
+                )
+            )
         ident = (parent.name, mdev_type.type_id)
         if ident in self._probing:
             raise ProbeError(f"{mdev_type.type_id} on {parent.name} is being probed already")
@@ -204,6 +232,8 @@ class TypeProber:
                 uuid,
                 late=lambda: self._remove(parent, mdev_type, uuid) if recorded else _nothing(),
             )
+        except ProfileRefusedError:
+            raise  # named by the driver's errno
         except DiscoveryError as err:
             # The write returned: the kernel refused. Whatever it left is removed.
             if recorded:
