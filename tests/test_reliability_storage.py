@@ -85,7 +85,7 @@ def test_a_full_disk_degrades_to_memory_and_recovers(lab: Lab) -> None:
     lab.wait_states({first: "done"})
     wait_until(lambda: len(stored(cache)) == 1, RETRY, "the first record")
     filler = cache / "filler"
-    with filler.open("wb") as out:
+    with filler.open("wb", buffering=0) as out:  # unbuffered: a short write leaves nothing to flush
         try:
             while True:
                 out.write(b"\0" * 65536)
