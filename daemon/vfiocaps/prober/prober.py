@@ -17,7 +17,7 @@ from ..model import Device, Parent
 from ..process import ProcessStartError
 from ..vfiogroup import group_node
 from .grants import NodeGrants
-from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
+from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity, read_version
 from .kernelfacts import read_kernel_facts
 from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
 from .migration import KernelMigrationFacts
@@ -84,6 +84,7 @@ class Prober:
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
         self._identities: dict[tuple[Path, int, int, int], QemuBinary] = {}
+        self._versions: dict[tuple[Path, int, int, int], str] = {}
         self._may_probe = asyncio.Event()
 
     async def qemu_identity(self) -> QemuBinary:
@@ -99,7 +100,8 @@ class Prober:
         cached = self._identities.get(key)
         if cached is not None:
             return cached
-        identity = await read_identity(resolved, self._identity().credentials)
+        credentials = self._identity().credentials
+        identity = await read_identity(resolved, credentials, self._versions.get(key))
         self._identities = {key: identity}
         return identity
 
@@ -136,13 +138,23 @@ class Prober:
         await self._may_probe.wait()
 
     async def qemu_version(self) -> str:
-        """The configured QEMU binary's version, as the engine keys its cache.
+        """The configured QEMU binary's version, as the engine keys its cache: one ``-version``
+        (the daemon's start waits for it); the rest of the identity waits for the first probe.
 
         Raises:
             ProbeError: the binary is missing, does not answer like QEMU, or the probe user is
                 unusable (see :meth:`qemu_identity`).
         """
-        return (await self.qemu_identity()).version
+        resolved, st = binary_stat(self.config.qemu_binary)
+        key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
+        cached = self._identities.get(key)
+        if cached is not None:
+            return cached.version
+        version = self._versions.get(key)
+        if version is None:
+            version = await read_version(resolved, self._identity().credentials)
+            self._versions = {key: version}
+        return version
 
     async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
         """Probe a discovered device, once :meth:`allow_probes` was called; an mdev is probed
