@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench import common, lab, probes, report, scale, service
+from bench import common, lab, lab_rows, probes, report, scale, service, start
 
-STAGES = ("service", "probes", "scale", "lab")
+STAGES = ("service", "start", "probes", "scale", "lab")
 
 
 def main() -> int:
@@ -35,6 +35,7 @@ def main() -> int:
         service.HOTPLUG_REPEATS = 10
         probes.REAL_QEMU_REPEATS = 2
         lab.REPEATS = 1
+        start.REPEATS = 3
         sizes = (300, 1000)
     progress = common.Progress(len(stages))
     results: dict[str, object] = {
@@ -49,6 +50,11 @@ def main() -> int:
         figures = service.run(progress)
         results["service"] = figures
         rows += report.service_rows(figures)
+    if "start" in stages:
+        progress.stage("daemon start until it owns its name")
+        figures = start.run(progress, start.REPEATS)
+        results["start"] = figures
+        rows += lab_rows.start_rows(figures)
     if "probes" in stages:
         progress.stage("probe cost")
         figures = probes.run(progress)
@@ -63,7 +69,7 @@ def main() -> int:
         progress.stage("real-kernel lab (boot, install, benchmark)")
         figures = lab.run(progress, args.results / "lab", lab.REPEATS)
         results["lab"] = figures
-        rows += report.lab_rows(figures)
+        rows += lab_rows.lab_rows(figures)
     progress.done()
     results["load_after"] = report.load_average()
     print(report.table(rows))

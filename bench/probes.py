@@ -16,13 +16,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon_lab import Lab, make_lab, manager_property
-from tests.support.harness import wait_until
-from tests.support.prober import REAL_QEMU, ensure_probe_user
-from tests.support.umockdev_hosts import PARENTS
-
 from bench.common import PROBE_LOG_LINE, REPO, Progress, summary
 from bench.qemu_floor import Stages, bare_qemu, self_test_accel
+from support.daemon_lab import Lab, make_lab, manager_property
+from support.harness import wait_until
+from support.prober import REAL_QEMU, ensure_probe_user
+from support.umockdev_hosts import PARENTS
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
 from vfiocaps.prober import Prober, launch_identity
 from vfiocaps.prober.launch import (
