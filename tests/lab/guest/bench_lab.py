@@ -51,8 +51,7 @@ from labkit import (
 
 from vfiocaps.client import describe_signal
 from vfiocaps.config import DEFAULT_PROBE_USER, Config, default_qemu_binary
-from vfiocaps.prober import Prober, launch_identity
-from vfiocaps.prober.sandbox import kvm_access, resolve_probe_identity
+from vfiocaps.prober import Prober, launch_credentials
 
 DROP_IN = "50-lab-bench.conf"
 # Under emulation a cold start with every sample type takes tens of seconds; a run that has not
@@ -287,9 +286,7 @@ async def naive_and_floor(
     naive: dict[str, list[dict[str, Any]]] = {type_id: [] for type_id in devices}
     floors: list[float] = []
     with contextlib.ExitStack() as stack:
-        identity = resolve_probe_identity(config.probe_user, config.dev_root)
-        kvm = kvm_access(config.dev_root, identity)
-        credentials = launch_identity(identity, kvm, prober.grants, stack).credentials
+        credentials = launch_credentials(prober, stack)
         await bare_qemu(qemu, accel, credentials)
         for repeat in range(repeats):
             for type_id, mdev_uuid in devices.items():
