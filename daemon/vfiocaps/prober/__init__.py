@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .events import LaunchEvent, LaunchObserver, LaunchStage
 from .grantjournal import GrantError
 from .identity import QemuBinary, QemuMissingError, QemuUnusableError
-from .launch import LaunchEvent, LaunchObserver, LaunchStage
 from .plan import (
     Accel,
     DeviceSettings,

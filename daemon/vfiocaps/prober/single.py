@@ -8,16 +8,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ProbeError
 from ..process import Credentials
 from ..vfiogroup import group_node
-from .launch import LaunchContext, probe_environment, run_launch
 from .observation import Attempt, Step
 from .plan import Accel, DeviceSettings, machine_for_architecture
 from .prober import Prober, launch_identity
 from .sandbox import kvm_access, private_directory, resolve_probe_identity
 from .target import ProbeTarget
+
+if TYPE_CHECKING:
+    from .launch import LaunchContext
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def launch_credentials(prober: Prober, stack: contextlib.ExitStack) -> Credentia
 
 def _context(prober: Prober, workdir: Path, target: ProbeTarget | None, stack: contextlib.ExitStack
              ) -> LaunchContext:  # fmt: skip
+    from .launch import LaunchContext, probe_environment  # as the prober: at first use
+
     config = prober.config
     identity = resolve_probe_identity(config.probe_user, config.dev_root)
     if target is not None and identity.credentials is not None:
@@ -96,6 +101,8 @@ async def ask_each(
     Raises:
         ProbeError: a launch could not start; GrantError: the node cannot be lent.
     """
+    from .launch import run_launch
+
     if not target.iommu_group:
         raise ProbeError(f"{target.device_id} has no IOMMU group")
     answers = []
@@ -115,6 +122,8 @@ async def round_trip(prober: Prober, settings: DeviceSettings, accel: Accel) -> 
     Raises:
         ProbeError: a launch could not start, or the round trip did not run.
     """
+    from .launch import run_launch
+
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(private_directory(prober.config.runtime_dir))
         context = _context(prober, workdir, None, stack)
