@@ -160,5 +160,13 @@ def start_rows(start: dict[str, Any]) -> list[Row]:
             f"{ratio:.2f}x",
             f"<= {NAME_OWNED_GOAL}x",
             ratio <= NAME_OWNED_GOAL,
-        )
+        ),
+        Row(
+            "  CPU time used by then (user + system, with its reaped children: QEMU -version)",
+            s_text(start["daemon_cpu"]["p50"]),
+            s_text(start["floor_cpu"]["p50"]),
+            f"{start['daemon_cpu']['p50'] / start['floor_cpu']['p50']:.2f}x",
+            "",
+            None,
+        ),
     ]

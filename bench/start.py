@@ -15,7 +15,7 @@ from typing import Any
 
 from dbus_fast.aio import MessageBus
 
-from bench.common import BENCH_FLOOR_NAME, REPO, Progress, summary
+from bench.common import BENCH_FLOOR_NAME, REPO, Progress, cpu_seconds, summary
 from bench.name_timing import seconds_to_name
 from support.harness import BUS_NAME, PrivateBus
 from support.prober import REAL_QEMU, ensure_probe_user
@@ -46,7 +46,9 @@ def floor_command(address: str) -> list[str]:
     return [sys.executable, str(HERE / "name_floor.py"), address, BENCH_FLOOR_NAME]
 
 
-async def _one(bus: MessageBus, name: str, command: list[str], log: Path) -> float:
+async def _one(bus: MessageBus, name: str, command: list[str], log: Path) -> tuple[float, float]:
+    """Seconds until *command* owns *name*, and the CPU seconds it had used by then (with the
+    children it reaped: the daemon's ``qemu -version``)."""
     processes: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:
@@ -58,7 +60,8 @@ async def _one(bus: MessageBus, name: str, command: list[str], log: Path) -> flo
             )
 
     try:
-        return await seconds_to_name(bus, name, start)
+        seconds = await seconds_to_name(bus, name, start)
+        return seconds, cpu_seconds(processes[0].pid, children=True)
     finally:
         for process in processes:
             process.terminate()
@@ -74,8 +77,8 @@ async def measure(repeats: int, progress: Progress) -> dict[str, Any]:
     bus = PrivateBus(scratch / "bus").start()
     try:
         connection = await MessageBus(bus_address=bus.address).connect()
-        daemon: list[float] = []
-        floor: list[float] = []
+        daemon: list[tuple[float, float]] = []
+        floor: list[tuple[float, float]] = []
         try:
             for round_ in range(repeats):
                 progress.note(f"round {round_ + 1}/{repeats}")
@@ -89,8 +92,15 @@ async def measure(repeats: int, progress: Progress) -> dict[str, Any]:
                 )
         finally:
             connection.disconnect()
-        return {"daemon": summary(daemon), "floor": summary(floor), "daemon_s": daemon,
-                "floor_s": floor, "cpus": os.cpu_count()}  # fmt: skip
+        return {
+            "daemon": summary([wall for wall, _ in daemon]),
+            "floor": summary([wall for wall, _ in floor]),
+            "daemon_cpu": summary([cpu for _, cpu in daemon]),
+            "floor_cpu": summary([cpu for _, cpu in floor]),
+            "daemon_s": daemon,
+            "floor_s": floor,
+            "load": os.getloadavg()[0],
+        }
     finally:
         bus.stop()
         shutil.rmtree(scratch, ignore_errors=True)
