@@ -58,6 +58,9 @@ DROP_IN = "50-lab-bench.conf"
 # answered everything in this time has failed.
 ALL_ANSWERED_TIMEOUT = 600.0
 NAIVE_LAUNCH_TIMEOUT = 120.0
+# The daemon's start, which the unit limits to 90 s: on a loaded host the emulated guest runs
+# ten times slower than usual, and a start that is slow is measured rather than failed.
+START_TIMEOUT = 600.0
 
 
 def say(message: str) -> None:
@@ -72,7 +75,7 @@ def systemctl(*args: str) -> str:
         subprocess.CalledProcessError: systemctl failed.
     """
     return subprocess.run(
-        ["systemctl", *args], capture_output=True, text=True, check=True, timeout=180
+        ["systemctl", *args], capture_output=True, text=True, check=True, timeout=START_TIMEOUT
     ).stdout.strip()
 
 
@@ -99,7 +102,9 @@ class Unit:
         path = self.drop_in()
         path.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join([*base, "--probe-concurrency", str(concurrency)])
-        path.write_text(f"[Service]\nExecStart=\nExecStart={command}\n")
+        path.write_text(
+            f"[Service]\nExecStart=\nExecStart={command}\nTimeoutStartSec={START_TIMEOUT:.0f}\n"
+        )
         systemctl("daemon-reload")
 
     def unconfigure(self) -> None:
@@ -359,9 +364,11 @@ def qemu_version() -> str:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of the lab benchmark."""
     daemon, mdevs, unit = Daemon(args.service), MdevLab(), Unit(args.service)
-    wait_for(lambda: daemon.is_serving() or daemon.has_failed(), 60, "vfiocapsd to serve")
-    if not daemon.is_serving():
-        raise RuntimeError(f"vfiocapsd does not serve:\n{daemon.journal()}")
+    # The first start (by the installation) is not measured; on a slow host it may exceed the
+    # unit's start timeout, and the benchmark's own starts allow for that (see Unit.configure).
+    wait_for(
+        lambda: daemon.is_serving() or daemon.has_failed(), START_TIMEOUT, "vfiocapsd to serve"
+    )
     # A driver's registration starts the daemon (udev): load them all before stopping it.
     for module in SAMPLE_DRIVERS:
         mdevs.load(module)
