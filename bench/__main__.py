@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench import common, lab, lab_rows, probes, report, scale, service, start
+from bench import common, lab, lab_rows, probes, profiles, report, scale, service, start
 
-STAGES = ("service", "start", "probes", "scale", "lab")
+STAGES = ("service", "start", "probes", "scale", "profiles", "lab")
 
 
 def main() -> int:
@@ -34,6 +34,7 @@ def main() -> int:
         service.THROUGHPUT_ROUNDS, service.THROUGHPUT_SECONDS = 1, 1.0
         service.HOTPLUG_REPEATS = 10
         probes.REAL_QEMU_REPEATS = 2
+        profiles.PASSES, profiles.LATENCY_ROUNDS = 10, 2
         lab.REPEATS = 1
         start.REPEATS = 3
         sizes = (300, 1000)
@@ -65,6 +66,11 @@ def main() -> int:
         figures = scale.run(progress, sizes)
         results["scale"] = figures
         rows += report.scale_rows(figures)
+    if "profiles" in stages:
+        progress.stage("vGPU profiles set by other tools, 512 VFs")
+        figures = profiles.run(progress)
+        results["profiles"] = figures
+        rows += report.profile_rows(figures)
     if "lab" in stages:
         progress.stage("real-kernel lab (boot, install, benchmark)")
         figures = lab.run(progress, args.results / "lab", lab.REPEATS)

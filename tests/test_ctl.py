@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from support.daemon_lab import Lab, vfiocapsctl
-from support.harness import DaemonFactory, PrivateBus
+from support.harness import DaemonFactory, PrivateBus, match_rules, wait_until
 
 
 def ctl_json(bus: PrivateBus, *args: str) -> Any:
@@ -82,6 +82,12 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
 
     refreshed = ctl_json(lab.bus, "refresh", mtty)
     assert refreshed["ProbeState"] == "done"
+    assert refreshed["Emulated"] is False
+    # In text, the fresh answer as show prints it: no Python reprs, times in UTC.
+    fresh = vfiocapsctl(lab.bus, "refresh", mtty).stdout
+    assert fresh.startswith(f"{mtty}: mdev of type mtty-1"), fresh
+    assert re.search(r"^  probed +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", fresh, re.M), fresh
+    assert "[" not in fresh.split("libvirt domain XML")[0]
     assert ctl_json(lab.bus, "invalidate", "mbochs") == {"records": 1}
     assert vfiocapsctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
 
@@ -124,15 +130,17 @@ def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -
 def test_monitor_streams_changes(lab: Lab) -> None:
     lab.host.build("mtty")
     lab.start()
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
-         "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    before = match_rules(lab.bus.address)
+    monitor, text = (
+        subprocess.Popen(
+            [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
+             *json_flag],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for json_flag in (["--json"], [])
     )  # fmt: skip
     try:
-        time.sleep(1.0)
+        wait_until(lambda: match_rules(lab.bus.address) >= before + 2, 30, "both subscribed")
         uuid = lab.host.add_instance("mtty", "mtty-2")
         lab.wait_states({uuid: "done"})
         lab.host.remove_instance(uuid)
@@ -140,11 +148,23 @@ def test_monitor_streams_changes(lab: Lab) -> None:
     finally:
         monitor.send_signal(signal.SIGINT)
         out, err = monitor.communicate(timeout=10)
-    assert monitor.returncode == 0, err
+        text.send_signal(signal.SIGINT)
+        lines, text_err = text.communicate(timeout=10)
+    # In text: the device by its id, values as show prints them.
+    assert lines.splitlines()[0].startswith(f"device-added {uuid} "), lines + text_err
+    assert "/org/vfiocaps/devices" not in lines
+    assert "['" not in lines
+    assert re.search(r"ProbedAt=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", lines), lines
+    assert re.search(r"MigrationSaveSeconds=\d+\.\d{3} s", lines), lines
+    assert f"device-removed {uuid}" in lines
+    assert monitor.returncode == 130, err  # interrupted, as shells report SIGINT
     events = [json.loads(line) for line in out.splitlines()]
     kinds = [event["event"] for event in events]
     assert kinds[0] == "device-added"
     assert events[0]["Id"] == uuid
+    assert all(event["emulated"] is False for event in events)
+    device_events = [event for event in events if event["event"].startswith("device-")]
+    assert all(event["id"] == uuid for event in device_events)  # by id, removal included
     assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
     assert "device-removed" in kinds
     assert kinds.index("device-removed") > kinds.index("device-added")

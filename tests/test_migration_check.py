@@ -64,6 +64,15 @@ def test_fingerprint_and_check_over_the_bus_and_the_command_line(lab: Lab, tmp_p
         "mtty-2" in vfiocapsctl(lab.bus, "migration", "check", str(saved), "--device", one).stdout
     )
 
+    # A real host's fingerprint says so; one from an emulated host (the demo) never matches it.
+    assert values["emulated"] is False
+    emulated = dict(values, emulated=True)
+    demo = vfiocapsctl(lab.bus, "migration", "check", "-", "--json", stdin=json.dumps(emulated))
+    assert demo.returncode == 7, demo.stderr
+    assert {"field": "emulated", "verdict": "incompatible"}.items() <= next(
+        row for row in json.loads(demo.stdout)["reasons"] if row["field"] == "emulated"
+    ).items()
+
     # Another driver version with no published state format: only the driver knows.
     newer = dict(values, driver_version="0.2")
     undecided = vfiocapsctl(lab.bus, "migration", "check", "-", stdin=json.dumps(newer))
@@ -88,6 +97,13 @@ def test_bad_fingerprints_and_devices_are_clear_errors(lab: Lab, tmp_path: Path)
     lab.wait_states({one: "done"})
     error = manager_call(lab.bus, "CheckMigration", "ss", '{"format": "x"}', "", check=False)
     assert "org.vfiocaps1.Error.InvalidArgument" in error or "not a migration" in error
+    nested = manager_call(lab.bus, "CheckMigration", "ss", "[" * 8000 + "]" * 8000, "", check=False)
+    assert "nested deeper" in nested, nested
+    document = json.loads(vfiocapsctl(lab.bus, "migration", "fingerprint", one, "--json").stdout)
+    truthy = json.dumps({**document, "version": True})
+    wrong = manager_call(lab.bus, "CheckMigration", "ss", truthy, "", check=False)
+    assert "version True" in wrong, wrong
+    assert "Traceback" not in lab.daemons[0].log()
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     bad = vfiocapsctl(lab.bus, "migration", "check", str(garbage))

@@ -138,6 +138,8 @@ class Config:
     probe_timeout: float = 30.0
     probe_concurrency: int = 2
     probe_retry_seconds: float = 30.0
+    # How often vGPU profiles are compared with sysfs (their writes send no uevent).
+    profile_scan_seconds: float = 5.0
     probe_types_without_instances: bool = False
     migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
     # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
@@ -174,6 +176,11 @@ class Config:
         if not 0 < self.probe_retry_seconds <= 86400:
             raise ConfigError(
                 f"probe retry must be in (0, 86400] seconds, got {self.probe_retry_seconds}"
+            )
+        if not 0.05 <= self.profile_scan_seconds <= 3600:
+            raise ConfigError(
+                f"profile scan interval must be in [0.05, 3600] seconds, got "
+                f"{self.profile_scan_seconds}"
             )
         if not 0 < self.authorization_timeout <= 3600:
             raise ConfigError(

@@ -52,6 +52,9 @@ The rule, field by field (why each is in the fingerprint):
     Informational. The VFIO migration protocol is kernel API; what changes with the kernel is
     the driver, already covered by ``driver_version`` (which falls back to the kernel release for
     drivers built into it).
+``emulated``
+    True when an emulated host (a demonstration) wrote it; absent means false. Its answers
+    describe no hardware, so it never matches real hardware: incompatible when the two differ.
 
 The verdict is ``incompatible`` when any field is incompatible, else ``unknown`` when any field
 is unknown, else ``compatible``.
@@ -76,6 +79,8 @@ UNKNOWN = "unknown"
 
 # The most a fingerprint document may hold; a check reads a file another host wrote.
 MAX_DOCUMENT_BYTES = 16 * 1024
+# A fingerprint is one flat object holding one list; deeper documents are refused unread.
+MAX_NESTING = 4
 _MAX_TEXT = 256
 
 
@@ -99,6 +104,7 @@ class Fingerprint:
     kernel_release: str
     migration_flags: tuple[str, ...] | None = None
     state_format: str | None = None
+    emulated: bool = False  # written by a daemon serving an emulated host (a demonstration)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document form, with its format name and version."""
@@ -134,9 +140,13 @@ def for_device(
     driver: DriverIdentity,
     capabilities: Capabilities,
     parent_pci_id: str,
+    emulated: bool = False,
 ) -> Fingerprint:
-    """The fingerprint of *device*'s type from what discovery and the probe found."""
-    return for_type(driver, device.type_id, device.device_api, capabilities, parent_pci_id)
+    """The fingerprint of *device*'s type from what discovery and the probe found (on an
+    *emulated* host: a demonstration's)."""
+    return for_type(
+        driver, device.type_id, device.device_api, capabilities, parent_pci_id, emulated
+    )
 
 
 def for_type(
@@ -145,6 +155,7 @@ def for_type(
     device_api: str,
     capabilities: Capabilities,
     parent_pci_id: str,
+    emulated: bool = False,
 ) -> Fingerprint:
     """The fingerprint of a type served by *driver* with the probed *capabilities*.
 
@@ -165,6 +176,7 @@ def for_type(
         qemu_version=capabilities.qemu_version,
         kernel_release=driver.kernel_release,
         migration_flags=None if migration_flags is None else tuple(sorted(set(migration_flags))),
+        emulated=emulated,
     )
 
 
@@ -179,6 +191,29 @@ def _text(document: dict[str, Any], name: str, *, optional: bool = False) -> str
     return value
 
 
+def _nesting(text: str) -> int:
+    """How deeply arrays and objects nest in the JSON *text* (strings skipped), counted
+    without recursion so that any depth is measured safely."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse(text: str) -> Fingerprint:
     """Read a fingerprint document (as :meth:`Fingerprint.to_json` writes it).
 
@@ -191,18 +226,23 @@ def parse(text: str) -> Fingerprint:
         MAX_DOCUMENT_BYTES
     ):
         raise FingerprintError(f"a fingerprint is at most {MAX_DOCUMENT_BYTES} bytes")
+    if _nesting(text) > MAX_NESTING:
+        raise FingerprintError(
+            f"nested deeper than {MAX_NESTING} levels; a fingerprint is one flat object"
+        )
     try:
         document = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise FingerprintError(f"not JSON: {err}") from err
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise FingerprintError(
             f'not a migration fingerprint (expected "format": "{FORMAT}"); write one with '
             "'vfiocapsctl migration fingerprint ID --json'"
         )
-    if document.get("version") != FORMAT_VERSION:
+    version = document.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1 in Python
         raise FingerprintError(
-            f"fingerprint version {document.get('version')!r} is not {FORMAT_VERSION}; "
+            f"fingerprint version {repr(version)[:40]} is not {FORMAT_VERSION}; "
             "produce it with the same vfiocaps version on both hosts"
         )
     flags = document.get("migration_flags")
@@ -212,9 +252,12 @@ def parse(text: str) -> Fingerprint:
         ):
             raise FingerprintError("field 'migration_flags' must be null or a list of flag names")
         flags = tuple(sorted(set(flags)))
-    values: dict[str, Any] = {}
+    emulated = document.get("emulated", False)
+    if not isinstance(emulated, bool):
+        raise FingerprintError("field 'emulated' must be true or false")
+    values: dict[str, Any] = {"emulated": emulated}
     for item in fields(Fingerprint):
-        if item.name == "migration_flags":
+        if item.name in ("migration_flags", "emulated"):
             continue
         values[item.name] = _text(document, item.name, optional=item.name == "state_format")
     return Fingerprint(migration_flags=flags, **values)
@@ -338,6 +381,20 @@ def _qemu(source: Fingerprint, destination: Fingerprint) -> Reason:
     )
 
 
+def _emulated(source: Fingerprint, destination: Fingerprint) -> Reason:
+    def host(fingerprint: Fingerprint) -> str:
+        return "an emulated host" if fingerprint.emulated else "real hardware"
+
+    if source.emulated == destination.emulated:
+        return Reason("emulated", COMPATIBLE, f"both from {host(source)}")
+    return Reason(
+        "emulated",
+        INCOMPATIBLE,
+        f"the source is {host(source)}, the destination {host(destination)}: an emulated "
+        "host's answers describe no hardware",
+    )
+
+
 def check(source: Fingerprint, destination: Fingerprint) -> Verdict:
     """Can state saved with *source*'s device type be loaded into *destination*'s?"""
     reasons = (
@@ -357,6 +414,7 @@ def check(source: Fingerprint, destination: Fingerprint) -> Verdict:
         _flags(source, destination),
         _state_format(source, destination),
         _qemu(source, destination),
+        _emulated(source, destination),
         Reason(
             "kernel_release",
             COMPATIBLE,

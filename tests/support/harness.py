@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,14 @@ def busctl(
         check=check,
         timeout=timeout,
     )
+
+
+def match_rules(address: str) -> int:
+    """How many match rules the bus at *address* holds now (its Debug.Stats), for a test to
+    wait until a subscriber has subscribed."""
+    bus = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.Debug.Stats")
+    stats = busctl(address, "--json=short", "call", *bus, "GetStats")
+    return int(json.loads(stats.stdout)["data"][0]["MatchRules"]["data"])
 
 
 def gdbus(

@@ -147,6 +147,7 @@ class BusAdaptor:
         return [type_dict(view) for view in self._engine.types()]
 
     async def refresh(self, device_id: str) -> dict[str, Variant]:
+        await self._engine.recheck_profiles()  # a VF's profile may have been set just now
         view = self._lookup(device_id)
         return await self._refresh_by_id(view.device.device_id)
 
@@ -184,7 +185,11 @@ class BusAdaptor:
             reason = view.last_error or f"probe state is {view.state.value}"
             raise ProbeError(f"no capabilities for {device_id}: {reason}")
         return fingerprint.for_device(
-            view.device, view.driver, view.capabilities, view.parent_pci_id
+            view.device,
+            view.driver,
+            view.capabilities,
+            view.parent_pci_id,
+            emulated=self._config.emulated,
         )
 
     async def migration_fingerprint(self, device_id: str) -> str:

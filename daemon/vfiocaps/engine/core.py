@@ -9,6 +9,7 @@ It knows nothing of D-Bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TIMINGS = Timings()
+# The longest a Refresh waits for discovery to apply a profile change it has just seen.
+RECHECK_SECONDS = 2.0
 
 
 def _now_us() -> int:
@@ -117,7 +120,9 @@ class Engine:
         )
         self._types = TypeProber(
             source,
-            InstanceLedger(config.runtime_dir / "temporary-instances", boot_id_path),
+            InstanceLedger(
+                config.runtime_dir / "temporary-instances", boot_id_path, dev_root=config.dev_root
+            ),
             settled=self.settled,
             stop_probe=self._stop_probe,
             device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
@@ -129,6 +134,7 @@ class Engine:
         )
         self._tasks = TaskSet()
         self._started = asyncio.Event()
+        self._batch_applied = asyncio.Event()
         self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
@@ -200,7 +206,8 @@ class Engine:
         if parent is None or parent.driver is None or qemu is None:
             return None
         kernel = self.config.kernel_release
-        key = keys.make_key(parent.driver, parent.pci_id, mdev_type.type_id, kernel, qemu)
+        type_id = keys.type_identity(mdev_type)
+        key = keys.make_key(parent.driver, parent.pci_id, type_id, kernel, qemu)
         record = self._cache.get(key)
         return record.capabilities if record else None
 
@@ -236,6 +243,7 @@ class Engine:
                 with self._announcer.batch():
                     for event in batch:
                         self._handle(event)
+                self._batch_applied.set()
         finally:
             await self._shutdown()
 
@@ -245,6 +253,7 @@ class Engine:
 
     async def _shutdown(self) -> None:
         await self._tasks.stop()
+        await self._types.close()  # late sysfs writes keep their records for the next start
         self._scheduler.stop()
         await self._cache.close()
         await self._source.close()
@@ -326,6 +335,17 @@ class Engine:
             reason = self._qemu.error or f"QEMU binary {self.config.qemu_binary} is not usable"
             return ProbeState.FAILED, reason
         return self._scheduler.state_of(key)
+
+    async def recheck_profiles(self) -> None:
+        """Look for vGPU profiles set or cleared by other tools now (they send no uevent) and,
+        if any changed, wait (bounded) until discovery's answer has been applied. Raises
+        nothing."""
+        self._batch_applied.clear()
+        if not self._source.recheck_profiles():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECHECK_SECONDS):
+                await self._batch_applied.wait()
 
     async def refresh(self, device_id: str) -> DeviceView:
         """Drop the device's cached record, probe anew and return the fresh view.

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..capabilities import ProbeOutcome, ProbeReport
+from ..capabilities import ProbeOutcome, ProbeReport, clean_report, printable
 from ..model import Device, Parent
 from ..store import CapabilityKey, CapabilityRecord, ProbeHistoryEntry
 from .cache import RecordCache
@@ -147,7 +147,7 @@ class ProbeScheduler:
             key=key,
             outcome=outcome,
             capabilities=None,
-            error=error,
+            error=printable(error),
             probed_at_us=now,
             retry_at_us=now + int(backoff * 1e6),
             failures=failures,
@@ -260,7 +260,8 @@ class ProbeScheduler:
         self.running += 1
         self._running_changed()
         try:
-            report = await self._runner.probe_device(device, self._parent_of(device))
+            # What QEMU and the driver wrote is evidence: stored and shown without control codes.
+            report = clean_report(await self._runner.probe_device(device, self._parent_of(device)))
         finally:
             self.running -= 1
         self.launched += 1

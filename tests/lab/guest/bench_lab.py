@@ -3,7 +3,8 @@ kernel's sample mdev types on the real kernel, beside a bare QEMU and the naive 
 
 Usage (inside the lab guest, as root, with the checkout on PYTHONPATH for ``bench``):
 
-    /opt/vfiocaps/bin/python bench_lab.py --results DIR [--repeats N] [--concurrency N ...]
+    PYTHONPATH=CHECKOUT:/usr/share/vfiocaps python3 bench_lab.py
+        --results DIR [--repeats N] [--concurrency N ...]
 
 One instance of every type the sample drivers offer is created while the daemon is stopped.
 Then, per repeat and per concurrency, the daemon starts with an empty cache (a drop-in sets
