@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,10 @@ MAN_PAGES = (f"{PREFIX}/share/man/man1/vfiocapsctl.1", f"{PREFIX}/share/man/man8
 COMPLETIONS = tuple(
     f"{PREFIX}/share/bash-completion/completions/{name}" for name in ("vfiocapsctl", "vfiocapsd")
 )
+LIBVIRT_HOOK = "/etc/libvirt/hooks/qemu.d/vfiocaps"  # where libvirt looks, whatever PREFIX
 INTERFACE = f"{PREFIX}/share/dbus-1/interfaces/org.vfiocaps1.xml"
 INSTALLED_DATA = (
+    LIBVIRT_HOOK,
     UNIT,
     SYSUSERS,
     UDEV_RULE,
@@ -107,6 +110,7 @@ def test_install_puts_every_file_in_place_with_the_prefix_substituted(destdir: P
     assert "@bindir@" not in unit
     activation = (destdir / BUS_SERVICE.lstrip("/")).read_text()
     assert "Exec=/usr/bin/vfiocapsd --system\n" in activation
+    assert stat.S_IMODE((destdir / LIBVIRT_HOOK.lstrip("/")).stat().st_mode) == 0o755
 
 
 def test_man_finds_the_installed_pages(destdir: Path) -> None:
@@ -547,6 +551,29 @@ def test_methods_pass_the_bus_so_that_the_daemon_decides(
     assert not answered_by_the_daemon(gone), gone
 
 
+HOLD_CALLS = [
+    (
+        "org.vfiocaps1.Manager.HoldDevices",
+        ("c7a5fdbd-edaf-9455-926a-d65c16db1809", "vm1", "['0000:00:02.0']"),
+    ),
+    ("org.vfiocaps1.Manager.ReleaseDevices", ("c7a5fdbd-edaf-9455-926a-d65c16db1809",)),
+]
+
+
+@needs_root
+@pytest.mark.parametrize(("method", "args"), HOLD_CALLS)
+def test_only_root_may_hold_devices_for_a_vm(
+    system_bus: SystemStyleBus, start_daemon: DaemonFactory, method: str, args: tuple[str, ...]
+) -> None:
+    """A hold keeps probes off a device: the bus refuses anyone but root (the libvirt hook)."""
+    start_daemon(bus=system_bus)
+    refused = gdbus_call(system_bus.address, BUS_NAME, ROOT_PATH, method, *args, unprivileged=True)
+    assert denied_by_the_bus(refused), refused
+    served = gdbus_call(system_bus.address, BUS_NAME, ROOT_PATH, method, *args, unprivileged=False)
+    assert answered_by_the_daemon(served), served
+    assert served.returncode == 0, served
+
+
 @needs_root
 def test_device_refresh_passes_the_bus(
     system_bus: SystemStyleBus, start_daemon: DaemonFactory
@@ -617,11 +644,14 @@ def test_polkit_reads_the_actions_with_the_intended_defaults(destdir: Path) -> N
             ["pkaction"], capture_output=True, text=True, env=env, timeout=30, check=True
         ).stdout.split()
         assert sorted(listed) == [
+            "org.vfiocaps.hold-devices",
             "org.vfiocaps.invalidate",
             "org.vfiocaps.probe-type",
             "org.vfiocaps.refresh",
         ]
         for action in listed:
+            # Only root (the libvirt hook) holds devices for a VM: nobody else is offered it.
+            held = action == "org.vfiocaps.hold-devices"
             out = subprocess.run(
                 ["pkaction", "--verbose", "--action-id", action],
                 capture_output=True,
@@ -630,9 +660,10 @@ def test_polkit_reads_the_actions_with_the_intended_defaults(destdir: Path) -> N
                 timeout=30,
                 check=True,
             ).stdout
-            assert re.search(r"implicit any:\s+auth_admin\n", out), out
-            assert re.search(r"implicit inactive:\s+auth_admin\n", out), out
-            assert re.search(r"implicit active:\s+auth_admin_keep\n", out), out
+            assert re.search(rf"implicit any:\s+{'no' if held else 'auth_admin'}\n", out), out
+            assert re.search(rf"implicit inactive:\s+{'no' if held else 'auth_admin'}\n", out), out
+            active = "auth_admin" if held else "auth_admin_keep"
+            assert re.search(rf"implicit active:\s+{active}\n", out), out
             assert re.search(r"description:\s+\S", out), out
     finally:
         polkitd.terminate()

@@ -309,6 +309,9 @@ def rig_config(directory: Path, **overrides: object) -> Config:
         "kernel_release": KERNEL,
         "probe_retry_seconds": 30.0,
         "probe_concurrency": 2,
+        # The rig's clock is a fake one and the settle time is real time: the rig's devices
+        # are probed at once (the settle time is tested on the daemon, test_libvirt_hook).
+        "probe_settle_seconds": 0.0,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]

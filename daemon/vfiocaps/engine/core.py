@@ -38,11 +38,13 @@ from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
+from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
 from .tasks import TaskSet
+from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (
     DeviceSource,
@@ -109,6 +111,7 @@ class Engine:
             interval=timings.qemu_check,
             retry=config.probe_retry_seconds,
         )
+        self._gate = ProbeGate()
         self._scheduler = ProbeScheduler(
             self._table,
             self._cache,
@@ -117,7 +120,10 @@ class Engine:
             clock_us=clock_us,
             retry_seconds=config.probe_retry_seconds,
             running_changed=tell.status_changed,
+            blocked=self._gate.blocks,
         )
+        # What domains (VMs) hold: the bus adaptor's HoldDevices and ReleaseDevices.
+        self.holds = DomainHolds(self._table, self._gate, self._scheduler, self._resolve)
         self._types = TypeProber(
             source,
             InstanceLedger(
@@ -134,6 +140,17 @@ class Engine:
         )
         self._tasks = TaskSet()
         self._started = asyncio.Event()
+        self._new_instances = NewInstances(
+            config,
+            self._gate,
+            self._scheduler,
+            self._types,
+            self._tasks,
+            started=self._started,
+            snapshot=lambda: self._source.snapshot,
+            resolve=self._resolve,
+            entry=self._table.get,
+        )
         self._batch_applied = asyncio.Event()
         self._kvm_available = False
 
@@ -304,7 +321,7 @@ class Engine:
         entry.state, entry.last_error = self._resolve(entry.key, device)
         self._table.put(entry)
         if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._scheduler.enqueue(entry.key)
+            self._new_instances.queue(entry, appeared=existing is None)
         self._types.device_appeared(device.device_id)
         self._cache.devices_changed(write_now=False)
         if existing is None:

@@ -79,6 +79,11 @@ class TypeProber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def is_temporary(self, device: Device) -> bool:
+        """Whether *device* is (or may be: discovery can see it before its creation returned)
+        an instance created here to be probed."""
+        return device.device_id in self._waiters or (device.parent, device.type_id) in self._probing
+
     def wake(self) -> None:
         """The host changed: look for idle types again."""
         self._wakeup.set()

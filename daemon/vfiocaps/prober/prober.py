@@ -68,6 +68,27 @@ def launch_identity(
     return identity.with_groups(kvm.group) if kvm.group is not None else identity
 
 
+def taken_during_probe(verdict: Verdict, node: Path, probe_uid: int) -> Verdict:
+    """A probe that failed after someone took its group node from the probe user (libvirt
+    labels the node for a VM it starts) was cut short, not answered: busy, which is not cached
+    and is retried. Other verdicts are returned as they are."""
+    if verdict.outcome is not ProbeOutcome.FAILED:
+        return verdict
+    try:
+        owner = os.stat(node).st_uid
+    except OSError:
+        return verdict
+    if owner == probe_uid:
+        return verdict
+    return Verdict(
+        ProbeOutcome.BUSY,
+        error=f"{node} was given to uid {owner} during the probe (a VM starting on the device?); "
+        f"the probe was cut short ({verdict.error}) and is tried again",
+        stderr_excerpt=verdict.stderr_excerpt,
+        notes=verdict.notes,
+    )
+
+
 class Prober:
     """Probes devices with a minimal sandboxed QEMU; safe to use from several tasks at once.
 
@@ -269,7 +290,10 @@ class Prober:
                 render=render_access(self.config.dev_root, identity) if target else None,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
-            return await self._launches(context, strategy, attempt, run)
+            verdict = await self._launches(context, strategy, attempt, run)
+            if node is not None and identity.credentials is not None:
+                verdict = taken_during_probe(verdict, node, identity.uid)
+            return verdict
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _launches(
