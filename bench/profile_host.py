@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from tests.support import umockdev_sriov
-from tests.support.umockdev_hosts import serve
-from tests.support.umockdev_sriov import H100, SriovHostBuilder, SriovMockHost
+from support import umockdev_sriov
+from support.umockdev_hosts import serve
+from support.umockdev_sriov import H100, SriovHostBuilder, SriovMockHost
 
 GPUS = 8
 VFS_PER_GPU = 64

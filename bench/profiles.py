@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon_lab import make_lab
-from tests.support.harness import BUS_NAME, ROOT_PATH, wait_until
-from tests.support.umockdev_hosts import DirectoryTestbed
-
 from bench.common import Progress, cpu_seconds, python_daemon_pid
 from bench.profile_host import KEYS, ProfileBenchBuilder, ProfileBenchHost, vf_addresses
+from support.daemon_lab import make_lab
+from support.harness import BUS_NAME, ROOT_PATH, wait_until
+from support.umockdev_hosts import DirectoryTestbed
 
 PASSES = 50
 LATENCY_ROUNDS = 8

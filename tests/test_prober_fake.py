@@ -250,3 +250,34 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     assert report.outcome is ProbeOutcome.OK, report
     assert [launch.purpose for launch in report.launches] == ["bare"]
     assert leftovers(scratch / "run") == []
+
+
+async def test_the_identity_costs_two_short_qemu_starts_and_a_probe_handed_it_none(
+    scratch: Path, probe_user: str
+) -> None:
+    """Reading the identity asks -version and the vfio-pci properties once each; a probe handed
+    that identity (as the engine hands it) asks neither again."""
+    fake = install_fake_qemu(scratch / "fake")
+    calls = scratch / "calls"
+    calls.write_text("")
+    calls.chmod(0o666)
+    binary = scratch / "qemu" / "qemu-system-x86_64"
+    binary.parent.mkdir(mode=0o755)
+    binary.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {fake} "$@"\n')
+    binary.chmod(0o755)
+    config = Config(
+        qemu_binary=binary,
+        probe_user=probe_user,
+        runtime_dir=scratch / "run",
+        cache_dir=scratch / "cache",
+    )
+    prober = Prober(config)
+    identity = await prober.read_qemu()
+    assert identity.vfio_pci_properties
+    asked = ["-version", "-nodefaults -machine none -device vfio-pci,help"]
+    assert calls.read_text().splitlines() == asked
+    report = await prober.check_qemu(identity)
+    assert report.outcome is ProbeOutcome.OK, report
+    later = calls.read_text().splitlines()[2:]
+    assert later, "the self-test launched QEMU"
+    assert not [line for line in later if line in asked]

@@ -9,6 +9,7 @@ import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
 from ..config import Config
@@ -17,11 +18,9 @@ from ..model import Device, Parent
 from ..process import ProcessStartError
 from ..qemubinary import QemuBinary
 from ..vfiogroup import group_node
+from .events import LaunchObserver
 from .grants import NodeGrants
 from .identity import QemuMissingError, binary_stat, read_identity
-from .kernelfacts import read_kernel_facts
-from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
-from .migration import KernelMigrationFacts
 from .observation import Attempt, Step, Verdict
 from .plan import Accel, machine_for_architecture
 from .render import render_access
@@ -35,8 +34,12 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
-from .strategy import ProbeStrategy
 from .target import ProbeTarget
+
+if TYPE_CHECKING:
+    from .launch import LaunchContext
+    from .migration import KernelMigrationFacts
+    from .strategy import ProbeStrategy
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -225,6 +228,12 @@ class Prober:
     async def _probe(
         self, target: ProbeTarget | None, known: QemuBinary | None, run: _ProbeRun
     ) -> Verdict:
+        # The launch code (QMP, the strategy, the kernel's facts) is imported by the first probe,
+        # not by the daemon's start, which does not need it before it serves.
+        from .kernelfacts import read_kernel_facts
+        from .launch import LaunchContext, probe_environment
+        from .strategy import ProbeStrategy
+
         identity = self._identity()
         run.notes.append(identity.description)
         binary, qemu = await self._binary_for(known)
@@ -281,6 +290,8 @@ class Prober:
     async def _launches(
         self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun
     ) -> Verdict:
+        from .launch import run_launch
+
         while True:
             try:
                 observation, record = await run_launch(context, attempt)
