@@ -7,11 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from typing import Any
 
 from support.daemon_lab import Lab, vfiocapsctl
-from support.harness import DaemonFactory, PrivateBus
+from support.harness import ROOT_PATH, DaemonFactory, PrivateBus, wait_until
 
 
 def ctl_json(bus: PrivateBus, *args: str) -> Any:
@@ -122,6 +122,9 @@ def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -
 
 
 def test_monitor_streams_changes(lab: Lab) -> None:
+    """Every step waits for what it needs to have happened (the monitor's subscription as the
+    bus reports it, the events as the monitor prints them), never for a stretch of time: on a
+    loaded machine the monitor may take seconds to start."""
     lab.host.build("mtty")
     lab.start()
     monitor = subprocess.Popen(
@@ -131,21 +134,50 @@ def test_monitor_streams_changes(lab: Lab) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        assert monitor.stdout is not None
+        lines.extend(iter(monitor.stdout.readline, ""))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def events() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(lines)]
+
     try:
-        time.sleep(1.0)
+        wait_until(
+            lambda: any(ROOT_PATH in rule for rule in lab.bus.match_rules_of(monitor.pid)),
+            120,
+            "the monitor's subscription",
+            interval=0.1,
+        )
         uuid = lab.host.add_instance("mtty", "mtty-2")
         lab.wait_states({uuid: "done"})
         lab.host.remove_instance(uuid)
-        time.sleep(1.0)
+        wait_until(
+            lambda: any(
+                e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events()
+            ),
+            120,
+            "the monitor to print the removal",
+            interval=0.1,
+        )
     finally:
         monitor.send_signal(signal.SIGINT)
-        out, err = monitor.communicate(timeout=10)
+        monitor.wait(120)
+        reader.join(120)
+        assert monitor.stderr is not None
+        err = monitor.stderr.read()
+        monitor.stderr.close()
+        assert monitor.stdout is not None
+        monitor.stdout.close()
     assert monitor.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    kinds = [event["event"] for event in events]
+    seen = events()
+    kinds = [event["event"] for event in seen]
     assert kinds[0] == "device-added"
-    assert events[0]["Id"] == uuid
-    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
+    assert seen[0]["Id"] == uuid
+    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in seen)
     assert "device-removed" in kinds
     assert kinds.index("device-removed") > kinds.index("device-added")
-    assert any(e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BUS_NAME = "org.vfiocaps"
 ROOT_PATH = "/org/vfiocaps"
@@ -90,6 +92,25 @@ class PrivateBus:
             check=False,
         )
         return out.returncode == 0 and out.stdout.strip() == "b true"
+
+    def match_rules_of(self, pid: int) -> list[str]:
+        """The match rules that process *pid*'s connections hold on this bus, as the bus itself
+        reports them (``Debug.Stats``): a subscription is seen made, not guessed from a delay."""
+
+        def call(interface: str, member: str, *args: str) -> Any:
+            out = busctl(
+                self.address, "--json=short", "call", "org.freedesktop.DBus",
+                "/org/freedesktop/DBus", interface, member, *args, check=False,
+            )  # fmt: skip
+            return json.loads(out.stdout)["data"][0] if out.returncode == 0 else None
+
+        rules = call("org.freedesktop.DBus.Debug.Stats", "GetAllMatchRules")
+        found: list[str] = []
+        for name, held in (rules or {}).items():
+            # A connection may close between the two calls: then it holds nothing.
+            if call("org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", name) == pid:
+                found.extend(held)
+        return found
 
 
 def busctl(
