@@ -19,6 +19,7 @@ with a long queue, as a real netlink socket with a large receive buffer would ha
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -610,7 +611,23 @@ def serve(
                 except (OSError, KeyError, ValueError) as err:
                     sys.stderr.write(f"umockdev host: answering a write failed: {err}\n")
 
-    threading.Thread(target=kernel, daemon=True).start()
+    answering = threading.Thread(target=kernel, daemon=True)
+    answering.start()
+    try:
+        _answer(stdin, stdout, builder, lock)
+    finally:
+        stop.set()
+        answering.join()
+        # The Testbed removes its directory when it is finalized, which interpreter exit does
+        # not do: drop the last references now, and remove whatever is left all the same.
+        root = builder.root
+        del builder, testbed
+        gc.collect()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _answer(stdin: Iterator[str], stdout: Any, builder: HostBuilder, lock: threading.Lock) -> None:
+    """Answer one JSON request per line of *stdin* until it closes."""
     for line in stdin:
         request = json.loads(line)
         operation = request.pop("op")
@@ -623,7 +640,6 @@ def serve(
                 reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         stdout.write(json.dumps(reply) + "\n")
         stdout.flush()
-    stop.set()
 
 
 @dataclass
@@ -713,14 +729,22 @@ class MockHost:
         return ["unshare", "--net", "sh", "-c", script, "sh", "umockdev-wrapper"]
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """End the wrapped process; its Testbed directory goes with it (removed here when the
+        process could not remove it itself)."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+                try:
+                    self.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+        if self.root != Path("/nonexistent"):
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 if __name__ == "__main__":
