@@ -587,14 +587,26 @@ def serve(
     stdin: Iterator[str], stdout: Any, builder_class: type[HostBuilder] = HostBuilder
 ) -> None:
     """Run a Testbed and a :class:`HostBuilder` (or *builder_class*); answer one JSON request
-    per line."""
+    per line; remove the Testbed's directory when *stdin* closes."""
     import gi
 
     gi.require_version("UMockdev", "1.0")
     from gi.repository import UMockdev
 
     testbed = UMockdev.Testbed.new()
-    builder = builder_class(testbed)
+    root = Path(testbed.get_root_dir())
+    try:
+        _host(builder_class(testbed), stdin, stdout)
+    finally:
+        # The Testbed removes its directory when it is finalized, which interpreter exit does
+        # not do: drop the last reference now, and remove whatever is left all the same.
+        del testbed
+        gc.collect()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _host(builder: HostBuilder, stdin: Iterator[str], stdout: Any) -> None:
+    """Say where the host is, then answer requests (and the daemon's writes) until *stdin* ends."""
     (builder.sys / "class" / "mdev_bus").mkdir(parents=True, exist_ok=True)
     hello = {"root": str(builder.root), "modules_root": str(builder.modules_root)}
     stdout.write(json.dumps(hello) + "\n")
@@ -618,12 +630,6 @@ def serve(
     finally:
         stop.set()
         answering.join()
-        # The Testbed removes its directory when it is finalized, which interpreter exit does
-        # not do: drop the last references now, and remove whatever is left all the same.
-        root = builder.root
-        del builder, testbed
-        gc.collect()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _answer(stdin: Iterator[str], stdout: Any, builder: HostBuilder, lock: threading.Lock) -> None:
