@@ -138,7 +138,9 @@ class Lab:
         """Device id -> ProbeState."""
         return {device_id: props["ProbeState"] for device_id, props in self.devices().items()}
 
-    def wait_states(self, wanted: dict[str, str], timeout: float = 60) -> None:
+    def wait_states(self, wanted: dict[str, str], timeout: float = 180) -> None:
+        """Wait until the devices are in the *wanted* states. The bound is generous: on a loaded
+        host a probe can take a minute; it only turns a hang into a failure."""
         wait_until(
             lambda: all(self.states().get(i) == s for i, s in wanted.items()),
             timeout,

@@ -71,7 +71,7 @@ class PrivateBus:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self.socket.exists, 10, "the private bus socket")
+        wait_until(self.socket.exists, 60, "the private bus socket")  # a bound, for loaded hosts
         return self
 
     def stop(self) -> None:
