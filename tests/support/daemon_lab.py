@@ -150,24 +150,29 @@ class Lab:
 
 
 def make_lab(host_class: type[MockHost] = MockHost) -> Iterator[Lab]:
-    """Build a lab (its host a *host_class*), yield it, and take it all down again."""
+    """Build a lab (its host a *host_class*), yield it, and take it all down again, also when
+    building it failed half-way."""
     ensure_probe_user()
     directory = Path(tempfile.mkdtemp(prefix="vfiocaps-engine-"))
-    directory.chmod(0o755)
-    dev = directory / "dev"
-    (dev / "vfio").mkdir(parents=True)
-    for group in range(64):
-        make_group_node(dev / "vfio" / str(group))
-    bus = PrivateBus(directory / "bus").start()
-    host = host_class().start()
-    host.root.chmod(0o755)
-    lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
+    bus: PrivateBus | None = None
+    host = host_class()
+    lab: Lab | None = None
     try:
+        directory.chmod(0o755)
+        dev = directory / "dev"
+        (dev / "vfio").mkdir(parents=True)
+        for group in range(64):
+            make_group_node(dev / "vfio" / str(group))
+        bus = PrivateBus(directory / "bus").start()
+        host.start()
+        host.root.chmod(0o755)
+        lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
         yield lab
     finally:
-        for daemon in lab.daemons:
+        for daemon in lab.daemons if lab is not None else []:
             if daemon.alive():
                 daemon.stop()
         host.stop()
-        bus.stop()
+        if bus is not None:
+            bus.stop()
         shutil.rmtree(directory, ignore_errors=True)
