@@ -114,7 +114,7 @@ class Lab:
         daemon = self.daemon(*args, name=name)
         self.daemons.append(daemon)
         daemon.start()
-        wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")
+        wait_until(lambda: "event Resynchronised" in daemon.log(), 90, "the coldplug")
         return daemon
 
     def overrides(self, value: dict[str, Any]) -> None:

@@ -187,7 +187,7 @@ class DaemonProcess:
         env.update(self.env)
         return env
 
-    def start(self, wait: bool = True, timeout: float = 20) -> DaemonProcess:
+    def start(self, wait: bool = True, timeout: float = 90) -> DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -202,7 +202,9 @@ class DaemonProcess:
             self.wait_serving(timeout)
         return self
 
-    def wait_serving(self, timeout: float = 20) -> None:
+    def wait_serving(self, timeout: float = 90) -> None:
+        """Wait until the daemon owns its name (the bound is generous for loaded hosts)."""
+
         def serving() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(
@@ -218,7 +220,7 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send *sig* and return the exit status."""
         assert self.process is not None
         if self.process.poll() is None:
