@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,6 +66,17 @@ def test_commands_and_their_options() -> None:
     assert complete("vfiocapsd --nfd") == ["--nfd-labels"]
     assert complete("vfiocapsctl mig") == ["migration"]
     assert complete("vfiocapsctl migration ") == ["fingerprint", "check"]
+    assert complete("vfiocapsctl pro") == ["probe-type", "probe"]
+    # `migration fingerprint ID` takes no --device; `migration check` does.
+    assert "--device" not in complete("vfiocapsctl migration fingerprint --")
+    assert "--device" in complete("vfiocapsctl migration check --")
+
+
+def test_the_documented_nfd_labels_form_completes_directories(tmp_path: Path) -> None:
+    (tmp_path / "features.d").mkdir()
+    (tmp_path / "file").write_text("")
+    assert complete(f"vfiocapsd --nfd-labels={tmp_path}/f") == [f"{tmp_path}/features.d"]
+    assert complete(f"vfiocapsd --nfd-labels {tmp_path}/f") == [f"{tmp_path}/features.d"]
 
 
 @pytest.mark.parametrize(
@@ -76,6 +88,7 @@ def test_commands_and_their_options() -> None:
         ("xml",),
         ("probe",),
         ("invalidate",),
+        ("probe-type",),
         ("migration", "check"),
         ("migration", "fingerprint"),
     ],
@@ -103,4 +116,20 @@ def test_device_ids_and_drivers_come_from_the_daemon(lab: Lab) -> None:
     assert complete(f"{bus} refresh 0000:41:00") == ["00.4"]
     assert "vfio_pci" in complete(f"{bus} invalidate ")
     assert complete(f"{bus} show 0000:65:00.4 ") == []
-    assert complete("vfiocapsctl --bus-address unix:path=/nonexistent show ") == []
+
+
+def test_probe_type_offers_parents_then_types_from_the_daemon(lab: Lab) -> None:
+    lab.host.build("samples")
+    lab.start()
+    bus = f"vfiocapsctl --bus-address {lab.bus.address}"
+    types = subprocess.run(
+        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "types", "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    listed = json.loads(types.stdout)
+    assert {entry["Parent"] for entry in listed} == {"mtty", "mdpy", "mbochs"}
+    assert set(complete(f"{bus} probe-type ")) == {"mtty", "mdpy", "mbochs"}
+    assert set(complete(f"{bus} probe-type md")) == {"mdpy"}
+    offered = set(complete(f"{bus} probe-type mtty "))
+    assert {"mtty-1", "mtty-2"} <= offered
+    assert complete(f"{bus} probe-type mtty mtty-1 ") == []

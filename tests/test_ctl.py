@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from functools import partial
 from typing import Any
 
 from support.daemon_lab import Lab, vfiocapsctl
@@ -82,6 +83,12 @@ def test_every_command_in_tables_and_json(lab: Lab) -> None:
 
     refreshed = ctl_json(lab.bus, "refresh", mtty)
     assert refreshed["ProbeState"] == "done"
+    assert refreshed["Emulated"] is False
+    # In text, the fresh answer as show prints it: no Python reprs, times in UTC.
+    fresh = vfiocapsctl(lab.bus, "refresh", mtty).stdout
+    assert fresh.startswith(f"{mtty}: mdev of type mtty-1"), fresh
+    assert re.search(r"^  probed +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", fresh, re.M), fresh
+    assert "[" not in fresh.split("libvirt domain XML")[0]
     assert ctl_json(lab.bus, "invalidate", "mbochs") == {"records": 1}
     assert vfiocapsctl(lab.bus, "invalidate", "nvidia").stdout.strip() == "0 records dropped"
 
@@ -122,62 +129,73 @@ def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -
 
 
 def test_monitor_streams_changes(lab: Lab) -> None:
-    """Every step waits for what it needs to have happened (the monitor's subscription as the
-    bus reports it, the events as the monitor prints them), never for a stretch of time: on a
-    loaded machine the monitor may take seconds to start."""
+    """Every step waits for what it needs to have happened (each monitor's subscription as the
+    bus reports it, the events as the monitors print them), never for a stretch of time: on a
+    loaded machine a monitor may take many seconds to start."""
     lab.host.build("mtty")
     lab.start()
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
-         "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-
-    def read() -> None:
-        assert monitor.stdout is not None
-        lines.extend(iter(monitor.stdout.readline, ""))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-
-    def events() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in list(lines)]
-
-    try:
-        wait_until(
-            lambda: any(ROOT_PATH in rule for rule in lab.bus.match_rules_of(monitor.pid)),
-            120,
-            "the monitor's subscription",
-            interval=0.1,
+    monitors = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
+             *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
+        for name, flags in (("json", ["--json"]), ("text", []))
+    }  # fmt: skip
+    printed: dict[str, list[str]] = {name: [] for name in monitors}
+
+    def read(name: str) -> None:
+        stream = monitors[name].stdout
+        assert stream is not None
+        printed[name].extend(iter(stream.readline, ""))
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in monitors]
+    for reader in readers:
+        reader.start()
+
+    def subscribed(monitor: subprocess.Popen[str]) -> bool:
+        return any(ROOT_PATH in rule for rule in lab.bus.match_rules_of(monitor.pid))
+
+    def removal_printed() -> bool:
+        return any('"DeviceCount": 0' in line for line in printed["json"]) and any(
+            "DeviceCount=0" in line for line in printed["text"]
+        )
+
+    errors: dict[str, str] = {}
+    try:
+        for name, monitor in monitors.items():
+            wait_until(partial(subscribed, monitor), 120, f"the {name} monitor's subscription")
         uuid = lab.host.add_instance("mtty", "mtty-2")
         lab.wait_states({uuid: "done"})
         lab.host.remove_instance(uuid)
-        wait_until(
-            lambda: any(
-                e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events()
-            ),
-            120,
-            "the monitor to print the removal",
-            interval=0.1,
-        )
+        wait_until(removal_printed, 120, "both monitors to print the removal", interval=0.1)
     finally:
-        monitor.send_signal(signal.SIGINT)
-        monitor.wait(120)
-        reader.join(120)
-        assert monitor.stderr is not None
-        err = monitor.stderr.read()
-        monitor.stderr.close()
-        assert monitor.stdout is not None
-        monitor.stdout.close()
-    assert monitor.returncode == 0, err
-    seen = events()
-    kinds = [event["event"] for event in seen]
+        for name, monitor in monitors.items():
+            monitor.send_signal(signal.SIGINT)
+            monitor.wait(120)
+            assert monitor.stderr is not None
+            errors[name] = monitor.stderr.read()
+            monitor.stderr.close()
+        for reader in readers:
+            reader.join(120)
+    lines = "".join(printed["text"])
+    # In text: the device by its id, values as show prints them.
+    assert lines.splitlines()[0].startswith(f"device-added {uuid} "), lines + errors["text"]
+    assert "/org/vfiocaps/devices" not in lines
+    assert "['" not in lines
+    assert re.search(r"ProbedAt=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", lines), lines
+    assert re.search(r"MigrationSaveSeconds=\d+\.\d{3} s", lines), lines
+    assert f"device-removed {uuid}" in lines
+    # Interrupted, as shells report SIGINT.
+    assert monitors["json"].returncode == 130, errors["json"]
+    events = [json.loads(line) for line in printed["json"]]
+    kinds = [event["event"] for event in events]
     assert kinds[0] == "device-added"
-    assert seen[0]["Id"] == uuid
-    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in seen)
+    assert events[0]["Id"] == uuid
+    assert all(event["emulated"] is False for event in events)
+    device_events = [event for event in events if event["event"].startswith("device-")]
+    assert all(event["id"] == uuid for event in device_events)  # by id, removal included
+    assert any(e["event"] == "device-changed" and e.get("ProbeState") == "done" for e in events)
     assert "device-removed" in kinds
     assert kinds.index("device-removed") > kinds.index("device-added")
+    assert any(e["event"] == "manager-changed" and e.get("DeviceCount") == 0 for e in events)

@@ -93,6 +93,18 @@ def test_the_demo_serves_an_emulated_host_and_says_so(own_tmp: Path) -> None:
         shown = ctl("show", str(mdpy)).stdout
         assert shown.startswith("EMULATED HOST")
         assert "<hostdev mode='subsystem' type='mdev'" in shown
+        # Every machine-readable output says so too, and so does the XML one pastes.
+        assert all(d["Emulated"] is True for d in json.loads(ctl("list", "--json").stdout))
+        assert all(t["Emulated"] is True for t in json.loads(ctl("types", "--json").stdout))
+        assert json.loads(ctl("show", str(mdpy), "--json").stdout)["Emulated"] is True
+        assert json.loads(ctl("xml", str(mdpy), "--json").stdout)["emulated"] is True
+        assert ctl("xml", str(mdpy)).stdout.startswith("<!-- EMULATED HOST")
+        printed = json.loads(ctl("migration", "fingerprint", str(mdpy), "--json").stdout)
+        assert printed["emulated"] is True
+        if os.geteuid() == 0:  # root needs no polkit for a refresh
+            refreshed = ctl("refresh", str(mdpy), "--json")
+            assert json.loads(refreshed.stdout)["Emulated"] is True, refreshed.stderr
+            assert "emulated host" in ctl("refresh", str(mdpy)).stderr
         scratch = Path(address[1].removeprefix("unix:path=")).parent
         assert scratch.name.startswith("vfiocaps-demo-")
         assert scratch.parent == own_tmp

@@ -10,6 +10,8 @@ import pytest
 
 from support.cli_help import commands_of, help_text, options_in
 from support.harness import REPO
+from vfiocaps import nfdlabels
+from vfiocaps.ctl.commands import TYPE_COLUMNS
 
 PAGES = {"vfiocapsctl": REPO / "man" / "vfiocapsctl.1", "vfiocapsd": REPO / "man" / "vfiocapsd.8"}
 
@@ -69,3 +71,32 @@ def test_every_vfiocapsctl_command_and_option_is_documented() -> None:
     assert {"--viewer", "--sysfs-root", "--timeout", "--json"} <= options
     missing = sorted(option for option in options if not documented(option, source))
     assert missing == []
+
+
+def test_every_nfd_label_is_documented() -> None:
+    source = page_source("vfiocapsd")
+    missing = [suffix for suffix in nfdlabels.SUFFIXES if f".{suffix}" not in source]
+    assert missing == []
+
+
+def test_types_is_documented_with_its_kinds_and_columns() -> None:
+    source = page_source("vfiocapsctl")
+    paragraph = source.split("\n.B types\n", 1)[1].split("\n.TP\n", 1)[0]
+    for kind in ("mdev", "vf-profile", "pci"):
+        assert f".B {kind}\n" in paragraph, kind
+    for column in TYPE_COLUMNS:
+        assert column.header in paragraph, column.header
+    rendered = subprocess.run(
+        ["man", "-l", str(PAGES["vfiocapsctl"])], capture_output=True, text=True, timeout=60,
+        check=True, env={**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "LC_ALL": "C.UTF-8"},
+    ).stdout  # fmt: skip
+    assert "vf-profile" in rendered.replace("\u2010", "-")
+
+
+def test_where_the_state_lives_without_systemd_is_documented() -> None:
+    daemon = page_source("vfiocapsd")
+    assert "$XDG_RUNTIME_DIR/vfiocaps" in daemon
+    assert "XDG_CACHE_HOME" in daemon
+    ctl = page_source("vfiocapsctl")
+    assert "$XDG_RUNTIME_DIR/vfiocaps-quickstart" in ctl
+    assert "--no-ask-password" in ctl

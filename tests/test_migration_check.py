@@ -64,6 +64,15 @@ def test_fingerprint_and_check_over_the_bus_and_the_command_line(lab: Lab, tmp_p
         "mtty-2" in vfiocapsctl(lab.bus, "migration", "check", str(saved), "--device", one).stdout
     )
 
+    # A real host's fingerprint says so; one from an emulated host (the demo) never matches it.
+    assert values["emulated"] is False
+    emulated = dict(values, emulated=True)
+    demo = vfiocapsctl(lab.bus, "migration", "check", "-", "--json", stdin=json.dumps(emulated))
+    assert demo.returncode == 7, demo.stderr
+    assert {"field": "emulated", "verdict": "incompatible"}.items() <= next(
+        row for row in json.loads(demo.stdout)["reasons"] if row["field"] == "emulated"
+    ).items()
+
     # Another driver version with no published state format: only the driver knows.
     newer = dict(values, driver_version="0.2")
     undecided = vfiocapsctl(lab.bus, "migration", "check", "-", stdin=json.dumps(newer))

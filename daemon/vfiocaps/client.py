@@ -19,7 +19,15 @@ from .bus.names import (
     PROPERTIES_INTERFACE,
     ROOT_PATH,
 )
-from .errors import VfiocapsError
+from .errors import BusError, VfiocapsError
+
+# The most changes monitor holds unread before it gives up rather than grow without bound.
+_MONITOR_BACKLOG = 10_000
+# The bus's answers to a call on a name nobody owns.
+_DAEMON_AWAY = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
 
 
 class ClientError(VfiocapsError):
@@ -45,9 +53,12 @@ def plain(value: Any) -> Any:
 class VfiocapsClient:
     """Calls on org.vfiocaps over an already connected bus."""
 
-    def __init__(self, bus: MessageBus, timeout: float = 120.0) -> None:
+    def __init__(self, bus: MessageBus, timeout: float = 120.0, ask_password: bool = False) -> None:
+        """*ask_password*: let polkit ask the user to authenticate for calls that change state
+        (D-Bus's ALLOW_INTERACTIVE_AUTHORIZATION flag), as from a terminal."""
         self._bus = bus
         self._timeout = timeout
+        self._ask_password = ask_password
 
     async def _call(
         self,
@@ -65,7 +76,9 @@ class VfiocapsClient:
             member=member,
             signature=signature,
             body=list(body),
-            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
+            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+            if interactive and self._ask_password
+            else MessageFlag.NONE,
         )
         try:
             async with asyncio.timeout(self._timeout):
@@ -146,6 +159,17 @@ class VfiocapsClient:
         )
         return int(count)
 
+    async def probe_type(self, parent: str, type_id: str) -> dict[str, Any]:
+        """ProbeType (needs authorisation): the type as ListTypes describes it.
+
+        Raises:
+            ClientError: not authorised, unknown parent or type, or the probe failed.
+        """
+        (answer,) = await self._call(
+            ROOT_PATH, MANAGER_INTERFACE, "ProbeType", "ss", [parent, type_id], interactive=True
+        )
+        return dict(plain(answer))
+
     async def domain_xml(self, device_id: str) -> str:
         """DomainXml.
 
@@ -191,30 +215,67 @@ class VfiocapsClient:
         return str(verdict), [(str(a), str(b), str(c)) for a, b, c in reasons]
 
     async def changes(self) -> AsyncIterator[dict[str, Any]]:
-        """Yield device and cache changes as they happen, one dictionary per signal.
+        """Yield device and cache changes as they happen, one dictionary per signal, each
+        device event with the device's ``id``.
+
+        Subscribes first, then reads the devices present (for the ids of later changes).
 
         Raises:
-            ClientError: the match rules cannot be added.
+            ClientError: the match rules cannot be added, or the daemon is not there.
+            BusError: the bus went away.
         """
-        queue: asyncio.Queue[Message] = asyncio.Queue()
+        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=_MONITOR_BACKLOG)
+        overflowed = False
 
         def on_message(message: Message) -> None:
             path = message.path or ""
             ours = path == ROOT_PATH or path.startswith(ROOT_PATH + "/")
+            nonlocal overflowed
             if message.message_type is MessageType.SIGNAL and ours:
-                queue.put_nowait(message)
+                try:
+                    queue.put_nowait(message)
+                except asyncio.QueueFull:
+                    overflowed = True
 
         rule = f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT_PATH}'"
         await self._bus_call_dbus("AddMatch", rule)
         self._bus.add_message_handler(on_message)
+        gone = asyncio.ensure_future(self._bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         try:
+            ids = await self._ids()
             while True:
-                message = await queue.get()
-                event = describe_signal(message)
+                if overflowed:
+                    raise ClientError(
+                        "overflow", f"more than {_MONITOR_BACKLOG} changes were not read in time"
+                    )
+                getter = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    getter.cancel()
+                if not getter.done() or getter.cancelled():
+                    raise BusError("the bus went away (vfiocapsd and its bus have stopped?)")
+                event = describe_signal(getter.result(), ids)
                 if event is not None:
                     yield event
         finally:
+            gone.cancel()
             self._bus.remove_message_handler(on_message)
+
+    async def _ids(self) -> dict[str, str]:
+        """Device ids by object path, of the devices there now (none while the daemon is away:
+        its devices come with InterfacesAdded when it returns)."""
+        try:
+            (objects,) = await self._call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        except ClientError as err:
+            if err.name in _DAEMON_AWAY:
+                return {}
+            raise
+        return {
+            str(path): str(plain(interfaces[DEVICE_INTERFACE]).get("Id", ""))
+            for path, interfaces in objects.items()
+            if DEVICE_INTERFACE in interfaces
+        }
 
     async def _bus_call_dbus(self, member: str, argument: str) -> None:
         reply = await self._bus.call(
@@ -232,19 +293,24 @@ class VfiocapsClient:
             raise ClientError("match", f"cannot subscribe: {detail}")
 
 
-def describe_signal(message: Message) -> dict[str, Any] | None:
-    """A monitor event for a signal of ours, or None for signals we do not report."""
+def describe_signal(message: Message, ids: dict[str, str]) -> dict[str, Any] | None:
+    """A monitor event for a signal of ours, or None for signals we do not report; *ids* maps
+    device object paths to device ids, and is kept up to date here."""
     member, body = message.member, message.body
     if message.interface == OBJECT_MANAGER_INTERFACE and member == "InterfacesAdded":
         path, interfaces = body
         values = plain(interfaces.get(DEVICE_INTERFACE, {}))
-        return {"event": "device-added", "path": path, **values}
+        ids[path] = str(values.get("Id", ""))
+        return {"event": "device-added", "id": ids[path], "path": path, **values}
     if message.interface == OBJECT_MANAGER_INTERFACE and member == "InterfacesRemoved":
-        return {"event": "device-removed", "path": body[0]}
+        return {"event": "device-removed", "id": ids.pop(body[0], ""), "path": body[0]}
     if message.interface == PROPERTIES_INTERFACE and member == "PropertiesChanged":
         interface, changed, _ = body
-        kind = "device-changed" if interface == DEVICE_INTERFACE else "manager-changed"
-        return {"event": kind, "path": message.path, **plain(changed)}
+        if interface == DEVICE_INTERFACE:
+            path = message.path or ""
+            return {"event": "device-changed", "id": ids.get(path, ""), "path": path,
+                    **plain(changed)}  # fmt: skip
+        return {"event": "manager-changed", "path": message.path, **plain(changed)}
     if message.interface == MANAGER_INTERFACE and member == "CacheInvalidated":
         driver, old, new, records = body
         return {

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .app import serve
 from .config import (
+    DEFAULT_PROBE_USER,
     BusChoice,
     Config,
     default_cache_dir,
@@ -51,23 +52,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bus = parser.add_mutually_exclusive_group()
     bus.add_argument("--system", action="store_true", help="use the system bus (default)")
-    bus.add_argument("--session", action="store_true", help="use the session bus")
-    bus.add_argument("--bus-address", metavar="ADDR", help="use the bus at this D-Bus address")
-    parser.add_argument("--sysfs-root", type=_absolute, metavar="DIR", help="default: /sys")
-    parser.add_argument("--dev-root", type=_absolute, metavar="DIR", help="default: /dev")
-    parser.add_argument(
-        "--modules-root", type=_absolute, metavar="DIR", help="default: /lib/modules"
+    bus.add_argument(
+        "--session", action="store_true", help="use the session bus ($DBUS_SESSION_BUS_ADDRESS)"
+    )
+    bus.add_argument(
+        "--bus-address", metavar="ADDR", help="use the bus at this D-Bus address (default: none)"
     )
     parser.add_argument(
-        "--cache-dir", type=_absolute, metavar="DIR", help="default: $CACHE_DIRECTORY"
+        "--sysfs-root", type=_absolute, metavar="DIR", help="the sysfs tree read (default: /sys)"
     )
     parser.add_argument(
-        "--runtime-dir", type=_absolute, metavar="DIR", help="default: $RUNTIME_DIRECTORY"
+        "--dev-root", type=_absolute, metavar="DIR", help="device nodes (default: /dev)"
     )
-    parser.add_argument("--qemu", type=_absolute, metavar="PATH", help="QEMU system emulator")
-    parser.add_argument("--probe-user", metavar="USER", help="unprivileged user that runs QEMU")
-    parser.add_argument("--probe-timeout", type=float, metavar="SECONDS")
-    parser.add_argument("--probe-concurrency", type=int, metavar="N")
+    parser.add_argument(
+        "--modules-root",
+        type=_absolute,
+        metavar="DIR",
+        help="kernel modules, for drivers' identity (default: /lib/modules)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=_absolute,
+        metavar="DIR",
+        help="the capability cache (default: $CACHE_DIRECTORY; as a user $XDG_CACHE_HOME/vfiocaps "
+        "or ~/.cache/vfiocaps; else /var/cache/vfiocaps)",
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        type=_absolute,
+        metavar="DIR",
+        help="records of lent device nodes and temporary instances (default: "
+        "$RUNTIME_DIRECTORY; as a user $XDG_RUNTIME_DIR/vfiocaps; else /run/vfiocaps)",
+    )
+    parser.add_argument(
+        "--qemu",
+        type=_absolute,
+        metavar="PATH",
+        help="QEMU system emulator (default: qemu-system-ARCH on PATH, else in /usr/bin)",
+    )
+    parser.add_argument(
+        "--probe-user",
+        metavar="USER",
+        help=f"unprivileged user that runs QEMU (default: {DEFAULT_PROBE_USER})",
+    )
+    parser.add_argument(
+        "--probe-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest QEMU launch of a probe, above 0 and at most 3600 (default 30)",
+    )
+    parser.add_argument(
+        "--probe-concurrency",
+        type=int,
+        metavar="N",
+        help="probes at once, 1 to 64 (default 2)",
+    )
     parser.add_argument(
         "--probe-retry-seconds",
         type=float,
@@ -113,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME[=VALUE]",
         help="give the probe QEMU this variable (NAME alone: its value in vfiocapsd's "
-        "environment); it gets only PATH and LC_ALL otherwise. Repeatable",
+        "environment); repeatable (default: only PATH and LC_ALL)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"vfiocapsd {__version__}")

@@ -82,6 +82,44 @@ def _migration_evidence(device: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def render_value(name: str, value: Any) -> str:
+    """One Device property's value as ``show`` prints it: times in UTC, seconds to the
+    millisecond, options and conditions spelled out, lists joined, booleans as yes/no."""
+    if name == "ProbedAt" and isinstance(value, int) and not isinstance(value, bool):
+        return _when(value)
+    if name.endswith("Seconds") and isinstance(value, int | float):
+        return f"{value:.3f} s"
+    if name == "MigrationStateBytes" and isinstance(value, int):
+        return f"{value} bytes" if value else "-"
+    if name == "MigrationOptions" and isinstance(value, list):
+        return ", ".join(f"{pair[0]}={pair[1]}" for pair in value if len(pair) == 2) or "-"
+    if name == "MigrationConditions" and isinstance(value, list):
+        return (
+            "; ".join(
+                f"{row[0]}: {row[1]} (decided by {row[2]})" + (f": {row[3]}" if row[3] else "")
+                for row in value
+                if len(row) == 4
+            )
+            or "-"
+        )
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value) or "-"
+    return str(value) if value not in ("", None) else "-"
+
+
+def migration_summary(values: dict[str, Any]) -> str:
+    """The migration verdict in one cell: QEMU's defaults, and with options when they differ."""
+    migration = str(values.get("Migration") or "unknown")
+    with_options = str(values.get("MigrationWithOptions") or migration)
+    if with_options == migration:
+        return migration
+    if with_options == "supported":
+        return "supported with options"  # only: not with QEMU's defaults
+    return f"{migration}; with options {with_options}"
+
+
 def explain(
     device: dict[str, Any],
     parts: dict[str, str] | None,

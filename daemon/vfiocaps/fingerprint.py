@@ -52,6 +52,9 @@ The rule, field by field (why each is in the fingerprint):
     Informational. The VFIO migration protocol is kernel API; what changes with the kernel is
     the driver, already covered by ``driver_version`` (which falls back to the kernel release for
     drivers built into it).
+``emulated``
+    True when an emulated host (a demonstration) wrote it; absent means false. Its answers
+    describe no hardware, so it never matches real hardware: incompatible when the two differ.
 
 The verdict is ``incompatible`` when any field is incompatible, else ``unknown`` when any field
 is unknown, else ``compatible``.
@@ -99,6 +102,7 @@ class Fingerprint:
     kernel_release: str
     migration_flags: tuple[str, ...] | None = None
     state_format: str | None = None
+    emulated: bool = False  # written by a daemon serving an emulated host (a demonstration)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document form, with its format name and version."""
@@ -134,9 +138,13 @@ def for_device(
     driver: DriverIdentity,
     capabilities: Capabilities,
     parent_pci_id: str,
+    emulated: bool = False,
 ) -> Fingerprint:
-    """The fingerprint of *device*'s type from what discovery and the probe found."""
-    return for_type(driver, device.type_id, device.device_api, capabilities, parent_pci_id)
+    """The fingerprint of *device*'s type from what discovery and the probe found (on an
+    *emulated* host: a demonstration's)."""
+    return for_type(
+        driver, device.type_id, device.device_api, capabilities, parent_pci_id, emulated
+    )
 
 
 def for_type(
@@ -145,6 +153,7 @@ def for_type(
     device_api: str,
     capabilities: Capabilities,
     parent_pci_id: str,
+    emulated: bool = False,
 ) -> Fingerprint:
     """The fingerprint of a type served by *driver* with the probed *capabilities*.
 
@@ -165,6 +174,7 @@ def for_type(
         qemu_version=capabilities.qemu_version,
         kernel_release=driver.kernel_release,
         migration_flags=None if migration_flags is None else tuple(sorted(set(migration_flags))),
+        emulated=emulated,
     )
 
 
@@ -212,9 +222,12 @@ def parse(text: str) -> Fingerprint:
         ):
             raise FingerprintError("field 'migration_flags' must be null or a list of flag names")
         flags = tuple(sorted(set(flags)))
-    values: dict[str, Any] = {}
+    emulated = document.get("emulated", False)
+    if not isinstance(emulated, bool):
+        raise FingerprintError("field 'emulated' must be true or false")
+    values: dict[str, Any] = {"emulated": emulated}
     for item in fields(Fingerprint):
-        if item.name == "migration_flags":
+        if item.name in ("migration_flags", "emulated"):
             continue
         values[item.name] = _text(document, item.name, optional=item.name == "state_format")
     return Fingerprint(migration_flags=flags, **values)
@@ -338,6 +351,20 @@ def _qemu(source: Fingerprint, destination: Fingerprint) -> Reason:
     )
 
 
+def _emulated(source: Fingerprint, destination: Fingerprint) -> Reason:
+    def host(fingerprint: Fingerprint) -> str:
+        return "an emulated host" if fingerprint.emulated else "real hardware"
+
+    if source.emulated == destination.emulated:
+        return Reason("emulated", COMPATIBLE, f"both from {host(source)}")
+    return Reason(
+        "emulated",
+        INCOMPATIBLE,
+        f"the source is {host(source)}, the destination {host(destination)}: an emulated "
+        "host's answers describe no hardware",
+    )
+
+
 def check(source: Fingerprint, destination: Fingerprint) -> Verdict:
     """Can state saved with *source*'s device type be loaded into *destination*'s?"""
     reasons = (
@@ -357,6 +384,7 @@ def check(source: Fingerprint, destination: Fingerprint) -> Verdict:
         _flags(source, destination),
         _state_format(source, destination),
         _qemu(source, destination),
+        _emulated(source, destination),
         Reason(
             "kernel_release",
             COMPATIBLE,

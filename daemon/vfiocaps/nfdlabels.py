@@ -56,9 +56,9 @@ SETTLE_SECONDS = 0.5
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _NOT_IN_NAME = re.compile(r"[^-A-Za-z0-9_.]")
 # The longest attribute suffix bounds the type token so that every name fits in 63 characters.
-_SUFFIXES = ("display", "gl-required", "gl-host", "migration", "migration-with-options")
+SUFFIXES = ("display", "gl-required", "gl-host", "migration", "migration-with-options")
 _FINGERPRINT = "migration-fingerprint"
-_TOKEN_MAX = MAX_NAME - 1 - max(len(s) for s in (*_SUFFIXES, _FINGERPRINT))
+_TOKEN_MAX = MAX_NAME - 1 - max(len(s) for s in (*SUFFIXES, _FINGERPRINT))
 
 # The migration fingerprint of a type: the canonical text of what must match between hosts for
 # a saved device state to load, or "" while none is known. The fingerprint itself is built by

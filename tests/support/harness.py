@@ -126,6 +126,14 @@ def busctl(
     )
 
 
+def match_rules(address: str) -> int:
+    """How many match rules the bus at *address* holds now (its Debug.Stats), for a test to
+    wait until a subscriber has subscribed."""
+    bus = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.Debug.Stats")
+    stats = busctl(address, "--json=short", "call", *bus, "GetStats")
+    return int(json.loads(stats.stdout)["data"][0]["MatchRules"]["data"])
+
+
 def gdbus(
     address: str, *args: str, check: bool = True, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:

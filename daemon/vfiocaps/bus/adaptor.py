@@ -184,7 +184,11 @@ class BusAdaptor:
             reason = view.last_error or f"probe state is {view.state.value}"
             raise ProbeError(f"no capabilities for {device_id}: {reason}")
         return fingerprint.for_device(
-            view.device, view.driver, view.capabilities, view.parent_pci_id
+            view.device,
+            view.driver,
+            view.capabilities,
+            view.parent_pci_id,
+            emulated=self._config.emulated,
         )
 
     async def migration_fingerprint(self, device_id: str) -> str:

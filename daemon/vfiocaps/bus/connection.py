@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -315,24 +316,52 @@ class ResilientMessageBus(MessageBus):
         return self
 
 
+_ADDRESS_ADVICE = (
+    "name the bus with --bus-address=unix:path=SOCKET, or set DBUS_SESSION_BUS_ADDRESS or "
+    "DBUS_SYSTEM_BUS_ADDRESS to a D-Bus address"
+)
+
+
+def _why(err: Exception) -> str:
+    """Why a connection failed, saying what to do (the library's text is often empty)."""
+    if isinstance(err, FileNotFoundError | ConnectionRefusedError):
+        return f"{err}: no bus listens there (is the daemon's bus running?)"
+    if isinstance(err, PermissionError):
+        return (
+            f"{err}: this user (uid {os.getuid()}) may not open the bus socket; run "
+            "vfiocapsctl as the user who started the bus, e.g. with sudo"
+        )
+    detail = str(err) or type(err).__name__
+    return (
+        f"{detail}: the bus refused this user (uid {os.getuid()}); a private bus (the quick "
+        "start's, the demo's) admits only the user who started it: run vfiocapsctl as that "
+        "user, e.g. with sudo"
+    )
+
+
 async def connect_bus(choice: BusChoice) -> ResilientMessageBus:
     """Connect to the bus *choice* names.
 
     Raises:
-        BusError: the bus cannot be reached or refuses authentication.
+        BusError: the address is malformed or missing, or the bus cannot be reached or refuses
+            authentication.
     """
-    if choice.kind is BusKind.ADDRESS:
-        bus = ResilientMessageBus(bus_address=choice.address)
-    elif choice.kind is BusKind.SESSION:
-        bus = ResilientMessageBus(bus_type=BusType.SESSION)
-    else:
-        bus = ResilientMessageBus(bus_type=BusType.SYSTEM)
+    try:
+        # The library reads and parses the address (DBUS_*_BUS_ADDRESS) in the constructor.
+        if choice.kind is BusKind.ADDRESS:
+            bus = ResilientMessageBus(bus_address=choice.address)
+        elif choice.kind is BusKind.SESSION:
+            bus = ResilientMessageBus(bus_type=BusType.SESSION)
+        else:
+            bus = ResilientMessageBus(bus_type=BusType.SYSTEM)
+    except Exception as err:
+        raise BusError(f"cannot use the {choice.describe()}: {err}; {_ADDRESS_ADVICE}") from err
     try:
         await bus.connect()
     except asyncio.CancelledError:
         raise
     except Exception as err:
-        raise BusError(f"cannot connect to the {choice.describe()}: {err}") from err
+        raise BusError(f"cannot connect to the {choice.describe()}: {_why(err)}") from err
     log.info("connected to the %s as %s", choice.describe(), bus.unique_name)
     return bus
 

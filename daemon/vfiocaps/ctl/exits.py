@@ -1,6 +1,20 @@
-"""vfiocapsctl's exit statuses, and the D-Bus error names that map to them."""
+"""vfiocapsctl's exit statuses, derived for D-Bus errors from the adaptor's one table of names."""
 
 from __future__ import annotations
+
+from ..bus.errors import ERROR_NAMES
+from ..errors import (
+    BusError,
+    BusyError,
+    ConfigError,
+    InvalidArgumentError,
+    NotAuthorizedError,
+    NotFoundError,
+    ProbeBusyError,
+    ProbeError,
+    UnsafeDirectoryError,
+    VfiocapsError,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -11,27 +25,59 @@ EXIT_NOT_FOUND = 5
 EXIT_NOT_AUTHORIZED = 6
 EXIT_INCOMPATIBLE = 7
 EXIT_UNDECIDED = 8
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 EXIT_CODES = (
     f"exit status: {EXIT_OK} success; {EXIT_FAILURE} no answer (the probe failed, crashed or "
     f"timed out); {EXIT_USAGE} bad command line or malformed argument; {EXIT_UNAVAILABLE} "
-    f"vfiocapsd is not reachable; {EXIT_BUSY} the device is in use by a VM (not disturbed); "
-    f"{EXIT_NOT_FOUND} no such device; {EXIT_NOT_AUTHORIZED} not authorized; "
-    f"{EXIT_INCOMPATIBLE} and {EXIT_UNDECIDED}: 'migration check' found the pair incompatible, "
-    "or could not decide"
+    f"vfiocapsd or its bus is not reachable, or went away; {EXIT_BUSY} the device is in use by "
+    f"a VM (not disturbed), or too many requests wait; {EXIT_NOT_FOUND} no such device; "
+    f"{EXIT_NOT_AUTHORIZED} not authorized; {EXIT_INCOMPATIBLE} and {EXIT_UNDECIDED}: "
+    f"'migration check' found the pair incompatible, or could not decide; {EXIT_INTERRUPTED} "
+    "interrupted (Ctrl-C)"
 )
 PROBE_EXIT_CODES = EXIT_CODES
 
-# D-Bus error names of the daemon (and of the bus) to exit codes.
-ERROR_EXIT_CODES = {
-    "org.vfiocaps1.Error.NotFound": EXIT_NOT_FOUND,
-    "org.vfiocaps1.Error.InvalidArgument": EXIT_USAGE,
-    "org.vfiocaps1.Error.NotAuthorized": EXIT_NOT_AUTHORIZED,
-    "org.vfiocaps1.Error.Busy": EXIT_BUSY,
-    "org.vfiocaps1.Error.Timeout": EXIT_FAILURE,
-    "org.vfiocaps1.Error.ProbeFailed": EXIT_FAILURE,
+# Error classes to exit statuses, most specific first: the first class an error is an instance
+# of gives its status. The D-Bus names below are derived from bus/errors.py through it.
+EXIT_BY_ERROR: tuple[tuple[type[VfiocapsError], int], ...] = (
+    (NotFoundError, EXIT_NOT_FOUND),
+    (InvalidArgumentError, EXIT_USAGE),
+    (NotAuthorizedError, EXIT_NOT_AUTHORIZED),
+    (ProbeBusyError, EXIT_BUSY),
+    (BusyError, EXIT_BUSY),
+    (ProbeError, EXIT_FAILURE),
+    (UnsafeDirectoryError, EXIT_FAILURE),
+    (ConfigError, EXIT_USAGE),
+    (BusError, EXIT_UNAVAILABLE),
+)
+
+
+def exit_status_of(error: VfiocapsError) -> int:
+    """The exit status for *error* (EXIT_FAILURE for any error the table does not name)."""
+    for error_class, status in EXIT_BY_ERROR:
+        if isinstance(error, error_class):
+            return status
+    return EXIT_FAILURE
+
+
+def _status_of_class(error_class: type[VfiocapsError]) -> int:
+    for known, status in EXIT_BY_ERROR:
+        if issubclass(error_class, known):
+            return status
+    return EXIT_FAILURE
+
+
+# D-Bus error names to exit statuses: the daemon's, from its one table, and the bus's own for a
+# daemon that is not there ("timeout" and "no-reply" are the client's names for a silent one).
+ERROR_EXIT_CODES: dict[str, int] = {
+    **{name: _status_of_class(error_class) for error_class, name in reversed(ERROR_NAMES)},
     "org.freedesktop.DBus.Error.ServiceUnknown": EXIT_UNAVAILABLE,
     "org.freedesktop.DBus.Error.NameHasNoOwner": EXIT_UNAVAILABLE,
     "org.freedesktop.DBus.Error.NoReply": EXIT_UNAVAILABLE,
+    "org.freedesktop.DBus.Error.Disconnected": EXIT_UNAVAILABLE,
+    "org.freedesktop.DBus.Error.AccessDenied": EXIT_NOT_AUTHORIZED,
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": EXIT_NOT_AUTHORIZED,
     "timeout": EXIT_UNAVAILABLE,
+    "no-reply": EXIT_UNAVAILABLE,
 }

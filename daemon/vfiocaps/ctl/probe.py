@@ -17,11 +17,22 @@ from ..config import (
     probe_environment_from,
 )
 from ..directories import ensure_private_directory
-from ..errors import InvalidArgumentError, NotFoundError
+from ..errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, UnsafeDirectoryError
 from ..hardening import forbid_new_privileges
 from ..ids import canonical_device_id, is_mdev_uuid
 from ..prober import Prober, ProbeTarget
 from .exits import EXIT_BUSY, EXIT_FAILURE, EXIT_OK, PROBE_EXIT_CODES
+
+
+def positive_seconds(value: str) -> float:
+    """A number of seconds above zero, from the command line."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {value!r}")
+    return seconds
 
 
 def _absolute(value: str) -> Path:
@@ -40,22 +51,50 @@ def add_probe_parser(commands: Any) -> None:
         "so that QEMU can run as the unprivileged probe user.",
         epilog=PROBE_EXIT_CODES,
     )
-    probe.add_argument("device", metavar="PATH_OR_UUID")
-    probe.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    probe.add_argument("--sysfs-root", type=_absolute, default=Path("/sys"), metavar="DIR")
-    probe.add_argument("--dev-root", type=_absolute, default=Path("/dev"), metavar="DIR")
     probe.add_argument(
-        "--runtime-dir", type=_absolute, metavar="DIR", help="default: /run/vfiocaps"
+        "device", metavar="PATH_OR_UUID", help="mdev UUID, PCI address or sysfs path"
     )
-    probe.add_argument("--qemu", type=_absolute, metavar="PATH", help="QEMU system emulator")
-    probe.add_argument("--probe-user", default=DEFAULT_PROBE_USER, metavar="USER")
-    probe.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    probe.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON (default: text)"
+    )
+    probe.add_argument(
+        "--sysfs-root", type=_absolute, default=Path("/sys"), metavar="DIR", help="default: /sys"
+    )
+    probe.add_argument(
+        "--dev-root", type=_absolute, default=Path("/dev"), metavar="DIR", help="default: /dev"
+    )
+    probe.add_argument(
+        "--runtime-dir",
+        type=_absolute,
+        metavar="DIR",
+        help="where lent device nodes are recorded (default: /run/vfiocaps)",
+    )
+    probe.add_argument(
+        "--qemu",
+        type=_absolute,
+        metavar="PATH",
+        help="QEMU system emulator (default: qemu-system-ARCH on PATH)",
+    )
+    probe.add_argument(
+        "--probe-user",
+        default=DEFAULT_PROBE_USER,
+        metavar="USER",
+        help=f"unprivileged user that runs QEMU (default: {DEFAULT_PROBE_USER})",
+    )
+    probe.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest QEMU launch, above 0 (default 30)",
+    )
     probe.add_argument(
         "--probe-env",
         action="append",
         default=[],
         metavar="NAME[=VALUE]",
-        help="give QEMU this variable (NAME alone: from this environment); repeatable",
+        help="give QEMU this variable (NAME alone: from this environment); repeatable "
+        "(default: only PATH and LC_ALL)",
     )
 
 
@@ -74,7 +113,14 @@ def resolve_probe_device(value: str, sysfs_root: Path) -> Path:
         root = sysfs_root.resolve()
         if not path.resolve().is_relative_to(root):
             raise InvalidArgumentError(f"{value} is not under {sysfs_root}")
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError as err:
+        raise NotAuthorizedError(
+            f"cannot look at {path} as uid {os.geteuid()}: {err.strerror}; run "
+            "'vfiocapsctl probe' as root (sudo)"
+        ) from err
+    if not found:
         raise NotFoundError(f"no device {value} (looked at {path})")
     return path
 
@@ -168,11 +214,21 @@ async def probe_command(args: argparse.Namespace) -> int:
         probe_timeout=args.timeout,
         probe_environment=probe_environment_from(args.probe_env, os.environ),
     )
-    ensure_private_directory(config.runtime_dir, "runtime")
+    try:
+        ensure_private_directory(config.runtime_dir, "runtime")
+    except UnsafeDirectoryError as err:
+        if os.geteuid() == 0 or args.runtime_dir is not None:
+            raise
+        raise NotAuthorizedError(
+            f"cannot use {config.runtime_dir} as uid {os.geteuid()}: run 'vfiocapsctl probe' as "
+            "root (sudo), so that QEMU runs as the unprivileged probe user; or, to probe as "
+            "yourself, name a directory of your own with --runtime-dir"
+        ) from err
+    target = ProbeTarget.from_sysfs(device, args.sysfs_root)
     forbid_new_privileges()
     prober = Prober(config)
     prober.recover_grants()
-    report = await prober.probe(ProbeTarget.from_sysfs(device, args.sysfs_root))
+    report = await prober.probe(target)
     values = report_as_dict(device, report)
     if getattr(args, "json", False):
         print(json.dumps(values, indent=2))
