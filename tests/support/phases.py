@@ -15,6 +15,9 @@ SERIAL = {
     "test_bus_backpressure": "a flood against a deadline",
     "test_foundation": "watchdog pings at a fixed period",
     "test_discovery_overflow": "overflows a netlink socket, which needs a slow enough reader",
+    "test_discovery_umockdev": "a storm of a thousand instances against a time bound",
+    "test_reliability_events": "10,000 uevents in one burst against a time bound",
+    "test_root_grants": "probes paused for seconds while a second process starts",
 }
 
 # Fixtures that start the daemon as a process: a test of a QUICK module that uses one is not quick.
