@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -150,29 +151,39 @@ class Lab:
 
 
 def make_lab(host_class: type[MockHost] = MockHost) -> Iterator[Lab]:
-    """Build a lab (its host a *host_class*), yield it, and take it all down again, also when
-    building it failed half-way."""
+    """Build a lab (its host a *host_class*), yield it, and take it all down again: every step
+    of the take-down runs, also when building failed half-way or an earlier step failed (a
+    daemon that ignores SIGTERM still leaves no bus, test bed or directory behind)."""
     ensure_probe_user()
     directory = Path(tempfile.mkdtemp(prefix="vfiocaps-engine-"))
-    bus: PrivateBus | None = None
-    host = host_class()
-    lab: Lab | None = None
-    try:
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(shutil.rmtree, directory, ignore_errors=True)
         directory.chmod(0o755)
         dev = directory / "dev"
         (dev / "vfio").mkdir(parents=True)
         for group in range(64):
             make_group_node(dev / "vfio" / str(group))
-        bus = PrivateBus(directory / "bus").start()
+        bus = PrivateBus(directory / "bus")
+        teardown.callback(bus.stop)
+        bus.start()
+        host = host_class()
+        teardown.callback(host.stop)
         host.start()
         host.root.chmod(0o755)
         lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
+        teardown.callback(_stop_daemons, lab)
         yield lab
-    finally:
-        for daemon in lab.daemons if lab is not None else []:
-            if daemon.alive():
+
+
+def _stop_daemons(lab: Lab) -> None:
+    """Stop every daemon of *lab* that still runs; one that will not stop is killed (by
+    DaemonProcess.stop), and the first such failure is raised after all were stopped."""
+    failures: list[AssertionError] = []
+    for daemon in lab.daemons:
+        if daemon.alive():
+            try:
                 daemon.stop()
-        host.stop()
-        if bus is not None:
-            bus.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+            except AssertionError as err:
+                failures.append(err)
+    if failures:
+        raise failures[0]
