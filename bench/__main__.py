@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench import common, lab, probes, report, scale, service
+from bench import common, lab, lab_rows, probes, profiles, report, scale, service, start
 
-STAGES = ("service", "probes", "scale", "lab")
+STAGES = ("service", "start", "probes", "scale", "profiles", "lab")
 
 
 def main() -> int:
@@ -34,7 +34,9 @@ def main() -> int:
         service.THROUGHPUT_ROUNDS, service.THROUGHPUT_SECONDS = 1, 1.0
         service.HOTPLUG_REPEATS = 10
         probes.REAL_QEMU_REPEATS = 2
+        profiles.PASSES, profiles.LATENCY_ROUNDS = 10, 2
         lab.REPEATS = 1
+        start.REPEATS = 3
         sizes = (300, 1000)
     progress = common.Progress(len(stages))
     results: dict[str, object] = {
@@ -49,6 +51,11 @@ def main() -> int:
         figures = service.run(progress)
         results["service"] = figures
         rows += report.service_rows(figures)
+    if "start" in stages:
+        progress.stage("daemon start until it owns its name")
+        figures = start.run(progress, start.REPEATS)
+        results["start"] = figures
+        rows += lab_rows.start_rows(figures)
     if "probes" in stages:
         progress.stage("probe cost")
         figures = probes.run(progress)
@@ -59,11 +66,16 @@ def main() -> int:
         figures = scale.run(progress, sizes)
         results["scale"] = figures
         rows += report.scale_rows(figures)
+    if "profiles" in stages:
+        progress.stage("vGPU profiles set by other tools, 512 VFs")
+        figures = profiles.run(progress)
+        results["profiles"] = figures
+        rows += report.profile_rows(figures)
     if "lab" in stages:
         progress.stage("real-kernel lab (boot, install, benchmark)")
         figures = lab.run(progress, args.results / "lab", lab.REPEATS)
         results["lab"] = figures
-        rows += report.lab_rows(figures)
+        rows += lab_rows.lab_rows(figures)
     progress.done()
     results["load_after"] = report.load_average()
     print(report.table(rows))

@@ -131,10 +131,14 @@ def memory_of(pid: int) -> Memory:
     return Memory(values["VmRSS"], values["VmHWM"])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of *pid* so far."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User plus system CPU time of *pid* so far (with *children*: plus that of its reaped
+    children, e.g. a QEMU it ran)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def add_match(bus: Any, rule: str) -> None:

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.lab_host import RUNNER, skip_reason
-
 from bench.common import Progress
+from support.lab_host import RUNNER, skip_reason
 
 REPEATS = 3
 # Boot and install (about 2.5 minutes under TCG) plus the benchmark; a cold build adds minutes.

@@ -9,27 +9,15 @@ SPEC_JSON`` from the checkout; prints one JSON line. The lab benchmark imports :
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from vfiocaps.prober import launch_identity
-from vfiocaps.prober.grants import NodeGrants
-from vfiocaps.prober.launch import LaunchContext, probe_environment, run_launch
-from vfiocaps.prober.observation import Attempt, Step
-from vfiocaps.prober.plan import Accel, DeviceSettings, OnOffAuto, machine_for_architecture
-from vfiocaps.prober.sandbox import (
-    kvm_access,
-    private_directory,
-    resolve_probe_identity,
-)
-from vfiocaps.prober.target import ProbeTarget
-from vfiocaps.vfiogroup import group_node
+from vfiocaps.config import Config
+from vfiocaps.prober import DeviceSettings, OnOffAuto, Prober, ProbeTarget, ask_each, probe_accel
 
 QUESTIONS = {
     "display": DeviceSettings(display=OnOffAuto.ON, migration=None),
@@ -39,44 +27,32 @@ QUESTIONS = {
 
 async def probe_all(spec: dict[str, Any]) -> dict[str, Any]:
     """Ask every question of every device in turn; count launches and time them."""
-    dev_root = Path(spec["dev_root"])
-    identity = resolve_probe_identity(spec["probe_user"], dev_root)
-    kvm = kvm_access(dev_root, identity)
-    accel = Accel.KVM if kvm.usable else Accel.TCG
-    grants = NodeGrants(journal=Path(spec["runtime_dir"]) / "naive-grants", dev_root=dev_root)
+    runtime_dir = Path(spec["runtime_dir"])
+    config = Config(
+        qemu_binary=Path(spec["qemu"]),
+        dev_root=Path(spec["dev_root"]),
+        runtime_dir=runtime_dir,
+        cache_dir=runtime_dir / "cache",
+        probe_user=spec["probe_user"],
+        probe_timeout=spec["timeout"],
+        # The stand-in QEMU reads the same emulated sysfs as this process.
+        probe_environment=tuple(
+            (name, os.environ[name])
+            for name in ("UMOCKDEV_DIR", "LD_PRELOAD")
+            if name in os.environ
+        ),
+    )
+    prober = Prober(config)
+    accel = probe_accel(prober)
     launches: list[float] = []
     answers: dict[str, bool] = {}
     began = time.monotonic()
-    with contextlib.ExitStack() as lent:
-        identity = launch_identity(identity, kvm, grants, lent)
-        for path in spec["devices"]:
-            target = ProbeTarget.from_sysfs(Path(path), Path("/sys"))
-            node = group_node(dev_root, target.iommu_group or "")
-            with contextlib.ExitStack() as stack:
-                workdir = stack.enter_context(private_directory(Path(spec["runtime_dir"])))
-                if identity.credentials is not None:
-                    stack.enter_context(grants.granted(node, identity.uid))
-                context = LaunchContext(
-                    binary=Path(spec["qemu"]),
-                    machine=machine_for_architecture(None),
-                    vm_uuid=str(uuid.uuid4()),
-                    sysfsdev=target.sysfs_path,
-                    identity=identity,
-                    workdir=workdir,
-                    timeout=spec["timeout"],
-                    # The stand-in QEMU reads the same emulated sysfs as this process.
-                    environment=probe_environment(
-                        (name, os.environ[name])
-                        for name in ("UMOCKDEV_DIR", "LD_PRELOAD")
-                        if name in os.environ
-                    ),
-                )
-                for question, settings in QUESTIONS.items():
-                    observation, record = await run_launch(
-                        context, Attempt(Step.DISCOVER, settings, accel)
-                    )
-                    launches.append(record.duration)
-                    answers[f"{target.device_id} {question}"] = observation.started
+    for path in spec["devices"]:
+        target = ProbeTarget.from_sysfs(Path(path), Path("/sys"))
+        replies = await ask_each(prober, target, list(QUESTIONS.values()), accel)
+        for question, reply in zip(QUESTIONS, replies, strict=True):
+            launches.append(reply.seconds)
+            answers[f"{target.device_id} {question}"] = reply.started
     return {
         "wall": time.monotonic() - began,
         "accel": accel.value,

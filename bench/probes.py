@@ -12,37 +12,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon_lab import Lab, make_lab, manager_property
-from tests.support.harness import wait_until
-from tests.support.prober import REAL_QEMU, ensure_probe_user
-from tests.support.umockdev_hosts import PARENTS
-
 from bench.common import PROBE_LOG_LINE, REPO, Progress, summary
 from bench.qemu_floor import Stages, bare_qemu, self_test_accel
+from support.daemon_lab import Lab, make_lab, manager_property
+from support.harness import wait_until
+from support.prober import REAL_QEMU, ensure_probe_user
+from support.umockdev_hosts import PARENTS
 from vfiocaps.config import DEFAULT_PROBE_USER, Config
-from vfiocaps.prober import Prober, launch_identity
-from vfiocaps.prober.launch import (
-    LaunchContext,
-    LaunchEvent,
-    LaunchStage,
-    probe_environment,
-    run_launch,
-)
-from vfiocaps.prober.observation import Attempt, Step
-from vfiocaps.prober.plan import (
+from vfiocaps.prober import (
     Accel,
     DeviceSettings,
+    LaunchEvent,
+    LaunchStage,
     OnOffAuto,
-    machine_for_architecture,
-)
-from vfiocaps.prober.sandbox import (
-    kvm_access,
-    private_directory,
-    resolve_probe_identity,
+    Prober,
+    launch_credentials,
+    round_trip,
 )
 
 DEVICES_PER_TYPE = 4
@@ -146,9 +134,7 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
     floors: list[Stages] = []
     accel = await self_test_accel(prober)  # also a warm-up: page cache, the accelerator
     with contextlib.ExitStack() as stack:
-        identity = resolve_probe_identity(config.probe_user, config.dev_root)
-        kvm = kvm_access(config.dev_root, identity)
-        credentials = launch_identity(identity, kvm, prober.grants, stack).credentials
+        credentials = launch_credentials(prober, stack)
         await bare_qemu(Path(qemu), accel, credentials)
         for index in range(REAL_QEMU_REPEATS):
             progress.note(f"real QEMU {index + 1}/{REAL_QEMU_REPEATS}")
@@ -176,7 +162,13 @@ async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
     ``-incoming defer`` launch a migratable type costs (no device: the QEMU and stream part),
     as the probe user with TCG, against a bare start-QMP-quit as that user with TCG."""
     accel = Accel.TCG
-    identity = resolve_probe_identity(DEFAULT_PROBE_USER)
+    config = Config(
+        qemu_binary=Path(qemu),
+        runtime_dir=scratch / "round-trip",
+        cache_dir=scratch / "cache",
+        probe_timeout=60.0,
+    )
+    prober = Prober(config)
     settings = DeviceSettings(display=OnOffAuto.OFF, migration=None)
     saves: list[float] = []
     loads: list[float] = []
@@ -184,30 +176,18 @@ async def real_round_trip(qemu: str, scratch: Path) -> dict[str, Any]:
     load_seconds: list[float] = []
     floors: list[float] = []
     stream = 0
-    with private_directory(scratch / "round-trip") as workdir:
-        context = LaunchContext(
-            binary=Path(qemu),
-            machine=machine_for_architecture(None),
-            vm_uuid=str(uuid.uuid4()),
-            sysfsdev=None,
-            identity=identity,
-            workdir=workdir,
-            timeout=60.0,
-            environment=probe_environment(),
-        )
+    with contextlib.ExitStack() as stack:
+        credentials = launch_credentials(prober, stack)
         for _ in range(REAL_QEMU_REPEATS):
-            saved, save_record = await run_launch(context, Attempt(Step.DISCOVER, settings, accel))
-            loaded, load_record = await run_launch(context, Attempt(Step.LOAD, settings, accel))
-            if saved.migration is None or loaded.incoming is None:
-                raise RuntimeError("the real QEMU round trip did not run")
-            if loaded.incoming.status != "completed":
-                raise RuntimeError(f"the real QEMU load failed: {loaded.incoming}")
-            saves.append(save_record.duration)
-            loads.append(load_record.duration)
-            save_seconds.append(saved.migration.duration)
-            load_seconds.append(loaded.incoming.duration)
-            stream = saved.migration.stream_bytes or 0
-            floor = await bare_qemu(Path(qemu), accel, identity.credentials)
+            trip = await round_trip(prober, settings, accel)
+            if trip.load_status != "completed":
+                raise RuntimeError(f"the real QEMU load failed: {trip.load_status}")
+            saves.append(trip.save_launch)
+            loads.append(trip.load_launch)
+            save_seconds.append(trip.save)
+            load_seconds.append(trip.load)
+            stream = trip.stream_bytes
+            floor = await bare_qemu(Path(qemu), accel, credentials)
             floors.append(floor.split()["total"])
     return {
         "accel": accel.value,

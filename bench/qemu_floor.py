@@ -16,8 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfiocaps.prober import Prober
-from vfiocaps.prober.plan import Accel, ProbePlan, build_qemu_argv, machine_for_architecture
+from vfiocaps.prober import Accel, ProbePlan, Prober, build_qemu_argv, machine_for_architecture
 from vfiocaps.process import Credentials
 
 

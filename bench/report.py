@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,41 @@ def probe_rows(probes: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def profile_rows(figures: dict[str, Any]) -> list[Row]:
+    """The profile pass at 512 VFs and the external write's latency, each beside its floor."""
+    one = figures["pass"]
+    latency = figures["latency"]
+    ours = statistics.median(latency["latency_s"])
+    floor = statistics.median(latency["floor_s"])
+    interval = latency["interval_s"]
+    return [
+        Row(
+            f"profile pass, {one['functions']} VFs: CPU per pass",
+            _ms(one["cpu_s"]),
+            f"{_ms(one['floor_cpu_s'])} (the {one['files_per_pass']} files read bare)",
+            f"{one['cpu_s'] / one['floor_cpu_s']:.2f}x",
+            "",
+            None,
+        ),
+        Row(
+            f"  the daemon idle with the pass every {interval:g} s (whole process)",
+            f"{latency['idle_cpu_s'] / latency['idle_window_s'] * 100:.2f} % CPU",
+            "",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            "external profile write to device published (median)",
+            f"{ours:.2f} s (max {max(latency['latency_s']):.2f} s)",
+            f"{_ms(floor)} (the same write with a uevent)",
+            "",
+            f"<= {interval:g} s + floor",
+            max(latency["latency_s"]) <= interval + max(latency["floor_s"]) + 0.5,
+        ),
+    ]
+
+
 def scale_rows(scale: dict[str, Any]) -> list[Row]:
     rows = []
     for entry in scale["sizes"]:
@@ -268,97 +304,9 @@ def scale_rows(scale: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def _s(seconds: float) -> str:
+def s_text(seconds: float) -> str:
+    """Seconds with two decimals and the unit."""
     return f"{seconds:.2f} s"
-
-
-def lab_rows(lab: dict[str, Any]) -> list[Row]:
-    """The real-kernel lab: each sample type's probe beside a bare QEMU and the naive way, and a
-    cold start to every type answered (TCG guest with nested KVM: only the ratios carry over)."""
-    if "skipped" in lab:
-        return [Row("real-kernel lab benchmark", "skipped", lab["skipped"], "", "", None)]
-    if "failed" in lab:
-        first = lab["failed"].splitlines()[0]
-        return [Row("real-kernel lab benchmark", "**failed**", first, "", "", None)]
-    floor = lab["floor"]["p50"]
-    rows = [
-        Row(
-            f"lab: bare QEMU start-QMP-quit, no device ({lab['accel']}, p50 of "
-            f"{lab['floor']['count']})",
-            _s(floor),
-            f"{lab['qemu']}; guest kernel {lab['kernel']}, {lab.get('guest_cpus', '?')} vCPU",
-            "",
-            "",
-            None,
-        )
-    ]
-    naive_total, naive_launches = 0.0, 0
-    for type_id, entry in lab["types"].items():
-        probe = entry["probe"]["p50"]
-        naive = entry["naive"]["p50"]
-        naive_total += naive
-        naive_launches += max(entry["naive_launches"])
-        launches = "/".join(str(n) for n in entry["probe_launches"])
-        plural = "" if entry["probe_launches"] == [1] else "es"
-        samples = entry["probe"]["count"]
-        rows.append(
-            Row(
-                f"lab {type_id}: probe, {launches} QEMU launch{plural} (p50 of {samples})",
-                _s(probe),
-                f"{_s(floor)} (bare start-QMP-quit)",
-                f"{probe / floor:.2f}x",
-                "",
-                None,
-            )
-        )
-        rows.append(
-            Row(
-                f"  {type_id}, the naive way: one launch per question",
-                _s(probe),
-                f"{_s(naive)}, {'/'.join(map(str, entry['naive_launches']))} launches (naive)",
-                f"{probe / naive:.2f}x",
-                "",
-                None,
-            )
-        )
-    count = len(lab["types"])
-    for level, start in sorted(lab["start_to_all_answered"].items(), key=lambda i: int(i[0])):
-        spread = start["all_answered"]
-        answered = spread["p50"]
-        launches = max(start["launches"])
-        rows.append(
-            Row(
-                f"lab: start to all {count} types answered, cold cache, {level} concurrent "
-                f"probe(s) (p50 of {spread['count']}, min-max {spread['min']:.1f}-"
-                f"{spread['max']:.1f} s)",
-                f"{_s(answered)}, {launches} launches",
-                f"{_s(launches * floor)} ({launches} bare starts)",
-                f"{answered / (launches * floor):.2f}x",
-                "",
-                None,
-            )
-        )
-        rows.append(
-            Row(
-                "  against the naive way for every type, one after another",
-                _s(answered),
-                f"{_s(naive_total)}, {naive_launches} launches (naive)",
-                f"{answered / naive_total:.2f}x",
-                "",
-                None,
-            )
-        )
-        rows.append(
-            Row(
-                "  of which the daemon's start until it owns its name (p50)",
-                _s(start["name_owned"]["p50"]),
-                "",
-                "",
-                "",
-                None,
-            )
-        )
-    return rows
 
 
 def table(rows: list[Row]) -> str:

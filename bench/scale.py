@@ -20,9 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon_lab import MANAGER, Lab, make_lab, manager_property
-from tests.support.harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl, wait_until
-
 from bench.common import (
     BENCH_FLOOR_NAME,
     BENCH_FLOOR_PATH,
@@ -31,6 +28,8 @@ from bench.common import (
     python_daemon_pid,
 )
 from bench.scale_host import ScaleHost, type_ids
+from support.daemon_lab import MANAGER, Lab, make_lab, manager_property
+from support.harness import BUS_NAME, ROOT_PATH, DaemonProcess, busctl, wait_until
 
 SIZES = (1000, 3000, 10000)
 GET_MANAGED_OBJECTS_REPEATS = 5

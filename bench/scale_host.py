@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from tests.support import umockdev_hosts
-from tests.support.umockdev_hosts import HostBuilder, MockHost, TypeSpec
+from support import umockdev_hosts
+from support.umockdev_hosts import HostBuilder, MockHost, TypeSpec
 
 PARENT_COUNT = 5
 TYPES_PER_PARENT = 10

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon_lab import MANAGER, Lab, make_lab
-from tests.support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
-
 from bench.common import (
     BENCH_FLOOR_NAME,
     BENCH_FLOOR_PATH,
@@ -29,6 +26,8 @@ from bench.common import (
     python_daemon_pid,
     summary,
 )
+from support.daemon_lab import MANAGER, Lab, make_lab
+from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from vfiocaps.bus.device import device_path
 from vfiocaps.discovery.service import QUIET_SECONDS
 

@@ -376,16 +376,26 @@ def test_from_a_terminal_polkit_may_ask_for_a_password_unless_told_not_to(
         def in_a_terminal(argv: list[str]) -> list[str | bytes]:
             return ["script", "-qec", shlex.join(argv), "/dev/null"]
 
+        # The authority also stands for the system bus's polkit that pkttyagent registers with.
+        system_bus = {"DBUS_SYSTEM_BUS_ADDRESS": open_bus.address}
         for argv, asked in (
             (invalidate, False),  # no terminal: nobody could answer a prompt
             (in_a_terminal(invalidate), True),
             (in_a_terminal(quiet), False),
         ):
-            result = run(list(argv))
+            before = len(log.read_text().splitlines()) if log.exists() else 0
+            result = run(list(argv), env=system_bus)
             assert result.returncode == 0, result
-            checks = [json.loads(line) for line in log.read_text().splitlines()]
+            events = [json.loads(line) for line in log.read_text().splitlines()[before:]]
+            checks = [event for event in events if event["event"] == "check"]
             assert checks[-1]["action"] == "org.vfiocaps.invalidate"
             assert checks[-1]["flags"] == (1 if asked else 0), (argv, checks[-1])
+            # As systemctl does, a text agent is there to ask before the call is made, and
+            # only when polkit may ask.
+            agents = [i for i, event in enumerate(events) if event["event"] == "agent"]
+            assert bool(agents) == asked, (argv, events)
+            if asked:
+                assert agents[0] < events.index(checks[-1]), events
     finally:
         authority.terminate()
         authority.wait(10)

@@ -18,25 +18,30 @@ from vfiocaps.config import Config
 from vfiocaps.discovery import Discovery
 from vfiocaps.discovery.functions import parse_profiles
 from vfiocaps.discovery.identity import IdentityResolver, ModuleFiles
+from vfiocaps.discovery.monitor import Uevent
 from vfiocaps.discovery.profiles import (
     ProfileError,
     ProfileLedger,
     ProfileRecord,
     ProfileSetter,
 )
+from vfiocaps.discovery.profilewatch import ProfileWatch
 from vfiocaps.discovery.scan import HostReader
 from vfiocaps.discovery.state import HostState
 from vfiocaps.discovery.sysfs import SysfsTree
 from vfiocaps.errors import InvalidArgumentError
 from vfiocaps.model import (
+    NEEDS_GPU_INSTANCE,
     DeviceAdded,
     DeviceKind,
     DeviceRemoved,
+    DiscoveryEvent,
     ParentRegistered,
     ParentUnregistered,
     TypeKind,
 )
 from vfiocaps.prober import ProbeTarget
+from vfiocaps.statefile import process_start
 
 RELEASE = "6.12.0-test"
 BOOT = "3f2a9c1e-8d4b-4e6f-a1b2-c3d4e5f60718"
@@ -52,6 +57,19 @@ def make_host(tmp_path: Path, *keys: str, vfs: int | None = None) -> SriovHostBu
 def reader_for(builder: SriovHostBuilder) -> HostReader:
     sysfs = SysfsTree(builder.sys)
     return HostReader(sysfs, IdentityResolver(sysfs, ModuleFiles(builder.modules_root, RELEASE)))
+
+
+def watched(state: HostState, watch: ProfileWatch) -> list[DiscoveryEvent]:
+    """One pass of *watch* over what *state* knows, each VF it names read again as discovery
+    does (a ``change`` of the VF): the events that gives."""
+    sysfs = state.reader.sysfs
+    events: list[DiscoveryEvent] = []
+    for function in watch.changed(state.snapshot()):
+        real = sysfs.resolve(sysfs.path(f"bus/pci/devices/{function}"))
+        assert real is not None
+        devpath = "/" + str(real.relative_to(sysfs.root))
+        events.extend(state.apply(Uevent("change", devpath, "pci")))
+    return events
 
 
 def boot_id_file(tmp_path: Path, value: str = BOOT) -> Path:
@@ -76,13 +94,21 @@ def test_coldplug_profiles_are_types_of_the_physical_function(tmp_path: Path) ->
     assert parent.driver is not None
     assert (parent.driver.module, parent.driver.version) == ("nvidia", "570.133.10")
     profiles = {t.type_id: t for (p, _), t in snapshot.types.items() if p == H100.address}
-    assert {n: (t.name, t.available_instances, t.kind) for n, t in profiles.items()} == {
-        "1060": ("NVIDIA H100-20C", 4, TypeKind.VF_PROFILE),
-        "1061": ("NVIDIA H100-40C", 4, TypeKind.VF_PROFILE),
-        "1062": ("NVIDIA H100-80C", 4, TypeKind.VF_PROFILE),
+    assert {
+        n: (t.name, t.available_instances, t.kind, t.requires) for n, t in profiles.items()
+    } == {
+        "1060": ("NVIDIA H100-20C", 4, TypeKind.VF_PROFILE, ""),
+        "1061": ("NVIDIA H100-40C", 4, TypeKind.VF_PROFILE, ""),
+        "1062": ("NVIDIA H100-80C", 4, TypeKind.VF_PROFILE, ""),
+        "1070": ("NVIDIA H100-1-10C", 4, TypeKind.VF_PROFILE, NEEDS_GPU_INSTANCE),
     }
     assert snapshot.functions == {H100.vf_address(i): H100.address for i in range(4)}
-    # No profile set: no NVIDIA VF is a device yet; the variant-driver VFs are.
+    # nvidia.ko registers every VF with vfio-pci-core: each has vfio-dev, profile or not.
+    assert all(
+        (builder.sys / "bus/pci/devices" / H100.vf_address(i) / "vfio-dev").is_dir()
+        for i in range(4)
+    )
+    # No profile set: no NVIDIA VF is a device yet (none can be opened); the variant VFs are.
     assert sorted(snapshot.devices) == ["0000:03:00.4", "0000:03:00.5", "0000:5e:00.4"]
     assert XE.address not in snapshot.parents
     assert MLX5.address not in snapshot.parents
@@ -117,30 +143,40 @@ def test_vfs_enabled_profiles_set_and_cleared_and_vfs_disabled(tmp_path: Path) -
     registered = [e for e in events if isinstance(e, ParentRegistered)]
     assert registered
     assert registered[-1].parent.name == H100.address
-    assert {t.type_id for t in registered[-1].types} == {"1060", "1061", "1062"}
+    assert {t.type_id for t in registered[-1].types} == {"1060", "1061", "1062", "1070"}
     assert not [e for e in events if isinstance(e, DeviceAdded)]
 
+    watch = ProfileWatch(reader.sysfs)
+    assert watched(state, watch) == []  # the first pass learns the lists
     vf = H100.vf_address(1)
     mark = len(builder.testbed.uevents)
-    builder.set_profile(vf, "1061")
-    events = [e for u in recorded_uevents(builder, mark) for e in state.apply(u)]
+    builder.set_profile(vf, "1061")  # another tool: no uevent
+    assert len(builder.testbed.uevents) == mark
+    events = watched(state, watch)
     added = [e for e in events if isinstance(e, DeviceAdded)]
     assert [(e.device.device_id, e.device.parent, e.device.type_id) for e in added] == [
         (vf, H100.address, "1061")
     ]
-    # Only the profile set still fits next to it: the three free VFs list it (the driver
-    # narrows the lists again once the next one is set).
-    assert {k[1]: t.available_instances for k, t in state.types.items()} == {"1061": 3}
-    assert [type(e) for e in events] == [DeviceAdded, ParentRegistered]
+    # The card is homogeneous now: only 1061 fits beside it, on the three free VFs; the others
+    # stay known, with no room.
+    assert {k[1]: t.available_instances for k, t in state.types.items()} == {
+        "1060": 0,
+        "1061": 3,
+        "1062": 0,
+        "1070": 0,
+    }
+    # The same profiles with other counts: registered again (the room for a probe changed).
+    assert {type(e) for e in events} == {ParentRegistered, DeviceAdded}
+    assert watched(state, watch) == []  # nothing changed since
 
-    mark = len(builder.testbed.uevents)
     builder.set_profile(vf, "0")
-    events = [e for u in recorded_uevents(builder, mark) for e in state.apply(u)]
-    assert [type(e) for e in events] == [DeviceRemoved, ParentRegistered]
+    events = watched(state, watch)
+    assert {type(e) for e in events} == {DeviceRemoved, ParentRegistered}
     assert {k[1]: t.available_instances for k, t in state.types.items()} == {
         "1060": 4,
         "1061": 4,
         "1062": 4,
+        "1070": 4,
     }
 
     mark = len(builder.testbed.uevents)
@@ -201,6 +237,8 @@ def test_a_profile_is_recorded_set_and_cleared_on_a_free_vf(tmp_path: Path) -> N
         "parent": H100.address,
         "boot_id": BOOT,
         "pid": str(os.getpid()),
+        "started": process_start(os.getpid()),
+        "stamp": "",
     }
     asyncio.run(setter.apply(record))
     builder.answer_writes()
@@ -343,11 +381,11 @@ def test_a_profile_no_vf_lists_keeps_its_name_through_a_re_read(tmp_path: Path) 
     reader = reader_for(builder)
     state = HostState(reader)
     state.resync(reader.host())
+    watch = ProfileWatch(reader.sysfs)
+    watched(state, watch)
     vf = H100.vf_address(0)
-    mark = len(builder.testbed.uevents)
     builder.set_profile(vf, "1062")  # an 80C fills the GPU: no VF lists any profile now
-    for uevent in recorded_uevents(builder, mark):
-        state.apply(uevent)
+    watched(state, watch)
     assert reader.host().types[(H100.address, "1062")].name == ""
     assert state.types[(H100.address, "1062")].name == "NVIDIA H100-80C"
     state.resync(reader.host())  # as after lost uevents
@@ -365,7 +403,8 @@ def profile_owned_by(
     asyncio.run(setter.apply(record))
     builder.answer_writes()
     path = ledger.directory / f"{record.function}.json"
-    path.write_text(path.read_text().replace(f'"{os.getpid()}"', f'"{pid}"'))
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "pid": str(pid), "started": process_start(pid)}))
     other = ProfileSetter(
         reader_for(builder),
         ProfileLedger(ledger.directory, boot_id_file(tmp_path)),

@@ -138,11 +138,20 @@ def test_documents_round_trip() -> None:
         (json.dumps({**json.loads(MTTY_2.to_json()), "migration_flags": "p2p"}), "flag names"),
         (json.dumps({**json.loads(MTTY_2.to_json()), "migration_flags": ["p2p;"]}), "flag"),
         ("{" + " " * fingerprint.MAX_DOCUMENT_BYTES + "}", "at most"),
+        ("[" * 8000 + "]" * 8000, "nested deeper"),
+        ('{"format": "vfiocaps-migration", "x": ' + "[" * 5000 + "]" * 5000 + "}", "nested"),
+        (json.dumps({**json.loads(MTTY_2.to_json()), "version": True}), "version True"),
+        (json.dumps({**json.loads(MTTY_2.to_json()), "version": 1.0}), "version 1.0"),
     ],
 )
 def test_malformed_documents_say_what_is_wrong(document: str, message: str) -> None:
     with pytest.raises(FingerprintError, match=message):
         parse(document)
+
+
+def test_nesting_is_measured_outside_strings_only() -> None:
+    document = dict(json.loads(MTTY_2.to_json()), note='[[[[[[[[{{{{{{{{\\"[[[[[')
+    assert parse(json.dumps(document)) == MTTY_2
 
 
 def test_missing_field_is_named() -> None:

@@ -39,12 +39,16 @@ ALLOWED: dict[str, frozenset[str]] = {
     "prober": frozenset({"discovery"}),
     "engine": frozenset({"discovery", "store"}),
     # Outputs follow the engine's views; they never reach into discovery, the prober or the bus.
-    "nfdlabels": frozenset({"engine"}),
+    "nfdlabels": frozenset({"engine", "nfdfile"}),
+    # The NFD feature file on disk, in a directory another program owns: no knowledge of labels.
+    "nfdfile": frozenset(),
     "notify": frozenset({"engine"}),
     # The bus adaptor translates: the engine's API in, D-Bus out.
     "bus": frozenset({"engine"}),
     # Composition: the only places that know every part.
-    "app": frozenset({"bus", "discovery", "engine", "nfdlabels", "notify", "prober", "store"}),
+    "app": frozenset(
+        {"bus", "discovery", "engine", "nfdfile", "nfdlabels", "notify", "prober", "store"}
+    ),
     "daemon": frozenset({"app", "nfdlabels"}),
     # The client side knows the bus's names and errors, never the engine or the daemon.
     "client": frozenset({"bus"}),

@@ -97,6 +97,13 @@ def test_bad_fingerprints_and_devices_are_clear_errors(lab: Lab, tmp_path: Path)
     lab.wait_states({one: "done"})
     error = manager_call(lab.bus, "CheckMigration", "ss", '{"format": "x"}', "", check=False)
     assert "org.vfiocaps1.Error.InvalidArgument" in error or "not a migration" in error
+    nested = manager_call(lab.bus, "CheckMigration", "ss", "[" * 8000 + "]" * 8000, "", check=False)
+    assert "nested deeper" in nested, nested
+    document = json.loads(vfiocapsctl(lab.bus, "migration", "fingerprint", one, "--json").stdout)
+    truthy = json.dumps({**document, "version": True})
+    wrong = manager_call(lab.bus, "CheckMigration", "ss", truthy, "", check=False)
+    assert "version True" in wrong, wrong
+    assert "Traceback" not in lab.daemons[0].log()
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     bad = vfiocapsctl(lab.bus, "migration", "check", str(garbage))

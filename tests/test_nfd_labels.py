@@ -12,12 +12,13 @@ import pytest
 
 from support.daemon_lab import Lab
 from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
-from support.nfd_format import MAX_FILE_BYTES, label_problem, read_labels
+from support.nfd_format import MAX_FILE_BYTES, expiry_time, label_problem, read_labels
 from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
 from vfiocaps.engine import TypeView
+from vfiocaps.nfdfile import FeatureFile
 from vfiocaps.nfdlabels import (
+    EXPIRY_SECONDS,
     LABEL_PREFIX,
-    FeatureFile,
     NfdLabelWriter,
     fingerprint_label,
     labels_of,
@@ -69,9 +70,11 @@ def test_labels_of_probed_types() -> None:
         P + "mbochs-small.gl-required": "true",
         P + "mbochs-small.gl-host": "set-up",
         P + "mbochs-small.migration": "unsupported",
+        P + "mbochs-small.migration-with-options": "unsupported",
         P + "mdpy-xga.display": "region",
         P + "mdpy-xga.gl-required": "false",
         P + "mdpy-xga.migration": "unsupported",
+        P + "mdpy-xga.migration-with-options": "unsupported",
         P + "mtty-1.display": "none",
         P + "mtty-1.gl-required": "false",
         P + "mtty-1.migration": "unsupported",
@@ -180,12 +183,18 @@ async def test_writer_writes_changes_and_removes(tmp_path: Path) -> None:
     assert sorted(os.listdir(directory)) == ["vfiocaps"]  # no dot-file left behind
 
 
-async def test_a_restarted_writer_leaves_an_equal_file_alone(tmp_path: Path) -> None:
+async def test_a_restarted_writer_renews_the_expiry_of_an_equal_file(tmp_path: Path) -> None:
     types = [type_view("mtty", "mtty-1", MTTY)]
-    await NfdLabelWriter(FeatureFile(tmp_path), lambda: types).update()
-    before = (tmp_path / "vfiocaps").stat().st_ino
-    await NfdLabelWriter(FeatureFile(tmp_path), lambda: types).update()
-    assert (tmp_path / "vfiocaps").stat().st_ino == before
+    clock = [1_800_000_000.0]
+    await NfdLabelWriter(FeatureFile(tmp_path), lambda: types, clock=lambda: clock[0]).update()
+    first = expiry_time(tmp_path / "vfiocaps")
+    assert first is not None
+    assert first.timestamp() == clock[0] + EXPIRY_SECONDS
+    clock[0] += 60
+    await NfdLabelWriter(FeatureFile(tmp_path), lambda: types, clock=lambda: clock[0]).update()
+    renewed = expiry_time(tmp_path / "vfiocaps")
+    assert renewed is not None
+    assert renewed.timestamp() == clock[0] + EXPIRY_SECONDS
 
 
 async def test_a_link_left_as_the_dot_file_is_not_followed(tmp_path: Path) -> None:

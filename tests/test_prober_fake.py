@@ -250,3 +250,37 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     assert report.outcome is ProbeOutcome.OK, report
     assert [launch.purpose for launch in report.launches] == ["bare"]
     assert leftovers(scratch / "run") == []
+
+
+async def test_the_version_alone_costs_one_qemu_start_and_the_identity_one_more(
+    scratch: Path, probe_user: str
+) -> None:
+    """The daemon's start waits for the version only: the vfio-pci properties are asked once,
+    when the first probe needs them, and the version is not asked again."""
+    fake = install_fake_qemu(scratch / "fake")
+    calls = scratch / "calls"
+    calls.write_text("")
+    calls.chmod(0o666)
+    binary = scratch / "qemu" / "qemu-system-x86_64"
+    binary.parent.mkdir(mode=0o755)
+    binary.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {fake} "$@"\n')
+    binary.chmod(0o755)
+    config = Config(
+        qemu_binary=binary,
+        probe_user=probe_user,
+        runtime_dir=scratch / "run",
+        cache_dir=scratch / "cache",
+    )
+    prober = Prober(config)
+    version = await prober.qemu_version()
+    assert calls.read_text().splitlines() == ["-version"]
+    assert await prober.qemu_version() == version
+    identity = await prober.qemu_identity()
+    assert identity.version == version
+    assert identity.vfio_pci_properties
+    assert calls.read_text().splitlines() == [
+        "-version",
+        "-nodefaults -machine none -device vfio-pci,help",
+    ]
+    assert await prober.qemu_version() == version
+    assert len(calls.read_text().splitlines()) == 2

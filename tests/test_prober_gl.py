@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,30 @@ def test_render_access_gives_no_group_that_is_roots(tmp_path: Path) -> None:
     access = render_access(tmp_path, ProbeIdentity(Credentials(4242, 4242, (4242,)), "u"))
     assert (access.node, access.usable, access.group) == (node, False, None)
     assert access.reason.startswith(NOT_ACCESSIBLE)
+
+
+def test_render_access_gives_no_group_the_probe_users_policy_refuses(tmp_path: Path) -> None:
+    """A render node left ``root:disk 0660`` (or video, or a group that owns other devices
+    too) is not reached through its group: QEMU would get that group for the GL launch."""
+    identity = ProbeIdentity(Credentials(4242, 4242, (4242,)), "u")
+    disk = grp.getgrnam("disk").gr_gid
+    node = add_render_node(tmp_path / "a", gid=disk)
+    access = render_access(tmp_path / "a", identity)
+    assert (access.node, access.usable, access.group) == (node, False, None)
+    assert access.reason.startswith(NOT_ACCESSIBLE)
+    assert "its group disk gives access to devices or files of value" in access.reason
+    video = add_render_node(tmp_path / "b", gid=grp.getgrnam("video").gr_gid)
+    assert (render_access(tmp_path / "b", identity).usable, video.exists()) == (False, True)
+    # The render group, owning one more node than the render nodes: refused, that node named.
+    node = add_render_node(tmp_path / "c")
+    other = tmp_path / "c" / "sda"
+    os.mknod(other, stat.S_IFBLK | 0o660, os.makedev(7, 0))
+    os.chown(other, 0, render_gid())
+    access = render_access(tmp_path / "c", identity)
+    assert (access.usable, access.group) == (False, None)
+    assert f"also owns {other}" in access.reason
+    other.unlink()
+    assert render_access(tmp_path / "c", identity).group == render_gid()
 
 
 @pytest.mark.skipif(REAL_QEMU is None, reason="needs qemu-system-x86_64")

@@ -76,11 +76,13 @@ def invalidate(bus: PrivateBus, uid: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(as_user(uid, *command), capture_output=True, text=True, timeout=60)
 
 
-def flood(bus: PrivateBus, count: int) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    """A caller as PATIENT with *count* interactive checks; returns it (still connected) and
-    what was answered within two seconds."""
+def flood(
+    bus: PrivateBus, count: int, uid: int = PATIENT
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """A caller as *uid* (polkit never answers it) with *count* interactive checks; returns it
+    (still connected) and what was answered within two seconds."""
     process = subprocess.Popen(
-        as_user(PATIENT, sys.executable, str(AUTHORITY), "flood", bus.address, str(count)),
+        as_user(uid, sys.executable, str(AUTHORITY), "flood", bus.address, str(count)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -110,6 +112,45 @@ def test_a_caller_whose_agent_never_answers_cannot_lock_out_administrators(
             assert patient.stdin is not None
             patient.stdin.close()
             patient.wait(20)
+    assert daemon.alive()
+
+
+def test_users_filling_the_cap_of_all_lock_out_neither_root_nor_administrators(
+    open_bus: PrivateBus, authority: Path, start_daemon: DaemonFactory
+) -> None:
+    """Eight users with eight stalled checks each fill the cap of all (64): root needs no
+    polkit and is answered; an administrator still gets a check; a ninth user gets one."""
+    daemon = start_daemon(bus=open_bus)
+    # Accounts of the system (the bus refuses a uid without one): none is root or ADMIN.
+    accounts = sorted({e.pw_uid for e in pwd.getpwall()} - {0, ADMIN, PATIENT})
+    if len(accounts) < 9:
+        pytest.skip("fewer than nine system accounts to call as")
+    users, ninth = accounts[:8], accounts[8]
+    floods = [flood(open_bus, 4, uid) for uid in users for _ in range(2)]
+    try:
+        wait_until(
+            lambda: len([e for e in events(authority) if e["event"] == "check"]) == 64,
+            30,
+            "64 checks to reach polkit",
+        )
+        assert all(answered == {"waiting": 4} for _, answered in floods), floods
+        root = invalidate(open_bus, 0)
+        assert root.returncode == 0, root.stderr
+        admin = invalidate(open_bus, ADMIN)
+        assert admin.returncode == 0, admin.stderr
+        again = invalidate(open_bus, ADMIN)  # authorised once: remembered as an administrator
+        assert again.returncode == 0, again.stderr
+        late, answered = flood(open_bus, 4, ninth)
+        floods.append((late, answered))
+        assert answered == {"waiting": 1, "org.vfiocaps1.Error.Busy": 3}, answered
+        checks = [event for event in events(authority) if event["event"] == "check"]
+        assert 0 not in {event["uid"] for event in checks}  # root was never asked about
+        assert len([event for event in checks if event["uid"] == ADMIN]) == 2
+    finally:
+        for process, _ in floods:
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(20)
     assert daemon.alive()
 
 

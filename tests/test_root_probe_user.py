@@ -27,6 +27,8 @@ from support.prober import (
     probe_user,
     scratch,
 )
+from vfiocaps.prober.sandbox import ProbeIdentity, kvm_access
+from vfiocaps.process import Credentials
 
 __all__ = ["fake_host", "probe_user", "scratch"]  # fixtures
 
@@ -156,6 +158,25 @@ def test_the_probe_environment_is_configured(
     assert environ == [b"GIVEN=yes", b"LC_ALL=C", PATH, b"UMOCKDEV_DIR=/nonexistent"]
 
 
+def test_probe_users_in_well_known_device_groups_are_refused_without_their_nodes_in_sight(
+    scratch: Path, fake_host: FakeHost, users: None
+) -> None:
+    """The daemon's /dev (a private one under the unit) holds no video or dialout node, but the
+    probe user's groups reach the host's: they are refused by name."""
+    fake_host.add_mdev(DEVICE, "mdpy-vga", "mdpy", "4", parent="mdpy")
+    for group in ("video", "dialout"):
+        assert not any(
+            os.lstat(node).st_gid == grp.getgrnam(group).gr_gid for node in fake_host.dev.rglob("*")
+        )
+        remove_user(GROUPED)
+        add_user(GROUPED, group)
+        ctl = run_ctl(scratch, fake_host, GROUPED)
+        out, err = ctl.communicate(timeout=60)
+        assert ctl.returncode == 1, (group, out, err)
+        assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
+        assert '"launches": []' in out
+
+
 def test_probe_users_in_groups_of_value_are_refused(
     scratch: Path, fake_host: FakeHost, users: None
 ) -> None:
@@ -192,3 +213,27 @@ def test_the_tests_probe_user_is_the_one_the_package_makes(probe_user: str, tmp_
     fix = f"{probe_user} is not as systemd-sysusers makes it: userdel {probe_user}; tests remake it"
     assert (entry.pw_gecos, entry.pw_dir, entry.pw_shell) == (gecos, home, shell), fix
     assert grp.getgrgid(entry.pw_gid).gr_name == probe_user, fix
+
+
+@pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm")
+def test_kvm_is_reached_through_its_group_only_when_the_group_policy_allows_it(
+    tmp_path: Path,
+) -> None:
+    """A /dev/kvm left root:disk 0660 does not give QEMU the disk group (the node is lent to the
+    probe user instead); root:kvm 0660 gives the kvm group, unless kvm owns other nodes too."""
+    identity = ProbeIdentity(Credentials(4242, 4242, (4242,)), "u")
+    kvm = tmp_path / "kvm"
+    real = os.stat("/dev/kvm").st_rdev
+    os.mknod(kvm, stat.S_IFCHR | 0o660, real)
+    kvm.chmod(0o660)  # mknod's mode passes through the umask
+    for group, expected in (("disk", (None, True)), ("kvm", (grp.getgrnam("kvm").gr_gid, False))):
+        os.chown(kvm, 0, grp.getgrnam(group).gr_gid)
+        access = kvm_access(tmp_path, identity)
+        assert access.usable, access.reason
+        assert (access.group, access.needs_grant) == expected, group
+    other = tmp_path / "sdz"
+    os.mknod(other, stat.S_IFBLK | 0o660, os.makedev(7, 0))
+    other.chmod(0o660)
+    os.chown(other, 0, grp.getgrnam("kvm").gr_gid)
+    access = kvm_access(tmp_path, identity)
+    assert (access.group, access.needs_grant) == (None, True)

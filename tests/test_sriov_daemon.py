@@ -1,6 +1,7 @@
 """SR-IOV through the real daemon: VF profiles and variant-driver VFs listed, probed by host
 address, a profile probed on a free VF and cleared again, a VM's VF left alone, a crash's
-leftover profile cleared at the next start."""
+leftover profile cleared at the next start. The NVIDIA driver sends no uevent for a profile
+(set by the daemon or by another tool): the fixture sends none either."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,9 @@ import pytest
 
 from support.daemon_lab import Lab, capabilities, list_types, make_lab, manager_property
 from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
-from support.umockdev_sriov import H100, MLX5, XE, SriovMockHost
+from support.nfd_format import read_labels
+from support.umockdev_sriov import H100, L40S, MLX5, XE, SriovMockHost
+from vfiocaps.nfdlabels import LABEL_PREFIX
 
 pytestmark = pytest.mark.skipif(
     shutil.which("umockdev-wrapper") is None, reason="umockdev is not installed"
@@ -61,13 +65,19 @@ def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: 
     mlx5_vf = MLX5.vf_address(0)
     lab.wait_states({xe_vfs[0]: "done", xe_vfs[1]: "done", mlx5_vf: "done"})
     listed = list_types(lab.bus)
+    # Each free H100 VF has vfio-dev (nvidia.ko registers it), yet none is a device: no type
+    # 10de:2331, and only the Xe and mlx5 VFs count.
     assert {key: t["Kind"] for key, t in listed.items()} == {
         (H100.address, "1060"): "vf-profile",
         (H100.address, "1061"): "vf-profile",
         (H100.address, "1062"): "vf-profile",
+        (H100.address, "1070"): "vf-profile",
         (XE.address, "8086:e211"): "pci",
         (MLX5.address, "15b3:101e"): "pci",
     }
+    assert manager_property(lab.bus, "DeviceCount") == 3
+    assert listed[(H100.address, "1070")]["Requires"] == "gpu-instance"
+    assert listed[(H100.address, "1061")]["Requires"] == ""
     profile = listed[(H100.address, "1061")]
     assert (profile["Name"], profile["AvailableInstances"], profile["Instances"]) == (
         "NVIDIA H100-40C",
@@ -76,9 +86,13 @@ def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: 
     )
     assert (profile["Driver"], profile["DriverVersion"]) == ("nvidia", "570.133.10")
     assert listed[(XE.address, "8086:e211")]["Instances"] == 2
-    for device in (*xe_vfs, mlx5_vf):
+    # xe-vfio-pci: stop-copy and P2P without DMA logging; mlx5: device dirty tracking.
+    for device in xe_vfs:
         caps = capabilities(lab.bus, device)
-        assert (caps["Display"], caps["Migration"]) == ("none", "supported"), caps
+        assert (caps["Display"], caps["Migration"]) == ("none", "unsupported"), caps
+        assert caps["MigrationWithOptions"] == "supported", caps
+    caps = capabilities(lab.bus, mlx5_vf)
+    assert (caps["Display"], caps["Migration"]) == ("none", "supported"), caps
     # The two Xe VFs share one key: one probe for them, one for the mlx5 VF.
     assert manager_property(lab.bus, "ProbeCount") == 2
     launched = [json.loads(line) for line in argv_log.read_text().splitlines()]
@@ -105,12 +119,12 @@ def test_coldplug_lists_both_worlds_and_probes_variant_vfs_by_host_address(lab: 
 
 def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
     host(lab).build_sriov("h100", vfs=0)
-    daemon = lab.start()
+    daemon = lab.start("--profile-scan-seconds", "1")
     assert not list_types(lab.bus)
     host(lab).enable_vfs("h100", 4)
-    wait_until(lambda: len(list_types(lab.bus)) == 3, 20, "the profiles of the new VFs")
+    wait_until(lambda: len(list_types(lab.bus)) == 4, 20, "the profiles of the new VFs")
     vf = H100.vf_address(2)
-    host(lab).set_profile(vf, "1062")
+    host(lab).set_profile(vf, "1062")  # by another tool: no uevent
     lab.wait_states({vf: "done"})
     device = lab.devices()[vf]
     assert (device["TypeId"], device["TypeName"], device["Parent"]) == (
@@ -118,15 +132,25 @@ def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
         "NVIDIA H100-80C",
         H100.address,
     )
-    listed = list_types(lab.bus)
-    assert set(listed) == {(H100.address, "1062")}  # nothing else fits next to an 80C
-    assert (
-        listed[(H100.address, "1062")]["Instances"],
-        listed[(H100.address, "1062")]["Probed"],
-    ) == (1, True)
+    # An 80C fills the card: every profile stays listed, none can be made.
+    full = list_types(lab.bus)
+    assert {key[1]: t["AvailableInstances"] for key, t in full.items()} == {
+        "1060": 0,
+        "1061": 0,
+        "1062": 0,
+        "1070": 0,
+    }
+    assert (full[(H100.address, "1062")]["Instances"], full[(H100.address, "1062")]["Probed"]) == (
+        1,
+        True,
+    )
     host(lab).set_profile(vf, "0")
     wait_until(lambda: vf not in lab.devices(), 20, "the VF to go with its profile")
-    wait_until(lambda: len(list_types(lab.bus)) == 3, 20, "every profile back")
+    wait_until(
+        lambda: {t["AvailableInstances"] for t in list_types(lab.bus).values()} == {4},
+        20,
+        "room for every profile again",
+    )
     # The answer stays cached for the profile: known before any VF takes it again.
     assert list_types(lab.bus)[(H100.address, "1062")]["Probed"] is True
     host(lab).disable_vfs("h100")
@@ -134,12 +158,91 @@ def test_hotplug_of_vfs_and_a_profile_set_and_cleared(lab: Lab) -> None:
     assert "event ParentUnregistered parent=0000:41:00.0" in daemon.log()
 
 
+def test_a_profile_set_by_another_tool_is_seen_within_the_default_interval(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    lab.start()
+    vf = H100.vf_address(1)
+    started = time.monotonic()
+    host(lab).set_profile(vf, "1060")
+    wait_until(lambda: vf in lab.devices(), 12, "the VF with its profile", 0.1)
+    assert time.monotonic() - started < 10.0
+    # The card is homogeneous now: 1060 on the three free VFs, the others kept, with no room.
+    listed = list_types(lab.bus)
+    assert {key[1]: t["AvailableInstances"] for key, t in listed.items()} == {
+        "1060": 3,
+        "1061": 0,
+        "1062": 0,
+        "1070": 0,
+    }
+
+
+def test_refresh_finds_a_profile_set_a_moment_ago(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    lab.start("--profile-scan-seconds", "600")  # no periodic pass in this test's time
+    vf = H100.vf_address(3)
+    host(lab).set_profile(vf, "1061")
+    out = busctl(
+        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "Refresh",
+        "s", vf, timeout=120,
+    )  # fmt: skip
+    answer = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+    assert answer["Display"] == "none"
+    assert lab.devices()[vf]["TypeId"] == "1061"
+
+
+def test_any_uevent_of_the_card_looks_at_every_profile_at_once(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    lab.start("--profile-scan-seconds", "600")  # no periodic pass in this test's time
+    vf = H100.vf_address(2)
+    host(lab).set_profile(vf, "1062")  # silent
+    time.sleep(1.0)
+    assert vf not in lab.devices()
+    host(lab).call("uevent", devpath=H100.devpath, action="change")  # as udevadm trigger
+    wait_until(lambda: vf in lab.devices(), 5, "the VF seen with the card's uevent")
+
+
+def test_a_mig_backed_profile_is_named_not_probed(lab: Lab) -> None:
+    host(lab).build_sriov("h100")
+    daemon = lab.start()
+    out = probe_type(lab, H100.address, "1070", check=False)
+    assert out.returncode != 0
+    assert "org.vfiocaps1.Error.NeedsGpuInstance" in out.stderr or "GPU instance" in out.stderr
+    assert "set profile 1070" not in daemon.log()
+    assert set(profiles_of(lab).values()) == {"0"}
+    assert manager_property(lab.bus, "ProbeCount") == 0
+
+
+def test_one_id_on_two_card_models_is_two_types_two_probes_two_labels(lab: Lab) -> None:
+    features = lab.directory / "features.d"
+    host(lab).build_sriov("h100")
+    host(lab).build_sriov("l40s")
+    lab.start(f"--nfd-labels={features}")
+    listed = list_types(lab.bus)
+    assert listed[(H100.address, "1061")]["Name"] == "NVIDIA H100-40C"
+    assert listed[(L40S.address, "1061")]["Name"] == "NVIDIA L40S-24Q"
+    probe_type(lab, H100.address, "1061")
+    probe_type(lab, L40S.address, "1061")
+    # Not one cached answer for both: each model's profile is probed.
+    assert manager_property(lab.bus, "ProbeCount") == 2
+    path = features / "vfiocaps"
+    prefix = LABEL_PREFIX + "/"
+
+    def labels() -> dict[str, str]:
+        return read_labels(path) if path.exists() else {}
+
+    wanted = {prefix + "NVIDIA-H100-40C.migration", prefix + "NVIDIA-L40S-24Q.migration"}
+    wait_until(lambda: wanted <= labels().keys(), 20, "a label per profile name")
+    assert not any(name.startswith(prefix + "1061.") for name in labels())
+
+
 def test_probe_type_sets_a_profile_probes_and_clears_it(lab: Lab) -> None:
     host(lab).build_sriov("h100")
     daemon = lab.start()
     answer = probe_type(lab, H100.address, "1061")
     assert (answer["Kind"], answer["Probed"]) == ("vf-profile", True)
-    assert (answer["Display"], answer["Migration"]) == ("none", "supported")
+    # NVIDIA's vendor-VFIO driver: stop-copy only, no DMA logging.
+    assert (answer["Display"], answer["Migration"]) == ("none", "unsupported")
+    assert answer["MigrationWithOptions"] == "supported"
     wait_until(lambda: set(profiles_of(lab).values()) == {"0"}, 20, "the profile cleared")
     wait_until(lambda: manager_property(lab.bus, "DeviceCount") == 0, 20, "the VF gone")
     log = daemon.log()
@@ -226,10 +329,14 @@ def test_opt_in_probes_every_profile_on_a_free_vf_and_clears_each(lab: Lab) -> N
     def settled() -> bool:
         listed = list_types(lab.bus)
         cleared = set(profiles_of(lab).values()) == {"0"}
-        return cleared and len(listed) == 3 and all(t["Probed"] for t in listed.values())
+        probed = {key[1] for key, t in listed.items() if t["Probed"]}
+        return cleared and probed == {"1060", "1061", "1062"}
 
     wait_until(settled, 120, "every profile probed and cleared", 0.5)
     assert manager_property(lab.bus, "ProbeCount") == 3
+    # The MIG-backed one needs a GPU instance first: never set, never probed.
+    assert list_types(lab.bus)[(H100.address, "1070")]["Probed"] is False
+    assert "set profile 1070" not in daemon.log()
     for number in ("1060", "1061", "1062"):
         assert f"cleared profile {number} from" in daemon.log()
     assert not list((lab.directory / "daemon" / "run" / "profiles").glob("*.json"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,10 @@ MAN_PAGES = (f"{PREFIX}/share/man/man1/vfiocapsctl.1", f"{PREFIX}/share/man/man8
 COMPLETIONS = tuple(
     f"{PREFIX}/share/bash-completion/completions/{name}" for name in ("vfiocapsctl", "vfiocapsd")
 )
+LIBVIRT_HOOK = "/etc/libvirt/hooks/qemu.d/vfiocaps"  # where libvirt looks, whatever PREFIX
+INTERFACE = f"{PREFIX}/share/dbus-1/interfaces/org.vfiocaps1.xml"
 INSTALLED_DATA = (
+    LIBVIRT_HOOK,
     UNIT,
     SYSUSERS,
     UDEV_RULE,
@@ -52,6 +56,7 @@ INSTALLED_DATA = (
     POLKIT_POLICY,
     *MAN_PAGES,
     *COMPLETIONS,
+    INTERFACE,
 )
 PROGRAMS = (f"{PREFIX}/bin/vfiocapsd", f"{PREFIX}/bin/vfiocapsctl")
 HOST_UNIT_DIR = Path("/lib/systemd/system")
@@ -105,6 +110,7 @@ def test_install_puts_every_file_in_place_with_the_prefix_substituted(destdir: P
     assert "@bindir@" not in unit
     activation = (destdir / BUS_SERVICE.lstrip("/")).read_text()
     assert "Exec=/usr/bin/vfiocapsd --system\n" in activation
+    assert stat.S_IMODE((destdir / LIBVIRT_HOOK.lstrip("/")).stat().st_mode) == 0o755
 
 
 def test_man_finds_the_installed_pages(destdir: Path) -> None:
@@ -155,20 +161,21 @@ def test_uninstall_removes_exactly_what_install_added(tmp_path: Path) -> None:
 
 
 def verification_root(destdir: Path, tmp_path: Path) -> Path:
-    """The installed tree plus the host's own units, which the unit's dependencies name."""
+    """A copy of the staged tree alone (the checks below change it): no unit of the host's."""
     root = tmp_path / "verify-root"
     shutil.copytree(destdir, root, symlinks=True)
-    unit_dir = root / UNIT.lstrip("/")
-    for unit in HOST_UNIT_DIR.iterdir():
-        target = unit_dir.parent / unit.name
-        if not target.exists() and unit.is_file():
-            shutil.copy2(unit, target)
     return root
 
 
 def analyze_verify(root: Path, unit: str) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of *unit* inside *root*, where only the staged files are.
+
+    ``--recursive-errors=no``: the unit itself is checked (every setting, the programs it
+    runs inside the root), not the units it names, which a staging tree does not have
+    (sysinit.target, modprobe@.service): the next test looks for those on the host.
+    """
     return subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", unit],
+        ["systemd-analyze", "verify", "--recursive-errors=no", f"--root={root}", unit],
         capture_output=True,
         text=True,
         timeout=60,
@@ -181,6 +188,7 @@ def test_unit_passes_systemd_analyze_verify_without_a_warning(
     destdir: Path, tmp_path: Path
 ) -> None:
     root = verification_root(destdir, tmp_path)
+    assert not (root / "usr/lib/systemd/system/sysinit.target").exists()
     result = analyze_verify(root, UNIT)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
@@ -194,6 +202,20 @@ def test_unit_passes_systemd_analyze_verify_without_a_warning(
     result = analyze_verify(root, UNIT)
     assert result.returncode != 0
     assert "vfiocapsd" in result.stderr
+
+
+def test_units_the_unit_names_exist_in_systemd(destdir: Path) -> None:
+    """What the verification above leaves out: the units named by Wants=/After=/Requires=."""
+    named = set()
+    for line in (destdir / UNIT.lstrip("/")).read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key in ("Wants", "Requires", "After", "Before", "BindsTo", "PartOf"):
+            named.update(value.split())
+    assert named, "the unit names no other unit"
+    for name in named:
+        template = re.sub(r"@[^.]+\.", "@.", name)
+        found = [HOST_UNIT_DIR / template, Path("/usr/lib/systemd/system") / template]
+        assert any(path.is_file() for path in found), f"{name}: no such unit in systemd"
 
 
 def security_exposure(unit: Path) -> tuple[float, str]:
@@ -260,7 +282,10 @@ def test_unit_keeps_what_a_probe_needs(destdir: Path) -> None:
     # a private /dev, with the VFIO directory (nodes appear later), KVM and the DRM render
     # nodes (the GL check of a dma-buf display) bound in
     assert settings["PrivateDevices"] == ["yes"]
-    assert set(settings["BindPaths"]) == {"-/dev/vfio", "-/dev/kvm", "-/dev/dri"}
+    binds = {path for line in settings["BindPaths"] for path in line.split()}
+    assert binds == {"-/dev/vfio", "-/dev/kvm"} | {f"-/dev/dri/renderD{n}" for n in range(128, 136)}
+    # only render nodes: never /dev/dri itself, whose card nodes drive displays
+    assert not [path for path in binds if "/dev/dri" in path and "/renderD" not in path]
     assert settings["ProtectKernelTunables"] == ["yes"]
     assert "ReadWritePaths" not in settings  # /sys stays read-only unless an admin opts in
 
@@ -526,6 +551,29 @@ def test_methods_pass_the_bus_so_that_the_daemon_decides(
     assert not answered_by_the_daemon(gone), gone
 
 
+HOLD_CALLS = [
+    (
+        "org.vfiocaps1.Manager.HoldDevices",
+        ("c7a5fdbd-edaf-9455-926a-d65c16db1809", "vm1", "['0000:00:02.0']"),
+    ),
+    ("org.vfiocaps1.Manager.ReleaseDevices", ("c7a5fdbd-edaf-9455-926a-d65c16db1809",)),
+]
+
+
+@needs_root
+@pytest.mark.parametrize(("method", "args"), HOLD_CALLS)
+def test_only_root_may_hold_devices_for_a_vm(
+    system_bus: SystemStyleBus, start_daemon: DaemonFactory, method: str, args: tuple[str, ...]
+) -> None:
+    """A hold keeps probes off a device: the bus refuses anyone but root (the libvirt hook)."""
+    start_daemon(bus=system_bus)
+    refused = gdbus_call(system_bus.address, BUS_NAME, ROOT_PATH, method, *args, unprivileged=True)
+    assert denied_by_the_bus(refused), refused
+    served = gdbus_call(system_bus.address, BUS_NAME, ROOT_PATH, method, *args, unprivileged=False)
+    assert answered_by_the_daemon(served), served
+    assert served.returncode == 0, served
+
+
 @needs_root
 def test_device_refresh_passes_the_bus(
     system_bus: SystemStyleBus, start_daemon: DaemonFactory
@@ -596,11 +644,14 @@ def test_polkit_reads_the_actions_with_the_intended_defaults(destdir: Path) -> N
             ["pkaction"], capture_output=True, text=True, env=env, timeout=30, check=True
         ).stdout.split()
         assert sorted(listed) == [
+            "org.vfiocaps.hold-devices",
             "org.vfiocaps.invalidate",
             "org.vfiocaps.probe-type",
             "org.vfiocaps.refresh",
         ]
         for action in listed:
+            # Only root (the libvirt hook) holds devices for a VM: nobody else is offered it.
+            held = action == "org.vfiocaps.hold-devices"
             out = subprocess.run(
                 ["pkaction", "--verbose", "--action-id", action],
                 capture_output=True,
@@ -609,9 +660,10 @@ def test_polkit_reads_the_actions_with_the_intended_defaults(destdir: Path) -> N
                 timeout=30,
                 check=True,
             ).stdout
-            assert re.search(r"implicit any:\s+auth_admin\n", out), out
-            assert re.search(r"implicit inactive:\s+auth_admin\n", out), out
-            assert re.search(r"implicit active:\s+auth_admin_keep\n", out), out
+            assert re.search(rf"implicit any:\s+{'no' if held else 'auth_admin'}\n", out), out
+            assert re.search(rf"implicit inactive:\s+{'no' if held else 'auth_admin'}\n", out), out
+            active = "auth_admin" if held else "auth_admin_keep"
+            assert re.search(rf"implicit active:\s+{active}\n", out), out
             assert re.search(r"description:\s+\S", out), out
     finally:
         polkitd.terminate()
@@ -652,7 +704,16 @@ mdev-parent*)
 pci-*)
     dev=devices/pci0000:00/0000:00:02.0
     driver=${device#pci-}
-    mkdir -p $dev
+    case $driver in
+    nvidia-vf)
+        # an NVIDIA SR-IOV VF (vGPU 17+): on nvidia, with physfn and the profile files
+        driver=nvidia
+        mkdir -p $dev/nvidia devices/pci0000:00/0000:00:01.0
+        echo 0 > $dev/nvidia/current_vgpu_type
+        ln -s ../0000:00:01.0 $dev/physfn
+        ;;
+    esac
+    mkdir -p $dev bus/pci/drivers/$driver
     ln -s ../../../bus/pci $dev/subsystem
     ln -s ../../../bus/pci/drivers/$driver $dev/driver
     printf 'DRIVER=%s\nPCI_SLOT_NAME=0000:00:02.0\n' "$driver" > $dev/uevent
@@ -679,6 +740,14 @@ exec "$udevadm" test --action="$action" "/sys/$dev"
         ("bind", "pci-vfio-pci", True),
         ("add", "pci-vfio-pci", True),
         ("bind", "pci-nouveau", False),
+        # variant drivers, either spelling of the suffix
+        ("bind", "pci-xe-vfio-pci", True),
+        ("add", "pci-mlx5_vfio_pci", True),
+        ("bind", "pci-hisi_acc_vfio_pci", True),
+        # an NVIDIA VF with vGPU profiles, not the GPU's physical function or a plain GPU
+        ("bind", "pci-nvidia-vf", True),
+        ("add", "pci-nvidia-vf", True),
+        ("bind", "pci-nvidia", False),
         ("unbind", "pci-vfio-pci", False),
         ("remove", "pci-vfio-pci", False),
     ],

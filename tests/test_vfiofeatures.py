@@ -351,3 +351,29 @@ def test_bad_arguments_are_refused_with_the_usage(
 ) -> None:
     assert vf.main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"observable": True, "migration": True, "flags": ["stop-copy", "p2p"], "raw_flags": 3,
+         "dirty_tracking": False},
+        {"observable": False, "reason": 'cannot open "a\\b"\n\t\x01\x7f é ✓ /dev/vfio/7'},
+        {"observable": True, "migration": False, "flags": [], "raw_flags": 0},
+    ],
+)  # fmt: skip
+def test_the_readers_json_is_what_json_reads(answer: dict[str, Any]) -> None:
+    assert json.loads(vf.to_json(answer)) == answer
+
+
+def test_the_reader_starts_without_typing_json_or_re(tmp_path: Path) -> None:
+    """It runs once per probe: every module it imports is paid for by every probe."""
+    argv = reader_argv(tmp_path / "vfio" / "vfio", tmp_path / "vfio" / "7", "dev")
+    out = subprocess.run(
+        [argv[0], "-X", "importtime", *argv[1:]],
+        capture_output=True, text=True, env={}, check=False, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+    assert not imported & {"typing", "json", "re", "enum", "collections"}, sorted(imported)
+    assert json.loads(out.stdout)["observable"] is False

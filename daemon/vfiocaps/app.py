@@ -16,7 +16,8 @@ from .config import Config
 from .discovery import Discovery
 from .engine import Engine, TypeView
 from .errors import BusError, VfiocapsError
-from .nfdlabels import FeatureFile, NfdLabelWriter
+from .nfdfile import FeatureFile
+from .nfdlabels import LabelsRecord, NfdLabelWriter, remove_stale_labels
 from .notify import Notifier, NotifyError, ServiceStatus, watchdog_interval
 from .prober import Prober
 from .store import CapabilityStore
@@ -62,12 +63,19 @@ async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
 
 
 def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
-    """The NFD label writer the configuration asks for, or None."""
+    """The NFD label writer the configuration asks for, or None (then a feature file an
+    earlier run left is removed)."""
+    record = LabelsRecord(config.cache_dir / "nfd-labels-directory")
     if config.nfd_features_dir is None:
+        remove_stale_labels(record, None)
         return None
     feature_file = FeatureFile(config.nfd_features_dir)
     return NfdLabelWriter(
-        feature_file, engine.types, fingerprint_of=_fingerprint_of, emulated=config.emulated
+        feature_file,
+        engine.types,
+        fingerprint_of=_fingerprint_of,
+        emulated=config.emulated,
+        record=record,
     )
 
 
@@ -121,7 +129,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             return
         if labels is not None:  # from a learned host on: never an empty file at start
             engine.subscribe(labels)
-            labels.changed()
+            labels.start()
         bus.announcing = True
         await own_name(bus)
         named = True

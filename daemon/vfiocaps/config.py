@@ -138,7 +138,14 @@ class Config:
     probe_timeout: float = 30.0
     probe_concurrency: int = 2
     probe_retry_seconds: float = 30.0
+    # How often vGPU profiles are compared with sysfs (their writes send no uevent).
+    profile_scan_seconds: float = 5.0
     probe_types_without_instances: bool = False
+    # How long a user's instance created while the daemon runs is left alone before its probe:
+    # a VM may be starting on it (a probe holds the VFIO group, which VFIO gives one opener).
+    probe_settle_seconds: float = 5.0
+    # Answer such an instance by probing a temporary instance of its type, where it has room.
+    prefer_temporary_instances: bool = False
     migration_stream_limit: int = DEFAULT_MIGRATION_STREAM_LIMIT
     # Variables the probe QEMU gets besides PATH and LC_ALL (test rigs: umockdev's UMOCKDEV_DIR
     # and LD_PRELOAD); never taken from the daemon's environment unless configured.
@@ -174,6 +181,15 @@ class Config:
         if not 0 < self.probe_retry_seconds <= 86400:
             raise ConfigError(
                 f"probe retry must be in (0, 86400] seconds, got {self.probe_retry_seconds}"
+            )
+        if not 0 <= self.probe_settle_seconds <= 3600:
+            raise ConfigError(
+                f"probe settle time must be in [0, 3600] seconds, got {self.probe_settle_seconds}"
+            )
+        if not 0.05 <= self.profile_scan_seconds <= 3600:
+            raise ConfigError(
+                f"profile scan interval must be in [0.05, 3600] seconds, got "
+                f"{self.profile_scan_seconds}"
             )
         if not 0 < self.authorization_timeout <= 3600:
             raise ConfigError(

@@ -114,9 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="first retry after a failed or busy probe (doubling up to an hour; default 30)",
     )
     parser.add_argument(
+        "--profile-scan-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="how often vGPU profiles set by other tools are looked for (default 5)",
+    )
+    parser.add_argument(
         "--probe-types-without-instances",
         action="store_true",
         help="create a temporary instance to probe a type nobody has instantiated yet",
+    )
+    parser.add_argument(
+        "--probe-settle-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="leave an instance created while the daemon runs alone this long before probing "
+        "it: a VM may be starting on it (default 5; 0 probes at once)",
+    )
+    parser.add_argument(
+        "--prefer-temporary-instances",
+        action="store_true",
+        help="answer an instance created while the daemon runs by probing a temporary instance "
+        "of its type, where the type has room, and leave the user's instance alone",
     )
     parser.add_argument(
         "--migration-stream-limit",
@@ -171,6 +190,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "runtime_dir": args.runtime_dir or default_runtime_dir(environ),
         "qemu_binary": args.qemu or default_qemu_binary(),
         "probe_types_without_instances": args.probe_types_without_instances,
+        "prefer_temporary_instances": args.prefer_temporary_instances,
         "emulated": args.emulated,
         "probe_environment": probe_environment_from(args.probe_env, environ),
     }
@@ -182,6 +202,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         "probe_timeout": args.probe_timeout,
         "probe_concurrency": args.probe_concurrency,
         "probe_retry_seconds": args.probe_retry_seconds,
+        "probe_settle_seconds": args.probe_settle_seconds,
+        "profile_scan_seconds": args.profile_scan_seconds,
         "migration_stream_limit": args.migration_stream_limit,
         "nfd_features_dir": args.nfd_labels,
         "authorization_timeout": args.authorization_timeout,

@@ -6,7 +6,6 @@ import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 from .capabilities import Capabilities, Display, GlHost
 from .drm import render_nodes
@@ -115,9 +114,16 @@ class DomainParts:
         return "\n".join(lines) + "\n"
 
 
+# The ampersand first: the other entities bring their own.
+XML_ENTITIES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("'", "&apos;"), ('"', "&quot;"))
+
+
 def _attribute(value: str) -> str:
-    """An XML attribute value in single quotes, as libvirt writes them."""
-    return "'" + escape(value, {"'": "&apos;", '"': "&quot;"}) + "'"
+    """An XML attribute value in single quotes, as libvirt writes them. (Escaped here rather than
+    with xml.sax.saxutils, which imports urllib, http and email into the daemon.)"""
+    for char, entity in XML_ENTITIES:
+        value = value.replace(char, entity)
+    return f"'{value}'"
 
 
 def _comment_text(text: str) -> str:

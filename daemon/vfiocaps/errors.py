@@ -18,9 +18,16 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
      |    +-- discovery.DiscoveryStateError    a call the discovery state does not allow
      |    +-- discovery.InstanceError          an mdev instance cannot be created or removed
      |    +-- discovery.ProfileError           a vGPU profile cannot be set on or cleared from a VF
+     |    +-- ProfileRefusedError        the vendor driver refused a profile write (errno below)
+     |         +-- ProfileInUseError          EBUSY: the VF is open (a VM holds it)
+     |         +-- ProfileUnknownError        ENODEV: the card does not know the profile
+     |         +-- ProfileConflictError       EINVAL: another profile is set on the card
+     |         +-- ProfileNoRoomError         ENOSPC: the card has no room left for it
+     |         +-- ProfileNotPermittedError   EPERM: a vGPU exists on the VF
      +-- ProbeError                      a probe could not give an answer
      |    +-- ProbeBusyError             the device is held by someone else (a VM); never disturbed
      |    +-- ProbeTimeoutError          the probe QEMU did not answer in time
+     |    +-- NeedsGpuInstanceError      a MIG-backed profile needs a GPU instance made first
      |    +-- prober.QemuMissingError    the QEMU binary is missing or cannot be executed
      |    +-- prober.QemuUnusableError   the binary does not answer like QEMU
      |    +-- prober.ProbeSandboxError   the probe user or the sandbox is unusable
@@ -81,6 +88,32 @@ class DiscoveryError(VfiocapsError):
     """sysfs or udev could not be read as expected."""
 
 
+class ProfileRefusedError(DiscoveryError):
+    """The vendor driver refused a write to a VF's ``current_vgpu_type``; ``errno`` says why."""
+
+    errno = 0
+
+
+class ProfileInUseError(ProfileRefusedError):
+    """EBUSY: the virtual function is open (a VM or another tool holds it)."""
+
+
+class ProfileUnknownError(ProfileRefusedError):
+    """ENODEV: the card does not know the profile id."""
+
+
+class ProfileConflictError(ProfileRefusedError):
+    """EINVAL: another profile is set on the card, which takes one profile at a time."""
+
+
+class ProfileNoRoomError(ProfileRefusedError):
+    """ENOSPC: the card has no room left for another VF with this profile."""
+
+
+class ProfileNotPermittedError(ProfileRefusedError):
+    """EPERM: a vGPU exists on the virtual function."""
+
+
 class ProbeError(VfiocapsError):
     """A capability probe could not produce an answer."""
 
@@ -91,6 +124,11 @@ class ProbeBusyError(ProbeError):
 
 class ProbeTimeoutError(ProbeError):
     """The probe did not complete within its deadline."""
+
+
+class NeedsGpuInstanceError(ProbeError):
+    """A MIG-backed profile cannot be set before MIG mode is on and a GPU instance exists;
+    vfiocapsd does not make GPU instances."""
 
 
 class StoreError(VfiocapsError):

@@ -79,6 +79,8 @@ UNKNOWN = "unknown"
 
 # The most a fingerprint document may hold; a check reads a file another host wrote.
 MAX_DOCUMENT_BYTES = 16 * 1024
+# A fingerprint is one flat object holding one list; deeper documents are refused unread.
+MAX_NESTING = 4
 _MAX_TEXT = 256
 
 
@@ -189,6 +191,29 @@ def _text(document: dict[str, Any], name: str, *, optional: bool = False) -> str
     return value
 
 
+def _nesting(text: str) -> int:
+    """How deeply arrays and objects nest in the JSON *text* (strings skipped), counted
+    without recursion so that any depth is measured safely."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse(text: str) -> Fingerprint:
     """Read a fingerprint document (as :meth:`Fingerprint.to_json` writes it).
 
@@ -201,18 +226,23 @@ def parse(text: str) -> Fingerprint:
         MAX_DOCUMENT_BYTES
     ):
         raise FingerprintError(f"a fingerprint is at most {MAX_DOCUMENT_BYTES} bytes")
+    if _nesting(text) > MAX_NESTING:
+        raise FingerprintError(
+            f"nested deeper than {MAX_NESTING} levels; a fingerprint is one flat object"
+        )
     try:
         document = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise FingerprintError(f"not JSON: {err}") from err
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise FingerprintError(
             f'not a migration fingerprint (expected "format": "{FORMAT}"); write one with '
             "'vfiocapsctl migration fingerprint ID --json'"
         )
-    if document.get("version") != FORMAT_VERSION:
+    version = document.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1 in Python
         raise FingerprintError(
-            f"fingerprint version {document.get('version')!r} is not {FORMAT_VERSION}; "
+            f"fingerprint version {repr(version)[:40]} is not {FORMAT_VERSION}; "
             "produce it with the same vfiocaps version on both hosts"
         )
     flags = document.get("migration_flags")

@@ -37,6 +37,10 @@ class DeviceKind(enum.Enum):
     PCI = "pci"
 
 
+# MdevType.requires of a MIG-backed vGPU profile: MIG mode and a GPU instance must exist first.
+NEEDS_GPU_INSTANCE = "gpu-instance"
+
+
 class TypeKind(enum.Enum):
     """What a type is: how its devices come to exist and how one is made for a probe.
 
@@ -81,7 +85,10 @@ class MdevType:
 
     For a profile, ``type_id`` is the profile's numeric id as ``current_vgpu_type`` takes it,
     and ``available_instances`` the number of the parent's VFs that can take it now (they list
-    it in ``creatable_vgpu_types`` and have no profile set).
+    it in ``creatable_vgpu_types`` and have no profile set); a profile once listed stays
+    known with ``0`` while the card has no room for it (homogeneous narrowing, a full card).
+    ``requires`` names what must exist before an instance can be made and vfiocapsd does not
+    make itself (``gpu-instance``: a MIG-backed profile); empty when nothing is missing.
     """
 
     parent: str
@@ -91,6 +98,7 @@ class MdevType:
     device_api: str
     available_instances: int
     kind: TypeKind = TypeKind.MDEV
+    requires: str = ""
 
 
 @dataclass(frozen=True, slots=True)

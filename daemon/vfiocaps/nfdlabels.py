@@ -9,46 +9,64 @@ NFD refuses namespaces under ``kubernetes.io`` except ``feature.node.kubernetes.
 subdomains, so the labels here live in ``vfiocaps.feature.node.kubernetes.io``, which every NFD
 accepts without configuration.
 
-Per probed type present on the node (``<type>`` is the type id, or a readable form with a hash
-where the id is not a valid label name)::
+Per probed type present on the node (``<type>`` is the type id, for a vGPU profile its name,
+since profile ids mean different profiles on different card models, e.g. ``NVIDIA-H100-40C``;
+a readable form with a hash where that is not a valid label name)::
 
     vfiocaps.feature.node.kubernetes.io/<type>.display=none|region|dmabuf|unknown
     vfiocaps.feature.node.kubernetes.io/<type>.gl-required=true|false
     vfiocaps.feature.node.kubernetes.io/<type>.gl-host=set-up|crashed|failed|no-render-node|
         inaccessible|unknown  (when GL is required: whether this node gave it, see GlHost)
     vfiocaps.feature.node.kubernetes.io/<type>.migration=supported|unsupported|unknown
-    vfiocaps.feature.node.kubernetes.io/<type>.migration-with-options=...  (when options exist)
+    vfiocaps.feature.node.kubernetes.io/<type>.migration-with-options=supported|unsupported|
+        unknown  (always: with the device options migration needs; with QEMU's defaults, when
+        none are needed, it equals .migration, so one selector on it matches every type that
+        migrates either way)
     vfiocaps.feature.node.kubernetes.io/<type>.migration-fingerprint=<12 hex> (when known)
 
 A type offered by several parents whose answers differ gets the value ``mixed``. On an emulated
 host (``vfiocapsd --emulated``) the file also says ``vfiocaps.feature.node.kubernetes.io/emulated``
 (value ``true``), so that no scheduler takes a demonstration for hardware.
+
+The file starts with NFD's directive ``# +expiry-time=<RFC 3339>``: :data:`EXPIRY_SECONDS` after
+it was written. The daemon rewrites it every :data:`REFRESH_SECONDS` while it runs (a margin of
+:data:`EXPIRY_SECONDS` - :data:`REFRESH_SECONDS` for a slow or stalled write), so the labels of a
+daemon that died, or of a node it no longer runs on, expire by themselves. A clean stop removes
+the file; so does a start with ``--nfd-labels`` turned off (or pointed elsewhere): the directory
+last written is remembered in the cache directory (:class:`LabelsRecord`). The file and its
+directory are handled by :mod:`vfiocaps.nfdfile`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import os
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from .capabilities import Capabilities
+from .capabilities import Capabilities, Migration
 from .engine import DeviceView, EngineStatus, TypeView
+from .errors import UnsafeDirectoryError
+from .model import TypeKind
+from .nfdfile import MAX_FILE_BYTES, FeatureFile
+from .statefile import replace_file
 
 log = logging.getLogger(__name__)
 
 # Where NFD's local source looks by default (nfd-worker's --features-dir / local source).
 DEFAULT_FEATURES_DIR = Path("/etc/kubernetes/node-feature-discovery/features.d")
 LABEL_PREFIX = "vfiocaps.feature.node.kubernetes.io"
-FILE_NAME = "vfiocaps"
-# NFD ignores a feature file larger than this (source/local: MaxFeatureFileSize).
-MAX_FILE_BYTES = 65536
 MAX_NAME = 63
+# NFD drops the labels this long after the file was written, unless it is written again.
+EXPIRY_SECONDS = 3600.0
+# How often the running daemon writes the file again (with a new expiry time).
+REFRESH_SECONDS = 1200.0
+EXPIRY_DIRECTIVE = "# +expiry-time="
+HEADER = "# Written by vfiocapsd: the VFIO capabilities of this node's device types.\n"
 MIXED = "mixed"
 # How long after a change the file is brought up to date: a burst of events writes once.
 SETTLE_SECONDS = 0.5
@@ -77,6 +95,13 @@ def type_token(type_id: str) -> str:
     return f"{readable}-{digest}" if readable else f"type-{digest}"
 
 
+def view_token(view: TypeView) -> str:
+    """The label token of a type: a vGPU profile's name (spaces as ``-``), any other type's id."""
+    if view.kind is TypeKind.VF_PROFILE and view.name:
+        return type_token(view.name.replace(" ", "-"))
+    return type_token(view.type_id)
+
+
 def fingerprint_label(fingerprint: str) -> str:
     """The short hash of a migration fingerprint that a label carries."""
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
@@ -90,8 +115,12 @@ def _answers(caps: Capabilities, fingerprint: str) -> dict[str, str]:
     }
     if caps.gl_required:
         values["gl-host"] = caps.gl_host.value
-    if caps.migration_options:
+    # With QEMU's defaults (no options needed) the verdict with options is the verdict; a type
+    # that migrates with the defaults migrates with options too.
+    if caps.migration_options and caps.migration is not Migration.SUPPORTED:
         values["migration-with-options"] = caps.migration_with_options.value
+    else:
+        values["migration-with-options"] = caps.migration.value
     if fingerprint:
         values[_FINGERPRINT] = fingerprint_label(fingerprint)
     return values
@@ -109,7 +138,7 @@ def labels_of(
         if view.capabilities is None:
             continue
         fingerprint = fingerprint_of(view) if fingerprint_of else ""
-        answers = per_token.setdefault(type_token(view.type_id), {})
+        answers = per_token.setdefault(view_token(view), {})
         for key, value in _answers(view.capabilities, fingerprint).items():
             answers.setdefault(key, set()).add(value)
     labels = {EMULATED_LABEL: "true"} if emulated else {}
@@ -121,14 +150,22 @@ def labels_of(
     return labels
 
 
-def render(labels: dict[str, str]) -> tuple[str, int]:
-    """The feature file for *labels* within NFD's size limit, and how many types were left out.
+def expiry_line(expires: float) -> str:
+    """NFD's expiry directive for the unix time *expires* (RFC 3339, UTC, whole seconds)."""
+    moment = datetime.fromtimestamp(int(expires), UTC)
+    return f"{EXPIRY_DIRECTIVE}{moment.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+
+
+def render(labels: dict[str, str], expires: float | None = None) -> tuple[str, int]:
+    """The feature file for *labels* within NFD's size limit, and how many types were left out;
+    with *expires* (unix time), the expiry directive first.
 
     Types are kept whole, in name order, as long as the file stays within the limit.
     """
     header = (
-        "# Written by vfiocapsd: the VFIO capabilities of this node's device types.\n"
-        "# Rewritten whenever an answer changes; edits are lost.\n"
+        (expiry_line(expires) if expires is not None else "")
+        + HEADER
+        + "# Rewritten whenever an answer changes, and while vfiocapsd runs; edits are lost.\n"
     )
     groups: dict[str, list[str]] = {}
     for name, value in labels.items():
@@ -143,68 +180,78 @@ def render(labels: dict[str, str]) -> tuple[str, int]:
     return text, left_out
 
 
-@dataclass(frozen=True)
-class FeatureFile:
-    """The feature file's place: a directory NFD reads and the file's name in it."""
+def _body(text: str | None) -> str | None:
+    """*text* without its expiry directive: what says the labels."""
+    if text is None or not text.startswith(EXPIRY_DIRECTIVE):
+        return text
+    return text.partition("\n")[2]
 
-    directory: Path
-    name: str = FILE_NAME
 
-    @property
-    def path(self) -> Path:
-        return self.directory / self.name
+def written_by_us(text: str | None) -> bool:
+    """Whether a feature file's *text* is one vfiocapsd wrote (its header)."""
+    return text is not None and (_body(text) or "").startswith(HEADER)
 
-    def read(self) -> str | None:
-        """The file's current text, or None when it is missing or unreadable."""
+
+class LabelsRecord:
+    """Where this daemon last published labels (a file in its cache directory), so that a
+    start with ``--nfd-labels`` off or elsewhere removes the file it left."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def directory(self) -> Path | None:
+        """The directory recorded, or None. Raises nothing."""
         try:
-            return self.path.read_text()
+            with self.path.open("rb") as stream:
+                text = stream.read(4097).decode()
         except (OSError, UnicodeDecodeError):
             return None
+        candidate = Path(text.strip())
+        return candidate if text.strip() and candidate.is_absolute() else None
 
-    def write(self, text: str) -> None:
-        """Replace the file with *text* at once: written to a dot-file NFD skips, then renamed.
-
-        The directory is opened once and used by descriptor; the dot-file is created anew
-        (never opened through a link someone left there) and world-readable, since labels are
-        public.
-
-        Raises:
-            OSError: the directory cannot be created or written.
-        """
-        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temporary = "." + self.name
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def remember(self, directory: Path) -> None:
+        """Record *directory*. Raises nothing (a failure only costs a later clean-up)."""
+        if self.directory() == directory:
+            return
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=directory)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temporary, flags, 0o644, dir_fd=directory)
-            try:
-                os.fchmod(fd, 0o644)
-                data = text.encode()
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, self.name, src_dir_fd=directory, dst_dir_fd=directory)
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            replace_file(self.path, f"{directory}\n")
+        except OSError as err:
+            log.warning("cannot record the NFD features directory in %s: %s", self.path, err)
 
-    def remove(self) -> None:
-        """Remove the file (NFD then drops the labels). Raises nothing."""
+    def forget(self) -> None:
+        """Drop the record. Raises nothing."""
         try:
             self.path.unlink(missing_ok=True)
         except OSError as err:
             log.warning("cannot remove %s: %s", self.path, err)
 
 
+def remove_stale_labels(record: LabelsRecord, current: Path | None) -> None:
+    """Remove the feature file a daemon published in the recorded directory when labels are now
+    off (*current* None) or go elsewhere; only a file vfiocapsd wrote. Raises nothing."""
+    previous = record.directory()
+    if previous is None or previous == current:
+        return
+    stale = FeatureFile(previous)
+    try:
+        if written_by_us(stale.read()):
+            stale.remove()
+            log.info(
+                "removed the NFD labels left in %s (--nfd-labels is off or elsewhere)", previous
+            )
+    except (OSError, UnsafeDirectoryError) as err:
+        log.warning("cannot remove the NFD labels left in %s: %s", previous, err)
+        return
+    record.forget()
+
+
 class NfdLabelWriter:
     """An engine listener that keeps the feature file equal to the node's answers.
 
     Every change schedules one update a moment later; the update reads the types, renders the
-    file and writes it only when its text differs from what is on disk.
+    file and writes it when its labels differ from what is on disk or its expiry time is due
+    for a refresh (:meth:`run_refresh` wakes it every *refresh* seconds). :meth:`close`
+    removes the file.
     """
 
     def __init__(
@@ -214,15 +261,26 @@ class NfdLabelWriter:
         fingerprint_of: FingerprintOf | None = None,
         settle: float = SETTLE_SECONDS,
         emulated: bool = False,
+        *,
+        expiry: float = EXPIRY_SECONDS,
+        refresh: float = REFRESH_SECONDS,
+        record: LabelsRecord | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._file = feature_file
         self._types = types
         self._fingerprint_of = fingerprint_of
         self._emulated = emulated
         self._settle = settle
+        self._expiry = expiry
+        self._refresh = min(refresh, expiry)
+        self._record = record
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._dirty = False
         self._written: str | None = None
+        self._written_at: float | None = None
         self._problem = ""
 
     def changed(self) -> None:
@@ -231,6 +289,20 @@ class NfdLabelWriter:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._update_soon())
 
+    def start(self) -> None:
+        """Publish now and keep the expiry time fresh while the daemon runs."""
+        if self._record is not None:
+            remove_stale_labels(self._record, self._file.directory)
+        self.changed()
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self.run_refresh())
+
+    async def run_refresh(self) -> None:
+        """Write the file again every *refresh* seconds (its expiry moves on)."""
+        while True:
+            await asyncio.sleep(self._refresh)
+            self.changed()
+
     async def _update_soon(self) -> None:
         # A change that arrives during an update makes one more round.
         while self._dirty:
@@ -238,24 +310,31 @@ class NfdLabelWriter:
             self._dirty = False
             await self.update()
 
+    def _due(self, now: float) -> bool:
+        return self._written_at is None or now - self._written_at >= self._refresh * 0.9
+
     async def update(self) -> None:
         """Bring the file up to date now. Raises nothing: a failure is logged and retried at
-        the next change."""
-        text, left_out = render(labels_of(self._types(), self._fingerprint_of, self._emulated))
-        if self._written is None:
-            self._written = await asyncio.to_thread(self._file.read)
-        if text == self._written:
-            return
-        if left_out:
-            log.warning(
-                "%d device types left out of %s: NFD reads at most %d bytes",
-                left_out,
-                self._file.path,
-                MAX_FILE_BYTES,
-            )
+        the next change or refresh."""
+        now = self._clock()
+        labels = labels_of(self._types(), self._fingerprint_of, self._emulated)
+        text, left_out = render(labels, now + self._expiry)
         try:
+            if self._written is None:
+                self._written = await asyncio.to_thread(self._file.read)
+            if _body(text) == _body(self._written) and not self._due(now):
+                return
+            if left_out:
+                log.warning(
+                    "%d device types left out of %s: NFD reads at most %d bytes",
+                    left_out,
+                    self._file.path,
+                    MAX_FILE_BYTES,
+                )
+            if self._record is not None:
+                await asyncio.to_thread(self._record.remember, self._file.directory)
             await asyncio.to_thread(self._file.write, text)
-        except OSError as err:
+        except (OSError, UnsafeDirectoryError) as err:
             # Said once per distinct failure, not at every change of a host in an event storm.
             problem = f"cannot write the NFD feature file {self._file.path}: {err}"
             log.log(logging.DEBUG if problem == self._problem else logging.WARNING, "%s", problem)
@@ -264,13 +343,23 @@ class NfdLabelWriter:
             return
         self._problem = ""
         self._written = text
-        log.info("NFD labels written to %s", self._file.path)
+        self._written_at = now
+        log.debug("NFD labels written to %s", self._file.path)
 
     async def close(self) -> None:
-        """Stop a pending update (the file stays: the labels remain true)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop pending updates and remove the file: labels say what a running daemon knows."""
+        for task in (self._task, self._refresher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        try:
+            await asyncio.to_thread(self._file.remove)
+        except (OSError, UnsafeDirectoryError) as err:
+            log.warning("cannot remove the NFD feature file %s: %s", self._file.path, err)
+            return
+        if self._record is not None:
+            self._record.forget()
+        log.info("NFD labels removed from %s", self._file.path)
 
     # ---- engine listener ------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -31,39 +32,73 @@ def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
 
 
 OWNER_SUFFIX = ".owner"
+PROC_ROOT = Path("/proc")
+
+# The owner files this process holds, by directory: one lock per directory and process, however
+# many ledgers or threads take it.
+_HELD: dict[Path, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def process_start(pid: int, proc_root: Path = PROC_ROOT) -> str | None:
+    """When the process *pid* started (clock ticks since boot, field 22 of ``/proc/PID/stat``):
+    with the pid, it names one process of a boot, so a reused pid is told apart. ``None`` when
+    there is no such process or it cannot be read. Raises nothing."""
+    try:
+        with open(proc_root / str(pid) / "stat", "rb") as stream:
+            stat = stream.read(4096)
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count after the last ")".
+    fields = stat.rpartition(b")")[2].split()
+    if len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return fields[19].decode()
 
 
 class OwnerLock:
     """Who wrote the records in *directory*: each writer holds an ``flock`` on its file
     ``<pid>.owner`` there for as long as it runs, so a record's writer is alive exactly while
-    that file is locked, whatever process has its pid since."""
+    that file is locked, whatever process has its pid since. A record also names its writer's
+    start time (:meth:`started`), which tells a reused pid apart when the owner file is gone."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, proc_root: Path = PROC_ROOT) -> None:
         self.directory = directory
-        self._fd: int | None = None
+        self._proc_root = proc_root
+
+    def started(self) -> str:
+        """This process's start time, to be written in its records (``""``: unreadable)."""
+        return process_start(os.getpid(), self._proc_root) or ""
 
     def hold(self) -> None:
-        """Create and lock this process's owner file (once; the lock goes with the process).
+        """Create and lock this process's owner file (once per directory and process, from any
+        thread; the lock goes with the process).
 
         Raises:
             OSError: the file cannot be created or locked.
         """
-        if self._fd is not None:
-            return
-        path = self.directory / f"{os.getpid()}{OWNER_SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise
-        self._fd = fd
+        key = Path(os.path.abspath(self.directory))
+        with _HELD_LOCK:
+            if key in _HELD:
+                return
+            path = key / f"{os.getpid()}{OWNER_SUFFIX}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            _HELD[key] = fd
 
-    def alive(self, pid: int) -> bool:
-        """Whether the writer *pid* of a record still runs: its owner file is locked. An owner
-        file found unlocked is removed. Without one (a record of an older version) the pid
-        alone is asked, and a reused pid looks alive: the record is then kept, never taken from
-        a running writer. A file that cannot be looked at counts as alive. Raises nothing."""
+    def alive(self, pid: int, started: str = "") -> bool:
+        """Whether the writer *pid* (started at *started*, as its record says) of a record
+        still runs: its owner file is locked. An owner file found unlocked is removed. Without
+        one (deleted, or a record of an older version) the process is asked: it runs when
+        *pid* exists and, where the record names a start time, started then, so a reused pid
+        is not taken for the writer. A record without a start time has only its pid, and a
+        reused pid looks alive: the record is then kept (until the boot ends), never taken
+        from a running writer. A file that cannot be looked at counts as alive. Raises
+        nothing."""
         if pid <= 0:
             return False
         path = self.directory / f"{pid}{OWNER_SUFFIX}"
@@ -71,6 +106,8 @@ class OwnerLock:
             if lock_held(path):
                 return True
         except FileNotFoundError:
+            if started:
+                return process_start(pid, self._proc_root) == started
             return _pid_alive(pid)
         except OSError:
             return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import threading
 import uuid as uuidlib
 from collections import deque
@@ -25,6 +26,7 @@ from vfiocaps.capabilities import (
     ProbeReport,
 )
 from vfiocaps.config import Config
+from vfiocaps.discovery.instances import create_instance, instance_exists, remove_instance
 from vfiocaps.engine import DeviceView, Engine, EngineStatus, Timings
 from vfiocaps.errors import DiscoveryError
 from vfiocaps.model import (
@@ -136,6 +138,9 @@ class FakeDeviceSource:
         self._loop = asyncio.get_running_loop()
         return self.snapshot
 
+    def recheck_profiles(self) -> list[str]:
+        return []  # this source has no virtual functions
+
     def push(self, *events: DiscoveryEvent) -> None:
         """Queue one batch of events, as discovery yields what one read of udev gave.
 
@@ -173,13 +178,16 @@ class FakeDeviceSource:
     async def close(self) -> None:
         self.closed = True
 
-    def create_instance(self, owner: Parent, type_id: str) -> str:
+    def create_instance(self, owner: Parent, type_id: str, uuid: str = "") -> str:
         if self.refuse_create is not None:
             raise DiscoveryError(self.refuse_create)
-        device = mdev(owner.name, type_id)
+        device = mdev(owner.name, type_id, uuid or None)
         self.created.append(device.device_id)
         self.push(DeviceAdded(device))
         return device.device_id
+
+    def instance_exists(self, device_id: str) -> bool:
+        return device_id in self.created and device_id not in self.removed
 
     def remove_instance(self, device: Device) -> None:
         if self.on_remove is not None:
@@ -301,6 +309,9 @@ def rig_config(directory: Path, **overrides: object) -> Config:
         "kernel_release": KERNEL,
         "probe_retry_seconds": 30.0,
         "probe_concurrency": 2,
+        # The rig's clock is a fake one and the settle time is real time: the rig's devices
+        # are probed at once (the settle time is tested on the daemon, test_libvirt_hook).
+        "probe_settle_seconds": 0.0,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
@@ -391,3 +402,29 @@ async def start_rig(
         started.cancel()
         task.result()
     return rig
+
+
+class SysfsInstanceSource(FakeDeviceSource):
+    """The fake source, but temporary instances are made and removed through a sysfs tree
+    under *sysfs_root* with discovery's own writers; the test plays the kernel. Removing an
+    instance (``echo 1 > remove``) takes its directory away at once, as the kernel does."""
+
+    def __init__(self, snapshot: HostSnapshot, sysfs_root: Path) -> None:
+        super().__init__(snapshot)
+        self.sysfs_root = sysfs_root
+
+    def create_instance(self, owner: Parent, type_id: str, uuid: str = "") -> str:
+        return create_instance(self.sysfs_root, owner, type_id, uuid)
+
+    def instance_exists(self, device_id: str) -> bool:
+        return instance_exists(self.sysfs_root, device_id)
+
+    def remove_instance(self, device: Device) -> None:
+        link = self.device_dir(device)
+        remove_instance(self.sysfs_root, replace(device, sysfs_path=str(link)))
+        self.removed.append(device.device_id)
+        shutil.rmtree(link.resolve())
+        link.unlink()
+
+    def device_dir(self, device: Device) -> Path:
+        return self.sysfs_root / "bus" / "mdev" / "devices" / device.device_id

@@ -12,6 +12,7 @@ the value is a valid label value (pkg/apis/nfd/validate, k8s.io/apimachinery val
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 MAX_FILE_BYTES = 65536
@@ -40,15 +41,35 @@ def label_problem(key: str, value: str) -> str | None:
     return None
 
 
-def read_labels(path: Path) -> dict[str, str]:
-    """The labels NFD publishes from the feature file at *path*; asserts every line is valid."""
+EXPIRY = "# +expiry-time="
+
+
+def expiry_time(path: Path) -> datetime | None:
+    """The time the file's ``# +expiry-time=`` directive names (RFC 3339), or None."""
+    for raw in path.read_text().split("\n"):
+        if raw.strip().startswith(EXPIRY):
+            return datetime.fromisoformat(raw.strip()[len(EXPIRY) :].replace("Z", "+00:00"))
+    return None
+
+
+def read_labels(path: Path, now: datetime | None = None) -> dict[str, str]:
+    """The labels NFD publishes from the feature file at *path* (at *now*, when given: labels
+    after an ``# +expiry-time=`` directive that has passed are dropped, as NFD does); asserts
+    every line is valid."""
     assert not path.name.startswith("."), "NFD skips dot-files"
     data = path.read_bytes()
     assert len(data) <= MAX_FILE_BYTES, f"{len(data)} bytes: NFD would ignore the file"
     labels: dict[str, str] = {}
+    expired = False
     for raw in data.decode().split("\n"):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if line.startswith(EXPIRY):
+            moment = datetime.fromisoformat(line[len(EXPIRY) :].replace("Z", "+00:00"))
+            expired = now is not None and moment < now
+            continue
+        if line.startswith("# +"):
+            raise AssertionError(f"{line!r}: NFD refuses an unknown directive")
+        if not line or line.startswith("#") or expired:
             continue
         key, _, value = line.partition("=")
         value = value if "=" in line else "true"

@@ -3,7 +3,8 @@ CheckAuthorization says yes at once to subjects of one uid and never answers any
 a user's authentication agent never replies), until CancelCheckAuthorization withdraws the check.
 
 Run as ``python polkit_authority.py serve BUS_ADDRESS ADMIN_UID EVENT_LOG``; each event is
-appended to EVENT_LOG as a JSON line: ``{"event": "check"|"cancel", "id": cancellation id, ...}``.
+appended to EVENT_LOG as a JSON line: ``{"event": "check"|"cancel", "id": cancellation id, ...}``,
+and an authentication agent that registers (pkttyagent) as ``{"event": "agent", "pid": ...}``.
 
 ``python polkit_authority.py flood BUS_ADDRESS COUNT`` is the impatient caller: it sends COUNT
 interactive ``Invalidate`` calls to vfiocapsd at once, prints the error names of the replies that
@@ -24,10 +25,17 @@ from dbus_fast.service import ServiceInterface, dbus_method
 
 Subject = Annotated[tuple[str, dict[str, Variant]], DBusSignature("(sa{sv})")]
 Details = Annotated[dict[str, str], DBusSignature("a{ss}")]
+Options = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 Result = Annotated[tuple[bool, bool, dict[str, str]], DBusSignature("(bba{ss})")]
 
 NAME = "org.freedesktop.PolicyKit1"
 PATH = "/org/freedesktop/PolicyKit1/Authority"
+
+
+def subject_pid(subject: Any) -> int:
+    """The pid of a unix-process subject (0 for another kind)."""
+    pid = subject[1].get("pid")
+    return int(pid.value) if pid is not None else 0
 
 
 class Authority(ServiceInterface):
@@ -74,6 +82,22 @@ class Authority(ServiceInterface):
         self.pending[cancellation_id] = withdrawn
         await withdrawn
         raise DBusError("org.freedesktop.PolicyKit1.Error.Cancelled", "cancelled")
+
+    @dbus_method()
+    def RegisterAuthenticationAgent(
+        self, subject: Subject, locale: DBusStr, object_path: DBusStr
+    ) -> None:
+        self.log(event="agent", pid=subject_pid(subject), path=object_path)
+
+    @dbus_method()
+    def RegisterAuthenticationAgentWithOptions(
+        self, subject: Subject, locale: DBusStr, object_path: DBusStr, options: Options
+    ) -> None:
+        self.log(event="agent", pid=subject_pid(subject), path=object_path)
+
+    @dbus_method()
+    def UnregisterAuthenticationAgent(self, subject: Subject, object_path: DBusStr) -> None:
+        self.log(event="agent-gone", pid=subject_pid(subject), path=object_path)
 
     @dbus_method()
     def CancelCheckAuthorization(self, cancellation_id: DBusStr) -> None:

@@ -98,6 +98,12 @@ MBOCHS = _sample(
         TypeSpec("mbochs-large", "large", 4, "virtual display, 64 MB video memory"),
     ),
 )
+# NVIDIA vGPU on Ampere (an A10, 10de:2236) stays on mdev, also under vGPU 17 and later: types
+# nvidia-NNN under the PF's mdev_supported_types, each with a name, a description of the form
+# "num_heads=..., frl_config=..., framebuffer=..., max_resolution=..., max_instance=..." and
+# available_instances; instances bound to nvidia-vgpu-vfio. Sources: NVIDIA's vGPU user guide
+# (mdev on KVM, `mdevctl types`), NVIDIA/vgpu-device-manager (its mdev path for pre-Ada cards).
+# The type ids are this fixture's (they are assigned per card model).
 NVIDIA = ParentSpec(
     module="nvidia",
     name="0000:41:00.0",
@@ -106,7 +112,7 @@ NVIDIA = ParentSpec(
     types=tuple(
         TypeSpec(
             f"nvidia-{number}",
-            f"GRID A10-{profile}",
+            f"NVIDIA A10-{profile}",
             count,
             f"num_heads=4, frl_config=60, framebuffer={fb}, max_resolution=5120x2880, "
             f"max_instance={count}",

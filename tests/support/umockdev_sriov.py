@@ -1,33 +1,37 @@
 """Fixture hosts with SR-IOV virtual functions for umockdev: vGPU profiles and variant drivers.
 
-Shaped from public sources:
+Each spec below names the public source its layout follows. In short:
 
-* An H100-like NVIDIA GPU (vGPU 17 and later: no mdev). The physical function is bound to
-  ``nvidia``; each virtual function too, with ``nvidia/creatable_vgpu_types`` (a heading
-  ``ID    : vGPU Name``, then ``<id> : <name>`` per line) and ``nvidia/current_vgpu_type``
-  (``0`` until an id is written; writing ``0`` clears it). Profile ids are local to a card. A
-  VF with a profile lists no creatable profile any more, and its siblings list only profiles
-  that still fit next to those set (this fixture: one profile size per GPU, so only the set
-  one, while fewer VFs carry it than the GPU allows). (NVIDIA vGPU user guide, "vendor-specific
-  VFIO framework"; NVIDIA vgpu-device-manager; KubeVirt's device plugin and its tests.)
-* An Intel Xe-like GPU (Arc Pro B60, ``8086:e211``, Battlemage): the physical function bound to
-  ``xe``, its virtual functions to ``xe-vfio-pci`` (module ``xe_vfio_pci``, Linux 6.19
-  ``drivers/vfio/pci/xe``: VF migration, no MODULE_VERSION).
-* A ConnectX-7-like NIC (``15b3:1021``; VFs ``15b3:101e``): the physical function bound to
-  ``mlx5_core`` with its firmware in ``infiniband/mlx5_0/fw_ver``, a VF bound to
-  ``mlx5_vfio_pci`` (``drivers/vfio/pci/mlx5``: migration with device dirty tracking).
+* NVIDIA vGPU 17 and later on Ada and Hopper (H100, L40S: SR-IOV, no mdev). Sources: NVIDIA's
+  vendor-VFIO host driver source (``nv_vfio_pci_core_init``, ``creatable_vgpu_types_show``,
+  ``current_vgpu_type_store``), NVIDIA/vgpu-device-manager ``pkg/vgpu/vfio``,
+  NVIDIA/kubevirt-gpu-device-plugin ``pkg/device_plugin/vfio_vgpu.go`` and its README ("vGPU
+  profile timing"), the nvidia-vgpu VFIO RFCs (2024, 2025). The PF and every VF are bound to
+  ``nvidia``; nvidia.ko registers every VF with vfio-pci-core, so each VF has
+  ``vfio-dev/vfioN`` with or without a profile. ``nvidia/creatable_vgpu_types`` is a heading
+  ``ID    : vGPU Name`` and one ``%-5d : %s`` line per profile, empty past the heading on a VF
+  that carries one; once a profile is set the card is homogeneous (siblings list only it while
+  there is room) and a full card lists the heading alone. ``nvidia/current_vgpu_type`` holds
+  ``%d`` (``0``: none). ``gpu_instance_id``, ``placement_id``, ``vgpu_params`` and
+  ``warm_update`` sit beside them. **No uevent is sent when a profile is set or cleared**
+  (neither source calls kobject_uevent; NVIDIA's plugin rescans periodically), so this fixture
+  sends none either. The driver refuses writes with -EBUSY, -ENODEV, -EINVAL, -ENOSPC or -EPERM;
+  a plain file cannot fail a write, so this emulated driver refuses by restoring the old value.
+* ``xe-vfio-pci`` VFs of an Intel BMG card (``8086:e211``; Linux 6.19 ``drivers/vfio/pci/xe``,
+  ``include/drm/intel/pciids.h``): PF on ``xe``, VFs on ``xe-vfio-pci`` (module
+  ``xe_vfio_pci``, no MODULE_VERSION), ``vfio-dev`` on each.
+* An mlx5 VF (ConnectX-7 PF ``15b3:1021``, VF ``15b3:101e``; ``drivers/vfio/pci/mlx5``): PF on
+  ``mlx5_core`` with its firmware in ``infiniband/mlx5_0/fw_ver``, VF on ``mlx5_vfio_pci``.
 
 Enabling VFs sends ``add`` and ``bind`` for each VF, then ``change`` on the physical function;
 disabling sends ``unbind`` and ``remove`` for each VF, then ``change`` (``drivers/pci/iov.c``).
-A profile set by an administrator sends ``change`` on the VF. A write by vfiocapsd itself is
-answered by a poller a few milliseconds later (a real driver answers within the write, and the
-lists a read returns are current at once); this emulated driver then sends ``change`` so that
-the daemon reads the settled lists. The daemon does not rely on it: it re-reads the VF after
-its own writes (see test_discovery_sriov.py, where no uevent is delivered at all).
+A write of vfiocapsd's own is answered by a poller a few milliseconds later (a real driver
+answers within the write).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +58,11 @@ class ProfileSpec:
     per_gpu: int  # how many VFs of one GPU may carry it
 
 
+def _profile_line(number: str, name: str) -> str:
+    """One line of ``creatable_vgpu_types``: ``"%-5d : %s"``."""
+    return f"{number:<5} : {name}\n"
+
+
 @dataclass(frozen=True)
 class FunctionSpec:
     """A physical function, its driver, and what its virtual functions are bound to."""
@@ -70,7 +79,7 @@ class FunctionSpec:
     total_vfs: int
     profiles: tuple[ProfileSpec, ...] = ()
     firmware: str | None = None
-    vfio_bound: bool = False  # VFs bound to a VFIO driver (they have vfio-dev)
+    vfio_bound: bool = False  # VFs registered with vfio-pci-core (they have vfio-dev)
 
     @property
     def bus(self) -> str:
@@ -101,6 +110,9 @@ def _module(name: str, version: str | None, module_file: str, srcversion: bool) 
 
 
 NVIDIA_MODULE = _module("nvidia", "570.133.10", "updates/dkms/nvidia.ko", True)
+# H100 PCIe (10de:2331). Profile names follow NVIDIA's naming (<model>-<framebuffer GB><series>,
+# MIG-backed <model>-<slices>-<GB><series>); the ids are this fixture's, as ids are assigned
+# per card model (the same id means another profile on another model: see L40S).
 H100 = FunctionSpec(
     key="h100",
     address="0000:41:00.0",
@@ -116,7 +128,28 @@ H100 = FunctionSpec(
         ProfileSpec("1060", "NVIDIA H100-20C", 4),
         ProfileSpec("1061", "NVIDIA H100-40C", 2),
         ProfileSpec("1062", "NVIDIA H100-80C", 1),
+        ProfileSpec("1070", "NVIDIA H100-1-10C", 7),
     ),
+    vfio_bound=True,
+)
+# L40S (10de:26b9); "1145 : NVIDIA L40S-1B" as the vendor driver prints it. Id 1061 is given
+# to an L40S profile on purpose: the same id names unrelated profiles on two models.
+L40S = FunctionSpec(
+    key="l40s",
+    address="0000:c1:00.0",
+    pci_id=(0x10DE, 0x26B9),
+    vf_device=0x26B9,
+    pf_module=NVIDIA_MODULE,
+    pf_driver="nvidia",
+    vf_module=NVIDIA_MODULE,
+    vf_driver="nvidia",
+    vf_count=4,
+    total_vfs=32,
+    profiles=(
+        ProfileSpec("1061", "NVIDIA L40S-24Q", 2),
+        ProfileSpec("1145", "NVIDIA L40S-1B", 32),
+    ),
+    vfio_bound=True,
 )
 XE = FunctionSpec(
     key="xe",
@@ -149,7 +182,7 @@ MLX5 = FunctionSpec(
     firmware="28.39.1002",
     vfio_bound=True,
 )
-FUNCTIONS = {spec.key: spec for spec in (H100, XE, MLX5)}
+FUNCTIONS = {spec.key: spec for spec in (H100, L40S, XE, MLX5)}
 # Group numbers of the fixture VFs: the lab has nodes /dev/vfio/0..63.
 FIRST_GROUP = 40
 
@@ -220,6 +253,10 @@ class SriovHostBuilder(HostBuilder):
             if spec.profiles:
                 _write(device / "nvidia" / "current_vgpu_type", "0\n")
                 _write(device / "nvidia" / "creatable_vgpu_types", HEADING)
+                _write(device / "nvidia" / "gpu_instance_id", "-1\n")
+                _write(device / "nvidia" / "placement_id", "-1\n")
+                _write(device / "nvidia" / "vgpu_params", "\n")
+                _write(device / "nvidia" / "warm_update", "0\n")
             self.uevent(devpath, "add")
             self._bind(device, spec.vf_driver, spec.vf_module.module)
             if spec.vfio_bound:
@@ -284,13 +321,14 @@ class SriovHostBuilder(HostBuilder):
                     fits = all(p == profile.number for p in in_use)
                     room = in_use.count(profile.number) < profile.per_gpu
                     if fits and room:
-                        lines.append(f"{profile.number} : {profile.name}\n")
+                        lines.append(_profile_line(profile.number, profile.name))
             _write(self._vf_dir(address) / "nvidia" / "creatable_vgpu_types", "".join(lines))
 
     def _apply_profile(self, address: str, number: str) -> None:
         spec = self._spec_of(address)
         creatable = (self._vf_dir(address) / "nvidia" / "creatable_vgpu_types").read_text()
-        if number != "0" and f"\n{number} : " not in "\n" + creatable:
+        listed = {line.split(":")[0].strip() for line in creatable.splitlines()[1:]}
+        if number != "0" and number not in listed:
             raise ValueError(f"profile {number} is not creatable on {address}")
         if number == "0":
             self.profiles.pop(address, None)
@@ -300,11 +338,9 @@ class SriovHostBuilder(HostBuilder):
         self._refresh_creatable(spec)
 
     def set_profile(self, address: str, number: str) -> None:
-        """An administrator (or a VM manager) writes *number* (``0``: clear) to the VF's
-        ``current_vgpu_type``; the VF sends ``change``."""
+        """An administrator (or vgpu-device-manager, or KubeVirt tooling) writes *number*
+        (``0``: clear) to the VF's ``current_vgpu_type``; no uevent, as with the real driver."""
         self._apply_profile(address, number)
-        device = self._vf_dir(address)
-        self.uevent("/" + str(device.relative_to(self.sys)), "change")
 
     def current_profile(self, address: str) -> str:
         return (self._vf_dir(address) / "nvidia" / "current_vgpu_type").read_text().strip()
@@ -325,10 +361,12 @@ class SriovHostBuilder(HostBuilder):
                 if not written:
                     continue  # caught between the writer's truncation and its write
                 if written != self.profiles.get(address, "0"):
+                    attribute = self._vf_dir(address) / "nvidia" / "current_vgpu_type"
+                    times = attribute.stat()
                     try:
                         self._apply_profile(address, written)
-                        device = self._vf_dir(address)
-                        self.uevent("/" + str(device.relative_to(self.sys)), "change")
+                        # A driver answers within the write: the attribute keeps its time.
+                        os.utime(attribute, ns=(times.st_atime_ns, times.st_mtime_ns))
                     except ValueError as err:
                         sys.stderr.write(f"umockdev host: {err}; refused\n")
                         _write(

@@ -19,7 +19,9 @@ from .names import ROOT_PATH
 from .polkit import Authority
 from .validation import (
     parse_device_id,
+    parse_domain,
     parse_driver_name,
+    parse_held_devices,
     parse_type_name,
 )
 from .values import capabilities_dict, domain_parts, type_dict
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 ACTION_REFRESH = "org.vfiocaps.refresh"
 ACTION_INVALIDATE = "org.vfiocaps.invalidate"
 ACTION_PROBE_TYPE = "org.vfiocaps.probe-type"
+ACTION_HOLD = "org.vfiocaps.hold-devices"
 # GetCapabilities and DomainXml calls one sender may have waiting for a probe at once.
 WAITS_PER_SENDER = 32
 
@@ -147,6 +150,7 @@ class BusAdaptor:
         return [type_dict(view) for view in self._engine.types()]
 
     async def refresh(self, device_id: str) -> dict[str, Variant]:
+        await self._engine.recheck_profiles()  # a VF's profile may have been set just now
         view = self._lookup(device_id)
         return await self._refresh_by_id(view.device.device_id)
 
@@ -166,6 +170,19 @@ class BusAdaptor:
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_PROBE_TYPE, caller.interactive)
         return type_dict(await self._engine.probe_type(parent_name, mdev_type))
+
+    async def hold_devices(self, domain: str, name: str, devices: list[str]) -> list[str]:
+        domain_uuid, domain_name = parse_domain(domain, name)
+        held = parse_held_devices(devices)
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_HOLD, caller.interactive)
+        return await self._engine.holds.hold(domain_uuid, domain_name, held)
+
+    async def release_devices(self, domain: str) -> list[str]:
+        domain_uuid, _ = parse_domain(domain, "-")
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_HOLD, caller.interactive)
+        return self._engine.holds.release(domain_uuid)
 
     async def domain_xml(self, device_id: str) -> str:
         view = await self._settled(device_id)

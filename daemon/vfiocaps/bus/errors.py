@@ -9,11 +9,17 @@ from dbus_fast.errors import DBusError
 from ..errors import (
     BusyError,
     InvalidArgumentError,
+    NeedsGpuInstanceError,
     NotAuthorizedError,
     NotFoundError,
     ProbeBusyError,
     ProbeError,
     ProbeTimeoutError,
+    ProfileConflictError,
+    ProfileInUseError,
+    ProfileNoRoomError,
+    ProfileNotPermittedError,
+    ProfileUnknownError,
     VfiocapsError,
 )
 
@@ -30,6 +36,12 @@ ERROR_NAMES: tuple[tuple[type[VfiocapsError], str], ...] = (
     (ProbeBusyError, ERROR_PREFIX + "Busy"),
     (BusyError, ERROR_PREFIX + "Busy"),
     (ProbeTimeoutError, ERROR_PREFIX + "Timeout"),
+    (NeedsGpuInstanceError, ERROR_PREFIX + "NeedsGpuInstance"),
+    (ProfileInUseError, ERROR_PREFIX + "ProfileInUse"),
+    (ProfileUnknownError, ERROR_PREFIX + "ProfileUnknown"),
+    (ProfileConflictError, ERROR_PREFIX + "ProfileConflict"),
+    (ProfileNoRoomError, ERROR_PREFIX + "ProfileNoRoom"),
+    (ProfileNotPermittedError, ERROR_PREFIX + "ProfileNotPermitted"),
     (ProbeError, ERROR_PREFIX + "ProbeFailed"),
 )
 

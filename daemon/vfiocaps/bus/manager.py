@@ -18,7 +18,13 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from .. import __version__
 from .calls import mapped_errors
 from .names import MANAGER_INTERFACE
-from .values import DBusCapabilities, DBusCapabilityList, DBusPathList, DBusStrDict
+from .values import (
+    DBusCapabilities,
+    DBusCapabilityList,
+    DBusPathList,
+    DBusStrDict,
+    DBusStrList,
+)
 
 
 class ManagerBackend(Protocol):
@@ -47,6 +53,10 @@ class ManagerBackend(Protocol):
     async def check_migration(
         self, fingerprint: str, device_id: str
     ) -> tuple[str, list[tuple[str, str, str]]]: ...
+
+    async def hold_devices(self, domain: str, name: str, devices: list[str]) -> list[str]: ...
+
+    async def release_devices(self, domain: str) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,18 @@ class ManagerInterface(ServiceInterface):
         self, fingerprint: DBusStr, id: DBusStr
     ) -> Annotated[tuple[str, list[tuple[str, str, str]]], DBusSignature("sa(sss)")]:
         return await self._backend.check_migration(fingerprint, id)
+
+    @dbus_method()
+    @mapped_errors("HoldDevices")
+    async def HoldDevices(
+        self, domain_uuid: DBusStr, domain_name: DBusStr, devices: DBusStrList
+    ) -> DBusStrList:
+        return await self._backend.hold_devices(domain_uuid, domain_name, devices)
+
+    @dbus_method()
+    @mapped_errors("ReleaseDevices")
+    async def ReleaseDevices(self, domain_uuid: DBusStr) -> DBusStrList:
+        return await self._backend.release_devices(domain_uuid)
 
     @dbus_signal()
     def CacheInvalidated(

@@ -4,9 +4,15 @@ Every check is bounded: it waits at most :data:`CHECK_SECONDS`, or
 ``Config.authorization_timeout`` when the caller allowed an interactive authentication, and is
 withdrawn from polkit (``CancelCheckAuthorization`` with its own cancellation id) when that time
 passes or when the caller leaves the bus, so that a caller whose agent never answers holds
-nothing for long. At most ``per_sender`` checks of one connection, ``per_user`` of one user (over
-all of its connections) and ``total`` in all wait at once; beyond, the call is answered ``Busy``
-at once, and other users are still checked.
+nothing for long.
+
+Root is answered first, before any cap: it needs no polkit. Every other call is counted against
+its connection's cap (``per_sender``), then its user's (``per_user``, over all of the user's
+connections), and only then against the cap of all (``total``), so that users who fill their own
+caps use up no more than that. Beyond a cap, the call is answered ``Busy`` at once and other
+users are still checked. ``headroom`` checks past ``total`` are kept for administrators: a uid
+polkit has authorised before (in this run) may use all of it, and a user's first check while
+none of theirs waits (an administrator who comes to act while others flood) half of it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ CANCEL_SECONDS = 5.0
 MAX_CHECKS_PER_SENDER = 4
 MAX_CHECKS_PER_USER = 8  # over all of a user's connections
 MAX_CHECKS = 64
+HEADROOM = 16  # checks past MAX_CHECKS, for administrators
+UID_SECONDS = 5.0  # the bus daemon naming a caller's uid
+MAX_LOOKUPS_PER_SENDER = 16  # uid questions of one connection under way at once
+# Users polkit authorised, remembered for the headroom (the most recent ones).
+REMEMBERED_ADMINS = 64
 
 
 def _bus_daemon_call(
@@ -68,6 +79,7 @@ class Authority:
         per_sender: int = MAX_CHECKS_PER_SENDER,
         per_user: int = MAX_CHECKS_PER_USER,
         total: int = MAX_CHECKS,
+        headroom: int = HEADROOM,
     ) -> None:
         """*timeout*: the longest wait for one answer (an interactive check's; a check
         polkit answers by itself waits at most :data:`CHECK_SECONDS` of it)."""
@@ -77,6 +89,9 @@ class Authority:
         self._per_sender = per_sender
         self._per_user = per_user
         self._total = total
+        self._headroom = headroom
+        self._admins: dict[int, None] = {}  # uids polkit authorised, oldest first
+        self._lookups: dict[str, int] = {}  # sender -> uid questions under way
         self._waiting: dict[str, int] = {}  # sender -> checks under way
         self._by_user: dict[int, int] = {}  # uid -> checks waiting for polkit
         self._departed: dict[str, asyncio.Event] = {}
@@ -100,7 +115,13 @@ class Authority:
         Raises:
             NotAuthorizedError: the bus cannot tell.
         """
-        reply = await self._call(_bus_daemon_call("GetConnectionUnixUser", "s", sender))
+        try:
+            async with asyncio.timeout(UID_SECONDS):
+                reply = await self._call(_bus_daemon_call("GetConnectionUnixUser", "s", sender))
+        except TimeoutError as err:
+            raise NotAuthorizedError(
+                f"the bus did not name the caller's user within {UID_SECONDS:g} s; try again"
+            ) from err
         return int(reply.body[0])
 
     @property
@@ -109,7 +130,7 @@ class Authority:
         return sum(self._waiting.values())
 
     async def check(self, sender: str, action: str, interactive: bool) -> None:
-        """Return if *sender* may perform *action*; root always may.
+        """Return if *sender* may perform *action*; root always may, before any cap.
 
         Raises:
             NotAuthorizedError: polkit said no, needs a challenge the caller cannot answer,
@@ -117,32 +138,58 @@ class Authority:
             BusyError: too many checks of this connection, of this user, or in all, are waiting
                 already.
         """
+        looking = self._lookups.get(sender, 0)
+        if looking >= MAX_LOOKUPS_PER_SENDER:
+            raise BusyError("too many calls of this caller are being checked; try again")
+        self._lookups[sender] = looking + 1
+        try:
+            uid = await self.caller_uid(sender)
+        finally:
+            self._lookups[sender] -= 1
+            if not self._lookups[sender]:
+                del self._lookups[sender]
+        if uid == 0:
+            return
+        self._admit(sender, uid)
+        self._by_user[uid] = self._by_user.get(uid, 0) + 1
+        try:
+            await self._watch(sender)
+            try:
+                await self._ask_polkit(sender, action, interactive)
+            finally:
+                self._unwatch(sender)
+        finally:
+            self._by_user[uid] -= 1
+            if not self._by_user[uid]:
+                del self._by_user[uid]
+        self._admins.pop(uid, None)
+        self._admins[uid] = None
+        while len(self._admins) > REMEMBERED_ADMINS:
+            del self._admins[next(iter(self._admins))]
+
+    def _admit(self, sender: str, uid: int) -> None:
+        """Check the caps, the caller's own first (see the module's description).
+
+        Raises:
+            BusyError: a cap is reached.
+        """
         if self._waiting.get(sender, 0) >= self._per_sender:
             raise BusyError(
                 f"{self._per_sender} authorization checks of this caller are waiting already; "
                 f"answer them (or cancel them) and try again"
             )
-        if self.waiting >= self._total:
+        if self._by_user.get(uid, 0) >= self._per_user:
+            raise BusyError(
+                f"{self._per_user} authorization checks of uid {uid} are waiting already; "
+                f"answer them (or cancel them) and try again"
+            )
+        limit = self._total
+        if uid in self._admins:
+            limit += self._headroom
+        elif uid not in self._by_user:
+            limit += self._headroom // 2  # the other half stays for known administrators
+        if self.waiting >= limit:
             raise BusyError("too many authorization checks are waiting; try again later")
-        await self._watch(sender)
-        try:
-            uid = await self.caller_uid(sender)
-            if uid == 0:
-                return
-            if self._by_user.get(uid, 0) >= self._per_user:
-                raise BusyError(
-                    f"{self._per_user} authorization checks of uid {uid} are waiting already; "
-                    f"answer them (or cancel them) and try again"
-                )
-            self._by_user[uid] = self._by_user.get(uid, 0) + 1
-            try:
-                await self._ask_polkit(sender, action, interactive)
-            finally:
-                self._by_user[uid] -= 1
-                if not self._by_user[uid]:
-                    del self._by_user[uid]
-        finally:
-            self._unwatch(sender)
 
     async def _ask_polkit(self, sender: str, action: str, interactive: bool) -> None:
         cancellation_id = f"vfiocaps-{os.getpid()}-{next(self._ids)}"

@@ -1,4 +1,4 @@
-"""Checking callers' strings before they reach the engine: device ids and driver names."""
+"""Checking callers' strings before they reach the engine: device ids, driver and domain names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from ..ids import canonical_device_id
+from ..ids import canonical_device_id, is_mdev_uuid
 
 MAX_ID_LENGTH = 4096
 MAX_NAME_LENGTH = 64
@@ -95,6 +95,51 @@ def parse_driver_name(value: str) -> str:
             f"{MAX_NAME_LENGTH}): {value[:80]!r}"
         )
     return value
+
+
+MAX_DOMAIN_NAME_LENGTH = 256
+MAX_HELD_DEVICES = 256
+_DOMAIN_NAME = re.compile(r"^[^\x00-\x1f\x7f]+$")
+
+
+def parse_domain(domain_uuid: str, name: str) -> tuple[str, str]:
+    """Validate a libvirt domain's UUID (normalised to lower case) and name.
+
+    Raises:
+        InvalidArgumentError: the UUID is not one, or the name is empty, too long or has
+            control characters.
+    """
+    lowered = domain_uuid.lower()
+    if not is_mdev_uuid(lowered):
+        raise InvalidArgumentError(f"not a domain UUID: {domain_uuid[:80]!r}")
+    if len(name) > MAX_DOMAIN_NAME_LENGTH or not _DOMAIN_NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"not a domain name (1 to {MAX_DOMAIN_NAME_LENGTH} characters, no control "
+            f"characters): {name[:80]!r}"
+        )
+    return lowered, name
+
+
+def parse_held_devices(values: list[str]) -> list[str]:
+    """Validate the devices a domain holds: mdev UUIDs and PCI addresses, normalised.
+
+    Raises:
+        InvalidArgumentError: more than :data:`MAX_HELD_DEVICES`, or one is neither.
+    """
+    if len(values) > MAX_HELD_DEVICES:
+        raise InvalidArgumentError(
+            f"a domain holds at most {MAX_HELD_DEVICES} devices, {len(values)} given"
+        )
+    devices = []
+    for value in values:
+        canonical = canonical_device_id(value) if len(value) <= MAX_NAME_LENGTH else None
+        if canonical is None:
+            raise InvalidArgumentError(
+                f"not an mdev UUID or a PCI address: {value[:80]!r}; name devices as the "
+                "domain XML does"
+            )
+        devices.append(canonical)
+    return sorted(set(devices))
 
 
 _SYSFS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")

@@ -225,6 +225,7 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         "Driver": Variant("s", view.driver.module if view.driver else ""),
         "DriverVersion": Variant("s", view.driver.version if view.driver else ""),
         "Probed": Variant("b", view.capabilities is not None),
+        "Requires": Variant("s", view.requires),
     }
     if view.capabilities is not None:
         answer["Display"] = Variant("s", view.capabilities.display.value)

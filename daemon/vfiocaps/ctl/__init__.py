@@ -15,6 +15,7 @@ from ..client import ClientError, VfiocapsClient
 from ..config import BusChoice
 from ..domainxml import Viewer
 from ..errors import VfiocapsError
+from .agent import tty_agent
 from .commands import daemon_command
 from .exits import (
     ERROR_EXIT_CODES,
@@ -171,13 +172,18 @@ def _add_migration_parser(commands: Any) -> None:
     _json_flag(check)
 
 
+# The commands whose calls change state: polkit may ask the user to authenticate for them.
+ASKING_COMMANDS = frozenset({"refresh", "invalidate", "probe-type"})
+
+
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         return await probe_command(args)
     bus = await connect_bus(BusChoice.from_options(args.bus_address, args.session))
     ask = not args.no_ask_password and sys.stdin.isatty()
     try:
-        return await daemon_command(args, VfiocapsClient(bus, args.timeout, ask_password=ask))
+        async with tty_agent(ask and args.command in ASKING_COMMANDS):
+            return await daemon_command(args, VfiocapsClient(bus, args.timeout, ask_password=ask))
     finally:
         await close_bus(bus)
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..ids import is_pci_address
-from ..model import MdevType, TypeKind
+from ..model import NEEDS_GPU_INSTANCE, MdevType, TypeKind
 from .names import usable_name
 from .sysfs import SysfsTree
 
@@ -19,6 +20,9 @@ PROFILE_DIR = "nvidia"
 CREATABLE_PROFILES = "creatable_vgpu_types"
 CURRENT_PROFILE = "current_vgpu_type"
 NO_PROFILE = "0"
+# MIG-backed profiles are named <model>-<slices>-<memory><series> (NVIDIA H100-1-10C,
+# H100-3-40C, A100-2-10C); time-sliced ones <model>-<memory><series> (NVIDIA H100-20C).
+_MIG_PROFILE = re.compile(r"-[0-9]+-[0-9]+[A-Z]+$")
 # A physical function lists its virtual functions as links virtfn0, virtfn1, ...
 VIRTFN_PREFIX = "virtfn"
 # The firmware version of a physical function, where its RDMA side shows it (mlx5).
@@ -41,6 +45,11 @@ def parse_profiles(text: str) -> tuple[tuple[str, str], ...]:
             continue
         profiles.append((str(int(number)), name))
     return tuple(profiles)
+
+
+def mig_backed(name: str) -> bool:
+    """Whether the profile named *name* runs in a MIG GPU instance (``NVIDIA H100-1-10C``)."""
+    return _MIG_PROFILE.search(name) is not None
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ def profile_types(parent: str, functions: list[VirtualFunction]) -> tuple[MdevTy
             device_api="vfio-pci",
             available_instances=free.get(number, 0),
             kind=TypeKind.VF_PROFILE,
+            requires=NEEDS_GPU_INSTANCE if mig_backed(names[number]) else "",
         )
         for number in sorted(names, key=int)
     )

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
 
 from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
@@ -14,11 +15,14 @@ from ..errors import DiscoveryError
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
 from ..statefile import OwnerLock, replace_file
+from ..vfiogroup import group_node, held_elsewhere
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
 
 _TYPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+# Records larger than this were not written by vfiocapsd.
+RECORD_LIMIT = 4096
 
 
 class InstanceError(DiscoveryError):
@@ -46,20 +50,43 @@ def _write_attribute(tree: SysfsTree, path: Path, value: str) -> None:
         os.close(fd)
 
 
-def create_instance(sysfs_root: Path, parent: Parent, type_id: str) -> str:
-    """Create an instance of *type_id* on *parent* (``echo UUID > .../create``); return the UUID.
+def new_instance_uuid() -> str:
+    """A fresh UUID for a temporary instance (chosen, and recorded, before it is created)."""
+    return str(uuidlib.uuid4())
+
+
+def create_instance(sysfs_root: Path, parent: Parent, type_id: str, uuid: str) -> str:
+    """Create the instance *uuid* of *type_id* on *parent* (``echo UUID > .../create``); return
+    the UUID.
 
     Raises:
-        InstanceError: the type id is malformed, the type is missing, or the kernel refused.
+        InstanceError: the type id or UUID is malformed, the type is missing, or the kernel
+            refused.
     """
     if not _TYPE_ID.match(type_id):
         raise InstanceError(f"not an mdev type id: {type_id[:80]!r}")
+    if not is_mdev_uuid(uuid):
+        raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
     tree = SysfsTree(sysfs_root)
     create = parent.sysfs_path / "mdev_supported_types" / type_id / "create"
-    new = str(uuidlib.uuid4())
-    _write_attribute(tree, create, new)
-    log.info("created temporary instance %s of %s on %s", new, type_id, parent.name)
-    return new
+    _write_attribute(tree, create, uuid)
+    log.info("created temporary instance %s of %s on %s", uuid, type_id, parent.name)
+    return uuid
+
+
+def instance_exists(sysfs_root: Path, uuid: str) -> bool:
+    """Whether the mdev *uuid* exists now. Raises nothing."""
+    return is_mdev_uuid(uuid) and os.path.lexists(sysfs_root / "bus" / "mdev" / "devices" / uuid)
+
+
+def group_held(dev_root: Path, group: str) -> bool:
+    """Whether the VFIO group node of *group* is open elsewhere (a VM holds the device); a node
+    that cannot be opened counts as held: nothing is done to a device one cannot vouch for."""
+    try:
+        return held_elsewhere(group_node(dev_root, group))
+    except OSError as err:
+        log.warning("cannot open the group node of %s (%s); treated as in use", group, err)
+        return True
 
 
 def remove_instance(sysfs_root: Path, device: Device) -> None:
@@ -77,31 +104,52 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
 class InstanceLedger:
     """The temporary instances this daemon created, one file each, so a crash does not leak them.
 
-    A record holds the boot id, the creating daemon's pid and the instance's UUID. At start,
-    :meth:`remove_leftovers` removes the instances of an earlier daemon of this boot that died
-    with them; records of another boot are dropped (the instances went with that boot), and
-    those of a daemon still running (it holds its owner lock here) are left to it. The
-    directory is the daemon's own runtime directory; the UUID alone chooses the instance, so a
-    record can name no other file.
+    A record holds the boot id, the creating daemon's pid and start time, the instance's UUID,
+    parent and type; it is written before the instance is created (the UUID is chosen first) and
+    dropped only once the instance is seen gone. At start, :meth:`remove_leftovers` removes the
+    instances of an earlier daemon of this boot that died with them, unless the instance is no
+    longer the one recorded (another parent or type: left alone, record dropped) or a VM holds
+    it (its VFIO group is open elsewhere: left alone, record kept for a later start); records of
+    another boot are dropped (the instances went with that boot), and those of a daemon still
+    running (it holds its owner lock here) are left to it. The directory is the daemon's own
+    runtime directory; the UUID alone chooses the instance, so a record can name no other file.
     """
 
-    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        boot_id_path: Path = BOOT_ID_PATH,
+        *,
+        dev_root: Path = Path("/dev"),
+        held: Callable[[Path, str], bool] = group_held,
+    ) -> None:
         self.directory = directory
         self._boot_id_path = boot_id_path
         self._owner = OwnerLock(directory)
+        self._dev_root = dev_root
+        self._held = held
 
     def _boot_id(self) -> str:
         return read_boot_id(self._boot_id_path)
 
-    def record(self, uuid: str) -> None:
-        """Note that this daemon created *uuid*.
+    def record(self, uuid: str, parent: str = "", type_id: str = "") -> None:
+        """Note that this daemon creates *uuid* (of *type_id* on *parent*), before it does.
 
         Raises:
-            InstanceError: the record cannot be written (then the instance must be removed).
+            InstanceError: the record cannot be written (then the instance must not be made).
         """
         if not is_mdev_uuid(uuid):
             raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
-        text = json.dumps({"boot_id": self._boot_id(), "pid": os.getpid(), "uuid": uuid})
+        text = json.dumps(
+            {
+                "boot_id": self._boot_id(),
+                "pid": os.getpid(),
+                "started": self._owner.started(),
+                "uuid": uuid,
+                "parent": parent,
+                "type_id": type_id,
+            }
+        )
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._owner.hold()
@@ -139,20 +187,34 @@ class InstanceLedger:
         for uuid in self.recorded():
             path = self.directory / uuid
             try:
-                entry = json.loads(path.read_text())
+                with path.open("rb") as stream:
+                    entry = json.loads(stream.read(RECORD_LIMIT))
                 owner_boot, pid = str(entry["boot_id"]), int(entry["pid"])
-            except (OSError, ValueError, KeyError, TypeError) as err:
+                started = str(entry.get("started", ""))
+                parent, type_id = str(entry.get("parent", "")), str(entry.get("type_id", ""))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
                 log.warning("dropping the unreadable record %s: %s", path, err)
                 self.forget(uuid)
                 continue
             if not same_boot(owner_boot, boot_id):
                 self.forget(uuid)
                 continue
-            if pid != os.getpid() and self._owner.alive(pid):
+            if pid != os.getpid() and self._owner.alive(pid, started):
                 continue
             device = sysfs_root / "bus" / "mdev" / "devices" / uuid
             if not os.path.lexists(device):
                 self.forget(uuid)
+                continue
+            if not self._still_ours(sysfs_root, device, parent, type_id):
+                self.forget(uuid)
+                continue
+            group = SysfsTree(sysfs_root).link_name(device / "iommu_group")
+            if group is not None and self._held(self._dev_root, group):
+                log.warning(
+                    "the leftover temporary instance %s is in use (its VFIO group is open); "
+                    "left as it is, removed at a later start once free",
+                    uuid,
+                )
                 continue
             try:
                 _write_attribute(SysfsTree(sysfs_root), device / "remove", "1")
@@ -163,3 +225,24 @@ class InstanceLedger:
             self.forget(uuid)
             removed.append(uuid)
         return removed
+
+    @staticmethod
+    def _still_ours(sysfs_root: Path, device: Path, parent: str, type_id: str) -> bool:
+        """Whether *device* is still what the record says (its type and parent); a record of an
+        older version names neither and is taken as it is."""
+        tree = SysfsTree(sysfs_root)
+        found_type = tree.link_name(device / "mdev_type")
+        real = tree.resolve(device)
+        found_parent = real.parent.name if real is not None else None
+        if (type_id and found_type != type_id) or (parent and found_parent != parent):
+            log.warning(
+                "the recorded temporary instance %s is now %s on %s, not %s on %s: it is not "
+                "the one vfiocapsd created; left alone",
+                device.name,
+                found_type,
+                found_parent,
+                type_id,
+                parent,
+            )
+            return False
+        return True

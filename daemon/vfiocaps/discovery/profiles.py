@@ -6,35 +6,95 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
-from ..errors import DiscoveryError
-from ..ids import is_pci_address
+from ..bootid import same_boot
+from ..errors import (
+    DiscoveryError,
+    ProfileConflictError,
+    ProfileInUseError,
+    ProfileNoRoomError,
+    ProfileNotPermittedError,
+    ProfileRefusedError,
+    ProfileUnknownError,
+)
 from ..model import Parent
-from ..statefile import OwnerLock, replace_file
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
+from .profileledger import ProfileError, ProfileLedger, ProfileRecord
 from .scan import PCI_DEVICES, HostReader
 
 log = logging.getLogger("vfiocaps.discovery")
+
+__all__ = [
+    "LATE_WRITE_SECONDS",
+    "WRITE_SECONDS",
+    "ProfileError",
+    "ProfileLedger",
+    "ProfileRecord",
+    "ProfileSetter",
+    "group_held",
+]
 
 # The boot id of a record made where the kernel's could not be read (a unit with
 # ProcSubset=pid hides /proc/sys). The runtime directory, on tmpfs under /run, then is what
 # ties records to the boot: it does not outlive it.
 # A write to current_vgpu_type makes the vendor driver reserve or release GPU resources.
 WRITE_SECONDS = 10.0
-# Records larger than this were not written by vfiocapsd.
-RECORD_LIMIT = 4096
+# A write that missed WRITE_SECONDS is waited for this much longer in the background before
+# its record is left for the next start.
+LATE_WRITE_SECONDS = 300.0
 
 
-class ProfileError(DiscoveryError):
-    """A vGPU profile could not be set on or cleared from a virtual function."""
+# What a profile write can fail with: a failure of vfiocapsd's own (ProfileError) or a refusal
+# of the vendor driver (ProfileRefusedError, one class per errno).
+PROFILE_FAILURES = (ProfileError, ProfileRefusedError)
+
+# The vendor driver's answers to a write of current_vgpu_type (NVIDIA's vendor-VFIO host
+# driver, current_vgpu_type_store; the nvidia-vgpu VFIO RFCs): what each means and what to do.
+_REFUSALS: dict[int, tuple[type[ProfileRefusedError], str]] = {
+    errno.EBUSY: (
+        ProfileInUseError,
+        "the VF is open (a VM or another tool holds it); close it first",
+    ),
+    errno.ENODEV: (
+        ProfileUnknownError,
+        "this card does not know that profile; pick one its creatable_vgpu_types lists",
+    ),
+    errno.EINVAL: (
+        ProfileConflictError,
+        "another profile is set on this card, which takes one profile at a time; clear the "
+        "others (echo 0) or pick the profile they carry",
+    ),
+    errno.ENOSPC: (
+        ProfileNoRoomError,
+        "the card has no room for another VF with it; clear a profile (echo 0) first",
+    ),
+    errno.EPERM: (
+        ProfileNotPermittedError,
+        "a vGPU exists on the VF; stop what uses it, then clear its profile",
+    ),
+}
+
+
+def refusal(attribute: Path, value: str, err: OSError) -> DiscoveryError:
+    """The error for the driver's refusal *err* of writing *value* to *attribute*: a
+    :class:`ProfileRefusedError` subclass naming the file, the errno and what to do, or a
+    :class:`ProfileError` for any other errno."""
+    code = err.errno or 0
+    name = errno.errorcode.get(code, str(code))
+    text = f"writing {value} to {attribute} failed with {name} ({err.strerror})"
+    known = _REFUSALS.get(code)
+    if known is None:
+        return ProfileError(text)
+    error_class, advice = known
+    refused = error_class(f"{text}: {advice}")
+    refused.errno = code
+    return refused
 
 
 def group_held(dev_root: Path, group: str) -> bool:
@@ -51,114 +111,18 @@ def group_held(dev_root: Path, group: str) -> bool:
         return True
 
 
-@dataclass(frozen=True)
-class ProfileRecord:
-    """A profile vfiocapsd set on a virtual function and has not yet cleared."""
-
-    function: str  # the VF's PCI address
-    profile: str  # the id written to current_vgpu_type
-    parent: str  # the physical function
-    boot_id: str
-    pid: str = "0"  # the vfiocapsd that set it ("0": not known, as in records of older versions)
-
-    def valid(self) -> bool:
-        return (
-            is_pci_address(self.function)
-            and is_pci_address(self.parent)
-            and self.profile.isascii()
-            and self.profile.isdigit()
-            and self.profile != NO_PROFILE
-            and len(self.profile) <= 9
-            and 0 < len(self.boot_id) <= 64
-            and self.pid.isascii()
-            and self.pid.isdigit()
-            and len(self.pid) <= 10
-        )
-
-
-class ProfileLedger:
-    """One file per profile set for a probe under *directory* (``<runtime>/profiles``),
-    written before the profile is set and removed once it is cleared."""
-
-    def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
-        self.directory = directory
-        self._boot_id_path = boot_id_path
-        self._owner = OwnerLock(directory)
-
-    def boot_id(self) -> str:
-        """This boot's id (see :func:`vfiocaps.bootid.read_boot_id`). Raises nothing."""
-        return read_boot_id(self._boot_id_path)
-
-    def _path(self, function: str) -> Path:
-        return self.directory / f"{function}.json"
-
-    def add(self, record: ProfileRecord) -> None:
-        """Record *record* durably (a new file renamed into place).
-
-        Raises:
-            ProfileError: the record cannot be written; then nothing may be set.
-        """
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._owner.hold()
-            replace_file(self._path(record.function), json.dumps(record.__dict__))
-        except OSError as err:
-            raise ProfileError(f"cannot record the profile in {self.directory}: {err}") from err
-
-    def remove(self, function: str) -> None:
-        """Forget the record of *function*. Raises nothing."""
-        with contextlib.suppress(FileNotFoundError):
-            self._path(function).unlink()
-
-    def records(self) -> list[ProfileRecord]:
-        """Every record; unreadable or malformed ones are logged and removed."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            log.error("profiles: cannot list %s: %s", self.directory, err.strerror)
-            return []
-        found = []
-        for name in names:
-            path = self.directory / name
-            if not name.endswith(".json"):
-                continue
-            try:
-                with path.open("rb") as stream:
-                    data = stream.read(RECORD_LIMIT + 1)
-                if len(data) > RECORD_LIMIT:
-                    raise ValueError("too large")
-                values = json.loads(data)
-                fields = {k: str(values[k]) for k in ProfileRecord.__annotations__ if k != "pid"}
-                record = ProfileRecord(**fields, pid=str(values.get("pid", "0")))
-                if not record.valid() or name != f"{record.function}.json":
-                    raise ValueError("fields out of range")
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                log.error("profiles: discarding unreadable record %s: %s", path, err)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            found.append(record)
-        return found
-
-    def owner_alive(self, pid: int) -> bool:
-        """Whether the vfiocapsd *pid* that wrote a record still runs (see
-        :meth:`vfiocaps.statefile.OwnerLock.alive`)."""
-        return self._owner.alive(pid)
-
-    def functions(self) -> set[str]:
-        """The virtual functions that carry a profile set for a probe."""
-        return {record.function for record in self.records()}
-
-
 class ProfileSetter:
     """Sets and clears the vGPU profile of virtual functions for probes.
 
     A function is chosen only when it has no profile, lists the requested one as creatable,
-    carries no record already, and its VFIO group is not held. Every write runs in a worker
-    thread bounded by *write_seconds*; a profile is recorded before it is set and the record is
-    dropped only once the function is seen without it.
+    carries no record already, and its VFIO group is not held; it is taken by creating its
+    record exclusively, so two reservations (threads, or daemons) never take the same one. Every
+    write runs in a worker thread bounded by *write_seconds*; a profile is recorded before it
+    is set and the record is dropped only once the function is seen without it after the write's
+    thread returned (an unreadable ``current_vgpu_type`` is unknown, not gone). A write that
+    misses its deadline is waited for in the background (at most *late_seconds*) and the
+    function then cleared. Once set, the record notes the attribute's modification time, so
+    that a profile an administrator set again later is told apart and left alone.
     """
 
     def __init__(
@@ -169,13 +133,18 @@ class ProfileSetter:
         *,
         held: Callable[[Path, str], bool] = group_held,
         write_seconds: float = WRITE_SECONDS,
+        late_seconds: float = LATE_WRITE_SECONDS,
     ) -> None:
         self._reader = reader
         self._ledger = ledger
         self._dev_root = dev_root
         self._held = held
         self._write_seconds = write_seconds
+        self._late_seconds = late_seconds
         self._write_lock = asyncio.Lock()
+        # Writes whose thread has not returned yet (they missed their deadline), by function.
+        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._late: set[asyncio.Task[None]] = set()
 
     def _function_dir(self, function: str) -> Path | None:
         sysfs = self._reader.sysfs
@@ -197,6 +166,17 @@ class ProfileSetter:
         if value is None or not (value.isascii() and value.isdigit()):
             return None
         return "" if value == NO_PROFILE else str(int(value))
+
+    def stamp(self, function: str) -> str:
+        """``current_vgpu_type``'s modification time in ns (``""``: unreadable)."""
+        function_dir = self._function_dir(function)
+        if function_dir is None:
+            return ""
+        try:
+            attribute = os.stat(function_dir / PROFILE_DIR / CURRENT_PROFILE, follow_symlinks=False)
+        except OSError:
+            return ""
+        return str(attribute.st_mtime_ns)
 
     def choose(
         self, parent: Parent, profile: str, exclude: frozenset[str] = frozenset()
@@ -227,43 +207,98 @@ class ProfileSetter:
         Raises:
             ProfileError: no function is free or the record cannot be written.
         """
-        function = self.choose(parent, profile, exclude)
-        record = ProfileRecord(
-            function.address, profile, parent.name, self._ledger.boot_id(), str(os.getpid())
-        )
-        self._ledger.add(record)
-        return record
+        taken: set[str] = set()
+        while True:
+            function = self.choose(parent, profile, exclude | taken)
+            record = ProfileRecord(
+                function.address,
+                profile,
+                parent.name,
+                self._ledger.boot_id(),
+                str(os.getpid()),
+                self._ledger.started(),
+            )
+            if self._ledger.add(record, exclusive=True):
+                return record
+            taken.add(function.address)  # reserved by someone else meanwhile: the next one
 
     async def _write(self, function: str, value: str) -> None:
         function_dir = self._function_dir(function)
         if function_dir is None:
             raise ProfileError(f"virtual function {function} is gone")
         attribute = function_dir / PROFILE_DIR / CURRENT_PROFILE
+        work: asyncio.Future[None] | None = None
         try:
             async with asyncio.timeout(self._write_seconds):
                 async with self._write_lock:
-                    await asyncio.to_thread(_write_attribute, self._reader, attribute, value)
-        except TimeoutError as err:
+                    work = asyncio.ensure_future(
+                        asyncio.to_thread(_write_attribute, self._reader, attribute, value)
+                    )
+                    await asyncio.shield(work)
+        except (TimeoutError, asyncio.CancelledError) as err:
+            if work is not None and not work.done():
+                self._follow_late(function, work)
+            if isinstance(err, asyncio.CancelledError):
+                raise
             raise ProfileError(
                 f"writing {value} to {attribute} did not finish in {self._write_seconds:g} s"
             ) from err
+
+    def _follow_late(self, function: str, work: asyncio.Future[None]) -> None:
+        """A write to *function* missed its deadline: once its thread returns, clear what was
+        set (the record is kept until then, and past *late_seconds* for the next start)."""
+        self._pending[function] = work
+
+        async def follow() -> None:
+            try:
+                async with asyncio.timeout(self._late_seconds):
+                    await asyncio.gather(work, return_exceptions=True)
+            except TimeoutError:
+                log.error(
+                    "profiles: a write to %s has not returned after %g s more; its record is "
+                    "kept for the next start",
+                    function,
+                    self._late_seconds,
+                )
+                return
+            finally:
+                if self._pending.get(function) is work:
+                    del self._pending[function]
+            await self.clear(function)
+
+        task = asyncio.get_running_loop().create_task(follow(), name=f"vfiocaps-late-{function}")
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def close(self) -> None:
+        """Stop waiting for late writes (their records stay for the next start)."""
+        for task in list(self._late):
+            task.cancel()
+        await asyncio.gather(*self._late, return_exceptions=True)
 
     async def apply(self, record: ProfileRecord) -> None:
         """Set the recorded profile on its function; on failure, drop the record if the
         function is seen without the profile.
 
         Raises:
-            ProfileError: the function is now held, vanished, or the driver refused.
+            ProfileError: the function is now held or vanished.
+            ProfileRefusedError: the driver refused (a subclass per errno).
         """
         function_dir = self._function_dir(record.function)
         try:
             if function_dir is None or self._is_held(function_dir):
                 raise ProfileError(f"{record.function} was taken before its profile was set")
             await self._write(record.function, record.profile)
-        except ProfileError:
-            if self.current(record.function) != record.profile:
+        except PROFILE_FAILURES:
+            now = self.current(record.function)
+            # Dropped only when the write has returned and the function is seen without the
+            # profile; unreadable is unknown, and a late write is followed up.
+            if record.function not in self._pending and now is not None and now != record.profile:
                 self._ledger.remove(record.function)
             raise
+        stamped = replace(record, stamp=self.stamp(record.function))
+        with contextlib.suppress(ProfileError):  # without a stamp it is only recognised less well
+            self._ledger.add(stamped)
         log.info("profiles: set profile %s on %s for a probe", record.profile, record.function)
 
     async def clear(self, function: str) -> bool:
@@ -276,7 +311,13 @@ class ProfileSetter:
         recorded = {r.function: r for r in self._ledger.records()}.get(function)
         if recorded is None:
             return True
+        if function in self._pending:
+            log.info("profiles: a write to %s is under way; cleared once it returns", function)
+            return False
         now = self.current(function)
+        if now is None:
+            log.error("profiles: cannot read the profile of %s; its record is kept", function)
+            return False
         if now != recorded.profile:
             self._ledger.remove(function)
             return True
@@ -291,7 +332,7 @@ class ProfileSetter:
             return False
         try:
             await self._write(function, NO_PROFILE)
-        except ProfileError as err:
+        except PROFILE_FAILURES as err:
             log.error("profiles: cannot clear the profile of %s: %s", function, err)
             return False
         if self.current(function) not in ("", None):
@@ -313,13 +354,22 @@ class ProfileSetter:
                 self._ledger.remove(record.function)
                 continue
             owner = int(record.pid)
-            if owner != os.getpid() and self._ledger.owner_alive(owner):
+            if owner != os.getpid() and self._ledger.owner_alive(record):
                 log.info(
                     "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
                     record.function,
                     record.profile,
                     owner,
                 )
+                continue
+            if record.stamp and self.stamp(record.function) not in (record.stamp, ""):
+                log.warning(
+                    "profiles: %s was written again since an earlier vfiocapsd set profile %s "
+                    "(an administrator's now); left as it is",
+                    record.function,
+                    record.profile,
+                )
+                self._ledger.remove(record.function)
                 continue
             log.warning(
                 "profiles: %s carries profile %s set by an earlier vfiocapsd; clearing it",
@@ -336,7 +386,8 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
     ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
 
     Raises:
-        ProfileError: the attribute is missing, a link, or the driver refused the value.
+        ProfileError: the attribute is missing or a link.
+        ProfileRefusedError: the driver refused the value (a subclass per errno).
     """
     directory = reader.sysfs.resolve(attribute.parent)
     if directory is None:
@@ -349,7 +400,7 @@ def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
     try:
         os.write(fd, value.encode())
     except OSError as err:
-        raise ProfileError(f"writing {value} to {real} failed: {err.strerror}") from err
+        raise refusal(real, value, err) from err
     finally:
         os.close(fd)
 

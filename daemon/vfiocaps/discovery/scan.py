@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..ids import is_mdev_uuid, is_pci_address
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
-from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, FunctionReader, profile_types
+from .functions import CURRENT_PROFILE, PROFILE_DIR, FunctionReader, profile_types
 from .identity import IdentityResolver
 from .names import usable_name
 from .sysfs import SysfsTree
@@ -236,8 +236,13 @@ class HostReader:
         )
 
     def read_pci_dir(self, device_dir: Path) -> Device | None:
-        """A PCI function at its resolved directory, if it is a VFIO device: bound to vfio-pci
-        or a variant of it, or an NVIDIA SR-IOV vGPU function with a vGPU type set."""
+        """A PCI function at its resolved directory, if it is a VFIO device: an NVIDIA SR-IOV
+        vGPU function while a vGPU profile is set on it, else a function bound to vfio-pci or
+        a variant of it (one with ``vfio-dev``).
+
+        A function with NVIDIA's profile directory is judged by its profile alone: nvidia.ko
+        registers every VF with vfio-pci-core, so a free VF has ``vfio-dev`` too, yet cannot
+        be opened ("current_vgpu_type of VF not configured")."""
         address = device_dir.name
         if not is_pci_address(address):
             return None
@@ -247,15 +252,21 @@ class HostReader:
         driver, _module = bound
         vgpu_type = None
         if self.sysfs.exists(device_dir / PROFILE_DIR):
-            vgpu_type = self.sysfs.read_text(device_dir / PROFILE_DIR / CURRENT_PROFILE)
-        is_vgpu = vgpu_type is not None and vgpu_type not in ("", NO_PROFILE)
-        is_vfio = is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
+            vgpu_type = self.sysfs.read_text(device_dir / PROFILE_DIR / CURRENT_PROFILE) or ""
+            if not (vgpu_type.isascii() and vgpu_type.isdigit() and len(vgpu_type) <= 9):
+                if vgpu_type:
+                    log.warning(
+                        "sysfs: %s/%s/%s holds %r; skipped",
+                        device_dir, PROFILE_DIR, CURRENT_PROFILE, vgpu_type[:64],
+                    )  # fmt: skip
+                return None
+            if int(vgpu_type) == 0:
+                return None  # a free VF: no VM can open it until a profile is set
+        is_vgpu = vgpu_type is not None
+        is_vfio = not is_vgpu and (
+            is_vfio_pci_driver(driver) or self.sysfs.is_dir(device_dir / "vfio-dev")
+        )
         if not (is_vgpu or is_vfio):
-            return None
-        if vgpu_type is not None and not usable_name(vgpu_type):
-            log.warning(
-                "sysfs: %s/%s/%s is unusable; skipped", device_dir, PROFILE_DIR, CURRENT_PROFILE
-            )
             return None
         vendor = self.sysfs.read_int(device_dir / "vendor", 16)
         device = self.sysfs.read_int(device_dir / "device", 16)
@@ -271,7 +282,7 @@ class HostReader:
             device_id=address,
             sysfs_path=str(device_dir),
             parent=physfn if physfn and is_pci_address(physfn) else "",
-            type_id=vgpu_type if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
+            type_id=str(int(vgpu_type)) if is_vgpu and vgpu_type else f"{vendor:04x}:{device:04x}",
             device_api="vfio-pci",
             driver=self.identities.identify_driver(device_dir),
             iommu_group=self.iommu_group(str(device_dir)),

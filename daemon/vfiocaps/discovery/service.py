@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -16,15 +17,17 @@ from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, T
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
-from .instances import create_instance, remove_instance
+from .instances import create_instance, instance_exists, remove_instance
 from .monitor import Drained, UdevMonitor, Uevent
 from .profiles import (
+    PROFILE_FAILURES,
     WRITE_SECONDS,
     ProfileError,
     ProfileLedger,
     ProfileRecord,
     ProfileSetter,
 )
+from .profilewatch import ProfileWatch
 from .scan import PCI_DEVICES, HostReader
 from .state import HostState
 from .sysfs import SysfsTree
@@ -40,6 +43,17 @@ QUIET_SECONDS = 0.002
 CHUNK = 256
 # Profile writes still running at close are given this long to finish (they are recorded).
 PROFILE_CLOSE_SECONDS = 2 * WRITE_SECONDS
+# How long create_instance waits for a profile write, so that a refusal reaches the caller: less
+# than the engine gives create_instance, so that a slow write still ends in the usual removal.
+PROFILE_WAIT_SECONDS = WRITE_SECONDS / 2
+
+
+def _on_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class DiscoveryState(enum.Enum):
@@ -95,6 +109,8 @@ class Discovery:
             config.dev_root,
         )
         self._profile_tasks: set[asyncio.Task[None]] = set()
+        self._watch = ProfileWatch(self._reader.sysfs)
+        self._watch_task: asyncio.Task[None] | None = None
         self._state = HostState(self._reader)
         self._monitor_factory = monitor_factory
         self._coalesce_seconds = coalesce_seconds
@@ -146,9 +162,11 @@ class Discovery:
             await self.close()
             raise
         self._publish(events, coldplug=True)
+        self._watch.changed(self._snapshot)  # what the profile files hold now, as compared later
         self._lifecycle = DiscoveryState.RUNNING
         self._worker = asyncio.create_task(self._work(), name="vfiocaps-discovery")
         self._worker.add_done_callback(self._worker_ended)
+        self._watch_task = asyncio.create_task(self._watch_profiles(), name="vfiocaps-profiles")
         snapshot = self._snapshot
         log.info(
             "discovery: %d parents, %d types, %d devices under %s",
@@ -183,6 +201,11 @@ class Discovery:
             if self._profile_tasks:
                 # Setting or clearing a profile is finished (or left recorded), not cut short.
                 await asyncio.wait(set(self._profile_tasks), timeout=PROFILE_CLOSE_SECONDS)
+            await self._profiles.close()  # late writes keep their records for the next start
+            watch, self._watch_task = self._watch_task, None
+            if watch is not None:
+                watch.cancel()
+                await asyncio.wait({watch})
             worker, self._worker = self._worker, None
             if worker is not None:
                 worker.cancel()
@@ -200,24 +223,40 @@ class Discovery:
 
     # ---- inside -----------------------------------------------------------------------------
 
-    def create_instance(self, parent: Parent, type_id: str) -> str:
+    def create_instance(self, parent: Parent, type_id: str, uuid: str = "") -> str:
         """Create a temporary instance of *type_id* on *parent*; return its device id.
 
-        For an mdev type, the UUID of a new instance. For a vGPU profile, the address of a
-        free virtual function of *parent*: the profile is recorded, then set in the background
-        (bounded, off the event loop); the function then appears as a device, or, if the
-        driver refuses, does not.
+        For an mdev type, the instance *uuid* (chosen and recorded by the caller first). For a
+        vGPU profile, the address of a free virtual function of *parent*: the profile is
+        recorded, then set (bounded, off the event loop); called off the loop, this waits for
+        the write (at most ``PROFILE_WAIT_SECONDS``), so that a refusal of the driver reaches
+        the caller; the function then appears as a device.
 
         Raises:
             InstanceError: the kernel refused or the type does not exist.
             ProfileError: no virtual function is free or the record cannot be written.
+            ProfileRefusedError: the driver refused the profile (named by its errno).
         """
         mdev_type = self._snapshot.types.get((parent.name, type_id))
         if mdev_type is None or mdev_type.kind is not TypeKind.VF_PROFILE:
-            return create_instance(self.config.sysfs_root, parent, type_id)
+            return create_instance(self.config.sysfs_root, parent, type_id, uuid)
         known = frozenset(self._snapshot.devices)
         record = self._profiles.reserve(parent, type_id, exclude=known)
-        self._spawn_profile_task(lambda: self._set_profile(record), record.function)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._spawn_profile_task(lambda: self._set_profile(record, done), record.function)
+        if _on_loop():
+            return record.function  # the write's outcome is logged
+        try:
+            done.result(timeout=PROFILE_WAIT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            # Still writing: the caller waits for the VF and removes it (clearing the profile)
+            # as for any instance; returning in time keeps that path.
+            log.warning(
+                "discovery: setting profile %s on %s takes over %g s",
+                type_id,
+                record.function,
+                PROFILE_WAIT_SECONDS,
+            )
         return record.function
 
     def remove_instance(self, device: Device) -> None:
@@ -233,6 +272,10 @@ class Discovery:
             return
         self._spawn_profile_task(lambda: self._clear_profile(device.device_id), device.device_id)
 
+    def instance_exists(self, device_id: str) -> bool:
+        """Whether the mdev instance *device_id* exists in sysfs now. Raises nothing."""
+        return instance_exists(self.config.sysfs_root, device_id)
+
     def _spawn_profile_task(
         self, work: Callable[[], Coroutine[object, object, None]], function: str
     ) -> None:
@@ -244,25 +287,49 @@ class Discovery:
             self._profile_tasks.add(task)
             task.add_done_callback(self._profile_tasks.discard)
 
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None:
+        if _on_loop():
             spawn()
         elif self._loop is not None:
             self._loop.call_soon_threadsafe(spawn)
         else:
             raise ProfileError("discovery is not running: no profile can be set or cleared")
 
-    async def _set_profile(self, record: ProfileRecord) -> None:
+    async def _set_profile(
+        self, record: ProfileRecord, done: concurrent.futures.Future[None]
+    ) -> None:
         try:
             await self._profiles.apply(record)
-        except ProfileError as err:
+        except PROFILE_FAILURES as err:
             log.error(
                 "discovery: cannot set profile %s on %s: %s", record.profile, record.function, err
             )
-        self._reread_function(record.function)
+            done.set_exception(err)
+        else:
+            done.set_result(None)
+        finally:
+            if not done.done():  # cancelled
+                done.set_exception(ProfileError("discovery stopped while setting the profile"))
+            self._reread_function(record.function)
+
+    # ---- profiles set by other tools --------------------------------------------------------
+
+    def recheck_profiles(self) -> list[str]:
+        """Compare every known VF's profile with what is known and read each that differs again
+        (a profile another tool set or cleared sends no uevent); return those functions.
+        Raises nothing."""
+        if self._lifecycle is not DiscoveryState.RUNNING:
+            return []
+        changed = self._watch.changed(self._snapshot)
+        for function in changed:
+            self._reread_function(function)
+        return changed
+
+    async def _watch_profiles(self) -> None:
+        """A pass every ``profile_scan_seconds`` while profile parents exist."""
+        while True:
+            await asyncio.sleep(self.config.profile_scan_seconds)
+            if self._snapshot.functions:
+                self.recheck_profiles()
 
     async def _clear_profile(self, function: str) -> None:
         await self._profiles.clear(function)
@@ -299,10 +366,13 @@ class Discovery:
             self._wakeup.clear()
             events: list[DiscoveryEvent] = []
             uevents = 0
+            profiles_touched = False
             while self._pending:
                 uevents += min(CHUNK, len(self._pending))
                 for _ in range(min(CHUNK, len(self._pending))):
-                    events.extend(self._apply(self._pending.popleft()))
+                    uevent = self._pending.popleft()
+                    profiles_touched = profiles_touched or self._touches_profiles(uevent)
+                    events.extend(self._apply(uevent))
                 self._snapshot = self._state.snapshot()
                 if self._pending:
                     await asyncio.sleep(0)
@@ -313,6 +383,13 @@ class Discovery:
                 events.extend(self._state.resync(self._reader.host()))
             log.debug("discovery: %d uevents gave %d events", uevents, len(events))
             self._publish(events)
+            if profiles_touched:
+                # A uevent of a PF or VF: its siblings may have changed without one.
+                self.recheck_profiles()
+
+    def _touches_profiles(self, uevent: Uevent) -> bool:
+        name = uevent.devpath.rpartition("/")[2]
+        return name in self._snapshot.functions or name in self._snapshot.parents
 
     async def _gather_burst(self) -> None:
         """Wait until the uevents of a burst have arrived (quiet socket) or the window closes."""

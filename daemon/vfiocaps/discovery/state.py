@@ -104,6 +104,9 @@ class HostState:
             known is not None
             and replace(known, sysfs_path=parent.sysfs_path) == parent
             and _same_types(self._types_of(parent.name), reading.types)
+            # A card's room for its profiles is news (a probe may be possible again); an mdev
+            # type's count follows its instances' own events.
+            and not (reading.functions and self._counts_changed(parent.name, reading.types))
         )
         for key in [k for k in self.types if k[0] == parent.name]:
             del self.types[key]
@@ -118,16 +121,30 @@ class HostState:
         if not same:
             events.append(ParentRegistered(parent, reading.types))
 
+    def _counts_changed(self, parent: str, types: tuple[MdevType, ...]) -> bool:
+        return any(
+            (known := self.types.get((parent, t.type_id))) is None
+            or known.available_instances != t.available_instances
+            for t in types
+        )
+
     def _named_profiles(self, parent: str, types: tuple[MdevType, ...]) -> tuple[MdevType, ...]:
-        """A profile set on every VF that could take it is listed by none (the lists name only
-        what can still be created): it keeps the name it was last listed with."""
+        """A physical function's profiles as read, plus those it listed before and lists no
+        more: a profile set on every VF that could take it keeps the name it was last listed
+        with, and one the card has no room for now (another profile is set: the card is
+        homogeneous; or the card is full) stays known with no instance available, so that its
+        cached answer stays visible."""
         named = []
         for profile in types:
             known = self.types.get((parent, profile.type_id))
             if not profile.name and known is not None and known.name:
-                profile = replace(profile, name=known.name)
+                profile = replace(profile, name=known.name, requires=known.requires)
             named.append(profile)
-        return tuple(named)
+        listed = {profile.type_id for profile in types}
+        for (owner, type_id), known in self.types.items():
+            if owner == parent and type_id not in listed and known.kind is TypeKind.VF_PROFILE:
+                named.append(replace(known, available_instances=0))
+        return tuple(sorted(named, key=lambda profile: int(profile.type_id)))
 
     def _forget_functions(self, name: str) -> None:
         self.profile_parents.discard(name)
@@ -322,12 +339,16 @@ class HostState:
         for device in fresh.devices.values():
             self._add_device(device, events)
         # Instance counts and anything else the events above did not carry (a profile no VF
-        # lists keeps the name registration gave it).
+        # lists keeps the name and the place registration gave it).
+        kept = self.types
         self.types = {
-            key: replace(fresh_type, name=self.types[key].name)
-            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in self.types
+            key: replace(fresh_type, name=kept[key].name)
+            if fresh_type.kind is TypeKind.VF_PROFILE and not fresh_type.name and key in kept
             else fresh_type
             for key, fresh_type in fresh.types.items()
         }
+        for key, known in kept.items():
+            if key not in self.types and known.kind is TypeKind.VF_PROFILE:
+                self.types[key] = replace(known, available_instances=0)
         events.append(Resynchronised(self.snapshot()))
         return events

@@ -9,6 +9,7 @@ It knows nothing of D-Bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -37,11 +38,13 @@ from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
+from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
 from .tasks import TaskSet
+from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (
     DeviceSource,
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TIMINGS = Timings()
+# The longest a Refresh waits for discovery to apply a profile change it has just seen.
+RECHECK_SECONDS = 2.0
 
 
 def _now_us() -> int:
@@ -106,6 +111,7 @@ class Engine:
             interval=timings.qemu_check,
             retry=config.probe_retry_seconds,
         )
+        self._gate = ProbeGate()
         self._scheduler = ProbeScheduler(
             self._table,
             self._cache,
@@ -114,10 +120,15 @@ class Engine:
             clock_us=clock_us,
             retry_seconds=config.probe_retry_seconds,
             running_changed=tell.status_changed,
+            blocked=self._gate.blocks,
         )
+        # What domains (VMs) hold: the bus adaptor's HoldDevices and ReleaseDevices.
+        self.holds = DomainHolds(self._table, self._gate, self._scheduler, self._resolve)
         self._types = TypeProber(
             source,
-            InstanceLedger(config.runtime_dir / "temporary-instances", boot_id_path),
+            InstanceLedger(
+                config.runtime_dir / "temporary-instances", boot_id_path, dev_root=config.dev_root
+            ),
             settled=self.settled,
             stop_probe=self._stop_probe,
             device=lambda device_id: e.device if (e := self._table.get(device_id)) else None,
@@ -129,6 +140,18 @@ class Engine:
         )
         self._tasks = TaskSet()
         self._started = asyncio.Event()
+        self._new_instances = NewInstances(
+            config,
+            self._gate,
+            self._scheduler,
+            self._types,
+            self._tasks,
+            started=self._started,
+            snapshot=lambda: self._source.snapshot,
+            resolve=self._resolve,
+            entry=self._table.get,
+        )
+        self._batch_applied = asyncio.Event()
         self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
@@ -200,7 +223,8 @@ class Engine:
         if parent is None or parent.driver is None or qemu is None:
             return None
         kernel = self.config.kernel_release
-        key = keys.make_key(parent.driver, parent.pci_id, mdev_type.type_id, kernel, qemu)
+        type_id = keys.type_identity(mdev_type)
+        key = keys.make_key(parent.driver, parent.pci_id, type_id, kernel, qemu)
         record = self._cache.get(key)
         return record.capabilities if record else None
 
@@ -236,6 +260,7 @@ class Engine:
                 with self._announcer.batch():
                     for event in batch:
                         self._handle(event)
+                self._batch_applied.set()
         finally:
             await self._shutdown()
 
@@ -245,6 +270,7 @@ class Engine:
 
     async def _shutdown(self) -> None:
         await self._tasks.stop()
+        await self._types.close()  # late sysfs writes keep their records for the next start
         self._scheduler.stop()
         await self._cache.close()
         await self._source.close()
@@ -295,7 +321,7 @@ class Engine:
         entry.state, entry.last_error = self._resolve(entry.key, device)
         self._table.put(entry)
         if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._scheduler.enqueue(entry.key)
+            self._new_instances.queue(entry, appeared=existing is None)
         self._types.device_appeared(device.device_id)
         self._cache.devices_changed(write_now=False)
         if existing is None:
@@ -326,6 +352,17 @@ class Engine:
             reason = self._qemu.error or f"QEMU binary {self.config.qemu_binary} is not usable"
             return ProbeState.FAILED, reason
         return self._scheduler.state_of(key)
+
+    async def recheck_profiles(self) -> None:
+        """Look for vGPU profiles set or cleared by other tools now (they send no uevent) and,
+        if any changed, wait (bounded) until discovery's answer has been applied. Raises
+        nothing."""
+        self._batch_applied.clear()
+        if not self._source.recheck_profiles():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECHECK_SECONDS):
+                await self._batch_applied.wait()
 
     async def refresh(self, device_id: str) -> DeviceView:
         """Drop the device's cached record, probe anew and return the fresh view.

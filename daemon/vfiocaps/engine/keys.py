@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..capabilities import ProbeOutcome
-from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
+from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent, TypeKind
 from ..store import CapabilityKey, CapabilityRecord, QemuIdentity
 
 
@@ -30,6 +30,24 @@ def parent_pci_id(device: Device, snapshot: HostSnapshot) -> str:
             return ""
         return f"{device.pci_vendor:04x}:{device.pci_device:04x}"
     return ""
+
+
+def type_identity(mdev_type: MdevType) -> str:
+    """What names *mdev_type* in a cache key: a vGPU profile by its name (profile ids are
+    unique only within one card model; the key's ``parent_pci_id`` names the model), any
+    other type, and a profile whose name is not known, by its id."""
+    if mdev_type.kind is TypeKind.VF_PROFILE and mdev_type.name:
+        return mdev_type.name
+    return mdev_type.type_id
+
+
+def device_type_identity(device: Device, snapshot: HostSnapshot) -> str:
+    """:func:`type_identity` of the type *device* is an instance of (its own id for a PCI
+    function that is no instance of a parent's type)."""
+    mdev_type = snapshot.types.get((device.parent, device.type_id))
+    if mdev_type is None or device.kind is not DeviceKind.PCI:
+        return device.type_id
+    return type_identity(mdev_type)
 
 
 def make_key(
@@ -66,7 +84,7 @@ def key_for(
     return make_key(
         driver,
         parent_pci_id(device, snapshot),
-        device.type_id,
+        device_type_identity(device, snapshot),
         kernel_release,
         qemu,
         device.parent_version,
@@ -155,7 +173,10 @@ def idle_types(
             continue
         if (parent_name, type_id) in live or mdev_type.available_instances <= 0:
             continue
-        record = record_of(make_key(parent.driver, parent.pci_id, type_id, kernel_release, qemu))
+        if mdev_type.requires:
+            continue  # needs what vfiocapsd does not make (a GPU instance)
+        key = make_key(parent.driver, parent.pci_id, type_identity(mdev_type), kernel_release, qemu)
+        record = record_of(key)
         if record is not None and (
             record.outcome is ProbeOutcome.OK or record.retry_at_us > now_us
         ):

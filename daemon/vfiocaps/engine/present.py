@@ -64,6 +64,7 @@ def type_views(
                 capabilities=type_capabilities(parent, mdev_type),
                 kind=mdev_type.kind,
                 parent_pci_id=parent.pci_id if parent else "",
+                requires=mdev_type.requires,
             )
         )
         seen.add((parent_name, type_id))

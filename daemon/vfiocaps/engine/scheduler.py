@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..capabilities import ProbeOutcome, ProbeReport
+from ..capabilities import ProbeOutcome, ProbeReport, clean_report, printable
 from ..model import Device, Parent
 from ..store import CapabilityKey, CapabilityRecord, ProbeHistoryEntry
 from .cache import RecordCache
@@ -42,6 +42,8 @@ class ProbeJob:
     tried: set[str] = field(default_factory=set)
     task: asyncio.Task[CapabilityRecord] | None = None
     stopped: str = ""
+    current: str = ""  # the device being probed
+    deferred: str = ""  # why the probe was cut short for a domain: it is not an answer
 
 
 class ProbeScheduler:
@@ -49,8 +51,9 @@ class ProbeScheduler:
 
     A failure is cached with a retry time that doubles with each failure in a row; a busy
     device (held by a VM) is never disturbed: another device of the key is tried, else the key
-    is retried later. Whatever a probe raises settles its job: its devices leave ``probing`` and
-    a retry is scheduled; the worker goes on.
+    is retried later. A device *blocked* says is not probed (a domain holds it); a probe cut short
+    for a domain caches nothing and is queued again. Whatever a probe raises settles its job: its
+    devices leave ``probing`` and a retry is scheduled; the worker goes on.
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class ProbeScheduler:
         clock_us: Callable[[], int],
         retry_seconds: float,
         running_changed: Callable[[], None],
+        blocked: Callable[[Device], str | None] = lambda device: None,
     ) -> None:
         self._table = table
+        self._blocked = blocked
         self._cache = cache
         self._runner = runner
         self._parent_of = parent_of
@@ -75,6 +80,7 @@ class ProbeScheduler:
         self._queue: asyncio.PriorityQueue[tuple[int, int, CapabilityKey]] = asyncio.PriorityQueue()
         self._sequence = itertools.count()
         self._retry_timers: dict[CapabilityKey, asyncio.TimerHandle] = {}
+        self._delayed: dict[CapabilityKey, asyncio.TimerHandle] = {}
         self.running = 0
         self.launched = 0
 
@@ -98,16 +104,34 @@ class ProbeScheduler:
             return ProbeState.FAILED, record.error
         return (ProbeState.PROBING if self.is_probing(key) else ProbeState.PENDING), ""
 
-    def enqueue(self, key: CapabilityKey, urgent: bool = False) -> asyncio.Future[CapabilityRecord]:
-        """Queue a probe of *key* unless one is queued or running; return its result's future."""
+    def enqueue(
+        self, key: CapabilityKey, urgent: bool = False, delay: float = 0.0
+    ) -> asyncio.Future[CapabilityRecord]:
+        """Queue a probe of *key* unless one is queued or running; return its result's future.
+
+        With *delay*, a new job waits that long before it is queued (callers already wait on
+        its future); an *urgent* call queues a delayed job at once.
+        """
         job = self._jobs.get(key)
         if job is None:
             future: asyncio.Future[CapabilityRecord] = asyncio.get_running_loop().create_future()
             job = ProbeJob(key=key, future=future)
             self._jobs[key] = job
-            priority = -1_000_000 if urgent else -len(self._table.waiting(key))
-            self._queue.put_nowait((priority, next(self._sequence), key))
+            if delay > 0 and not urgent:
+                loop = asyncio.get_running_loop()
+                self._delayed[key] = loop.call_later(delay, self._put, key, False)
+                return job.future
+            self._put(key, urgent)
+        elif urgent and key in self._delayed:
+            self._put(key, urgent)
         return job.future
+
+    def _put(self, key: CapabilityKey, urgent: bool) -> None:
+        timer = self._delayed.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        priority = -1_000_000 if urgent else -len(self._table.waiting(key))
+        self._queue.put_nowait((priority, next(self._sequence), key))
 
     def schedule_retry(self, key: CapabilityKey, at_us: int) -> None:
         """Probe *key* again at *at_us* if a device still waits for it."""
@@ -130,9 +154,10 @@ class ProbeScheduler:
 
     def stop(self) -> None:
         """Cancel every retry and every job not yet answered (the workers are cancelled apart)."""
-        for handle in self._retry_timers.values():
+        for handle in (*self._retry_timers.values(), *self._delayed.values()):
             handle.cancel()
         self._retry_timers.clear()
+        self._delayed.clear()
         for job in self._jobs.values():
             if not job.future.done():
                 job.future.cancel()
@@ -147,7 +172,7 @@ class ProbeScheduler:
             key=key,
             outcome=outcome,
             capabilities=None,
-            error=error,
+            error=printable(error),
             probed_at_us=now,
             retry_at_us=now + int(backoff * 1e6),
             failures=failures,
@@ -158,24 +183,29 @@ class ProbeScheduler:
         while True:
             _, _, key = await self._queue.get()
             job = self._jobs.get(key)
-            if job is None or job.future.done():
-                continue
+            if job is None or job.future.done() or job.task is not None:
+                continue  # gone, answered, or queued twice (a delayed job made urgent)
             job.task = asyncio.ensure_future(self._run_job(job))
             try:
                 record = await job.task
             except asyncio.CancelledError:
-                if not job.stopped or _cancelling():
+                if not (job.stopped or job.deferred) or _cancelling():
                     if not job.future.done():
                         job.future.cancel()
                     self._jobs.pop(key, None)
                     raise
-                record = self._settle_failure(job, ProbeOutcome.TIMEOUT, job.stopped)
+                if job.deferred:
+                    record = self._deferred_record(key, job.deferred)
+                else:
+                    record = self._settle_failure(job, ProbeOutcome.TIMEOUT, job.stopped)
             except Exception as err:
                 log.exception("probe of %s failed unexpectedly", key.describe())
                 record = self._settle_failure(job, ProbeOutcome.FAILED, f"internal error: {err}")
             self._jobs.pop(key, None)
             if not job.future.done():
                 job.future.set_result(record)
+            if job.deferred and any(self._free(entry) for entry in self._table.waiting(key)):
+                self.enqueue(key)  # another instance of the key is free: probe that one
 
     def _settle_failure(self, job: ProbeJob, outcome: ProbeOutcome, error: str) -> CapabilityRecord:
         """A job that ended without a report: cache the failure, settle its devices, go on."""
@@ -194,12 +224,45 @@ class ProbeScheduler:
         job.task.cancel()
         await asyncio.wait((job.future,))
 
+    async def yield_devices(self, device_ids: set[str], reason: str, wait: float) -> None:
+        """Cut short the probes running on *device_ids* (their QEMU is reaped, their nodes given
+        back) and wait until their jobs settled, at most *wait* seconds (a QEMU the kernel does
+        not let die is logged and left to end); they cache nothing and are queued again."""
+        stopping = [
+            job
+            for job in self._jobs.values()
+            if job.current in device_ids and job.task is not None and not job.task.done()
+        ]
+        for job in stopping:
+            job.deferred = reason
+            if job.task is not None:
+                job.task.cancel()
+        if stopping:
+            _, late = await asyncio.wait([job.future for job in stopping], timeout=wait)
+            if late:
+                log.warning("%d probe(s) did not stop within %g s: %s", len(late), wait, reason)
+
+    def _free(self, entry: DeviceEntry) -> bool:
+        return self._blocked(entry.device) is None
+
+    def _deferred_record(self, key: CapabilityKey, reason: str) -> CapabilityRecord:
+        """The devices of *key* that domains hold wait for their release; cache nothing."""
+        for entry in self._table.waiting(key):
+            held = self._blocked(entry.device)
+            if held is not None:
+                self._table.set_state(entry, ProbeState.BUSY, held)
+            elif entry.state is ProbeState.PROBING:
+                self._table.set_state(entry, ProbeState.PENDING, "")
+        self._running_changed()
+        return CapabilityRecord(key, ProbeOutcome.BUSY, None, reason, probed_at_us=0)
+
     async def _run_job(self, job: ProbeJob) -> CapabilityRecord:
         key = job.key
         while True:
-            candidates = [
-                e for e in self._table.waiting(key) if e.device.device_id not in job.tried
-            ]
+            waiting = [e for e in self._table.waiting(key) if e.device.device_id not in job.tried]
+            candidates = [e for e in waiting if self._free(e)]
+            if waiting and not candidates:
+                return self._deferred_record(key, "every device of the key is held by a domain")
             ready = [e for e in candidates if e.device.iommu_group]
             if candidates and not ready:
                 return self._not_ready_record(key, candidates)
@@ -207,9 +270,15 @@ class ProbeScheduler:
                 return self._busy_record(key)
             entry = ready[0]
             job.tried.add(entry.device.device_id)
-            for waiting in self._table.waiting(key):
-                self._table.set_state(waiting, ProbeState.PROBING, "")
+            job.current = entry.device.device_id
+            for waiting_entry in self._table.waiting(key):
+                self._table.set_state(waiting_entry, ProbeState.PROBING, "")
             report = await self._probe(entry.device)
+            job.current = ""
+            if report.outcome is not ProbeOutcome.OK and not self._free(entry):
+                # A domain took the device while it was probed: no answer; wait for release.
+                job.deferred = f"{entry.device.device_id} was taken by a domain during its probe"
+                return self._deferred_record(key, job.deferred)
             if report.outcome is ProbeOutcome.BUSY:
                 self._table.set_state(entry, ProbeState.BUSY, report.error or "device is in use")
                 continue
@@ -260,7 +329,8 @@ class ProbeScheduler:
         self.running += 1
         self._running_changed()
         try:
-            report = await self._runner.probe_device(device, self._parent_of(device))
+            # What QEMU and the driver wrote is evidence: stored and shown without control codes.
+            report = clean_report(await self._runner.probe_device(device, self._parent_of(device)))
         finally:
             self.running -= 1
         self.launched += 1

@@ -59,6 +59,7 @@ class TypeView:
     capabilities: Capabilities | None
     kind: TypeKind = TypeKind.MDEV
     parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind the type
+    requires: str = ""  # what must exist before an instance can be made (MdevType.requires)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +112,15 @@ class DeviceSource(Protocol):
 
     async def close(self) -> None: ...
 
-    def create_instance(self, parent: Parent, type_id: str) -> str: ...
+    def create_instance(self, parent: Parent, type_id: str, uuid: str = "") -> str: ...
 
     def remove_instance(self, device: Device) -> None: ...
+
+    def instance_exists(self, device_id: str) -> bool: ...
+
+    def recheck_profiles(self) -> list[str]:
+        """Read again every VF whose vGPU profile changed unannounced; return them."""
+        ...
 
 
 class ProbeRunner(Protocol):

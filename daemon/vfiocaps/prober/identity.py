@@ -66,25 +66,19 @@ def binary_stat(binary: Path) -> tuple[Path, os.stat_result]:
     return resolved, st
 
 
-async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBinary:
-    """Ask *binary* for its version and vfio-pci properties (run as *credentials*).
+async def read_version(binary: Path, credentials: Credentials | None) -> str:
+    """Ask *binary* for its version (run as *credentials*): one short QEMU start, all the daemon
+    needs before it serves (its cache is keyed by the version).
 
     Raises :class:`QemuMissingError` when it cannot be executed and
     :class:`QemuUnusableError` when it does not answer like QEMU.
     """
-    resolved, st = binary_stat(binary)
-    env = minimal_environment()
+    resolved, _ = binary_stat(binary)
     try:
         banner = await run_command(
             [str(resolved), "-version"],
             time_limit=IDENTITY_TIMEOUT,
-            env=env,
-            credentials=credentials,
-        )
-        device_help = await run_command(
-            [str(resolved), "-nodefaults", "-machine", "none", "-device", "vfio-pci,help"],
-            time_limit=IDENTITY_TIMEOUT,
-            env=env,
+            env=minimal_environment(),
             credentials=credentials,
         )
     except ProcessStartError as err:
@@ -95,9 +89,35 @@ async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBi
         raise QemuUnusableError(
             f"{resolved} -version exited with {banner.returncode}: {banner.stderr.strip()[:200]}"
         )
+    return parse_version(banner.stdout)
+
+
+async def read_identity(
+    binary: Path, credentials: Credentials | None, version: str | None = None
+) -> QemuBinary:
+    """Ask *binary* for its version (unless *version*, read from this file already, is given)
+    and its vfio-pci properties (run as *credentials*).
+
+    Raises :class:`QemuMissingError` when it cannot be executed and
+    :class:`QemuUnusableError` when it does not answer like QEMU.
+    """
+    resolved, st = binary_stat(binary)
+    if version is None:
+        version = await read_version(resolved, credentials)
+    try:
+        device_help = await run_command(
+            [str(resolved), "-nodefaults", "-machine", "none", "-device", "vfio-pci,help"],
+            time_limit=IDENTITY_TIMEOUT,
+            env=minimal_environment(),
+            credentials=credentials,
+        )
+    except ProcessStartError as err:
+        raise QemuMissingError(str(err)) from err
+    except TimeoutError as err:
+        raise QemuUnusableError(f"{resolved} did not answer within {IDENTITY_TIMEOUT}s") from err
     return QemuBinary(
         path=resolved,
-        version=parse_version(banner.stdout),
+        version=version,
         ctime_ns=st.st_ctime_ns,
         vfio_pci_properties=parse_device_properties(device_help.stdout + device_help.stderr),
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..process import (
     cancel_and_wait,
     minimal_environment,
 )
+from .events import LaunchEvent, LaunchObserver, LaunchStage
 from .evidence import (
     FINAL_MIGRATION_STATES,
     blocked_reasons,
@@ -50,26 +50,6 @@ MIGRATION_FD_NAME = "vfiocaps-migration"
 MIGRATION_POLL_SECONDS = 0.02
 QUIT_GRACE_SECONDS = 5.0
 INCOMING_FD_NAME = "vfiocaps-incoming"
-
-
-class LaunchStage(enum.Enum):
-    """Moments of a launch an observer is told about."""
-
-    STARTED = "started"  # the QEMU process exists
-    QMP_READY = "qmp-ready"  # the QMP session is established
-    ENDED = "ended"  # the process has been reaped
-
-
-@dataclass(frozen=True)
-class LaunchEvent:
-    """A moment of a launch, for observers (logging, tests, history)."""
-
-    stage: LaunchStage
-    purpose: str
-    pid: int
-
-
-LaunchObserver = Callable[[LaunchEvent], None]
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..capabilities import Capabilities, ProbeOutcome
-from .gldisplay import Screendump
-from .migration import IncomingResult, MigrationResult
 from .plan import Accel, DeviceSettings
+
+if TYPE_CHECKING:  # only annotations here: the daemon's start imports no QMP code
+    from .gldisplay import Screendump
+    from .migration import IncomingResult, MigrationResult
 
 
 class Step(enum.Enum):

@@ -9,6 +9,7 @@ import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..capabilities import LaunchRecord, ProbeOutcome, ProbeReport
 from ..config import Config
@@ -16,11 +17,9 @@ from ..errors import ProbeBusyError, ProbeError
 from ..model import Device, Parent
 from ..process import ProcessStartError
 from ..vfiogroup import group_node
+from .events import LaunchObserver
 from .grants import NodeGrants
-from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity
-from .kernelfacts import read_kernel_facts
-from .launch import LaunchContext, LaunchObserver, probe_environment, run_launch
-from .migration import KernelMigrationFacts
+from .identity import QemuBinary, QemuMissingError, binary_stat, read_identity, read_version
 from .observation import Attempt, Step, Verdict
 from .plan import Accel, machine_for_architecture
 from .render import render_access
@@ -34,8 +33,12 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
-from .strategy import ProbeStrategy
 from .target import ProbeTarget
+
+if TYPE_CHECKING:
+    from .launch import LaunchContext
+    from .migration import KernelMigrationFacts
+    from .strategy import ProbeStrategy
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -65,6 +68,27 @@ def launch_identity(
     return identity.with_groups(kvm.group) if kvm.group is not None else identity
 
 
+def taken_during_probe(verdict: Verdict, node: Path, probe_uid: int) -> Verdict:
+    """A probe that failed after someone took its group node from the probe user (libvirt
+    labels the node for a VM it starts) was cut short, not answered: busy, which is not cached
+    and is retried. Other verdicts are returned as they are."""
+    if verdict.outcome is not ProbeOutcome.FAILED:
+        return verdict
+    try:
+        owner = os.stat(node).st_uid
+    except OSError:
+        return verdict
+    if owner == probe_uid:
+        return verdict
+    return Verdict(
+        ProbeOutcome.BUSY,
+        error=f"{node} was given to uid {owner} during the probe (a VM starting on the device?); "
+        f"the probe was cut short ({verdict.error}) and is tried again",
+        stderr_excerpt=verdict.stderr_excerpt,
+        notes=verdict.notes,
+    )
+
+
 class Prober:
     """Probes devices with a minimal sandboxed QEMU; safe to use from several tasks at once.
 
@@ -84,6 +108,7 @@ class Prober:
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
         self._identities: dict[tuple[Path, int, int, int], QemuBinary] = {}
+        self._versions: dict[tuple[Path, int, int, int], str] = {}
         self._may_probe = asyncio.Event()
 
     async def qemu_identity(self) -> QemuBinary:
@@ -99,7 +124,8 @@ class Prober:
         cached = self._identities.get(key)
         if cached is not None:
             return cached
-        identity = await read_identity(resolved, self._identity().credentials)
+        credentials = self._identity().credentials
+        identity = await read_identity(resolved, credentials, self._versions.get(key))
         self._identities = {key: identity}
         return identity
 
@@ -136,13 +162,23 @@ class Prober:
         await self._may_probe.wait()
 
     async def qemu_version(self) -> str:
-        """The configured QEMU binary's version, as the engine keys its cache.
+        """The configured QEMU binary's version, as the engine keys its cache: one ``-version``
+        (the daemon's start waits for it); the rest of the identity waits for the first probe.
 
         Raises:
             ProbeError: the binary is missing, does not answer like QEMU, or the probe user is
                 unusable (see :meth:`qemu_identity`).
         """
-        return (await self.qemu_identity()).version
+        resolved, st = binary_stat(self.config.qemu_binary)
+        key = (resolved, st.st_ino, st.st_ctime_ns, st.st_size)
+        cached = self._identities.get(key)
+        if cached is not None:
+            return cached.version
+        version = self._versions.get(key)
+        if version is None:
+            version = await read_version(resolved, self._identity().credentials)
+            self._versions = {key: version}
+        return version
 
     async def probe_device(self, device: Device, parent: Parent | None) -> ProbeReport:
         """Probe a discovered device, once :meth:`allow_probes` was called; an mdev is probed
@@ -201,6 +237,12 @@ class Prober:
         return report
 
     async def _probe(self, target: ProbeTarget | None, run: _ProbeRun) -> Verdict:
+        # The launch code (QMP, the strategy, the kernel's facts) is imported by the first probe,
+        # not by the daemon's start, which does not need it before it serves.
+        from .kernelfacts import read_kernel_facts
+        from .launch import LaunchContext, probe_environment
+        from .strategy import ProbeStrategy
+
         identity = self._identity()
         run.notes.append(identity.description)
         qemu = await self.qemu_identity()
@@ -248,12 +290,17 @@ class Prober:
                 render=render_access(self.config.dev_root, identity) if target else None,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
-            return await self._launches(context, strategy, attempt, run)
+            verdict = await self._launches(context, strategy, attempt, run)
+            if node is not None and identity.credentials is not None:
+                verdict = taken_during_probe(verdict, node, identity.uid)
+            return verdict
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _launches(
         self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun
     ) -> Verdict:
+        from .launch import run_launch
+
         while True:
             try:
                 observation, record = await run_launch(context, attempt)

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..drm import render_nodes
-from .sandbox import ProbeIdentity
+from .sandbox import ProbeIdentity, launch_group_refusal
 
 NOT_ACCESSIBLE = "render node not accessible to the probe user"
+# The groups udev gives render nodes (systemd: render; older rules: video).
+RENDER_GROUPS = frozenset({"render"})
 
 
 @dataclass(frozen=True)
@@ -32,22 +34,26 @@ def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
 
     A node is a character device (a link or another file is refused). It is reachable when
     the probe user owns it, when it is world read-write, or (when vfiocapsd switches users)
-    through its group when that group is read-write and not root's
-    (Debian: ``root:render 0660``). Raises nothing; the answer says why not.
+    through its group when that group is read-write and passes the probe user's group policy
+    for a launch (:func:`vfiocaps.prober.sandbox.launch_group_refusal`: Debian's ``render``,
+    owning nothing but render nodes; never ``root``, ``disk``, ``video`` and the like; Debian:
+    ``root:render 0660``). Raises nothing; the answer says why not.
     """
     nodes = render_nodes(dev_root)
     if not nodes:
         return RenderAccess(None, False, reason=f"no DRM render node in {dev_root / 'dri'}")
     refusals = []
     for node in nodes:
-        access = _node_access(node, identity)
+        access = _node_access(node, identity, dev_root, set(nodes))
         if access.usable:
             return access
         refusals.append(access)
     return refusals[0]
 
 
-def _node_access(node: Path, identity: ProbeIdentity) -> RenderAccess:
+def _node_access(
+    node: Path, identity: ProbeIdentity, dev_root: Path, render: set[Path]
+) -> RenderAccess:
     try:
         st = os.lstat(node)  # never through a link: the node's own group is what QEMU gets
     except OSError as err:
@@ -62,8 +68,17 @@ def _node_access(node: Path, identity: ProbeIdentity) -> RenderAccess:
         return RenderAccess(node, False, reason=f"{NOT_ACCESSIBLE} ({found})")
     if st.st_uid == identity.uid or mode & 0o006 == 0o006:
         return RenderAccess(node, True)
-    if mode & 0o060 == 0o060 and st.st_gid != 0:
-        return RenderAccess(node, True, group=st.st_gid)
+    if mode & 0o060 == 0o060:
+        refusal = launch_group_refusal(st.st_gid, dev_root, RENDER_GROUPS, render)
+        if not refusal:
+            return RenderAccess(node, True, group=st.st_gid)
+        return RenderAccess(
+            node,
+            False,
+            reason=f"{NOT_ACCESSIBLE} ({found}: {refusal}, and QEMU is given no such group; "
+            "vfiocapsd does not change it: give render nodes a group of their own, as udev's "
+            "render group)",
+        )
     return RenderAccess(
         node,
         False,

@@ -11,9 +11,14 @@ with ``-sandbox ...,elevateprivileges=deny``: QEMU is then killed by SIGSYS). Th
   node is group read-write (Debian: ``root:kvm 0660``), else lent like a group node.
 
 The probe user must hold nothing of value by itself: it is refused when it is root, or when its
-primary or any supplementary group is root's, a group that owns a device node under the device
-root (``kvm`` included: the probe gets that group per QEMU process, a standing membership would
-hand ``/dev/kvm`` to anything else running as the user), or one of :data:`PRIVILEGED_GROUPS`.
+primary or any supplementary group is root's, one of :data:`PRIVILEGED_GROUPS`, one of the
+well-known device groups :data:`DEVICE_GROUPS`, or a group that owns a device node under the
+device root (``kvm`` included: the probe gets that group per QEMU process, a standing membership
+would hand ``/dev/kvm`` to anything else running as the user). Device groups are refused by name
+as well because the device root vfiocapsd sees may not be the host's (its unit gives it a private
+``/dev`` holding only what it needs), while the probe user's groups reach every device of the host.
+A group QEMU is given for one launch (a render node's) passes the same policy but for its own
+nodes (:func:`launch_group_refusal`).
 
 When vfiocapsd is not root, QEMU runs as vfiocapsd's own user and nothing is granted.
 """
@@ -50,6 +55,17 @@ PRIVILEGED_GROUPS = frozenset(
         "systemd-journal", "docker", "lxd", "incus-admin", "libvirt", "libvirt-qemu", "kvm",
     }
 )  # fmt: skip
+# Groups udev rules and distributions give device nodes (systemd's 50-udev-default.rules,
+# Debian, Fedora, Arch): a member reaches those devices wherever they appear.
+DEVICE_GROUPS = frozenset(
+    {
+        "audio", "bluetooth", "cdrom", "dialout", "disk", "floppy", "gpio", "i2c", "input",
+        "kmem", "kvm", "lock", "lp", "netdev", "plugdev", "render", "scanner", "sgx", "spi",
+        "tape", "tty", "usb", "uucp", "video",
+    }
+)  # fmt: skip
+# The group udev gives /dev/kvm (systemd's 50-udev-default.rules).
+KVM_GROUPS = frozenset({"kvm"})
 DEV_SCAN_DEPTH = 3
 DEV_SCAN_LIMIT = 20000
 
@@ -81,7 +97,12 @@ class ProbeIdentity:
 
 def device_groups(dev_root: Path) -> set[int]:
     """The groups owning a device node under *dev_root* (links not followed). Raises nothing."""
-    found: set[int] = set()
+    return set(device_nodes_by_group(dev_root))
+
+
+def device_nodes_by_group(dev_root: Path) -> dict[int, list[Path]]:
+    """The device nodes under *dev_root* (links not followed) by owning group. Raises nothing."""
+    found: dict[int, list[Path]] = {}
     seen = 0
     pending = [(dev_root, 0)]
     while pending and seen < DEV_SCAN_LIMIT:
@@ -97,7 +118,7 @@ def device_groups(dev_root: Path) -> set[int]:
             except OSError:
                 continue
             if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                found.add(st.st_gid)
+                found.setdefault(st.st_gid, []).append(Path(entry.path))
             elif stat.S_ISDIR(st.st_mode) and depth < DEV_SCAN_DEPTH:
                 pending.append((Path(entry.path), depth + 1))
     return found
@@ -108,6 +129,26 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+_REFUSED_NAMES = PRIVILEGED_GROUPS | DEVICE_GROUPS
+
+
+def launch_group_refusal(gid: int, dev_root: Path, own: frozenset[str], nodes: set[Path]) -> str:
+    """Why the group *gid* may not be given to QEMU for one launch to reach *nodes* (``""``:
+    it may). Refused: root's group, a group of :data:`PRIVILEGED_GROUPS` or :data:`DEVICE_GROUPS`
+    other than *own* (the names expected for such nodes: ``kvm`` for /dev/kvm, ``render`` for
+    render nodes), and a group that owns any other device node under *dev_root*. Raises
+    nothing."""
+    name = _group_name(gid)
+    if gid == 0:
+        return "its group is root's"
+    if name not in own and (name in PRIVILEGED_GROUPS or name in DEVICE_GROUPS):
+        return f"its group {name} gives access to devices or files of value"
+    others = [node for node in device_nodes_by_group(dev_root).get(gid, []) if node not in nodes]
+    if others:
+        return f"its group {name} also owns {others[0]}"
+    return ""
 
 
 def resolve_probe_identity(probe_user: str, dev_root: Path = Path("/dev")) -> ProbeIdentity:
@@ -132,7 +173,7 @@ def resolve_probe_identity(probe_user: str, dev_root: Path = Path("/dev")) -> Pr
     if entry.pw_uid == 0:
         raise ProbeSandboxError(f"probe user {probe_user!r} is root; QEMU never runs as root")
     groups = set(os.getgrouplist(probe_user, entry.pw_gid))
-    refused = {gid for gid in groups if gid == 0 or _group_name(gid) in PRIVILEGED_GROUPS}
+    refused = {gid for gid in groups if gid == 0 or _group_name(gid) in _REFUSED_NAMES}
     refused |= groups & device_groups(dev_root)
     if refused:
         names = ", ".join(sorted(_group_name(gid) for gid in refused))
@@ -198,7 +239,9 @@ def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid == identity.uid or mode & 0o006 == 0o006:
         return KvmAccess(True, node)
-    if mode & 0o060 == 0o060 and st.st_gid != 0:
+    # Through its group only when the probe user's policy allows that group for a launch (a
+    # node left root:disk must not give QEMU the disk group); else the node is lent.
+    if mode & 0o060 == 0o060 and not launch_group_refusal(st.st_gid, dev_root, KVM_GROUPS, {node}):
         return KvmAccess(True, node, group=st.st_gid)
     return KvmAccess(True, node, needs_grant=True)
 

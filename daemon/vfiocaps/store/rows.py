@@ -14,6 +14,8 @@ from ..capabilities import (
     Migration,
     MigrationCondition,
     ProbeOutcome,
+    clean_capabilities,
+    printable,
 )
 from .records import CapabilityKey, CapabilityRecord
 
@@ -100,8 +102,9 @@ def row_to_record(row: Sequence[Any]) -> CapabilityRecord:
     return CapabilityRecord(
         key=key,
         outcome=outcome,
-        capabilities=capabilities,
-        error=values["error"],
+        # A row an older version wrote may hold control characters a device or QEMU printed.
+        capabilities=None if capabilities is None else clean_capabilities(capabilities),
+        error=printable(str(values["error"])),
         probed_at_us=values["probed_at_us"],
         retry_at_us=values["retry_at_us"],
         failures=values["failures"],

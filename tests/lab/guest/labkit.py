@@ -433,7 +433,7 @@ def lab_module_variant(variant: str, module: str) -> Path:
 def vfiocapsctl() -> str:
     """The installed command-line client."""
     found = shutil.which("vfiocapsctl")
-    return found or "/opt/vfiocaps/bin/vfiocapsctl"
+    return found or "/usr/bin/vfiocapsctl"
 
 
 class Qmp:
@@ -548,17 +548,25 @@ def migration_finished(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
     return dict(wait_for(finished, timeout, "the migration to finish", 0.2))
 
 
+# The Debian package's own module directory: vfiocaps and the dependencies it carries.
+PACKAGE_MODULES = "/usr/share/vfiocaps"
+
+
 def installed_python() -> str:
-    """The interpreter of the installed package (its virtual environment), as the daemon uses."""
-    found = Path("/opt/vfiocaps/bin/python")
-    return str(found) if found.exists() else "python3"
+    """The interpreter the package's launchers run (their ``#!`` line), as the daemon uses."""
+    first = Path("/usr/bin/vfiocapsd").read_text().split("\n", 1)[0]
+    return first.removeprefix("#!").split()[0]
 
 
 def read_vfio_features(mdev_uuid: str) -> dict[str, Any]:
     """The installed VFIO feature reader run by hand (as root), the way vfiocapsd runs it."""
     python = installed_python()
+    find = (
+        f"import sys; sys.path.insert(0, {PACKAGE_MODULES!r}); "
+        "import vfiocaps.prober.vfiofeatures as m; print(m.__file__)"
+    )
     where = subprocess.run(
-        [python, "-c", "import vfiocaps.prober.vfiofeatures as m; print(m.__file__)"],
+        [python, "-I", "-c", find],
         capture_output=True,
         text=True,
         timeout=60,
