@@ -18,6 +18,8 @@ SERIAL = {
     "test_discovery_umockdev": "a storm of a thousand instances against a time bound",
     "test_reliability_events": "10,000 uevents in one burst against a time bound",
     "test_root_grants": "probes paused for seconds while a second process starts",
+    "test_sriov_daemon": "a profile seen within the default scan interval, timed",
+    "test_ctl_usability": "a monitor's end, timed",
 }
 
 # Fixtures that start the daemon as a process: a test of a QUICK module that uses one is not quick.
