@@ -1,4 +1,5 @@
-"""Shared fixtures: a private bus per test and a helper to start the daemon on it."""
+"""Shared fixtures (a private bus per test, a helper to start the daemon on it), and the markers
+``serial`` and ``quick`` given to the modules that support.phases names."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import pytest
 from support.callers import polkitd, shared_bus
 from support.daemon_lab import Lab, make_lab
 from support.harness import DaemonFactory, DaemonProcess, PrivateBus
+from support.phases import PROCESS_FIXTURES, QUICK, SERIAL
 
 __all__ = ["polkitd", "shared_bus"]  # fixtures of support.callers, for every test module
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of the modules named in SERIAL and QUICK (in those, only the tests that
+    start no daemon)."""
+    for item in items:
+        module = item.path.stem
+        if module in SERIAL:
+            item.add_marker(pytest.mark.serial)
+        if module in QUICK and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture

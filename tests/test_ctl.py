@@ -7,11 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
+from functools import partial
 from typing import Any
 
 from support.daemon_lab import Lab, vfiocapsctl
-from support.harness import DaemonFactory, PrivateBus, match_rules, wait_until
+from support.harness import ROOT_PATH, DaemonFactory, PrivateBus, wait_until
 
 
 def ctl_json(bus: PrivateBus, *args: str) -> Any:
@@ -128,37 +129,66 @@ def test_no_daemon_on_a_live_bus_is_exit_status_three(private_bus: PrivateBus) -
 
 
 def test_monitor_streams_changes(lab: Lab) -> None:
+    """Every step waits for what it needs to have happened (each monitor's subscription as the
+    bus reports it, the events as the monitors print them), never for a stretch of time: on a
+    loaded machine a monitor may take many seconds to start."""
     lab.host.build("mtty")
     lab.start()
-    before = match_rules(lab.bus.address)
-    monitor, text = (
-        subprocess.Popen(
+    monitors = {
+        name: subprocess.Popen(
             [sys.executable, "-m", "vfiocaps.ctl", "--bus-address", lab.bus.address, "monitor",
-             *json_flag],
+             *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        for json_flag in (["--json"], [])
-    )  # fmt: skip
+        for name, flags in (("json", ["--json"]), ("text", []))
+    }  # fmt: skip
+    printed: dict[str, list[str]] = {name: [] for name in monitors}
+
+    def read(name: str) -> None:
+        stream = monitors[name].stdout
+        assert stream is not None
+        printed[name].extend(iter(stream.readline, ""))
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in monitors]
+    for reader in readers:
+        reader.start()
+
+    def subscribed(monitor: subprocess.Popen[str]) -> bool:
+        return any(ROOT_PATH in rule for rule in lab.bus.match_rules_of(monitor.pid))
+
+    def removal_printed() -> bool:
+        return any('"DeviceCount": 0' in line for line in printed["json"]) and any(
+            "DeviceCount=0" in line for line in printed["text"]
+        )
+
+    errors: dict[str, str] = {}
     try:
-        wait_until(lambda: match_rules(lab.bus.address) >= before + 2, 30, "both subscribed")
+        for name, monitor in monitors.items():
+            wait_until(partial(subscribed, monitor), 120, f"the {name} monitor's subscription")
         uuid = lab.host.add_instance("mtty", "mtty-2")
         lab.wait_states({uuid: "done"})
         lab.host.remove_instance(uuid)
-        time.sleep(1.0)
+        wait_until(removal_printed, 120, "both monitors to print the removal", interval=0.1)
     finally:
-        monitor.send_signal(signal.SIGINT)
-        out, err = monitor.communicate(timeout=10)
-        text.send_signal(signal.SIGINT)
-        lines, text_err = text.communicate(timeout=10)
+        for name, monitor in monitors.items():
+            monitor.send_signal(signal.SIGINT)
+            monitor.wait(120)
+            assert monitor.stderr is not None
+            errors[name] = monitor.stderr.read()
+            monitor.stderr.close()
+        for reader in readers:
+            reader.join(120)
+    lines = "".join(printed["text"])
     # In text: the device by its id, values as show prints them.
-    assert lines.splitlines()[0].startswith(f"device-added {uuid} "), lines + text_err
+    assert lines.splitlines()[0].startswith(f"device-added {uuid} "), lines + errors["text"]
     assert "/org/vfiocaps/devices" not in lines
     assert "['" not in lines
     assert re.search(r"ProbedAt=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", lines), lines
     assert re.search(r"MigrationSaveSeconds=\d+\.\d{3} s", lines), lines
     assert f"device-removed {uuid}" in lines
-    assert monitor.returncode == 130, err  # interrupted, as shells report SIGINT
-    events = [json.loads(line) for line in out.splitlines()]
+    # Interrupted, as shells report SIGINT.
+    assert monitors["json"].returncode == 130, errors["json"]
+    events = [json.loads(line) for line in printed["json"]]
     kinds = [event["Event"] for event in events]
     assert kinds[0] == "device-added"
     assert events[0]["Id"] == uuid

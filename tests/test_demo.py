@@ -1,24 +1,47 @@
-"""./scripts/run-daemon --demo: an emulated host that says so, and answers as the daemon does."""
+"""./scripts/run-daemon --demo: an emulated host that says so, answers as the daemon does, and
+leaves nothing behind, however it is stopped."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from support.harness import REPO, wait_until
+from support.leftovers import files_under, processes_naming
 
 
-def test_the_demo_serves_an_emulated_host_and_says_so() -> None:
-    venv = Path(sys.executable).parent.parent
-    # The scratch directory must be one the probe user can enter: the default, /tmp.
-    env = {key: value for key, value in os.environ.items() if key != "TMPDIR"}
-    env["VFIOCAPS_VENV"] = str(venv)
+@pytest.fixture
+def own_tmp() -> Iterator[Path]:
+    """A temporary directory for the demo alone (its TMPDIR), which the probe user can enter:
+    whatever the demo leaves behind is found there."""
+    path = Path(tempfile.mkdtemp(prefix="vfiocaps-demo-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def demo_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VFIOCAPS_VENV"] = str(Path(sys.executable).parent.parent)
+    env["TMPDIR"] = str(tmp)
+    return env
+
+
+def test_the_demo_serves_an_emulated_host_and_says_so(own_tmp: Path) -> None:
+    env = demo_env(own_tmp)
     demo = subprocess.Popen(
         [str(REPO / "scripts" / "run-daemon"), "--demo"],
         stderr=subprocess.PIPE,
@@ -84,9 +107,47 @@ def test_the_demo_serves_an_emulated_host_and_says_so() -> None:
             assert "emulated host" in ctl("refresh", str(mdpy)).stderr
         scratch = Path(address[1].removeprefix("unix:path=")).parent
         assert scratch.name.startswith("vfiocaps-demo-")
+        assert scratch.parent == own_tmp
+        # The labels of the emulated host are in the scratch directory, said so, and nowhere else.
+        labels = scratch / "nfd" / "vfiocaps"
+        wait_until(labels.exists, 60, "the NFD feature file", interval=0.2)
+        assert "vfiocaps.feature.node.kubernetes.io/" in labels.read_text()
+        assert str(labels) in "".join(said)
+        assert any(own_tmp.glob("umockdev.*")), "the test bed is not where this test looks"
     finally:
         os.killpg(demo.pid, signal.SIGINT)  # as Ctrl-C in a terminal
         status_code = demo.wait(60)
     assert status_code == 0
-    assert not scratch.exists()
     assert "Traceback" not in "".join(said)
+    # Nothing is left: no file (scratch, test bed, labels), no process.
+    assert files_under(own_tmp) == []
+    wait_until(lambda: not processes_naming(own_tmp), 30, "the demo's processes to go")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_stopped_while_it_starts_leaves_nothing(own_tmp: Path, signum: int) -> None:
+    demo = subprocess.Popen(
+        [str(REPO / "scripts" / "run-daemon"), "--demo"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=demo_env(own_tmp),
+    )
+    # Stopped once its test bed exists, before its daemon answers.
+    wait_until(lambda: any(own_tmp.glob("umockdev.*")), 60, "the demo's test bed", interval=0.05)
+    demo.send_signal(signum)
+    err = demo.communicate(timeout=60)[1]
+    assert demo.returncode != 0
+    assert "Traceback" not in err
+    assert files_under(own_tmp) == []
+    wait_until(lambda: not processes_naming(own_tmp), 30, "the demo's processes to go")
+
+
+def test_the_demo_refuses_to_write_labels_outside_its_scratch(own_tmp: Path) -> None:
+    result = subprocess.run(
+        [str(REPO / "scripts" / "run-daemon"), "--demo", "--nfd-labels"],
+        capture_output=True, text=True, env=demo_env(own_tmp), timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--nfd-labels is not taken" in result.stderr
+    assert files_under(own_tmp) == []

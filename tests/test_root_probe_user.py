@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from support.daemon_lab import Lab
 from support.harness import wait_until
 from support.prober import (
+    SYSUSERS,
     FakeHost,
     fake_host,
     install_fake_qemu,
@@ -191,6 +193,26 @@ def test_probe_users_in_groups_of_value_are_refused(
         assert ctl.returncode == 1, (group, out, err)
         assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
         assert '"launches": []' in out
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is missing")
+def test_the_tests_probe_user_is_the_one_the_package_makes(probe_user: str, tmp_path: Path) -> None:
+    """The suite runs with the probe user people have: made by systemd-sysusers from the
+    project's sysusers file (as scripts/run-daemon and the package make it), whose group is
+    often numbered as the user. A user made otherwise (an older useradd) is named with the fix."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(
+        ["systemd-sysusers", f"--root={root}", str(SYSUSERS)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    lines = (root / "etc/passwd").read_text().splitlines()
+    made = {line.split(":")[0]: line.split(":") for line in lines}
+    _, _, _, _, gecos, home, shell = made[probe_user]
+    entry = pwd.getpwnam(probe_user)
+    fix = f"{probe_user} is not as systemd-sysusers makes it: userdel {probe_user}; tests remake it"
+    assert (entry.pw_gecos, entry.pw_dir, entry.pw_shell) == (gecos, home, shell), fix
+    assert grp.getgrgid(entry.pw_gid).gr_name == probe_user, fix
 
 
 @pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm")

@@ -58,7 +58,7 @@ def polkitd(shared_bus: PrivateBus) -> Iterator[subprocess.Popen[bytes]]:
     )
     try:
         wait_until(
-            lambda: shared_bus.name_has_owner("org.freedesktop.PolicyKit1"), 20, "mock polkitd"
+            lambda: shared_bus.name_has_owner("org.freedesktop.PolicyKit1"), 60, "mock polkitd"
         )
         yield process
     finally:

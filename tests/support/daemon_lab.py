@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -114,7 +115,7 @@ class Lab:
         daemon = self.daemon(*args, name=name)
         self.daemons.append(daemon)
         daemon.start()
-        wait_until(lambda: "event Resynchronised" in daemon.log(), 20, "the coldplug")
+        wait_until(lambda: "event Resynchronised" in daemon.log(), 90, "the coldplug")
         return daemon
 
     def overrides(self, value: dict[str, Any]) -> None:
@@ -138,7 +139,9 @@ class Lab:
         """Device id -> ProbeState."""
         return {device_id: props["ProbeState"] for device_id, props in self.devices().items()}
 
-    def wait_states(self, wanted: dict[str, str], timeout: float = 60) -> None:
+    def wait_states(self, wanted: dict[str, str], timeout: float = 180) -> None:
+        """Wait until the devices are in the *wanted* states. The bound is generous: on a loaded
+        host a probe can take a minute; it only turns a hang into a failure."""
         wait_until(
             lambda: all(self.states().get(i) == s for i, s in wanted.items()),
             timeout,
@@ -148,24 +151,39 @@ class Lab:
 
 
 def make_lab(host_class: type[MockHost] = MockHost) -> Iterator[Lab]:
-    """Build a lab (its host a *host_class*), yield it, and take it all down again."""
+    """Build a lab (its host a *host_class*), yield it, and take it all down again: every step
+    of the take-down runs, also when building failed half-way or an earlier step failed (a
+    daemon that ignores SIGTERM still leaves no bus, test bed or directory behind)."""
     ensure_probe_user()
     directory = Path(tempfile.mkdtemp(prefix="vfiocaps-engine-"))
-    directory.chmod(0o755)
-    dev = directory / "dev"
-    (dev / "vfio").mkdir(parents=True)
-    for group in range(64):
-        make_group_node(dev / "vfio" / str(group))
-    bus = PrivateBus(directory / "bus").start()
-    host = host_class().start()
-    host.root.chmod(0o755)
-    lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
-    try:
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(shutil.rmtree, directory, ignore_errors=True)
+        directory.chmod(0o755)
+        dev = directory / "dev"
+        (dev / "vfio").mkdir(parents=True)
+        for group in range(64):
+            make_group_node(dev / "vfio" / str(group))
+        bus = PrivateBus(directory / "bus")
+        teardown.callback(bus.stop)
+        bus.start()
+        host = host_class()
+        teardown.callback(host.stop)
+        host.start()
+        host.root.chmod(0o755)
+        lab = Lab(directory, bus, host, install_fake_qemu(directory / "qemu"), dev)
+        teardown.callback(_stop_daemons, lab)
         yield lab
-    finally:
-        for daemon in lab.daemons:
-            if daemon.alive():
+
+
+def _stop_daemons(lab: Lab) -> None:
+    """Stop every daemon of *lab* that still runs; one that will not stop is killed (by
+    DaemonProcess.stop), and the first such failure is raised after all were stopped."""
+    failures: list[AssertionError] = []
+    for daemon in lab.daemons:
+        if daemon.alive():
+            try:
                 daemon.stop()
-        host.stop()
-        bus.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+            except AssertionError as err:
+                failures.append(err)
+    if failures:
+        raise failures[0]

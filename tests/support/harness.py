@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BUS_NAME = "org.vfiocaps"
 ROOT_PATH = "/org/vfiocaps"
@@ -70,7 +71,7 @@ class PrivateBus:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self.socket.exists, 10, "the private bus socket")
+        wait_until(self.socket.exists, 60, "the private bus socket")  # a bound, for loaded hosts
         return self
 
     def stop(self) -> None:
@@ -91,6 +92,25 @@ class PrivateBus:
             check=False,
         )
         return out.returncode == 0 and out.stdout.strip() == "b true"
+
+    def match_rules_of(self, pid: int) -> list[str]:
+        """The match rules that process *pid*'s connections hold on this bus, as the bus itself
+        reports them (``Debug.Stats``): a subscription is seen made, not guessed from a delay."""
+
+        def call(interface: str, member: str, *args: str) -> Any:
+            out = busctl(
+                self.address, "--json=short", "call", "org.freedesktop.DBus",
+                "/org/freedesktop/DBus", interface, member, *args, check=False,
+            )  # fmt: skip
+            return json.loads(out.stdout)["data"][0] if out.returncode == 0 else None
+
+        rules = call("org.freedesktop.DBus.Debug.Stats", "GetAllMatchRules")
+        found: list[str] = []
+        for name, held in (rules or {}).items():
+            # A connection may close between the two calls: then it holds nothing.
+            if call("org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", name) == pid:
+                found.extend(held)
+        return found
 
 
 def busctl(
@@ -175,7 +195,7 @@ class DaemonProcess:
         env.update(self.env)
         return env
 
-    def start(self, wait: bool = True, timeout: float = 20) -> DaemonProcess:
+    def start(self, wait: bool = True, timeout: float = 90) -> DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -190,7 +210,9 @@ class DaemonProcess:
             self.wait_serving(timeout)
         return self
 
-    def wait_serving(self, timeout: float = 20) -> None:
+    def wait_serving(self, timeout: float = 90) -> None:
+        """Wait until the daemon owns its name (the bound is generous for loaded hosts)."""
+
         def serving() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(
@@ -206,7 +228,7 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send *sig* and return the exit status."""
         assert self.process is not None
         if self.process.poll() is None:

@@ -38,27 +38,19 @@ def make_group_node(node: Path, mode: int = 0o600) -> None:
     node.chmod(mode)
 
 
+SYSUSERS = REPO / "systemd" / "vfiocaps.sysusers"
+
+
 def ensure_probe_user() -> str:
-    """As root, make sure the probe user exists (as a system user); return its name."""
+    """As root, make sure the probe user exists, made as ``scripts/run-daemon`` and the package
+    make it (``systemd-sysusers`` with the project's sysusers.d file: its uid and gid are
+    usually equal); return its name."""
     if os.geteuid() != 0:
         return DEFAULT_PROBE_USER
     try:
         pwd.getpwnam(DEFAULT_PROBE_USER)
     except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                DEFAULT_PROBE_USER,
-            ],
-            check=True,
-        )
+        subprocess.run(["systemd-sysusers", str(SYSUSERS)], check=True, capture_output=True)
     return DEFAULT_PROBE_USER
 
 

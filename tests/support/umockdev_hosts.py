@@ -19,6 +19,7 @@ with a long queue, as a real netlink socket with a large receive buffer would ha
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -592,14 +593,26 @@ def serve(
     stdin: Iterator[str], stdout: Any, builder_class: type[HostBuilder] = HostBuilder
 ) -> None:
     """Run a Testbed and a :class:`HostBuilder` (or *builder_class*); answer one JSON request
-    per line."""
+    per line; remove the Testbed's directory when *stdin* closes."""
     import gi
 
     gi.require_version("UMockdev", "1.0")
     from gi.repository import UMockdev
 
     testbed = UMockdev.Testbed.new()
-    builder = builder_class(testbed)
+    root = Path(testbed.get_root_dir())
+    try:
+        _host(builder_class(testbed), stdin, stdout)
+    finally:
+        # The Testbed removes its directory when it is finalized, which interpreter exit does
+        # not do: drop the last reference now, and remove whatever is left all the same.
+        del testbed
+        gc.collect()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _host(builder: HostBuilder, stdin: Iterator[str], stdout: Any) -> None:
+    """Say where the host is, then answer requests (and the daemon's writes) until *stdin* ends."""
     (builder.sys / "class" / "mdev_bus").mkdir(parents=True, exist_ok=True)
     hello = {"root": str(builder.root), "modules_root": str(builder.modules_root)}
     stdout.write(json.dumps(hello) + "\n")
@@ -616,7 +629,17 @@ def serve(
                 except (OSError, KeyError, ValueError) as err:
                     sys.stderr.write(f"umockdev host: answering a write failed: {err}\n")
 
-    threading.Thread(target=kernel, daemon=True).start()
+    answering = threading.Thread(target=kernel, daemon=True)
+    answering.start()
+    try:
+        _answer(stdin, stdout, builder, lock)
+    finally:
+        stop.set()
+        answering.join()
+
+
+def _answer(stdin: Iterator[str], stdout: Any, builder: HostBuilder, lock: threading.Lock) -> None:
+    """Answer one JSON request per line of *stdin* until it closes."""
     for line in stdin:
         request = json.loads(line)
         operation = request.pop("op")
@@ -629,7 +652,6 @@ def serve(
                 reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         stdout.write(json.dumps(reply) + "\n")
         stdout.flush()
-    stop.set()
 
 
 @dataclass
@@ -719,14 +741,22 @@ class MockHost:
         return ["unshare", "--net", "sh", "-c", script, "sh", "umockdev-wrapper"]
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """End the wrapped process; its Testbed directory goes with it (removed here when the
+        process could not remove it itself)."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+                try:
+                    self.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+        if self.root != Path("/nonexistent"):
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 if __name__ == "__main__":
