@@ -180,6 +180,7 @@ class StateWatch:
     uuids: dict[str, str] = field(default_factory=dict)  # object path -> UUID
     seen: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> state -> time
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    ids: dict[str, str] = field(default_factory=dict)  # object path -> device id (monitor's)
 
     async def subscribe(self, bus: MessageBus) -> None:
         """Add the match rule and the handler (before the daemon starts: nothing is missed)."""
@@ -188,9 +189,9 @@ class StateWatch:
         bus.add_message_handler(self._on_message)
 
     def _on_message(self, message: Message) -> None:
-        event = describe_signal(message)
-        if event and event["event"] in ("device-added", "device-changed"):
-            self.note(event["path"], event.get("Uuid"), event.get("ProbeState"), time.monotonic())
+        event = describe_signal(message, self.ids)
+        if event and event["Event"] in ("device-added", "device-changed"):
+            self.note(event["Path"], event.get("Uuid"), event.get("ProbeState"), time.monotonic())
 
     def note(self, path: str, mdev_uuid: str | None, state: str | None, at: float) -> None:
         """Record what is known of one device at *at* (a signal, or a snapshot)."""
