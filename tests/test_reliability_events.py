@@ -116,12 +116,15 @@ def test_a_device_removed_during_its_probe_does_not_fail_its_type(lab: Lab) -> N
     """The probe of a vanished device fails ("no such host device"); that says nothing about
     its type, so the UUID created again (or a sibling) must not inherit a cached failure."""
     lab.host.build("mtty")
-    lab.overrides({"devices": {RACER: {"fault": {"on": "realize", "pause_seconds": 1}}}})
+    # QEMU waits at realize far longer than the test needs to remove the instance, however
+    # loaded the machine is; the instance created again probes without the wait.
+    lab.overrides({"devices": {RACER: {"fault": {"on": "realize", "pause_seconds": 15}}}})
     daemon = lab.start("--probe-retry-seconds", "600")
     lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
-    wait_until(lambda: qemu_pids(lab), 20, "the probe QEMU")
+    wait_until(lambda: qemu_pids(lab), 60, "the probe QEMU")
     lab.host.remove_instance(RACER)
-    wait_until(lambda: not qemu_pids(lab), 20, "the probe to fail")
+    wait_until(lambda: not qemu_pids(lab), 60, "the probe to fail")
+    lab.overrides({})
     lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
     lab.wait_states({RACER: "done"}, timeout=20)
     assert capabilities(lab.bus, RACER)["MigrationWithOptions"] == "supported"
