@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support.callers import OPEN_TO_ALL
 from support.cli_help import commands_of, help_text
 from support.harness import REPO, DaemonFactory, PrivateBus, match_rules, wait_until
 
@@ -326,18 +325,6 @@ def test_probe_says_what_is_wrong_and_as_a_user_to_run_it_as_root(scratch: Path)
 # -- 7. who may change state, and polkit's password prompt --------------------------------------
 
 
-@pytest.fixture
-def open_bus() -> Iterator[PrivateBus]:
-    directory = Path(tempfile.mkdtemp(prefix="vfiocaps-ctl-"))
-    directory.chmod(0o755)
-    bus = PrivateBus(directory, extra_config=OPEN_TO_ALL).start()
-    try:
-        yield bus
-    finally:
-        bus.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="calls as another user need root")
 def test_a_user_who_may_not_is_told_why_and_what_to_do(scratch: Path) -> None:
     # The quick start's bus admits only its owner: another user hears why, not an empty text.
@@ -357,27 +344,27 @@ def test_a_user_who_may_not_is_told_why_and_what_to_do(scratch: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="calls as another user need root")
 def test_from_a_terminal_polkit_may_ask_for_a_password_unless_told_not_to(
-    open_bus: PrivateBus, start_daemon: DaemonFactory
+    shared_bus: PrivateBus, start_daemon: DaemonFactory
 ) -> None:
     admin = pwd.getpwnam("daemon").pw_uid  # the authority says yes to this user at once
-    log = open_bus.directory / "polkit-events"
+    log = shared_bus.directory / "polkit-events"
     authority = subprocess.Popen(
-        [sys.executable, str(AUTHORITY), "serve", open_bus.address, str(admin), str(log)],
+        [sys.executable, str(AUTHORITY), "serve", shared_bus.address, str(admin), str(log)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert authority.stdout is not None
         assert authority.stdout.readline().strip() == "ready"
-        start_daemon(bus=open_bus)
+        start_daemon(bus=shared_bus)
         as_admin = ["setpriv", f"--reuid={admin}", f"--regid={admin}", "--clear-groups"]
-        invalidate = [*as_admin, *CTL, "--bus-address", open_bus.address, "invalidate", "mtty"]
+        invalidate = [*as_admin, *CTL, "--bus-address", shared_bus.address, "invalidate", "mtty"]
         quiet = [*invalidate[:-2], "--no-ask-password", *invalidate[-2:]]
 
         def in_a_terminal(argv: list[str]) -> list[str | bytes]:
             return ["script", "-qec", shlex.join(argv), "/dev/null"]
 
         # The authority also stands for the system bus's polkit that pkttyagent registers with.
-        system_bus = {"DBUS_SYSTEM_BUS_ADDRESS": open_bus.address}
+        system_bus = {"DBUS_SYSTEM_BUS_ADDRESS": shared_bus.address}
         for argv, asked in (
             (invalidate, False),  # no terminal: nobody could answer a prompt
             (in_a_terminal(invalidate), True),
