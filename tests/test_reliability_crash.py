@@ -39,17 +39,20 @@ def check_database(path: os.PathLike[str]) -> tuple[int, int]:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         rows = db.execute(
-            "SELECT driver, type_id, outcome, display, migration, blockers, notes, error, "
-            "probed_at_us, retry_at_us FROM capabilities"
+            "SELECT driver, type_id, outcome, error, probed_at_us, retry_at_us, document "
+            "FROM capabilities"
         ).fetchall()
-        for driver, type_id, outcome, display, migration, blockers, notes, error, at, retry in rows:
+        for driver, type_id, outcome, error, at, retry, document in rows:
             assert all((driver, type_id, at > 0)), rows
-            assert isinstance(json.loads(blockers), list)
-            assert isinstance(json.loads(notes), list)
             if outcome == "ok":
-                assert (display in DISPLAYS, migration in MIGRATIONS) == (True, True), rows
+                # A whole answer: its document parses and holds what every answer has.
+                answer = json.loads(document)
+                assert isinstance(answer["migration_blockers"], list), rows
+                assert isinstance(answer["migration_notes"], list), rows
+                assert answer["display"] in DISPLAYS, rows
+                assert answer["migration"] in MIGRATIONS, rows
             else:
-                assert (bool(error), retry > at) == (True, True), rows
+                assert (bool(error), retry > at, document) == (True, True, None), rows
         for row in db.execute("SELECT device_id, kind, sysfs_path FROM known_devices"):
             assert all(row), row
         history = db.execute("SELECT count(*) FROM probe_history").fetchone()[0]
