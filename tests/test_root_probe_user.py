@@ -174,7 +174,7 @@ def test_probe_users_in_well_known_device_groups_are_refused_without_their_nodes
         out, err = ctl.communicate(timeout=60)
         assert ctl.returncode == 1, (group, out, err)
         assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
-        assert '"launches": []' in out
+        assert '"Launches": []' in out
 
 
 def test_probe_users_in_groups_of_value_are_refused(
@@ -192,7 +192,7 @@ def test_probe_users_in_groups_of_value_are_refused(
         out, err = ctl.communicate(timeout=60)
         assert ctl.returncode == 1, (group, out, err)
         assert f"'{GROUPED}' is in group(s) {group}, which own devices" in out, out
-        assert '"launches": []' in out
+        assert '"Launches": []' in out
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is missing")
