@@ -60,8 +60,12 @@ EXPECTED = (
 )
 
 
-def run(*argv: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(
+    *argv: str, cwd: Path = REPO, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,11 @@ def field(deb: Path, name: str) -> str:
     return run("dpkg-deb", "-f", str(deb), name).stdout.strip()
 
 
-def test_lintian_reports_nothing(deb: Path) -> None:
-    result = run("lintian", "--pedantic", "--fail-on", "error,warning,info,pedantic", str(deb))
+def test_lintian_reports_nothing(deb: Path, tmp_path: Path) -> None:
+    # lintian leaves its ELF cache (mldbm-elf-*) in TMPDIR: give it one that is removed.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    flags = ("--pedantic", "--fail-on", "error,warning,info,pedantic")
+    result = run("lintian", *flags, str(deb), env=env)
     tags = [line for line in result.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
     assert tags == [], "\n".join(tags)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -84,7 +84,11 @@ def leftovers() -> list[str]:
                 for name in dirs
                 if "vfiocaps-lab" not in name and f"{where}/{name}" != "/run/systemd"
             ]
-            found += [f"{where}/{name}" for name in dirs + names if "vfiocaps" in name]
+            found += [
+                f"{where}/{name}"
+                for name in dirs + names
+                if "vfiocaps" in name and "vfiocaps-lab" not in name
+            ]
     return sorted(found)
 
 
