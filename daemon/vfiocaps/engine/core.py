@@ -117,7 +117,7 @@ class Engine:
             self._cache,
             runner,
             parent_of=lambda device: self._source.snapshot.parents.get(device.parent),
-            qemu_of=lambda: self._qemu.identity,
+            qemu_of=self._qemu.for_probe,
             clock_us=clock_us,
             retry_seconds=config.probe_retry_seconds,
             running_changed=tell.status_changed,

@@ -20,11 +20,12 @@ class QemuWatcher:
     """The one owner of the QEMU binary's identity (:class:`QemuBinary`): the engine keys its
     cache on it and hands it to each probe, so nothing else asks the binary who it is.
 
-    A change of the file (its ctime or size) costs one reading of the binary (``-version`` and
-    its ``vfio-pci`` properties) unless the store remembers that file: a warm start launches
-    no QEMU; *changed* is called with the old and new identity when a known binary changes,
-    *identified* when the binary is first known. While it is not, ``error`` says why (e.g. no
-    probe user) and it is looked at again after *retry* seconds instead of *interval*.
+    A change of the file (its ctime or size) costs one short QEMU start (``-version``) unless
+    the store remembers that file: a warm start launches no QEMU. The ``vfio-pci`` properties,
+    which only shape probes, are asked by the first probe that needs them (:meth:`for_probe`)
+    and stored then. *changed* is called with the old and new identity when a known binary
+    changes, *identified* when the binary is first known. While it is not, ``error`` says why
+    (e.g. no probe user) and it is looked at again after *retry* seconds instead of *interval*.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class QemuWatcher:
         self._interval = interval
         self._retry = min(interval, retry)
         self._stat: tuple[int, int] | None = None
+        self._asking = asyncio.Lock()  # one question for the properties at a time
         self.identity: QemuBinary | None = None
         self.error = ""
 
@@ -93,6 +95,34 @@ class QemuWatcher:
         elif old != self.identity:
             log.info("QEMU changed: %s -> %s", old.version, found.version)
             self._changed(old, self.identity)
+
+    async def for_probe(self) -> QemuBinary | None:
+        """The identity a probe is handed, with the ``vfio-pci`` properties: asked (one short
+        QEMU start, once probes are allowed) and stored when not known yet. An identity without
+        them is handed when they cannot be asked now; the probe asks them itself then.
+        Raises nothing but cancellation."""
+        known = self.identity
+        if known is None or known.vfio_pci_properties is not None:
+            return known
+        await self._runner.wait_allowed()  # not before the daemon serves
+        async with self._asking:
+            known = self.identity
+            if known is None or known.vfio_pci_properties is not None:
+                return known
+            try:
+                found = await self._runner.read_qemu_properties(known)
+            except ProbeError as err:
+                log.warning("cannot ask QEMU %s for its vfio-pci properties: %s", known.path, err)
+                return known
+            if self.identity is not known or (found.ctime_ns, found.size) != (
+                known.ctime_ns,
+                known.size,
+            ):
+                log.info("QEMU %s changed while its properties were read", known.path)
+                return self.identity
+            self.identity = found
+            await self._cache.remember_qemu_binary(found)
+            return found
 
     async def run(self) -> None:
         """Check the binary every *interval* seconds until cancelled."""

@@ -20,7 +20,7 @@ from ..qemubinary import QemuBinary
 from ..vfiogroup import group_node
 from .events import LaunchObserver
 from .grants import NodeGrants
-from .identity import QemuMissingError, binary_stat, read_identity
+from .identity import QemuMissingError, binary_stat, read_identity, read_properties
 from .observation import Attempt, Step, Verdict
 from .plan import Accel, machine_for_architecture
 from .render import render_access
@@ -111,8 +111,10 @@ class Prober:
         self._may_probe = asyncio.Event()
 
     async def read_qemu(self) -> QemuBinary:
-        """Ask the configured QEMU binary who it is: version and ``vfio-pci`` properties (two
-        short launches). The daemon's engine keeps the answer and hands it to each probe.
+        """Ask the configured QEMU binary who it is: its version (one short launch), all the
+        daemon needs to serve; the ``vfio-pci`` properties are left to
+        :meth:`read_qemu_properties`. The daemon's engine keeps the answer and hands it to each
+        probe.
 
         Raises:
             QemuMissingError: the binary does not exist or cannot be executed.
@@ -121,9 +123,19 @@ class Prober:
         """
         return await read_identity(self.config.qemu_binary, self._identity().credentials)
 
+    async def read_qemu_properties(self, qemu: QemuBinary) -> QemuBinary:
+        """*qemu* with its ``vfio-pci`` properties (one short launch), which shape a probe's
+        launches; the change time and size are those of the file asked.
+
+        Raises:
+            QemuMissingError, QemuUnusableError, ProbeSandboxError: see :meth:`read_qemu`.
+        """
+        return await read_properties(qemu, self._identity().credentials)
+
     async def _binary_for(self, qemu: QemuBinary | None) -> tuple[Path, QemuBinary]:
-        """The file to launch and its identity: *qemu* while the file is unchanged (a stat, no
-        launch), else what the binary says now.
+        """The file to launch and its identity with its properties: *qemu* while the file is
+        unchanged (a stat, no launch), else what the binary says now; the properties are asked
+        when *qemu* lacks them.
 
         Raises:
             QemuMissingError, QemuUnusableError, ProbeSandboxError: see :meth:`read_qemu`.
@@ -131,6 +143,8 @@ class Prober:
         resolved, st = binary_stat(self.config.qemu_binary)
         if qemu is None or (qemu.ctime_ns, qemu.size) != (st.st_ctime_ns, st.st_size):
             qemu = await self.read_qemu()
+        if qemu.vfio_pci_properties is None:
+            qemu = await self.read_qemu_properties(qemu)
         return resolved, qemu
 
     def _identity(self) -> ProbeIdentity:
@@ -274,7 +288,7 @@ class Prober:
                 stream_limit=self.config.migration_stream_limit,
             )
             strategy = ProbeStrategy(
-                vfio_pci_properties=qemu.vfio_pci_properties,
+                vfio_pci_properties=qemu.vfio_pci_properties or frozenset(),
                 accel=accel,
                 device_names=(target.qemu_name,) if target else (),
                 kernel=kernel,

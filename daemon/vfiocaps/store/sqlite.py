@@ -43,6 +43,20 @@ def _classify(err: sqlite3.Error, action: str) -> StoreError:
     return StoreUnavailableError(f"{action}: {text}")
 
 
+def _property_names(stored: object) -> frozenset[str] | None:
+    """The ``vfio-pci`` property names a row holds, or ``None`` when not asked yet or unreadable
+    (they are asked again then)."""
+    if not isinstance(stored, str):
+        return None
+    try:
+        names = json.loads(stored)
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return None
+    return frozenset(names)
+
+
 class CapabilityStore:
     """One SQLite file of cached capabilities, probe history and known devices.
 
@@ -353,8 +367,8 @@ class CapabilityStore:
         return [KnownDevice(*row) for row in rows]
 
     async def qemu_binary(self, path: str, ctime_ns: int, size: int) -> QemuBinary | None:
-        """What a warm start needs of this exact binary (version and ``vfio-pci`` properties),
-        if it was remembered with both.
+        """What a warm start needs of this exact binary: its version, with its ``vfio-pci``
+        properties once a probe has asked them (else ``None`` there).
 
         Raises:
             StoreCorruptError, StoreUnavailableError: the database cannot be read.
@@ -365,16 +379,10 @@ class CapabilityStore:
             "WHERE path = ? AND ctime_ns = ? AND size = ?",
             (path, ctime_ns, size),
         )
-        if not rows or rows[0][1] is None:
+        if not rows:
             return None
         version, properties = rows[0]
-        try:
-            names = json.loads(properties)
-        except ValueError:
-            return None
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            return None
-        return QemuBinary(str(path), str(version), ctime_ns, size, frozenset(names))
+        return QemuBinary(str(path), str(version), ctime_ns, size, _property_names(properties))
 
     async def remember_qemu_binary(self, binary: QemuBinary) -> None:
         """Remember *binary* for the next start (replacing older entries for its path).
@@ -395,7 +403,9 @@ class CapabilityStore:
                             binary.ctime_ns,
                             binary.size,
                             binary.version,
-                            json.dumps(sorted(binary.vfio_pci_properties)),
+                            None
+                            if binary.vfio_pci_properties is None
+                            else json.dumps(sorted(binary.vfio_pci_properties)),
                         )
                     ],
                 ),
