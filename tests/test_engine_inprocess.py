@@ -13,8 +13,8 @@ import pytest
 
 from support.engine_rig import (
     KERNEL,
-    ManualClock,
     FailingPropertiesRunner,
+    ManualClock,
     ScriptedRunner,
     driver,
     host,
