@@ -241,16 +241,23 @@ class Engine:
         """
         kernel = self.config.kernel_release
         try:
-            await self._cache.open()
-            await self._qemu.check(initial=True)
+            # The cache opens and QEMU is asked (one short start; none when the store knows the
+            # binary) while the host is read: the start waits for the longer of the two.
+            ready = asyncio.ensure_future(self._open_and_identify())
+            try:
+                await self._types.remove_leftovers(self.config.sysfs_root)
+                snapshot = await self._source.start()
+            except BaseException:
+                ready.cancel()
+                await asyncio.gather(ready, return_exceptions=True)
+                raise
+            await ready
             for stale in keys.at_start(self._cache.keys(), kernel, self._qemu.identity):
                 self._invalidate(stale)
-            await self._types.remove_leftovers(self.config.sysfs_root)
             for _ in range(self.config.probe_concurrency):
                 self._tasks.spawn(self._scheduler.run_worker())
             self._tasks.spawn(self._cache.run_writer())
             self._tasks.spawn(self._qemu.run())
-            snapshot = await self._source.start()
             with self._announcer.batch():
                 self._apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
@@ -264,6 +271,10 @@ class Engine:
                 self._batch_applied.set()
         finally:
             await self._shutdown()
+
+    async def _open_and_identify(self) -> None:
+        await self._cache.open()
+        await self._qemu.check(initial=True)
 
     async def wait_started(self) -> None:
         """Wait until the initial enumeration has been applied."""

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,12 +17,8 @@ from ..model import Device, Parent
 from ..process import ProcessStartError
 from ..qemubinary import QemuBinary
 from ..vfiogroup import group_node
-from .events import LaunchObserver
 from .grants import NodeGrants
 from .identity import QemuMissingError, binary_stat, read_identity, read_properties
-from .observation import Attempt, Step, Verdict
-from .plan import Accel, machine_for_architecture
-from .render import render_access
 from .sandbox import (
     KvmAccess,
     ProbeIdentity,
@@ -34,12 +29,14 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
-from .target import ProbeTarget
 
 if TYPE_CHECKING:
+    from .events import LaunchObserver
     from .launch import LaunchContext
     from .migration import KernelMigrationFacts
+    from .observation import Attempt, Verdict
     from .strategy import ProbeStrategy
+    from .target import ProbeTarget
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -81,6 +78,8 @@ def taken_during_probe(verdict: Verdict, node: Path, probe_uid: int) -> Verdict:
         return verdict
     if owner == probe_uid:
         return verdict
+    from .observation import Verdict
+
     return Verdict(
         ProbeOutcome.BUSY,
         error=f"{node} was given to uid {owner} during the probe (a VM starting on the device?); "
@@ -190,6 +189,8 @@ class Prober:
         await self.wait_allowed()
         if device.driver is None and parent is not None and parent.driver is not None:
             device = replace(device, driver=parent.driver)
+        from .target import ProbeTarget
+
         return await self.probe(ProbeTarget.from_device(device), qemu)
 
     async def probe(self, target: ProbeTarget, qemu: QemuBinary | None = None) -> ProbeReport:
@@ -212,6 +213,8 @@ class Prober:
         return await self._run(None, qemu)
 
     async def _run(self, target: ProbeTarget | None, qemu: QemuBinary | None) -> ProbeReport:
+        from .observation import Verdict
+
         run = _ProbeRun()
         try:
             verdict = await self._probe(target, qemu, run)
@@ -242,10 +245,16 @@ class Prober:
     async def _probe(
         self, target: ProbeTarget | None, known: QemuBinary | None, run: _ProbeRun
     ) -> Verdict:
-        # The launch code (QMP, the strategy, the kernel's facts) is imported by the first probe,
-        # not by the daemon's start, which does not need it before it serves.
+        # The launch code (QMP, the strategy, the kernel's facts, the QEMU command line) is
+        # imported by the first probe, not by the daemon's start, which does not need it before
+        # it serves.
+        import uuid
+
         from .kernelfacts import read_kernel_facts
         from .launch import LaunchContext, probe_environment
+        from .observation import Attempt, Step
+        from .plan import Accel, machine_for_architecture
+        from .render import render_access
         from .strategy import ProbeStrategy
 
         identity = self._identity()
