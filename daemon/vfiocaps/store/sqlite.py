@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -140,15 +141,18 @@ class CapabilityStore:
             )
         if version == SCHEMA_VERSION:
             return
-        await db.execute("BEGIN IMMEDIATE")
+        # One script, one trip to the database's thread (a new cache runs every migration).
+        steps = [
+            s for target in range(version + 1, SCHEMA_VERSION + 1) for s in MIGRATIONS[target - 1]
+        ]
+        script = ";\n".join(
+            ["BEGIN IMMEDIATE", *steps, f"PRAGMA user_version = {SCHEMA_VERSION}", "COMMIT"]
+        )
         try:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1]:
-                    await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await db.execute("COMMIT")
+            await db.executescript(script)
         except BaseException:
-            await db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # none is open when BEGIN failed
+                await db.execute("ROLLBACK")
             raise
         log.info("cache %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
