@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from support.prober import (
+    PROPERTIES_ASKED,
+    VERSION_ASKED,
+    counting_qemu,
     FakeHost,
     fake_host,
     install_fake_qemu,
@@ -253,29 +256,12 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     assert leftovers(scratch / "run") == []
 
 
-def _counting_qemu(scratch: Path) -> tuple[Path, Path]:
-    """The fake QEMU behind a script that writes each argv to a file: (binary, that file)."""
-    fake = install_fake_qemu(scratch / "fake")
-    calls = scratch / "calls"
-    calls.write_text("")
-    calls.chmod(0o666)
-    binary = scratch / "qemu" / "qemu-system-x86_64"
-    binary.parent.mkdir(mode=0o755)
-    binary.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {fake} "$@"\n')
-    binary.chmod(0o755)
-    return binary, calls
-
-
-VERSION_ASKED = "-version"
-PROPERTIES_ASKED = "-nodefaults -machine none -device vfio-pci,help"
-
-
 async def test_the_identity_costs_one_short_qemu_start_and_a_probe_handed_it_none(
     scratch: Path, probe_user: str
 ) -> None:
     """Reading the identity asks -version only; the vfio-pci properties are one more short
     start; a probe handed the completed identity (as the engine hands it) asks neither again."""
-    binary, calls = _counting_qemu(scratch)
+    binary, calls = counting_qemu(scratch)
     config = Config(
         qemu_binary=binary,
         probe_user=probe_user,
@@ -302,7 +288,7 @@ async def test_a_probe_handed_an_identity_without_properties_asks_them_and_uses_
     """The engine hands a probe the version alone when the properties could not be asked: the
     probe asks them (one short start) and its answer rests on them (the mtty retry with
     x-device-dirty-page-tracking=off exists only when QEMU has that property)."""
-    binary, calls = _counting_qemu(scratch)
+    binary, calls = counting_qemu(scratch)
     device = fake_host.add_mdev(UUIDS["mtty"], "mtty-1", "mtty", "0")
     make_readable(scratch)
     prober = Prober(

@@ -273,8 +273,22 @@ class Engine:
             await self._shutdown()
 
     async def _open_and_identify(self) -> None:
-        await self._cache.open()
-        await self._qemu.check(initial=True)
+        """Open the cache and know the QEMU binary: from the store, else asked. A store that
+        does not exist yet cannot know it, so QEMU is asked while the store is created."""
+        if self._cache.exists:
+            await self._cache.open()
+            await self._qemu.check(initial=True)
+            return
+        opened = asyncio.ensure_future(self._cache.open())
+        try:
+            await self._qemu.check(initial=True)
+        except BaseException:
+            opened.cancel()
+            await asyncio.gather(opened, return_exceptions=True)
+            raise
+        await opened
+        if self._qemu.identity is not None:  # asked before the store could keep it
+            await self._cache.remember_qemu_binary(self._qemu.identity)
 
     async def wait_started(self) -> None:
         """Wait until the initial enumeration has been applied."""
