@@ -12,8 +12,8 @@ import pytest
 from support.prober import (
     PROPERTIES_ASKED,
     VERSION_ASKED,
-    counting_qemu,
     FakeHost,
+    counting_qemu,
     fake_host,
     install_fake_qemu,
     leftovers,

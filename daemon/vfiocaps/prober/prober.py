@@ -19,6 +19,7 @@ from ..qemubinary import QemuBinary
 from ..vfiogroup import group_node
 from .grants import NodeGrants
 from .identity import QemuMissingError, binary_stat, read_identity, read_properties
+from .observation import Attempt, Step, Verdict
 from .sandbox import (
     KvmAccess,
     ProbeIdentity,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from .events import LaunchObserver
     from .launch import LaunchContext
     from .migration import KernelMigrationFacts
-    from .observation import Attempt, Verdict
     from .strategy import ProbeStrategy
     from .target import ProbeTarget
 
@@ -78,8 +78,6 @@ def taken_during_probe(verdict: Verdict, node: Path, probe_uid: int) -> Verdict:
         return verdict
     if owner == probe_uid:
         return verdict
-    from .observation import Verdict
-
     return Verdict(
         ProbeOutcome.BUSY,
         error=f"{node} was given to uid {owner} during the probe (a VM starting on the device?); "
@@ -213,8 +211,6 @@ class Prober:
         return await self._run(None, qemu)
 
     async def _run(self, target: ProbeTarget | None, qemu: QemuBinary | None) -> ProbeReport:
-        from .observation import Verdict
-
         run = _ProbeRun()
         try:
             verdict = await self._probe(target, qemu, run)
@@ -252,7 +248,6 @@ class Prober:
 
         from .kernelfacts import read_kernel_facts
         from .launch import LaunchContext, probe_environment
-        from .observation import Attempt, Step
         from .plan import Accel, machine_for_architecture
         from .render import render_access
         from .strategy import ProbeStrategy
