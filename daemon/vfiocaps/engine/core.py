@@ -40,7 +40,7 @@ from .announcer import Announcer
 from .cache import RecordCache
 from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
-from .qemu import QemuWatcher
+from .qemu import QemuWatcher, identify_beside
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
 from .tasks import TaskSet
@@ -241,17 +241,9 @@ class Engine:
         """
         kernel = self.config.kernel_release
         try:
-            # The cache opens and QEMU is asked (one short start; none when the store knows the
-            # binary) while the host is read: the start waits for the longer of the two.
-            ready = asyncio.ensure_future(self._open_and_identify())
-            try:
-                await self._types.remove_leftovers(self.config.sysfs_root)
-                snapshot = await self._source.start()
-            except BaseException:
-                ready.cancel()
-                await asyncio.gather(ready, return_exceptions=True)
-                raise
-            await ready
+            await self._types.remove_leftovers(self.config.sysfs_root)
+            # The host is read while the cache opens and QEMU is asked (one short start at most).
+            snapshot = await identify_beside(self._cache, self._qemu, self._source.start())
             for stale in keys.at_start(self._cache.keys(), kernel, self._qemu.identity):
                 self._invalidate(stale)
             for _ in range(self.config.probe_concurrency):
@@ -271,24 +263,6 @@ class Engine:
                 self._batch_applied.set()
         finally:
             await self._shutdown()
-
-    async def _open_and_identify(self) -> None:
-        """Open the cache and know the QEMU binary: from the store, else asked. A store that
-        does not exist yet cannot know it, so QEMU is asked while the store is created."""
-        if self._cache.exists:
-            await self._cache.open()
-            await self._qemu.check(initial=True)
-            return
-        opened = asyncio.ensure_future(self._cache.open())
-        try:
-            await self._qemu.check(initial=True)
-        except BaseException:
-            opened.cancel()
-            await asyncio.gather(opened, return_exceptions=True)
-            raise
-        await opened
-        if self._qemu.identity is not None:  # asked before the store could keep it
-            await self._cache.remember_qemu_binary(self._qemu.identity)
 
     async def wait_started(self) -> None:
         """Wait until the initial enumeration has been applied."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import ProbeError
 from ..qemubinary import QemuBinary
@@ -14,6 +15,7 @@ from .cache import RecordCache
 from .views import ProbeRunner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QemuWatcher:
@@ -129,3 +131,38 @@ class QemuWatcher:
         while True:
             await asyncio.sleep(self._interval if self.identity else self._retry)
             await self.check()
+
+
+async def identify_beside(cache: RecordCache, qemu: QemuWatcher, other: Awaitable[T]) -> T:
+    """Await *other* while *cache* opens and *qemu* knows the binary (from the store, else
+    asked: :meth:`QemuWatcher.check`); return what *other* returned once all is done. A store
+    that does not exist yet cannot know the binary, so QEMU is asked while it is created.
+
+    Raises what *other*, the cache or the check raised; the rest is cancelled then.
+    """
+    ready = asyncio.ensure_future(_open_and_identify(cache, qemu))
+    try:
+        result = await other
+    except BaseException:
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+        raise
+    await ready
+    return result
+
+
+async def _open_and_identify(cache: RecordCache, qemu: QemuWatcher) -> None:
+    if cache.exists:
+        await cache.open()
+        await qemu.check(initial=True)
+        return
+    opened = asyncio.ensure_future(cache.open())
+    try:
+        await qemu.check(initial=True)
+    except BaseException:
+        opened.cancel()
+        await asyncio.gather(opened, return_exceptions=True)
+        raise
+    await opened
+    if qemu.identity is not None:  # asked before the store could keep it
+        await cache.remember_qemu_binary(qemu.identity)
