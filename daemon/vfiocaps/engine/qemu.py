@@ -142,6 +142,7 @@ async def identify_beside(cache: RecordCache, qemu: QemuWatcher, other: Awaitabl
     """
     ready = asyncio.ensure_future(_open_and_identify(cache, qemu))
     try:
+        await asyncio.sleep(0)  # QEMU starts first: reading the host may not yield for a while
         result = await other
     except BaseException:
         ready.cancel()
