@@ -11,6 +11,7 @@ from ..config import Config
 from ..domainxml import Viewer, find_render_node
 from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
 from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
+from ..runstate import Lifecycle, RunState
 from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
 from .device import DeviceObjects, device_path
@@ -46,25 +47,29 @@ def cache_state_text(status: EngineStatus) -> str:
 class BusAdaptor:
     """Keeps the bus objects in step with the engine; everything it registers it unregisters."""
 
-    def __init__(self, bus: ResilientMessageBus, engine: Engine, config: Config) -> None:
+    def __init__(
+        self, bus: ResilientMessageBus, engine: Engine, config: Config, lifecycle: Lifecycle
+    ) -> None:
         self._bus = bus
+        self._lifecycle = lifecycle
         self._engine = engine
         self._config = config
         self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices = DeviceObjects(bus, self._refresh_by_id)
-        self._started = False
         self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Export the root object and every current device, then follow the engine."""
+        """Export the root object and every current device, then follow the engine and the
+        run-state (which says when the bus announces)."""
+        self._bus.lifecycle = self._lifecycle
         self._bus.object_manager_root = ROOT_PATH
         self._bus.add_message_handler(note_caller)
         self._bus.export(ROOT_PATH, self._manager)
         self._devices.start()
-        self._started = True
+        self._lifecycle.watch(self.run_state_changed)
         self._engine.subscribe(self)
         for view in self._engine.views():
             self.device_added(view)
@@ -72,10 +77,10 @@ class BusAdaptor:
 
     def stop(self) -> None:
         """Unexport everything and stop following the engine. Idempotent."""
-        if not self._started:
+        if not self._devices.started:
             return
-        self._started = False
         try:
+            self._lifecycle.unwatch(self.run_state_changed)
             self._engine.unsubscribe(self)
             self._devices.stop()
             self._bus.unexport(ROOT_PATH, self._manager)
@@ -108,8 +113,15 @@ class BusAdaptor:
                 probe_count=status.probes_launched,
                 cache_state=cache_state_text(status),
                 emulated=self._config.emulated,
+                run_state=self._lifecycle.state.value,
             )
         )
+
+    def run_state_changed(self, state: RunState) -> None:
+        self.status_changed(self._engine.status)
+
+    def require_serving(self, member: str) -> None:
+        self._lifecycle.require_serving(member)
 
     # ---- manager backend ------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class BusAdaptor:
         return await self._refresh_by_id(view.device.device_id)
 
     async def _refresh_by_id(self, device_id: str) -> dict[str, Variant]:
+        self._lifecycle.require_serving("Refresh")  # also a device object's Refresh
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_REFRESH, caller.interactive)
         return capabilities_dict(await self._engine.refresh(device_id))

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..bootid import BOOT_ID_PATH
@@ -34,6 +34,7 @@ from ..model import (
     ParentUnregistered,
     Resynchronised,
 )
+from ..runstate import Lifecycle
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
@@ -79,6 +80,7 @@ class Engine:
         runner: ProbeRunner,
         store: CapabilityStore,
         *,
+        lifecycle: Lifecycle,
         clock_us: Callable[[], int] = _now_us,
         timings: Timings = DEFAULT_TIMINGS,
         boot_id_path: Path = BOOT_ID_PATH,
@@ -140,14 +142,13 @@ class Engine:
             write_seconds=timings.sysfs_write,
         )
         self._tasks = TaskSet()
-        self._started = asyncio.Event()
         self._new_instances = NewInstances(
             config,
             self._gate,
             self._scheduler,
             self._types,
             self._tasks,
-            started=self._started,
+            learned=lambda: lifecycle.serving,
             snapshot=lambda: self._source.snapshot,
             resolve=self._resolve,
             entry=self._table.get,
@@ -233,11 +234,14 @@ class Engine:
         snapshot, kernel = self._source.snapshot, self.config.kernel_release
         return keys.key_for(device, snapshot, kernel, self._qemu.identity)
 
-    async def run(self) -> None:
-        """Open the cache, learn the host, and follow its changes until cancelled.
+    async def run(self, serve: Callable[[], Awaitable[None]]) -> None:
+        """Open the cache, learn the host, await *serve* (which makes the daemon serve: the
+        learned moment), then follow the host's changes until cancelled. Discovery's events
+        wait meanwhile, so no device comes or goes while the daemon starts to serve.
 
         Raises:
             asyncio.CancelledError: when stopped; everything started here is stopped first.
+            Exception: what *serve* raises, after everything started here is stopped.
         """
         kernel = self.config.kernel_release
         try:
@@ -255,7 +259,7 @@ class Engine:
                 self._apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
                 self._tasks.spawn(self._types.run_idle())
-            self._started.set()
+            await serve()
             self._announcer.status_changed()
             async for batch in self._source.events():
                 with self._announcer.batch():
@@ -264,10 +268,6 @@ class Engine:
                 self._batch_applied.set()
         finally:
             await self._shutdown()
-
-    async def wait_started(self) -> None:
-        """Wait until the initial enumeration has been applied."""
-        await self._started.wait()
 
     async def _shutdown(self) -> None:
         await self._tasks.stop()
