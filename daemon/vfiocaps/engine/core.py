@@ -2,14 +2,14 @@
 
 Devices live in a :class:`DeviceTable`, records in a :class:`RecordCache`, probes run in a
 :class:`ProbeScheduler`, the QEMU binary is followed by a :class:`QemuWatcher`, types nobody
-instantiated are probed by a :class:`TypeProber`, and an :class:`Announcer` tells listeners.
-It knows nothing of D-Bus.
+instantiated are probed by a :class:`TypeProber`, discovery's reports are applied by a
+:class:`HostFollower`, and an :class:`Announcer` tells listeners. It knows nothing of D-Bus; the
+daemon's run-state says when it has learned the host (see :mod:`vfiocaps.runstate`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -23,22 +23,15 @@ from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
 from ..model import (
     Device,
-    DeviceAdded,
-    DeviceRemoved,
-    DiscoveryEvent,
-    DriverChanged,
-    HostSnapshot,
     MdevType,
     Parent,
-    ParentRegistered,
-    ParentUnregistered,
-    Resynchronised,
 )
 from ..runstate import Lifecycle
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
+from .follow import HostFollower
 from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
@@ -62,8 +55,6 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TIMINGS = Timings()
-# The longest a Refresh waits for discovery to apply a profile change it has just seen.
-RECHECK_SECONDS = 2.0
 
 
 def _now_us() -> int:
@@ -153,7 +144,18 @@ class Engine:
             resolve=self._resolve,
             entry=self._table.get,
         )
-        self._batch_applied = asyncio.Event()
+        self._follower = HostFollower(
+            source,
+            self._table,
+            self._cache,
+            self._types,
+            self._new_instances,
+            tell,
+            key_for=self._key_for,
+            resolve=self._resolve,
+            invalidate=self._invalidate,
+            rekey_all=self._rekey_all,
+        )
         self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
@@ -256,16 +258,12 @@ class Engine:
             self._tasks.spawn(self._qemu.run())
             snapshot = await self._source.start()
             with self._announcer.batch():
-                self._apply_snapshot(snapshot)
+                self._follower.apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
                 self._tasks.spawn(self._types.run_idle())
             await serve()
             self._announcer.status_changed()
-            async for batch in self._source.events():
-                with self._announcer.batch():
-                    for event in batch:
-                        self._handle(event)
-                self._batch_applied.set()
+            await self._follower.follow()
         finally:
             await self._shutdown()
 
@@ -293,46 +291,6 @@ class Engine:
         self._rekey_all()
         return count
 
-    def _apply_snapshot(self, snapshot: HostSnapshot) -> None:
-        for device_id in [i for i in self._table.ids() if i not in snapshot.devices]:
-            self._remove_device(device_id)
-        for device in snapshot.devices.values():
-            self._add_device(device)
-
-    def _handle(self, event: DiscoveryEvent) -> None:
-        if isinstance(event, DeviceAdded):
-            self._add_device(event.device)
-        elif isinstance(event, DeviceRemoved):
-            self._remove_device(event.device.device_id)
-        elif isinstance(event, DriverChanged):
-            cached = self._cache.keys()
-            self._invalidate(keys.driver_changed(cached, event.module, event.old, event.new))
-        elif isinstance(event, Resynchronised):
-            self._apply_snapshot(event.snapshot)
-        elif isinstance(event, ParentRegistered | ParentUnregistered):
-            self._rekey_all()
-        if isinstance(event, ParentRegistered | DriverChanged | Resynchronised):
-            self._types.wake()
-
-    def _add_device(self, device: Device) -> None:
-        existing = self._table.get(device.device_id)
-        if existing is not None and existing.device == device:
-            return
-        entry = DeviceEntry(device=device, key=self._key_for(device))
-        entry.state, entry.last_error = self._resolve(entry.key, device)
-        self._table.put(entry)
-        if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._new_instances.queue(entry, appeared=existing is None)
-        self._types.device_appeared(device.device_id)
-        self._cache.devices_changed(write_now=False)
-        if existing is None:
-            self._announcer.status_changed()
-
-    def _remove_device(self, device_id: str) -> None:
-        if self._table.remove(device_id):
-            self._cache.devices_changed(write_now=True)
-            self._announcer.status_changed()
-
     def _rekey_all(self) -> None:
         for entry in self._table:
             key = self._key_for(entry.device)
@@ -355,15 +313,8 @@ class Engine:
         return self._scheduler.state_of(key)
 
     async def recheck_profiles(self) -> None:
-        """Look for vGPU profiles set or cleared by other tools now (they send no uevent) and,
-        if any changed, wait (bounded) until discovery's answer has been applied. Raises
-        nothing."""
-        self._batch_applied.clear()
-        if not self._source.recheck_profiles():
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RECHECK_SECONDS):
-                await self._batch_applied.wait()
+        """See :meth:`HostFollower.recheck_profiles`. Raises nothing."""
+        await self._follower.recheck_profiles()
 
     async def refresh(self, device_id: str) -> DeviceView:
         """Drop the device's cached record, probe anew and return the fresh view.
