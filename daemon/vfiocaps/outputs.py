@@ -45,9 +45,6 @@ class Outputs:
         self._engine = engine
         self._outputs = outputs
 
-    def __len__(self) -> int:
-        return len(self._outputs)
-
     def run_state_changed(self, state: RunState) -> None:
         """Start every output when the daemon begins to serve."""
         if state is not RunState.SERVING:

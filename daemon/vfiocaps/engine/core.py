@@ -21,11 +21,7 @@ from ..capabilities import Capabilities, ProbeOutcome
 from ..config import Config
 from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
-from ..model import (
-    Device,
-    MdevType,
-    Parent,
-)
+from ..model import Device, MdevType, Parent
 from ..runstate import Lifecycle
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
 from . import keys
