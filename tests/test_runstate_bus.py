@@ -116,7 +116,9 @@ def test_stop_is_signalled_and_a_stopping_daemon_refuses_calls(
     private_bus: PrivateBus, start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     """The service manager stops reading while the daemon stops: its STOPPING=1 waits, and the
-    daemon stays in 'stopping' with its name owned for up to the notification timeout."""
+    daemon stays in 'stopping' for up to the notification timeout. Its outputs are taken back
+    before the name goes (a successor must not serve first), so callers reach it then through
+    the well-known name as well as through its unique name: both are refused."""
     address = tmp_path / "notify"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(address))

@@ -50,7 +50,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     finally:
         served = lifecycle.serving
         lifecycle.begin_stopping()  # clients see RunState go from 'serving' to 'stopping'
-        await outputs.close()
+        await outputs.close()  # before the name goes: a successor serves only after this
         if served:
             await release_name(bus)
         # Clients saw the name go: one InterfacesRemoved per device would flood the bus.
