@@ -30,6 +30,8 @@ FOUNDATION = frozenset(
         "config",
         "process",
         "qemubinary",
+        "hostpaths",
+        "tasks",
     }
 )
 # Pure renderings of an answer: no I/O of the daemon's, usable by the daemon and by vfiocapsctl.

@@ -9,6 +9,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .hostpaths import PROC_ROOT
+
 
 def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
     """Write *text* to a fresh temporary file beside *path* (``.NAME.*.tmp``, created
@@ -32,7 +34,6 @@ def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
 
 
 OWNER_SUFFIX = ".owner"
-PROC_ROOT = Path("/proc")
 
 # The owner files this process holds, by directory: one lock per directory and process, however
 # many ledgers or threads take it.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
+from ..hostpaths import DEV_ROOT
 from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
 from ..statefile import OwnerLock, replace_file
@@ -120,7 +121,7 @@ class InstanceLedger:
         directory: Path,
         boot_id_path: Path = BOOT_ID_PATH,
         *,
-        dev_root: Path = Path("/dev"),
+        dev_root: Path = DEV_ROOT,
         held: Callable[[Path, str], bool] = group_held,
     ) -> None:
         self.directory = directory

@@ -23,6 +23,7 @@ from ..errors import (
     ProfileUnknownError,
 )
 from ..model import Parent
+from ..tasks import TaskSet
 from ..vfiogroup import group_node, held_elsewhere
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .profileledger import ProfileError, ProfileLedger, ProfileRecord
@@ -144,7 +145,7 @@ class ProfileSetter:
         self._write_lock = asyncio.Lock()
         # Writes whose thread has not returned yet (they missed their deadline), by function.
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._late: set[asyncio.Task[None]] = set()
+        self._late = TaskSet("late profile write")
 
     def _function_dir(self, function: str) -> Path | None:
         sysfs = self._reader.sysfs
@@ -266,15 +267,11 @@ class ProfileSetter:
                     del self._pending[function]
             await self.clear(function)
 
-        task = asyncio.get_running_loop().create_task(follow(), name=f"vfiocaps-late-{function}")
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
+        self._late.spawn(follow(), name=f"vfiocaps-late-{function}")
 
     async def close(self) -> None:
         """Stop waiting for late writes (their records stay for the next start)."""
-        for task in list(self._late):
-            task.cancel()
-        await asyncio.gather(*self._late, return_exceptions=True)
+        await self._late.stop()
 
     async def apply(self, record: ProfileRecord) -> None:
         """Set the recorded profile on its function; on failure, drop the record if the

@@ -35,6 +35,7 @@ from ..model import (
     Resynchronised,
 )
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
+from ..tasks import TaskSet
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
@@ -43,7 +44,6 @@ from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
-from .tasks import TaskSet
 from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (

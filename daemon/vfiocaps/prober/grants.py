@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import ProbeBusyError
+from ..hostpaths import DEV_ROOT
 from .grantjournal import (
     GrantError,
     GrantJournal,
@@ -112,7 +113,7 @@ class NodeGrants:
     """
 
     journal: Path | None = None
-    dev_root: Path = Path("/dev")
+    dev_root: Path = DEV_ROOT
     boot_id_path: Path = BOOT_ID_PATH
     _grants: dict[Path, _Grant] = field(default_factory=dict)
     _owner: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(6)}")
