@@ -17,6 +17,7 @@ from ..ids import is_mdev_uuid
 from ..model import Device, DeviceKind, Parent
 from ..statefile import OwnerLock, replace_file
 from ..vfiogroup import group_node, held_elsewhere
+from .attributes import AttributeWriteError, write_attribute
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
@@ -30,25 +31,12 @@ class InstanceError(DiscoveryError):
     """An mdev instance could not be created or removed."""
 
 
-def _write_attribute(tree: SysfsTree, path: Path, value: str) -> None:
-    """Write *value* to an existing sysfs attribute inside *tree* (never creating files).
-
-    Raises:
-        InstanceError: the attribute is missing, outside the tree, or the kernel refused.
-    """
-    resolved = tree.resolve(path)
-    if resolved is None:
-        raise InstanceError(f"{path} is missing or outside {tree.root}")
+def _write(tree: SysfsTree, path: Path, value: str) -> None:
+    """:func:`write_attribute`, its failure as an :class:`InstanceError`."""
     try:
-        fd = os.open(resolved, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        raise InstanceError(f"cannot open {resolved}: {err.strerror}") from err
-    try:
-        os.write(fd, value.encode())
-    except OSError as err:
-        raise InstanceError(f"writing {resolved} failed: {err.strerror}") from err
-    finally:
-        os.close(fd)
+        write_attribute(tree, path, value)
+    except AttributeWriteError as err:
+        raise InstanceError(str(err)) from err
 
 
 def new_instance_uuid() -> str:
@@ -70,7 +58,7 @@ def create_instance(sysfs_root: Path, parent: Parent, type_id: str, uuid: str) -
         raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
     tree = SysfsTree(sysfs_root)
     create = parent.sysfs_path / "mdev_supported_types" / type_id / "create"
-    _write_attribute(tree, create, uuid)
+    _write(tree, create, uuid)
     log.info("created temporary instance %s of %s on %s", uuid, type_id, parent.name)
     return uuid
 
@@ -98,7 +86,7 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
     """
     if device.kind is not DeviceKind.MDEV:
         raise InstanceError(f"{device.device_id} is not an mdev instance")
-    _write_attribute(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
+    _write(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
     log.info("removed temporary instance %s", device.device_id)
 
 
@@ -218,7 +206,7 @@ class InstanceLedger:
                 )
                 continue
             try:
-                _write_attribute(SysfsTree(sysfs_root), device / "remove", "1")
+                _write(SysfsTree(sysfs_root), device / "remove", "1")
             except InstanceError as err:
                 log.error("cannot remove the leftover temporary instance %s: %s", uuid, err)
                 continue

@@ -25,6 +25,7 @@ from ..errors import (
 from ..model import Parent
 from ..tasks import TaskSet
 from ..vfiogroup import group_node, held_elsewhere
+from .attributes import AttributeWriteError, write_attribute, write_failure
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .profileledger import ProfileError, ProfileLedger, ProfileRecord
 from .scan import PCI_DEVICES, HostReader
@@ -87,8 +88,7 @@ def refusal(attribute: Path, value: str, err: OSError) -> DiscoveryError:
     :class:`ProfileRefusedError` subclass naming the file, the errno and what to do, or a
     :class:`ProfileError` for any other errno."""
     code = err.errno or 0
-    name = errno.errorcode.get(code, str(code))
-    text = f"writing {value} to {attribute} failed with {name} ({err.strerror})"
+    text = write_failure(attribute, value, err)
     known = _REFUSALS.get(code)
     if known is None:
         return ProfileError(text)
@@ -379,34 +379,16 @@ class ProfileSetter:
 
 
 def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
-    """Write *value* to an existing attribute whose directory resolves inside the tree, as
-    ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
+    """:func:`write_attribute`, its failure as a :class:`ProfileError` or, when the driver
+    refused the value, as :func:`refusal` maps its errno.
 
     Raises:
-        ProfileError: the attribute is missing or a link.
+        ProfileError: the attribute is missing, a link or read-only.
         ProfileRefusedError: the driver refused the value (a subclass per errno).
     """
-    directory = reader.sysfs.resolve(attribute.parent)
-    if directory is None:
-        raise ProfileError(f"{attribute.parent} is missing or outside {reader.sysfs.root}")
-    real = directory / attribute.name
     try:
-        fd = os.open(real, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        raise _open_failure(real, err) from err
-    try:
-        os.write(fd, value.encode())
-    except OSError as err:
-        raise refusal(real, value, err) from err
-    finally:
-        os.close(fd)
-
-
-def _open_failure(real: Path, err: OSError) -> ProfileError:
-    """The error for an attribute that cannot be opened, saying what to do where one can."""
-    if err.errno == errno.EROFS:
-        return ProfileError(
-            f"cannot open {real}: sysfs is read-only to vfiocapsd; setting a vGPU profile for "
-            "a probe needs ReadWritePaths=/sys/devices in its service (see vfiocapsd.service)"
-        )
-    return ProfileError(f"cannot open {real}: {err.strerror}")
+        write_attribute(reader.sysfs, attribute, value)
+    except AttributeWriteError as err:
+        if err.refused and isinstance(err.__cause__, OSError):
+            raise refusal(err.path, value, err.__cause__) from err
+        raise ProfileError(str(err)) from err
