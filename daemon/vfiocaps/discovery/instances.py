@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
 from ..errors import DiscoveryError
 from ..hostpaths import DEV_ROOT
-from ..ids import is_mdev_uuid
+from ..ids import is_mdev_uuid, name_problem
 from ..model import Device, DeviceKind, Parent
 from ..statefile import OwnerLock, replace_file
 from ..vfiogroup import group_node, held_elsewhere
@@ -22,7 +21,6 @@ from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
 
-_TYPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
 # Records larger than this were not written by vfiocapsd.
 RECORD_LIMIT = 4096
 
@@ -52,8 +50,9 @@ def create_instance(sysfs_root: Path, parent: Parent, type_id: str, uuid: str) -
         InstanceError: the type id or UUID is malformed, the type is missing, or the kernel
             refused.
     """
-    if not _TYPE_ID.match(type_id):
-        raise InstanceError(f"not an mdev type id: {type_id[:80]!r}")
+    problem = name_problem(type_id)
+    if problem is not None:
+        raise InstanceError(f"not an mdev type id: {type_id[:80]!r} ({problem})")
     if not is_mdev_uuid(uuid):
         raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
     tree = SysfsTree(sysfs_root)
