@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from vfiocaps import hostpaths
+from support.engine_rig import driver, mdev
+from vfiocaps import fingerprint, hostpaths
 from vfiocaps.bus.validation import parse_type_name
+from vfiocaps.capabilities import Capabilities, Display, Migration
 from vfiocaps.discovery.attributes import AttributeWriteError, write_attribute
 from vfiocaps.discovery.instances import InstanceError, create_instance
 from vfiocaps.discovery.sysfs import SysfsTree
-from vfiocaps.errors import InvalidArgumentError
+from vfiocaps.domainxml import Viewer
+from vfiocaps.engine import DeviceView, ProbeState
+from vfiocaps.engine.domain import DomainAnswers
+from vfiocaps.errors import InvalidArgumentError, ProbeBusyError, ProbeError
 from vfiocaps.ids import MAX_NAME_LENGTH, is_sysfs_name, name_problem
 from vfiocaps.model import Parent
 from vfiocaps.statefile import replace_at, replace_file
@@ -239,3 +244,70 @@ async def test_stopping_the_task_set_does_not_swallow_the_callers_cancellation()
     stopper.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopper
+
+
+# ---- domain answers: decided in the engine ---------------------------------------------------
+
+
+def _caps(display: Display) -> Capabilities:
+    return Capabilities(
+        display=display,
+        gl_required=display is Display.DMABUF,
+        migration=Migration.SUPPORTED,
+        qemu_version="10.0.13",
+    )
+
+
+def _view(type_id: str, module: str = "mtty", state: ProbeState = ProbeState.DONE) -> DeviceView:
+    probed = state is ProbeState.DONE
+    return DeviceView(
+        device=mdev("mtty", type_id),
+        driver=driver(module),
+        type_name=type_id,
+        state=state,
+        capabilities=_caps(Display.REGION) if probed else None,
+    )
+
+
+def test_migration_candidates_are_probed_devices_of_the_sources_driver_and_type(
+    tmp_path: Path,
+) -> None:
+    same, other_type = _view("mtty-2"), _view("mtty-1")
+    other_driver, unprobed = _view("mtty-2", "mdpy"), _view("mtty-2", state=ProbeState.PENDING)
+    views = [same, other_type, other_driver, unprobed]
+    answers = DomainAnswers(lambda: views, tmp_path, emulated=False)
+    source = answers.fingerprint(same)
+    assert answers.candidates(source) == [same]
+    verdict, reasons = answers.check(source)
+    assert verdict == "compatible"
+    assert reasons[0] == ("destination", "compatible", same.device.device_id)
+    verdict, reasons = answers.check(source, [other_type])
+    assert verdict != "compatible"
+    lonely = DomainAnswers(lambda: [other_type], tmp_path, emulated=False)
+    verdict, reasons = lonely.check(source)
+    assert verdict == fingerprint.UNKNOWN
+    assert "no probed device of type mtty-2" in reasons[0][2]
+
+
+def test_an_unprobed_or_busy_device_has_no_domain_answer(tmp_path: Path) -> None:
+    answers = DomainAnswers(list, tmp_path, emulated=False)
+    with pytest.raises(ProbeBusyError):
+        answers.parts(_view("mtty-1", state=ProbeState.BUSY), Viewer.REMOTE)
+    with pytest.raises(ProbeError, match="no capabilities"):
+        answers.fingerprint(_view("mtty-1", state=ProbeState.PENDING))
+
+
+def test_the_render_node_is_looked_up_on_each_call(tmp_path: Path) -> None:
+    view = _view("mtty-1")
+    view = DeviceView(
+        device=view.device,
+        driver=view.driver,
+        type_name="x",
+        state=ProbeState.DONE,
+        capabilities=_caps(Display.DMABUF),
+    )
+    answers = DomainAnswers(list, tmp_path, emulated=False)
+    assert "renderD128" not in answers.parts(view, Viewer.REMOTE).fragment()
+    (tmp_path / "dri").mkdir()
+    (tmp_path / "dri" / "renderD128").touch()
+    assert "renderD128" in answers.parts(view, Viewer.REMOTE).fragment()
