@@ -32,6 +32,7 @@ FOUNDATION = frozenset(
         "qemubinary",
         "hostpaths",
         "tasks",
+        "ledger",
     }
 )
 # Pure renderings of an answer: no I/O of the daemon's, usable by the daemon and by vfiocapsctl.

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..bootid import same_boot
 from ..errors import (
     DiscoveryError,
     ProfileConflictError,
@@ -343,22 +342,8 @@ class ProfileSetter:
         """Clear profiles an earlier vfiocapsd set in this boot and did not clear; return the
         functions cleared. A profile of a vfiocapsd still running is left to it; records of an
         earlier boot are dropped (profiles do not survive a reboot). Raises nothing."""
-        boot_id = self._ledger.boot_id()
         cleared = []
-        for record in self._ledger.records():
-            if not same_boot(record.boot_id, boot_id):
-                log.info("profiles: dropping a record of an earlier boot for %s", record.function)
-                self._ledger.remove(record.function)
-                continue
-            owner = int(record.pid)
-            if owner != os.getpid() and self._ledger.owner_alive(record):
-                log.info(
-                    "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
-                    record.function,
-                    record.profile,
-                    owner,
-                )
-                continue
+        for record in self._ledger.leftovers():
             if record.stamp and self.stamp(record.function) not in (record.stamp, ""):
                 log.warning(
                     "profiles: %s was written again since an earlier vfiocapsd set profile %s "
