@@ -10,6 +10,7 @@ from .. import fingerprint
 from ..config import Config
 from ..domainxml import Viewer
 from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
+from ..engine.domain import DomainAnswers
 from ..errors import InvalidArgumentError, NotFoundError
 from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
@@ -53,6 +54,7 @@ class BusAdaptor:
         self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices = DeviceObjects(bus, self._refresh_by_id)
+        self._domains = DomainAnswers(engine.views, config.dev_root, emulated=config.emulated)
         self._started = False
         self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
@@ -186,15 +188,15 @@ class BusAdaptor:
 
     async def domain_xml(self, device_id: str) -> str:
         view = await self._settled(device_id)
-        return self._engine.domains.parts(view, Viewer.REMOTE).fragment()
+        return self._domains.parts(view, Viewer.REMOTE).fragment()
 
     async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]:
         chosen = Viewer.parse(viewer)
         view = await self._settled(device_id)
-        return self._engine.domains.parts(view, chosen).by_name()
+        return self._domains.parts(view, chosen).by_name()
 
     async def migration_fingerprint(self, device_id: str) -> str:
-        return self._engine.domains.fingerprint(await self._settled(device_id)).to_json()
+        return self._domains.fingerprint(await self._settled(device_id)).to_json()
 
     async def check_migration(
         self, document: str, device_id: str
@@ -204,4 +206,4 @@ class BusAdaptor:
         except fingerprint.FingerprintError as err:
             raise InvalidArgumentError(f"not a usable fingerprint: {err}") from err
         views = [await self._settled(device_id)] if device_id else None
-        return self._engine.domains.check(source, views)
+        return self._domains.check(source, views)

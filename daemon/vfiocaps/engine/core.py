@@ -39,7 +39,6 @@ from ..tasks import TaskSet
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
-from .domain import DomainAnswers
 from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
@@ -126,7 +125,6 @@ class Engine:
         )
         # What domains (VMs) hold: the bus adaptor's HoldDevices and ReleaseDevices.
         self.holds = DomainHolds(self._table, self._gate, self._scheduler, self._resolve)
-        self.domains = DomainAnswers(self.views, config.dev_root, emulated=config.emulated)
         self._types = TypeProber(
             source,
             InstanceLedger(
