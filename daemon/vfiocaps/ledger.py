@@ -90,6 +90,7 @@ class Ledger(Generic[T]):
 
         Raises:
             OSError: the entry cannot be written (then the change must not be made).
+            ValueError: *entry* is not valid for this ledger (nothing is written).
         """
         if not self.form.valid(entry):
             raise ValueError(f"not a valid {self.form.what}: {entry!r}")

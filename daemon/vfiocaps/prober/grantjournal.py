@@ -7,7 +7,8 @@ lends nodes:
   it has a node lent (until it exits, at the latest). A record whose owner's lock can be taken,
   or is gone, belongs to a dead process.
 * ``<owner>-<node hash>.json``: the node's path, device number and inode, its original owner
-  and mode, the probe user's uid, the owner's pid and the boot id.
+  and mode, the probe user's uid, the owner's pid and the boot id: the entries of a
+  :class:`vfiocaps.ledger.Ledger`, read, refused and recovered by its rules.
 
 Every change of the journal happens under an ``flock`` of the directory, which must be ours and
 writable by nobody else.

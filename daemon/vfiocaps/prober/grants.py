@@ -222,7 +222,7 @@ class NodeGrants:
                 os.chown(_fd_path(fd), uid, -1)
                 if original.mode & 0o600 != 0o600:
                     os.chmod(_fd_path(fd), original.mode | 0o600)
-            except OSError as err:
+            except (OSError, ValueError) as err:
                 self._give_back(journal, record)
                 raise GrantError(f"cannot grant {node} to uid {uid}: {err}") from err
             return record
