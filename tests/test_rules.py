@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vfiocaps.engine.domain import DomainAnswers
 from vfiocaps.errors import InvalidArgumentError, ProbeBusyError, ProbeError
 from vfiocaps.ids import MAX_NAME_LENGTH, is_sysfs_name, name_problem
 from vfiocaps.model import Parent
+from vfiocaps.nfdlabels import type_token
 from vfiocaps.statefile import replace_at, replace_file
 from vfiocaps.tasks import TaskSet
 
@@ -51,6 +53,15 @@ def test_a_name_unsafe_as_a_path_component_is_refused_everywhere(name: str, tmp_
     parent = Parent("mtty", tmp_path / "devices/virtual/mtty/mtty", "mtty", None)
     with pytest.raises(InstanceError, match="not an mdev type id"):
         create_instance(tmp_path, parent, name, "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001")
+
+
+def test_every_valid_type_id_has_its_own_nfd_label_token() -> None:
+    """NFD labels render the ids the rule takes (a label name is narrower): never one token
+    for two types, each a valid label name."""
+    label_name = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    tokens = [type_token(name) for name in TAKEN]
+    assert len(set(tokens)) == len(TAKEN)
+    assert all(label_name.fullmatch(token) and len(token) <= 63 for token in tokens), tokens
 
 
 def test_the_length_limit_is_the_rules_own() -> None:
