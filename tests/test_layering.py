@@ -30,6 +30,9 @@ FOUNDATION = frozenset(
         "config",
         "process",
         "qemubinary",
+        "hostpaths",
+        "tasks",
+        "ledger",
         "runstate",
     }
 )

@@ -22,6 +22,7 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
      |    +-- discovery.DiscoveryStateError    a call the discovery state does not allow
      |    +-- discovery.InstanceError          an mdev instance cannot be created or removed
      |    +-- discovery.ProfileError           a vGPU profile cannot be set on or cleared from a VF
+     |    +-- discovery.AttributeWriteError    a sysfs attribute cannot be written (or was refused)
      |    +-- ProfileRefusedError        the vendor driver refused a profile write (errno below)
      |         +-- ProfileInUseError          EBUSY: the VF is open (a VM holds it)
      |         +-- ProfileUnknownError        ENODEV: the card does not know the profile

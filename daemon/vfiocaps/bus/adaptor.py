@@ -8,9 +8,10 @@ from dbus_fast import Variant
 
 from .. import fingerprint
 from ..config import Config
-from ..domainxml import Viewer, find_render_node
+from ..domainxml import Viewer
 from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
-from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
+from ..engine.domain import DomainAnswers
+from ..errors import InvalidArgumentError, NotFoundError
 from ..runstate import Lifecycle, RunState
 from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
@@ -25,7 +26,7 @@ from .validation import (
     parse_held_devices,
     parse_type_name,
 )
-from .values import capabilities_dict, domain_parts, type_dict
+from .values import capabilities_dict, type_dict
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class BusAdaptor:
         self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices = DeviceObjects(bus, self._refresh_by_id)
+        self._domains = DomainAnswers(engine.views, config.dev_root, emulated=config.emulated)
         self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -199,30 +201,15 @@ class BusAdaptor:
 
     async def domain_xml(self, device_id: str) -> str:
         view = await self._settled(device_id)
-        return domain_parts(view, Viewer.REMOTE, find_render_node(self._config.dev_root)).fragment()
+        return self._domains.parts(view, Viewer.REMOTE).fragment()
 
     async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]:
         chosen = Viewer.parse(viewer)
         view = await self._settled(device_id)
-        return domain_parts(view, chosen, find_render_node(self._config.dev_root)).by_name()
-
-    def _fingerprint(self, view: DeviceView) -> fingerprint.Fingerprint:
-        device_id = view.device.device_id
-        if view.capabilities is None or view.driver is None:
-            if view.state is ProbeState.BUSY:
-                raise ProbeBusyError(f"{device_id} is in use and its type is not known")
-            reason = view.last_error or f"probe state is {view.state.value}"
-            raise ProbeError(f"no capabilities for {device_id}: {reason}")
-        return fingerprint.for_device(
-            view.device,
-            view.driver,
-            view.capabilities,
-            view.parent_pci_id,
-            emulated=self._config.emulated,
-        )
+        return self._domains.parts(view, chosen).by_name()
 
     async def migration_fingerprint(self, device_id: str) -> str:
-        return self._fingerprint(await self._settled(device_id)).to_json()
+        return self._domains.fingerprint(await self._settled(device_id)).to_json()
 
     async def check_migration(
         self, document: str, device_id: str
@@ -231,29 +218,5 @@ class BusAdaptor:
             source = fingerprint.parse(document)
         except fingerprint.FingerprintError as err:
             raise InvalidArgumentError(f"not a usable fingerprint: {err}") from err
-        if device_id:
-            views = [await self._settled(device_id)]
-        else:
-            views = [
-                view
-                for view in self._engine.views()
-                if view.capabilities is not None
-                and view.driver is not None
-                and view.driver.module == source.driver
-                and view.device.type_id == source.type_id
-            ]
-        checked = [
-            (view.device.device_id, fingerprint.check(source, self._fingerprint(view)))
-            for view in views
-        ]
-        found = fingerprint.best([verdict for _, verdict in checked])
-        if found is None:
-            detail = (
-                f"no probed device of type {source.type_id} ({source.driver}) here; "
-                "create an instance or name a device"
-            )
-            return fingerprint.UNKNOWN, [("destination", fingerprint.UNKNOWN, detail)]
-        chosen = next(device for device, verdict in checked if verdict is found)
-        reasons = [("destination", found.verdict, chosen)]
-        reasons += [(reason.field, reason.verdict, reason.detail) for reason in found.reasons]
-        return found.verdict, reasons
+        views = [await self._settled(device_id)] if device_id else None
+        return self._domains.check(source, views)

@@ -24,6 +24,7 @@ from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutErro
 from ..model import Device, MdevType, Parent
 from ..runstate import Lifecycle
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
+from ..tasks import TaskSet
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
@@ -33,7 +34,6 @@ from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
-from .tasks import TaskSet
 from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (

@@ -9,10 +9,10 @@ from ..config import Config
 from ..errors import NotFoundError, ProbeError
 from ..model import Device, DeviceKind, HostSnapshot
 from ..store import CapabilityKey
+from ..tasks import TaskSet
 from .holds import ProbeGate
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry
-from .tasks import TaskSet
 from .typeprobe import TypeProber
 from .views import ProbeState
 
