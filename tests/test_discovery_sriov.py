@@ -338,10 +338,9 @@ def test_without_a_readable_boot_id_the_runtime_directory_ties_records_to_the_bo
 def test_a_read_only_sysfs_says_what_the_service_needs() -> None:
     import errno
 
-    from vfiocaps.discovery.profiles import _open_failure
+    from vfiocaps.discovery.attributes import open_problem
 
-    error = _open_failure(Path("/sys/x/nvidia/current_vgpu_type"), OSError(errno.EROFS, "ro"))
-    assert "ReadWritePaths=/sys/devices" in str(error)
+    assert "ReadWritePaths=/sys/devices" in open_problem(OSError(errno.EROFS, "ro"))
 
 
 async def test_discovery_sees_its_own_profile_writes_without_any_uevent(tmp_path: Path) -> None:

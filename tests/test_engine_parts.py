@@ -21,12 +21,12 @@ from vfiocaps.engine import DeviceView, EngineStatus, ProbeState, keys
 from vfiocaps.engine.announcer import Announcer
 from vfiocaps.engine.scheduler import FAILURE_BACKOFF_MAX, backoff_seconds
 from vfiocaps.engine.table import DeviceEntry, DeviceTable
-from vfiocaps.engine.tasks import TaskSet
 from vfiocaps.engine.typeprobe import TypeProber
 from vfiocaps.errors import NotFoundError
 from vfiocaps.model import Device, DeviceKind
 from vfiocaps.qemubinary import QemuBinary
 from vfiocaps.store import CapabilityKey, CapabilityRecord
+from vfiocaps.tasks import TaskSet
 
 QEMU = QemuBinary("/usr/bin/qemu-system-x86_64", "10.0.3", 111)
 
@@ -284,7 +284,7 @@ async def test_a_stop_that_comes_with_a_sysfs_writes_result_is_not_lost(tmp_path
 async def test_the_task_set_keeps_logs_and_stops_its_tasks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tasks = TaskSet()
+    tasks = TaskSet("engine")
     forever = asyncio.Event()
 
     async def fails() -> None:

@@ -30,6 +30,10 @@ FOUNDATION = frozenset(
         "config",
         "process",
         "qemubinary",
+        "hostpaths",
+        "tasks",
+        "ledger",
+        "runstate",
     }
 )
 # Pure renderings of an answer: no I/O of the daemon's, usable by the daemon and by vfiocapsctl.
@@ -46,12 +50,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     # The NFD feature file on disk, in a directory another program owns: no knowledge of labels.
     "nfdfile": frozenset(),
     "notify": frozenset({"engine"}),
+    # The outputs besides the bus, built from the configuration in one place.
+    "outputs": frozenset({"engine", "nfdfile", "nfdlabels", "notify"}),
     # The bus adaptor translates: the engine's API in, D-Bus out.
     "bus": frozenset({"engine"}),
     # Composition: the only places that know every part.
-    "app": frozenset(
-        {"bus", "discovery", "engine", "nfdfile", "nfdlabels", "notify", "prober", "store"}
-    ),
+    "app": frozenset({"bus", "discovery", "engine", "outputs", "prober", "store"}),
     "daemon": frozenset({"app", "nfdlabels"}),
     # The client side knows the bus's names and errors, never the engine or the daemon.
     "client": frozenset({"bus"}),

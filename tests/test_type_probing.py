@@ -71,3 +71,28 @@ def test_without_the_opt_in_nothing_is_created(lab: Lab) -> None:
     assert not any(t["Probed"] for t in list_types(lab.bus).values())
     assert manager_property(lab.bus, "ProbeCount") == 0
     assert "created temporary instance" not in daemon.log()
+
+
+def test_every_type_listtypes_shows_can_be_probed_by_its_name(lab: Lab) -> None:
+    """One rule for type names: sysfs names with punctuation and spaces are listed and taken
+    by ProbeType as they are; a name that is not safe as a path component is neither."""
+    lab.host.build("oddnames")
+    daemon = lab.start()
+    wait_until(lambda: "event Resynchronised" in daemon.log(), 10, "coldplug")
+    listed = list_types(lab.bus)
+    odd = {("mtty", "type~1"), ("mtty", "vgpu (A)"), ("mtty", "_x")}
+    assert odd <= set(listed)
+    assert not any("\n" in type_id for _, type_id in listed)
+    for parent, type_id in sorted(listed):
+        out = busctl(
+            lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType",
+            "ss", parent, type_id, timeout=120,
+        )  # fmt: skip
+        answer = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+        assert (answer["Parent"], answer["TypeId"]) == (parent, type_id)
+        assert answer["Probed"] is True, answer
+    refused = busctl(lab.bus.address, "call", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType", "ss",
+                     "mtty", "bad\nname", check=False)  # fmt: skip
+    assert "not a valid mdev type id" in refused.stderr
+    assert "unprintable" in refused.stderr
+    assert "ListTypes" in refused.stderr

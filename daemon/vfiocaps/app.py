@@ -1,185 +1,107 @@
-"""Assembling the daemon: discovery, prober, store, engine and the D-Bus adaptor, run together."""
+"""Assembling the daemon: discovery, prober, store, engine, bus adaptor and outputs, together."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Awaitable
 
-from . import __version__, fingerprint
+from . import __version__
 from .bus.adaptor import BusAdaptor
-from .bus.connection import close_bus, connect_bus, wait_disconnected
+from .bus.connection import ResilientMessageBus, close_bus, connect_bus, wait_disconnected
 from .bus.names import BUS_NAME
 from .bus.ownership import own_name, release_name
 from .config import Config
 from .discovery import Discovery
-from .engine import Engine, TypeView
+from .engine import Engine
 from .errors import BusError, VfiocapsError
-from .nfdfile import FeatureFile
-from .nfdlabels import LabelsRecord, NfdLabelWriter, remove_stale_labels
-from .notify import Notifier, NotifyError, ServiceStatus, watchdog_interval
+from .outputs import build_outputs
 from .prober import Prober
+from .runstate import Lifecycle
 from .store import CapabilityStore
 
 log = logging.getLogger("vfiocaps")
 
 
-def _notifier() -> Notifier | None:
-    try:
-        return Notifier.from_environment(os.environ)
-    except NotifyError as err:
-        log.warning("not notifying the service manager: %s", err)
-        return None
-
-
-async def _notify(message: Awaitable[None]) -> None:
-    try:
-        await message
-    except NotifyError as err:
-        log.warning("%s", err)
-
-
-async def _stop_early(engine_task: asyncio.Task[None]) -> None:
-    """The engine ended, or a stop came, before the daemon served.
-
-    Raises:
-        VfiocapsError: the engine failed.
-    """
-    if not engine_task.done():
-        engine_task.cancel()
-        await asyncio.gather(engine_task, return_exceptions=True)
-        return
-    error = None if engine_task.cancelled() else engine_task.exception()
-    if error is not None:
-        raise VfiocapsError(f"the engine stopped: {error}") from error
-
-
-async def _keep_watchdog(notifier: Notifier, interval: float) -> None:
-    try:
-        await notifier.keep_watchdog(interval)
-    except NotifyError as err:
-        log.error("watchdog pings stopped: %s", err)
-
-
-def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
-    """The NFD label writer the configuration asks for, or None (then a feature file an
-    earlier run left is removed)."""
-    record = LabelsRecord(config.cache_dir / "nfd-labels-directory")
-    if config.nfd_features_dir is None:
-        remove_stale_labels(record, None)
-        return None
-    feature_file = FeatureFile(config.nfd_features_dir)
-    return NfdLabelWriter(
-        feature_file,
-        engine.types,
-        fingerprint_of=_fingerprint_of,
-        emulated=config.emulated,
-        record=record,
-    )
-
-
-def _fingerprint_of(view: TypeView) -> str:
-    """A probed type's migration fingerprint (JSON), as the NFD labels hash it."""
-    if view.driver is None or view.capabilities is None:
-        return ""
-    return fingerprint.for_type(
-        view.driver, view.type_id, view.device_api, view.capabilities, view.parent_pci_id
-    ).to_json()
-
-
 async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Run the daemon until *stop* is set.
-
-    The name is requested only once the objects are exported, so the first caller already
-    finds the root object; devices appear as the engine learns them.
+    """Run the daemon until *stop* is set: learn the host with the objects exported silently,
+    take the name and serve, then give the name back before the objects go.
 
     Raises:
         BusError: the bus is unreachable, the name is taken, or the connection is lost.
+        VfiocapsError: the engine failed.
     """
-    prober = Prober(config)
-    # Before anything is discovered or probed: nodes a killed process left lent go back.
-    prober.recover_grants()
+    lifecycle = Lifecycle()
+    prober = Prober(config, lifecycle=lifecycle)
+    prober.recover_grants()  # before anything is discovered or probed: lent nodes go back
     bus = await connect_bus(config.bus)
-    engine = Engine(config, Discovery(config), prober, CapabilityStore(config.database_path))
-    adaptor = BusAdaptor(bus, engine, config)
-    labels = label_writer(config, engine)
+    store = CapabilityStore(config.database_path)
+    engine = Engine(config, Discovery(config), prober, store, lifecycle=lifecycle)
+    adaptor = BusAdaptor(bus, engine, config, lifecycle)
+    outputs = build_outputs(config, engine, ready=f"serving {BUS_NAME}")
+    lifecycle.watch(outputs.run_state_changed)
     engine_task: asyncio.Task[None] | None = None
-    notifier = _notifier()
-    reporter = ServiceStatus(notifier) if notifier else None
-    watchdog: asyncio.Task[None] | None = None
-    named = False
     try:
-        # Learn the host before taking the name: nobody can be listening to org.vfiocaps yet,
-        # so the objects are exported silently, and the first caller finds them all.
-        bus.announcing = False
+        lifecycle.begin_learning()
         adaptor.start()
-        engine_task = asyncio.create_task(engine.run(), name="engine")
-        started = asyncio.ensure_future(engine.wait_started())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait(
-                {started, stopping, engine_task}, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            started.cancel()
-            stopping.cancel()
-        if engine_task.done() or stop.is_set():
-            await _stop_early(engine_task)
-            return
-        if labels is not None:  # from a learned host on: never an empty file at start
-            engine.subscribe(labels)
-            labels.start()
-        bus.announcing = True
-        await own_name(bus)
-        named = True
-        prober.allow_probes()
-        log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
-        if config.emulated:
-            log.warning("this host is emulated: the answers describe no real hardware")
-        if notifier is not None and reporter is not None:
-            engine.subscribe(reporter)
-            await _notify(notifier.ready(f"serving {BUS_NAME}"))
-            reporter.status_changed(engine.status)
-            interval = watchdog_interval(config.watchdog_usec)
-            if interval is not None:
-                watchdog = asyncio.create_task(_keep_watchdog(notifier, interval))
-        waits = {
-            asyncio.ensure_future(wait_disconnected(bus)): "bus",
-            asyncio.ensure_future(stop.wait()): "stop",
-            engine_task: "engine",
-        }
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task, what in waits.items():
-                if what != "engine":
-                    task.cancel()
-        reasons = {waits[task] for task in done}
-        if "engine" in reasons and not engine_task.cancelled():
-            error = engine_task.exception()
-            raise VfiocapsError(f"the engine stopped: {error}") from error
-        if "bus" in reasons:
-            raise BusError(f"lost the connection to the {config.bus.describe()}")
+        engine_task = asyncio.create_task(
+            engine.run(lambda: _begin_serving(bus, lifecycle, config)), name="engine"
+        )
+        await _until_over(bus, stop, engine_task, config)
     finally:
-        if notifier is not None:
-            await _notify(notifier.stopping("stopping"))
-        if watchdog is not None:
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
-        if reporter is not None:
-            engine.unsubscribe(reporter)
-            await reporter.close()
-        if labels is not None:
-            engine.unsubscribe(labels)
-            await labels.close()
-        if named:
+        served = lifecycle.serving
+        lifecycle.begin_stopping()  # clients see RunState go from 'serving' to 'stopping'
+        await outputs.close()  # before the name goes: a successor serves only after this
+        if served:
             await release_name(bus)
-        # Clients saw the name go; one InterfacesRemoved per device (thousands of them) would
-        # only flood the bus on the way out.
-        bus.announcing = False
+        # Clients saw the name go: one InterfacesRemoved per device would flood the bus.
         adaptor.stop()
-        if engine_task is not None and not engine_task.done():
+        if engine_task is not None:
             engine_task.cancel()
             await asyncio.gather(engine_task, return_exceptions=True)
         await close_bus(bus)
+        lifecycle.end()
+
+
+async def _begin_serving(bus: ResilientMessageBus, lifecycle: Lifecycle, config: Config) -> None:
+    """The host is learned: take the name, then serve (announce, probe, answer).
+
+    Raises:
+        NameTakenError: another daemon owns the name; this one changes nothing on the host.
+        BusError: the bus refused the request.
+    """
+    await own_name(bus)
+    lifecycle.begin_serving()
+    log.info("vfiocapsd %s serving %s on the %s", __version__, BUS_NAME, config.bus.describe())
+    if config.emulated:
+        log.warning("this host is emulated: the answers describe no real hardware")
+
+
+async def _until_over(
+    bus: ResilientMessageBus, stop: asyncio.Event, engine_task: asyncio.Task[None], config: Config
+) -> None:
+    """Wait for *stop*, the end of the bus connection or of the engine, whichever comes first.
+
+    Raises:
+        BusError: the connection was lost, or the name could not be taken.
+        VfiocapsError: the engine failed or ended.
+    """
+    waits = {
+        asyncio.ensure_future(wait_disconnected(bus)): "bus",
+        asyncio.ensure_future(stop.wait()): "stop",
+        engine_task: "engine",
+    }
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task, what in waits.items():
+            if what != "engine":
+                task.cancel()
+    reasons = {waits[task] for task in done}
+    if "stop" in reasons:
+        return
+    if "engine" in reasons:
+        error = None if engine_task.cancelled() else engine_task.exception()
+        if isinstance(error, BusError):
+            raise error
+        raise VfiocapsError(f"the engine stopped: {error or 'it ended'}") from error
+    raise BusError(f"lost the connection to the {config.bus.describe()}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+from .hostpaths import BOOT_ID_PATH
+
+__all__ = ["BOOT_ID_PATH", "UNKNOWN_BOOT", "read_boot_id", "same_boot"]
+
 # Under the unit's ProcSubset=pid /proc/sys is hidden: records then carry this instead. They live
 # in the runtime directory, a tmpfs that no reboot keeps, so the id is a second guard only.
 UNKNOWN_BOOT = "unknown"

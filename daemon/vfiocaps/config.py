@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .hostpaths import BINARY_DIR, CACHE_DIR, DEV_ROOT, MODULES_ROOT, RUNTIME_DIR, SYSFS_ROOT
 
 DEFAULT_PROBE_USER = "vfiocaps-probe"
 # Bytes of migration stream a probe keeps (in the runtime directory, i.e. memory) for the load.
@@ -68,7 +69,7 @@ def default_qemu_binary(machine: str | None = None) -> Path:
     )
     name = f"qemu-system-{arch}"
     found = shutil.which(name)
-    return Path(found) if found else Path("/usr/bin") / name
+    return Path(found) if found else BINARY_DIR / name
 
 
 def _first_directory(value: str | None) -> Path | None:
@@ -88,7 +89,7 @@ def default_cache_dir(environ: Mapping[str, str]) -> Path:
         home = Path(environ.get("HOME") or Path.home())
         xdg = environ.get("XDG_CACHE_HOME") or str(home / ".cache")
         return Path(xdg) / "vfiocaps"
-    return Path("/var/cache/vfiocaps")
+    return CACHE_DIR
 
 
 def default_runtime_dir(environ: Mapping[str, str]) -> Path:
@@ -99,7 +100,7 @@ def default_runtime_dir(environ: Mapping[str, str]) -> Path:
     xdg = environ.get("XDG_RUNTIME_DIR")
     if xdg and os.geteuid() != 0:
         return Path(xdg) / "vfiocaps"
-    return Path("/run/vfiocaps")
+    return RUNTIME_DIR
 
 
 def probe_environment_from(
@@ -126,12 +127,12 @@ class Config:
     """Everything the daemon needs to know about its host, fixed for the life of the process."""
 
     bus: BusChoice = field(default_factory=BusChoice)
-    sysfs_root: Path = Path("/sys")
-    dev_root: Path = Path("/dev")
-    modules_root: Path = Path("/lib/modules")
+    sysfs_root: Path = SYSFS_ROOT
+    dev_root: Path = DEV_ROOT
+    modules_root: Path = MODULES_ROOT
     kernel_release: str = field(default_factory=lambda: os.uname().release)
-    cache_dir: Path = Path("/var/cache/vfiocaps")
-    runtime_dir: Path = Path("/run/vfiocaps")
+    cache_dir: Path = CACHE_DIR
+    runtime_dir: Path = RUNTIME_DIR
     qemu_binary: Path = field(default_factory=default_qemu_binary)
     probe_user: str = DEFAULT_PROBE_USER
     probe_timeout: float = 30.0

@@ -13,11 +13,16 @@ escapes a layer is a bug and is logged as an internal error by whoever catches i
      +-- NotFoundError                   a well-formed id that names no known device or type
      +-- NotAuthorizedError              the caller may not change state
      +-- BusyError                       too many requests are waiting; the caller may retry later
+     +-- NotServingError                 the daemon is not serving (see runstate.RunState)
+     |    +-- NotReadyError              still starting or learning the host; call again soon
+     |    +-- ShuttingDownError          stopping; call again once it is started anew
+     +-- RunStateError                   a run-state change the daemon's life cycle does not allow
      +-- DiscoveryError                  sysfs or udev could not be read as expected
      |    +-- discovery.UdevUnavailableError   libudev or its monitor cannot be opened
      |    +-- discovery.DiscoveryStateError    a call the discovery state does not allow
      |    +-- discovery.InstanceError          an mdev instance cannot be created or removed
      |    +-- discovery.ProfileError           a vGPU profile cannot be set on or cleared from a VF
+     |    +-- discovery.AttributeWriteError    a sysfs attribute cannot be written (or was refused)
      |    +-- ProfileRefusedError        the vendor driver refused a profile write (errno below)
      |         +-- ProfileInUseError          EBUSY: the VF is open (a VM holds it)
      |         +-- ProfileUnknownError        ENODEV: the card does not know the profile
@@ -62,6 +67,22 @@ class UnsafeDirectoryError(ConfigError):
 
 class BusyError(VfiocapsError):
     """Too many requests are waiting already (from this caller or in total); try again later."""
+
+
+class NotServingError(VfiocapsError):
+    """The daemon is not serving: a call that needs a learned host cannot be answered now."""
+
+
+class NotReadyError(NotServingError):
+    """The daemon is still starting or learning the host."""
+
+
+class ShuttingDownError(NotServingError):
+    """The daemon is stopping."""
+
+
+class RunStateError(VfiocapsError):
+    """A run-state change the daemon's life cycle does not allow (a programming error)."""
 
 
 class BusError(VfiocapsError):

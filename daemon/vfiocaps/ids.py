@@ -30,3 +30,30 @@ def canonical_device_id(text: str) -> str | None:
     if _PCI_SHORT.fullmatch(lowered):
         return "0000:" + lowered
     return None
+
+
+# Type ids and parent names are directory names in sysfs (``mdev_supported_types/<type id>``,
+# ``class/mdev_bus/<parent>``) and are joined to paths when a type is instantiated: one rule
+# says which such names vfiocaps accepts, from sysfs and from callers alike.
+MAX_NAME_LENGTH = 128
+
+
+def name_problem(name: str) -> str | None:
+    """Why *name* (an mdev type id, a parent's or a profile's name) is not one vfiocaps takes,
+    or None when it is: at most :data:`MAX_NAME_LENGTH` printable characters (spaces and
+    punctuation allowed, as sysfs has them), not empty, not ``.`` or ``..``, without ``/``: a
+    name that is safe as one path component and shown as it is."""
+    if not name:
+        return "it is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"it is longer than {MAX_NAME_LENGTH} characters"
+    if "/" in name or name in (".", ".."):
+        return "it is not a single path component"
+    if not name.isprintable():
+        return "it holds control or unprintable characters"
+    return None
+
+
+def is_sysfs_name(name: str) -> bool:
+    """Tell whether *name* passes :func:`name_problem`."""
+    return name_problem(name) is None

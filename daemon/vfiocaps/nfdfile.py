@@ -8,7 +8,8 @@ the directory itself owned by root or the daemon's user and writable by nobody e
 created; a missing ``features.d`` is created (0755) only inside a vetted parent. Everything after
 that goes through the directory's descriptor: the old file is read with ``O_NOFOLLOW`` (a regular
 file only, at most :data:`READ_LIMIT` bytes), the new one is written to a dot-file created
-``O_EXCL`` and renamed over it, and removal unlinks the name in that directory.
+``O_EXCL`` and renamed over it (``statefile.replace_at``), and removal unlinks the name in that
+directory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnsafeDirectoryError
+from .statefile import replace_at
 
 FILE_NAME = "vfiocaps"
 # NFD ignores a feature file larger than this (source/local: MaxFeatureFileSize).
@@ -153,32 +155,16 @@ class FeatureFile:
             return None
 
     def write(self, text: str) -> None:
-        """Replace the file with *text* at once: written to a dot-file NFD skips, then renamed.
-
-        The dot-file is created anew (never opened through a link someone left there) and
-        world-readable, since labels are public.
+        """Replace the file with *text* at once (:func:`vfiocaps.statefile.replace_at`: a
+        dot-file NFD skips, created anew, then renamed), world-readable since labels are public.
 
         Raises:
             UnsafeDirectoryError: the directory is not safe to use.
             OSError: the file cannot be written.
         """
-        temporary = "." + self.name
         directory = open_directory(self.directory)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=directory)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temporary, flags, 0o644, dir_fd=directory)
-            try:
-                os.fchmod(fd, 0o644)
-                data = text.encode()
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, self.name, src_dir_fd=directory, dst_dir_fd=directory)
-            os.fsync(directory)
+            replace_at(directory, self.name, text.encode(), 0o644)
         finally:
             os.close(directory)
 
@@ -194,6 +180,7 @@ class FeatureFile:
         except FileNotFoundError:
             return
         try:
+            # The dot-file an older vfiocapsd wrote through.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink("." + self.name, dir_fd=directory)
             with contextlib.suppress(FileNotFoundError):

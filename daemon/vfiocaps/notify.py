@@ -226,12 +226,34 @@ class Notifier:
 
 
 class ServiceStatus:
-    """Tells the service manager how the daemon is doing (``STATUS=``), at most once a second."""
+    """The service manager's output: ``READY=1`` with *ready* when serving begins, watchdog
+    pings every *watchdog* seconds (None: none), how the daemon is doing (``STATUS=``) at most
+    once a second, and ``STOPPING=1`` at the end."""
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, ready: str, watchdog: float | None = None) -> None:
         self._notifier = notifier
+        self._ready = ready
+        self._watchdog = watchdog
         self._latest: EngineStatus | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pings: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Serving began: say so, then keep the watchdog fed."""
+        if self._pings is None:
+            self._pings = asyncio.get_running_loop().create_task(self._ready_then_ping())
+
+    async def _ready_then_ping(self) -> None:
+        try:
+            await self._notifier.ready(self._ready)
+        except NotifyError as err:
+            log.warning("%s", err)
+        if self._watchdog is None:
+            return
+        try:
+            await self._notifier.keep_watchdog(self._watchdog)
+        except NotifyError as err:
+            log.error("watchdog pings stopped: %s", err)
 
     @staticmethod
     def describe(status: EngineStatus) -> str:
@@ -269,7 +291,14 @@ class ServiceStatus:
         pass
 
     async def close(self) -> None:
-        """Stop a pending status update."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Say that the daemon stops; end the pings and a pending status update. Raises
+        nothing."""
+        for task in (self._pings, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        try:
+            await self._notifier.stopping("stopping")
+        except NotifyError as err:
+            log.warning("%s", err)
+        self._notifier.close()

@@ -5,34 +5,62 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
+import secrets
 import threading
 from pathlib import Path
 
+from .hostpaths import PROC_ROOT
 
-def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write *text* to a fresh temporary file beside *path* (``.NAME.*.tmp``, created
-    exclusively, so no planted link is followed), flush it to disk and rename it over *path*.
+
+def replace_at(directory: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace the file *name* in the directory open as *directory* with *data*, so that a
+    crash leaves the old content or the new: *data* goes to a fresh dot-file beside it
+    (``.NAME.<random>.tmp``, created exclusively without following links, so nothing planted
+    there is written through), is flushed to disk, renamed over *name*, and the directory is
+    flushed too (the rename itself survives a power loss).
 
     Raises:
         OSError: the file cannot be written; the temporary file is removed then.
     """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        temporary = f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(temporary, flags, mode, dir_fd=directory)
+            break
+        except FileExistsError:
+            continue
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(temporary)
+            os.unlink(temporary, dir_fd=directory)
         raise
+    os.fsync(directory)
+
+
+def replace_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """:func:`replace_at` for *path*: its directory is opened as it is named.
+
+    Raises:
+        OSError: the directory cannot be opened or the file cannot be written.
+    """
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        replace_at(directory, path.name, text.encode(), mode)
+    finally:
+        os.close(directory)
 
 
 OWNER_SUFFIX = ".owner"
-PROC_ROOT = Path("/proc")
 
 # The owner files this process holds, by directory: one lock per directory and process, however
 # many ledgers or threads take it.

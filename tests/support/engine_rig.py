@@ -45,6 +45,7 @@ from vfiocaps.model import (
     Resynchronised,
 )
 from vfiocaps.qemubinary import QemuBinary
+from vfiocaps.runstate import Lifecycle
 from vfiocaps.store import CapabilityStore
 
 KERNEL = "6.1.0-test"
@@ -351,6 +352,7 @@ class EngineRig:
     listener: RecordingListener
     config: Config
     task: asyncio.Task[None]
+    lifecycle: Lifecycle
 
     async def until(self, condition: Callable[[], bool], what: str, limit: float = 5.0) -> None:
         """Let the engine run until *condition* holds (real time passes only for SQLite).
@@ -406,23 +408,30 @@ async def start_rig(
     boot_id_path = directory / "boot_id"
     boot_id_path.write_text(boot_id + "\n")
     store = CapabilityStore(cfg.database_path)
+    lifecycle = Lifecycle()
+    lifecycle.begin_learning()
     engine = Engine(
         cfg,
         source,
         runner,
         store,
+        lifecycle=lifecycle,
         clock_us=clock.now_us,
         timings=timings or Timings(),
         boot_id_path=boot_id_path,
     )
     listener = RecordingListener()
     engine.subscribe(listener)
-    task = asyncio.create_task(engine.run())
-    rig = EngineRig(engine, source, runner, clock, listener, cfg, task)
-    started = asyncio.ensure_future(engine.wait_started())
-    await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+
+    async def serve() -> None:  # as the daemon once it owns its name
+        lifecycle.begin_serving()
+
+    task = asyncio.create_task(engine.run(serve))
+    rig = EngineRig(engine, source, runner, clock, listener, cfg, task, lifecycle)
+    serving = asyncio.ensure_future(lifecycle.wait_serving())
+    await asyncio.wait({serving, task}, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
-        started.cancel()
+        serving.cancel()
         task.result()
     return rig
 

@@ -93,6 +93,20 @@ class PrivateBus:
         )
         return out.returncode == 0 and out.stdout.strip() == "b true"
 
+    def unique_names_of(self, pid: int) -> list[str]:
+        """The unique names of process *pid*'s connections to this bus, as the bus reports them:
+        how a test reaches a daemon that does not own its well-known name (yet, or any more)."""
+
+        def call(member: str, *args: str) -> Any:
+            out = busctl(
+                self.address, "--json=short", "call", "org.freedesktop.DBus",
+                "/org/freedesktop/DBus", "org.freedesktop.DBus", member, *args, check=False,
+            )  # fmt: skip
+            return json.loads(out.stdout)["data"][0] if out.returncode == 0 else None
+
+        names = [name for name in call("ListNames") or [] if name.startswith(":")]
+        return [name for name in names if call("GetConnectionUnixProcessID", "s", name) == pid]
+
     def match_rules_of(self, pid: int) -> list[str]:
         """The match rules that process *pid*'s connections hold on this bus, as the bus itself
         reports them (``Debug.Stats``): a subscription is seen made, not guessed from a delay."""

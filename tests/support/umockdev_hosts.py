@@ -155,7 +155,18 @@ GVTG = ParentSpec(
 )
 
 PARENTS = {spec.module: spec for spec in (MTTY, MDPY, MBOCHS, NVIDIA, GVTG)}
+# Type directory names sysfs may hold beyond the samples' plain ones: printable names with
+# punctuation and spaces (taken everywhere), and one with a newline (refused everywhere).
+ODD_TYPES: dict[str, tuple[TypeSpec, ...]] = {
+    "mtty": (
+        TypeSpec("type~1", "tilde", 2),
+        TypeSpec("vgpu (A)", "spaces and parentheses", 2),
+        TypeSpec("_x", "leading underscore", 2),
+        TypeSpec("bad\nname", "a newline", 2),
+    )
+}
 HOSTS: dict[str, tuple[str, ...]] = {
+    "oddnames": ("mtty",),
     "samples": ("mtty", "mdpy", "mbochs"),
     "nvidia": ("nvidia",),
     "gvtg": ("i915",),
@@ -189,6 +200,7 @@ class HostBuilder:
     next_group: int = 0
     module_builds: dict[str, int] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
+    extra_types: dict[str, tuple[TypeSpec, ...]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -281,9 +293,12 @@ class HostBuilder:
         _relative_link(driver_dir / spec.name, device)
         _write(device / "uevent", (device / "uevent").read_text() + f"DRIVER={spec.module}\n")
 
+    def _types(self, spec: ParentSpec) -> tuple[TypeSpec, ...]:
+        return spec.types + self.extra_types.get(spec.module, ())
+
     def _write_types(self, spec: ParentSpec) -> None:
         types_dir = self.at(spec.devpath) / "mdev_supported_types"
-        for mdev_type in spec.types:
+        for mdev_type in self._types(spec):
             type_dir = types_dir / mdev_type.type_id
             (type_dir / "devices").mkdir(parents=True, exist_ok=True)
             _write(type_dir / "name", mdev_type.name + "\n")
@@ -363,13 +378,16 @@ class HostBuilder:
         self.load_module(module, version)
 
     def build(self, host: str, capacity: dict[str, int] | None = None) -> None:
-        """Write one of :data:`HOSTS` (``samples``, ``nvidia``, ``gvtg``, ``mtty``) or ``pci``."""
+        """Write one of :data:`HOSTS` (``samples``, ``nvidia``, ``gvtg``, ``mtty``,
+        ``oddnames``) or ``pci``."""
         self.capacity.update(capacity or {})
         for directory in ("bus/mdev/devices", "bus/pci/devices", "class/mdev_bus", "module"):
             (self.sys / directory).mkdir(parents=True, exist_ok=True)
         if host == "pci":
             self.add_pci_functions()
             return
+        if host == "oddnames":
+            self.extra_types.update(ODD_TYPES)
         for module in HOSTS[host]:
             self.load_module(module)
 
@@ -476,7 +494,7 @@ class HostBuilder:
             types_dir = self.at(spec.devpath) / "mdev_supported_types"
             if not types_dir.is_dir():
                 continue
-            for mdev_type in spec.types:
+            for mdev_type in self._types(spec):
                 create = types_dir / mdev_type.type_id / "create"
                 try:
                     written = create.read_text().strip()

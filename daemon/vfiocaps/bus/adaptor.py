@@ -8,9 +8,11 @@ from dbus_fast import Variant
 
 from .. import fingerprint
 from ..config import Config
-from ..domainxml import Viewer, find_render_node
+from ..domainxml import Viewer
 from ..engine import CacheState, DeviceView, Engine, EngineStatus, ProbeState
-from ..errors import InvalidArgumentError, NotFoundError, ProbeBusyError, ProbeError
+from ..engine.domain import DomainAnswers
+from ..errors import InvalidArgumentError, NotFoundError
+from ..runstate import Lifecycle, RunState
 from .calls import WaitsPerSender, current_caller, note_caller
 from .connection import ResilientMessageBus
 from .device import DeviceObjects, device_path
@@ -24,7 +26,7 @@ from .validation import (
     parse_held_devices,
     parse_type_name,
 )
-from .values import capabilities_dict, domain_parts, type_dict
+from .values import capabilities_dict, type_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,30 @@ def cache_state_text(status: EngineStatus) -> str:
 class BusAdaptor:
     """Keeps the bus objects in step with the engine; everything it registers it unregisters."""
 
-    def __init__(self, bus: ResilientMessageBus, engine: Engine, config: Config) -> None:
+    def __init__(
+        self, bus: ResilientMessageBus, engine: Engine, config: Config, lifecycle: Lifecycle
+    ) -> None:
         self._bus = bus
+        self._lifecycle = lifecycle
         self._engine = engine
         self._config = config
         self._authority = Authority(bus, timeout=config.authorization_timeout)
         self._manager = ManagerInterface(self, str(config.qemu_binary))
         self._devices = DeviceObjects(bus, self._refresh_by_id)
-        self._started = False
+        self._domains = DomainAnswers(engine.views, config.dev_root, emulated=config.emulated)
         self._waits = WaitsPerSender(WAITS_PER_SENDER)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Export the root object and every current device, then follow the engine."""
+        """Export the root object and every current device, then follow the engine and the
+        run-state (which says when the bus announces)."""
+        self._bus.lifecycle = self._lifecycle
         self._bus.object_manager_root = ROOT_PATH
         self._bus.add_message_handler(note_caller)
         self._bus.export(ROOT_PATH, self._manager)
         self._devices.start()
-        self._started = True
+        self._lifecycle.watch(self.run_state_changed)
         self._engine.subscribe(self)
         for view in self._engine.views():
             self.device_added(view)
@@ -72,10 +79,10 @@ class BusAdaptor:
 
     def stop(self) -> None:
         """Unexport everything and stop following the engine. Idempotent."""
-        if not self._started:
+        if not self._devices.started:
             return
-        self._started = False
         try:
+            self._lifecycle.unwatch(self.run_state_changed)
             self._engine.unsubscribe(self)
             self._devices.stop()
             self._bus.unexport(ROOT_PATH, self._manager)
@@ -108,8 +115,15 @@ class BusAdaptor:
                 probe_count=status.probes_launched,
                 cache_state=cache_state_text(status),
                 emulated=self._config.emulated,
+                run_state=self._lifecycle.state.value,
             )
         )
+
+    def run_state_changed(self, state: RunState) -> None:
+        self.status_changed(self._engine.status)
+
+    def require_serving(self, member: str) -> None:
+        self._lifecycle.require_serving(member)
 
     # ---- manager backend ------------------------------------------------------------------
 
@@ -155,6 +169,7 @@ class BusAdaptor:
         return await self._refresh_by_id(view.device.device_id)
 
     async def _refresh_by_id(self, device_id: str) -> dict[str, Variant]:
+        self._lifecycle.require_serving("Refresh")  # also a device object's Refresh
         caller = current_caller()
         await self._authority.check(caller.sender, ACTION_REFRESH, caller.interactive)
         return capabilities_dict(await self._engine.refresh(device_id))
@@ -186,30 +201,15 @@ class BusAdaptor:
 
     async def domain_xml(self, device_id: str) -> str:
         view = await self._settled(device_id)
-        return domain_parts(view, Viewer.REMOTE, find_render_node(self._config.dev_root)).fragment()
+        return self._domains.parts(view, Viewer.REMOTE).fragment()
 
     async def domain_xml_parts(self, device_id: str, viewer: str) -> dict[str, str]:
         chosen = Viewer.parse(viewer)
         view = await self._settled(device_id)
-        return domain_parts(view, chosen, find_render_node(self._config.dev_root)).by_name()
-
-    def _fingerprint(self, view: DeviceView) -> fingerprint.Fingerprint:
-        device_id = view.device.device_id
-        if view.capabilities is None or view.driver is None:
-            if view.state is ProbeState.BUSY:
-                raise ProbeBusyError(f"{device_id} is in use and its type is not known")
-            reason = view.last_error or f"probe state is {view.state.value}"
-            raise ProbeError(f"no capabilities for {device_id}: {reason}")
-        return fingerprint.for_device(
-            view.device,
-            view.driver,
-            view.capabilities,
-            view.parent_pci_id,
-            emulated=self._config.emulated,
-        )
+        return self._domains.parts(view, chosen).by_name()
 
     async def migration_fingerprint(self, device_id: str) -> str:
-        return self._fingerprint(await self._settled(device_id)).to_json()
+        return self._domains.fingerprint(await self._settled(device_id)).to_json()
 
     async def check_migration(
         self, document: str, device_id: str
@@ -218,29 +218,5 @@ class BusAdaptor:
             source = fingerprint.parse(document)
         except fingerprint.FingerprintError as err:
             raise InvalidArgumentError(f"not a usable fingerprint: {err}") from err
-        if device_id:
-            views = [await self._settled(device_id)]
-        else:
-            views = [
-                view
-                for view in self._engine.views()
-                if view.capabilities is not None
-                and view.driver is not None
-                and view.driver.module == source.driver
-                and view.device.type_id == source.type_id
-            ]
-        checked = [
-            (view.device.device_id, fingerprint.check(source, self._fingerprint(view)))
-            for view in views
-        ]
-        found = fingerprint.best([verdict for _, verdict in checked])
-        if found is None:
-            detail = (
-                f"no probed device of type {source.type_id} ({source.driver}) here; "
-                "create an instance or name a device"
-            )
-            return fingerprint.UNKNOWN, [("destination", fingerprint.UNKNOWN, detail)]
-        chosen = next(device for device, verdict in checked if verdict is found)
-        reasons = [("destination", found.verdict, chosen)]
-        reasons += [(reason.field, reason.verdict, reason.detail) for reason in found.reasons]
-        return found.verdict, reasons
+        views = [await self._settled(device_id)] if device_id else None
+        return self._domains.check(source, views)

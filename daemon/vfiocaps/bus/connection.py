@@ -27,6 +27,7 @@ from dbus_fast.service import ServiceInterface
 
 from ..config import BusChoice, BusKind
 from ..errors import BusError
+from ..runstate import Lifecycle
 from .names import OBJECT_MANAGER_INTERFACE
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,18 @@ class ResilientMessageBus(MessageBus):
     """
 
     object_manager_root: str | None = None
-    # False while the well-known name is not owned (before it is taken, after it is released):
-    # objects exported or unexported then are not announced. Clients call GetManagedObjects when
-    # the name appears and drop everything when it goes.
-    announcing: bool = True
+    # The daemon's run-state, once it serves objects on this connection: objects exported or
+    # unexported while it is not serving (the name is not owned yet, or is being given back)
+    # are not announced. Clients call GetManagedObjects when the name appears and drop
+    # everything when it goes.
+    lifecycle: Lifecycle | None = None
     # Objects that are not exported but served by a message handler (see ObjectSource).
     object_source: ObjectSource | None = None
+
+    @property
+    def announcing(self) -> bool:
+        """Whether objects that come and go are announced: only while the daemon serves."""
+        return self.lifecycle is None or self.lifecycle.serving
 
     def _manager_for(self, path: str) -> str | None:
         root = self.object_manager_root

@@ -110,7 +110,6 @@ class DeviceObjects:
         self._objects: dict[str, DeviceObject] = {}  # by object path
         self._calls: set[asyncio.Task[None]] = set()
         self._xml: intr.Interface | None = None
-        self._started = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -119,21 +118,23 @@ class DeviceObjects:
         GetManagedObjects."""
         self._bus.add_message_handler(self._dispatch)
         self._bus.object_source = self
-        self._started = True
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called and :meth:`stop` was not since."""
+        return self._bus.object_source is self
 
     def stop(self) -> None:
         """Remove every device (announced) and stop serving. Idempotent."""
-        if not self._started:
+        if not self.started:
             return
-        self._started = False
         try:
             for path in list(self._objects):
                 self._remove_path(path)
             for task in list(self._calls):
                 task.cancel()
         finally:
-            if self._bus.object_source is self:
-                self._bus.object_source = None
+            self._bus.object_source = None
             self._bus.remove_message_handler(self._dispatch)
 
     # ---- the devices ----------------------------------------------------------------------
@@ -150,7 +151,7 @@ class DeviceObjects:
             return
         device = DeviceObject(view)
         self._objects[path] = device
-        if self._bus.announcing:  # not while the host is learned, before the name is taken
+        if self._bus.announcing:  # only while serving: not before the name is taken
             self._bus.announce_added(path, {DEVICE_INTERFACE: device.property_variants()})
 
     def update(self, view: DeviceView) -> None:

@@ -12,6 +12,7 @@ from ..errors import (
     NeedsGpuInstanceError,
     NotAuthorizedError,
     NotFoundError,
+    NotReadyError,
     ProbeBusyError,
     ProbeError,
     ProbeTimeoutError,
@@ -20,6 +21,7 @@ from ..errors import (
     ProfileNoRoomError,
     ProfileNotPermittedError,
     ProfileUnknownError,
+    ShuttingDownError,
     VfiocapsError,
 )
 
@@ -43,6 +45,8 @@ ERROR_NAMES: tuple[tuple[type[VfiocapsError], str], ...] = (
     (ProfileNoRoomError, ERROR_PREFIX + "ProfileNoRoom"),
     (ProfileNotPermittedError, ERROR_PREFIX + "ProfileNotPermitted"),
     (ProbeError, ERROR_PREFIX + "ProbeFailed"),
+    (NotReadyError, ERROR_PREFIX + "NotReady"),
+    (ShuttingDownError, ERROR_PREFIX + "ShuttingDown"),
 )
 
 

@@ -1,8 +1,10 @@
 """The ``org.vfiocaps1.Manager`` interface on ``/org/vfiocaps``."""
 
 # dbus-fast reads the annotations at class creation: keep them real objects, not strings.
+import functools
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from dbus_fast.annotations import (
     DBusBool,
@@ -29,6 +31,14 @@ from .values import (
 
 class ManagerBackend(Protocol):
     """What the Manager interface asks of the adaptor behind it."""
+
+    def require_serving(self, member: str) -> None:
+        """Let a call to *member* through only while the daemon serves.
+
+        Raises:
+            NotServingError: the daemon is still learning the host, or is stopping.
+        """
+        ...
 
     def list_devices(self) -> list[str]: ...
 
@@ -72,6 +82,7 @@ class ManagerState:
     probe_count: int = 0
     cache_state: str = "ok"
     emulated: bool = False
+    run_state: str = "starting"
 
 
 _PROPERTY_NAMES = {
@@ -84,7 +95,27 @@ _PROPERTY_NAMES = {
     "probe_count": "ProbeCount",
     "cache_state": "CacheState",
     "emulated": "Emulated",
+    "run_state": "RunState",
 }
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Served = Callable[Concatenate["ManagerInterface", P], Coroutine[Any, Any, R]]
+
+
+def served(member: str) -> Callable[[Served[P, R]], Served[P, R]]:
+    """Decorate a Manager method: answered only while the daemon serves (NotReady while it
+    learns the host, ShuttingDown once it stops), every error mapped to its D-Bus name."""
+
+    def decorate(fn: Served[P, R]) -> Served[P, R]:
+        @functools.wraps(fn)
+        async def guarded(self: "ManagerInterface", /, *args: P.args, **kwargs: P.kwargs) -> R:
+            self.backend.require_serving(member)
+            return await fn(self, *args, **kwargs)
+
+        return mapped_errors(member)(guarded)
+
+    return decorate
 
 
 class ManagerInterface(ServiceInterface):
@@ -92,7 +123,7 @@ class ManagerInterface(ServiceInterface):
 
     def __init__(self, backend: ManagerBackend, qemu_binary: str) -> None:
         super().__init__(MANAGER_INTERFACE)
-        self._backend = backend
+        self.backend = backend
         self._state = ManagerState(qemu_binary=qemu_binary)
 
     def update(self, state: ManagerState) -> None:
@@ -143,74 +174,78 @@ class ManagerInterface(ServiceInterface):
     def Emulated(self) -> DBusBool:
         return self._state.emulated
 
+    @dbus_property(access=PropertyAccess.READ)
+    def RunState(self) -> DBusStr:
+        return self._state.run_state
+
     @dbus_method()
-    @mapped_errors("ListDevices")
+    @served("ListDevices")
     async def ListDevices(self) -> DBusPathList:
-        return self._backend.list_devices()
+        return self.backend.list_devices()
 
     @dbus_method()
-    @mapped_errors("GetDevice")
+    @served("GetDevice")
     async def GetDevice(self, id: DBusStr) -> DBusObjectPath:
-        return self._backend.get_device(id)
+        return self.backend.get_device(id)
 
     @dbus_method()
-    @mapped_errors("GetCapabilities")
+    @served("GetCapabilities")
     async def GetCapabilities(self, id: DBusStr) -> DBusCapabilities:
-        return await self._backend.get_capabilities(id)
+        return await self.backend.get_capabilities(id)
 
     @dbus_method()
-    @mapped_errors("ListTypes")
+    @served("ListTypes")
     async def ListTypes(self) -> DBusCapabilityList:
-        return self._backend.list_types()
+        return self.backend.list_types()
 
     @dbus_method()
-    @mapped_errors("Refresh")
+    @served("Refresh")
     async def Refresh(self, id: DBusStr) -> DBusCapabilities:
-        return await self._backend.refresh(id)
+        return await self.backend.refresh(id)
 
     @dbus_method()
-    @mapped_errors("Invalidate")
+    @served("Invalidate")
     async def Invalidate(self, driver: DBusStr) -> DBusUInt32:
-        return await self._backend.invalidate(driver)
+        return await self.backend.invalidate(driver)
 
     @dbus_method()
-    @mapped_errors("ProbeType")
+    @served("ProbeType")
     async def ProbeType(self, parent: DBusStr, type_id: DBusStr) -> DBusCapabilities:
-        return await self._backend.probe_type(parent, type_id)
+        return await self.backend.probe_type(parent, type_id)
 
     @dbus_method()
-    @mapped_errors("DomainXml")
+    @served("DomainXml")
     async def DomainXml(self, id: DBusStr) -> DBusStr:
-        return await self._backend.domain_xml(id)
+        return await self.backend.domain_xml(id)
 
     @dbus_method()
-    @mapped_errors("DomainXmlParts")
+    @served("DomainXmlParts")
     async def DomainXmlParts(self, id: DBusStr, viewer: DBusStr) -> DBusStrDict:
-        return await self._backend.domain_xml_parts(id, viewer)
+        return await self.backend.domain_xml_parts(id, viewer)
 
     @dbus_method()
-    @mapped_errors("MigrationFingerprint")
+    @served("MigrationFingerprint")
     async def MigrationFingerprint(self, id: DBusStr) -> DBusStr:
-        return await self._backend.migration_fingerprint(id)
+        return await self.backend.migration_fingerprint(id)
 
     @dbus_method()
-    @mapped_errors("CheckMigration")
+    @served("CheckMigration")
     async def CheckMigration(
         self, fingerprint: DBusStr, id: DBusStr
     ) -> Annotated[tuple[str, list[tuple[str, str, str]]], DBusSignature("sa(sss)")]:
-        return await self._backend.check_migration(fingerprint, id)
+        return await self.backend.check_migration(fingerprint, id)
 
     @dbus_method()
-    @mapped_errors("HoldDevices")
+    @served("HoldDevices")
     async def HoldDevices(
         self, domain_uuid: DBusStr, domain_name: DBusStr, devices: DBusStrList
     ) -> DBusStrList:
-        return await self._backend.hold_devices(domain_uuid, domain_name, devices)
+        return await self.backend.hold_devices(domain_uuid, domain_name, devices)
 
     @dbus_method()
-    @mapped_errors("ReleaseDevices")
+    @served("ReleaseDevices")
     async def ReleaseDevices(self, domain_uuid: DBusStr) -> DBusStrList:
-        return await self._backend.release_devices(domain_uuid)
+        return await self.backend.release_devices(domain_uuid)
 
     @dbus_signal()
     def CacheInvalidated(

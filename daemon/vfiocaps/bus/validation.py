@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from ..ids import canonical_device_id, is_mdev_uuid
+from ..ids import canonical_device_id, is_mdev_uuid, name_problem
 
 MAX_ID_LENGTH = 4096
 MAX_NAME_LENGTH = 64
@@ -142,18 +142,21 @@ def parse_held_devices(values: list[str]) -> list[str]:
     return sorted(set(devices))
 
 
-_SYSFS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
-
-
 def parse_type_name(parent: str, type_id: str) -> tuple[str, str]:
-    """Validate a parent device name and an mdev type id (sysfs directory names).
+    """Validate a parent device name and an mdev type id by the one rule for such names
+    (:func:`vfiocaps.ids.name_problem`), so that every type ListTypes shows is taken.
 
     Raises:
-        InvalidArgumentError: either is empty, too long, or has characters sysfs names lack.
+        InvalidArgumentError: either is empty, too long, not one path component, or holds
+            unprintable characters.
     """
     for what, value in (("parent name", parent), ("mdev type id", type_id)):
-        if not _SYSFS_NAME.fullmatch(value):
-            raise InvalidArgumentError(f"not a valid {what}: {value[:80]!r}")
+        problem = name_problem(value)
+        if problem is not None:
+            raise InvalidArgumentError(
+                f"not a valid {what}: {value[:80]!r} ({problem}); pass the name as ListTypes "
+                "shows it"
+            )
     return parent, type_id
 
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
 from ..capschema import CAPABILITY_FIELDS, fields_in
-from ..domainxml import DomainParts, Viewer
-from ..domainxml import domain_parts as parts_for
-from ..engine import DeviceView, ProbeState, TypeView
-from ..errors import ProbeBusyError, ProbeError
+from ..engine import DeviceView, TypeView
 from ..fieldspec import Place
 from ..model import DeviceKind
 
@@ -139,19 +135,3 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         for item in fields_in(Place.TYPE_SUMMARY):
             answer[item.name] = Variant(item.signature, item.dbus(view.capabilities))
     return answer
-
-
-def domain_parts(view: DeviceView, viewer: Viewer, render_node: Path | None) -> DomainParts:
-    """The libvirt domain parts of a device from its probed truth.
-
-    Raises:
-        ProbeBusyError: the device is busy and nothing is known of its type yet.
-        ProbeError: the device has not been probed successfully.
-    """
-    caps = view.capabilities
-    if caps is None:
-        if view.state is ProbeState.BUSY:
-            raise ProbeBusyError(f"{view.device.device_id} is in use and its type is not known")
-        reason = view.last_error or f"probe state is {view.state.value}"
-        raise ProbeError(f"no capabilities for {view.device.device_id}: {reason}")
-    return parts_for(view.device, caps, viewer, render_node)

@@ -10,6 +10,7 @@ from ..errors import (
     InvalidArgumentError,
     NotAuthorizedError,
     NotFoundError,
+    NotServingError,
     ProbeBusyError,
     ProbeError,
     UnsafeDirectoryError,
@@ -30,8 +31,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_CODES = (
     f"exit status: {EXIT_OK} success; {EXIT_FAILURE} no answer (the probe failed, crashed or "
     f"timed out); {EXIT_USAGE} bad command line or malformed argument; {EXIT_UNAVAILABLE} "
-    f"vfiocapsd or its bus is not reachable, or went away; {EXIT_BUSY} the device is in use by "
-    f"a VM (not disturbed), or too many requests wait; {EXIT_NOT_FOUND} no such device; "
+    "vfiocapsd or its bus is not reachable, went away, or does not serve yet or any more; "
+    f"{EXIT_BUSY} the device is in use by a VM (not disturbed), or too many requests wait; "
+    f"{EXIT_NOT_FOUND} no such device; "
     f"{EXIT_NOT_AUTHORIZED} not authorized; {EXIT_INCOMPATIBLE} and {EXIT_UNDECIDED}: "
     f"'migration check' found the pair incompatible, or could not decide; {EXIT_INTERRUPTED} "
     "interrupted (Ctrl-C)"
@@ -50,6 +52,7 @@ EXIT_BY_ERROR: tuple[tuple[type[VfiocapsError], int], ...] = (
     (UnsafeDirectoryError, EXIT_FAILURE),
     (ConfigError, EXIT_USAGE),
     (BusError, EXIT_UNAVAILABLE),
+    (NotServingError, EXIT_UNAVAILABLE),
 )
 
 

@@ -20,6 +20,7 @@ from ..directories import ensure_private_directory
 from ..errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, UnsafeDirectoryError
 from ..explain import capability_rows
 from ..hardening import forbid_new_privileges
+from ..hostpaths import DEV_ROOT, RUNTIME_DIR, SYSFS_ROOT
 from ..ids import canonical_device_id, is_mdev_uuid
 from ..prober import Prober, ProbeTarget
 from .exits import EXIT_BUSY, EXIT_FAILURE, EXIT_OK, PROBE_EXIT_CODES
@@ -59,10 +60,10 @@ def add_probe_parser(commands: Any) -> None:
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON (default: text)"
     )
     probe.add_argument(
-        "--sysfs-root", type=_absolute, default=Path("/sys"), metavar="DIR", help="default: /sys"
+        "--sysfs-root", type=_absolute, default=SYSFS_ROOT, metavar="DIR", help="default: /sys"
     )
     probe.add_argument(
-        "--dev-root", type=_absolute, default=Path("/dev"), metavar="DIR", help="default: /dev"
+        "--dev-root", type=_absolute, default=DEV_ROOT, metavar="DIR", help="default: /dev"
     )
     probe.add_argument(
         "--runtime-dir",
@@ -174,7 +175,7 @@ async def probe_command(args: argparse.Namespace) -> int:
     config = Config(
         sysfs_root=args.sysfs_root,
         dev_root=args.dev_root,
-        runtime_dir=args.runtime_dir or Path("/run/vfiocaps"),
+        runtime_dir=args.runtime_dir or RUNTIME_DIR,
         qemu_binary=args.qemu or default_qemu_binary(),
         probe_user=args.probe_user,
         probe_timeout=args.timeout,

@@ -8,9 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ids import is_pci_address
+from ..ids import is_pci_address, is_sysfs_name
 from ..model import NEEDS_GPU_INSTANCE, MdevType, TypeKind
-from .names import usable_name
 from .sysfs import SysfsTree
 
 log = logging.getLogger("vfiocaps.discovery")
@@ -41,7 +40,7 @@ def parse_profiles(text: str) -> tuple[tuple[str, str], ...]:
         number, name = number.strip(), name.strip()
         if not sep or not number.isascii() or not number.isdigit() or len(number) > 9:
             continue
-        if number == NO_PROFILE or not usable_name(name):
+        if number == NO_PROFILE or not is_sysfs_name(name):
             continue
         profiles.append((str(int(number)), name))
     return tuple(profiles)
@@ -132,6 +131,6 @@ class FunctionReader:
         (``infiniband/<device>/fw_ver``: mlx5)."""
         for ib_device in self.sysfs.list_dir(pf_dir / "infiniband")[:1]:
             value = self.sysfs.read_text(pf_dir / "infiniband" / ib_device / FIRMWARE_ATTRIBUTE)
-            if value and usable_name(value):
+            if value and is_sysfs_name(value):
                 return value
         return None

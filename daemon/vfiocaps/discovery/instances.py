@@ -2,51 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
+from ..bootid import BOOT_ID_PATH
 from ..errors import DiscoveryError
-from ..ids import is_mdev_uuid
+from ..hostpaths import DEV_ROOT
+from ..ids import is_mdev_uuid, is_sysfs_name, name_problem
+from ..ledger import Ledger, LedgerFormat, Recovery
 from ..model import Device, DeviceKind, Parent
-from ..statefile import OwnerLock, replace_file
+from ..statefile import OwnerLock
 from ..vfiogroup import group_node, held_elsewhere
+from .attributes import AttributeWriteError, write_attribute
 from .sysfs import SysfsTree
 
 log = logging.getLogger(__name__)
-
-_TYPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
-# Records larger than this were not written by vfiocapsd.
-RECORD_LIMIT = 4096
 
 
 class InstanceError(DiscoveryError):
     """An mdev instance could not be created or removed."""
 
 
-def _write_attribute(tree: SysfsTree, path: Path, value: str) -> None:
-    """Write *value* to an existing sysfs attribute inside *tree* (never creating files).
-
-    Raises:
-        InstanceError: the attribute is missing, outside the tree, or the kernel refused.
-    """
-    resolved = tree.resolve(path)
-    if resolved is None:
-        raise InstanceError(f"{path} is missing or outside {tree.root}")
+def _write(tree: SysfsTree, path: Path, value: str) -> None:
+    """:func:`write_attribute`, its failure as an :class:`InstanceError`."""
     try:
-        fd = os.open(resolved, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        raise InstanceError(f"cannot open {resolved}: {err.strerror}") from err
-    try:
-        os.write(fd, value.encode())
-    except OSError as err:
-        raise InstanceError(f"writing {resolved} failed: {err.strerror}") from err
-    finally:
-        os.close(fd)
+        write_attribute(tree, path, value)
+    except AttributeWriteError as err:
+        raise InstanceError(str(err)) from err
 
 
 def new_instance_uuid() -> str:
@@ -64,13 +50,14 @@ def create_instance(sysfs_root: Path, parent: Parent, type_id: str, uuid: str) -
         InstanceError: the type id or UUID is malformed, the type is missing, or the kernel
             refused.
     """
-    if not _TYPE_ID.match(type_id):
-        raise InstanceError(f"not an mdev type id: {type_id[:80]!r}")
+    problem = name_problem(type_id)
+    if problem is not None:
+        raise InstanceError(f"not an mdev type id: {type_id[:80]!r} ({problem})")
     if not is_mdev_uuid(uuid):
         raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
     tree = SysfsTree(sysfs_root)
     create = parent.sysfs_path / "mdev_supported_types" / type_id / "create"
-    _write_attribute(tree, create, uuid)
+    _write(tree, create, uuid)
     log.info("created temporary instance %s of %s on %s", uuid, type_id, parent.name)
     return uuid
 
@@ -98,8 +85,58 @@ def remove_instance(sysfs_root: Path, device: Device) -> None:
     """
     if device.kind is not DeviceKind.MDEV:
         raise InstanceError(f"{device.device_id} is not an mdev instance")
-    _write_attribute(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
+    _write(SysfsTree(sysfs_root), Path(device.sysfs_path) / "remove", "1")
     log.info("removed temporary instance %s", device.device_id)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A temporary instance this daemon creates, recorded before it is created."""
+
+    uuid: str
+    boot_id: str
+    pid: int  # the vfiocapsd that created it
+    started: str = ""  # when that vfiocapsd started ("": not known, as in older records)
+    parent: str = ""  # its parent and type ("": not known, as in older records)
+    type_id: str = ""
+
+    def valid(self) -> bool:
+        return (
+            is_mdev_uuid(self.uuid)
+            and 0 < len(self.boot_id) <= 64
+            and self.pid >= 0
+            and len(self.started) <= 24
+            and (self.parent == "" or is_sysfs_name(self.parent))
+            and (self.type_id == "" or is_sysfs_name(self.type_id))
+        )
+
+    @classmethod
+    def from_value(cls, name: str, values: Any) -> InstanceRecord:
+        """A record as read from the file *name* (records of older versions name neither the
+        UUID, which is the file's name, nor the start time, parent or type).
+
+        Raises:
+            KeyError, TypeError, ValueError, AttributeError: it is no such record.
+        """
+        return cls(
+            uuid=str(values.get("uuid", name)),
+            boot_id=str(values["boot_id"]),
+            pid=int(values["pid"]),
+            started=str(values.get("started", "")),
+            parent=str(values.get("parent", "")),
+            type_id=str(values.get("type_id", "")),
+        )
+
+
+INSTANCE_RECORDS: LedgerFormat[InstanceRecord] = LedgerFormat(
+    what="temporary instance record",
+    name_of=lambda record: record.uuid,
+    is_entry_name=is_mdev_uuid,
+    encode=asdict,
+    decode=InstanceRecord.from_value,
+    valid=InstanceRecord.valid,
+    boot_of=lambda record: record.boot_id,
+)
 
 
 class InstanceLedger:
@@ -121,17 +158,14 @@ class InstanceLedger:
         directory: Path,
         boot_id_path: Path = BOOT_ID_PATH,
         *,
-        dev_root: Path = Path("/dev"),
+        dev_root: Path = DEV_ROOT,
         held: Callable[[Path, str], bool] = group_held,
     ) -> None:
         self.directory = directory
-        self._boot_id_path = boot_id_path
+        self._ledger = Ledger(directory, INSTANCE_RECORDS, boot_id_path)
         self._owner = OwnerLock(directory)
         self._dev_root = dev_root
         self._held = held
-
-    def _boot_id(self) -> str:
-        return read_boot_id(self._boot_id_path)
 
     def record(self, uuid: str, parent: str = "", type_id: str = "") -> None:
         """Note that this daemon creates *uuid* (of *type_id* on *parent*), before it does.
@@ -141,91 +175,60 @@ class InstanceLedger:
         """
         if not is_mdev_uuid(uuid):
             raise InstanceError(f"not an mdev UUID: {uuid[:80]!r}")
-        text = json.dumps(
-            {
-                "boot_id": self._boot_id(),
-                "pid": os.getpid(),
-                "started": self._owner.started(),
-                "uuid": uuid,
-                "parent": parent,
-                "type_id": type_id,
-            }
+        entry = InstanceRecord(
+            uuid, self._ledger.boot_id(), os.getpid(), self._owner.started(), parent, type_id
         )
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._owner.hold()
-            replace_file(self.directory / uuid, text + "\n")
-        except OSError as err:
+            self._ledger.add(entry)
+        except (OSError, ValueError) as err:
             raise InstanceError(f"cannot record the temporary instance {uuid}: {err}") from err
 
     def forget(self, uuid: str) -> None:
         """The instance is gone: drop its record. Raises nothing."""
-        if not is_mdev_uuid(uuid):
-            return
-        try:
-            (self.directory / uuid).unlink(missing_ok=True)
-        except OSError as err:
-            log.warning("cannot drop the record of %s: %s", uuid, err)
+        self._ledger.discard(uuid)
 
     def recorded(self) -> list[str]:
         """UUIDs recorded now, by any daemon."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            log.warning("cannot read %s: %s", self.directory, err)
-            return []
-        return [name for name in names if is_mdev_uuid(name)]
+        return self._ledger.names()
 
     def remove_leftovers(self, sysfs_root: Path) -> list[str]:
         """Remove the instances recorded by dead daemons of this boot; return their UUIDs.
 
         Raises nothing: an instance that cannot be removed keeps its record for the next start.
         """
-        boot_id = self._boot_id()
-        removed = []
-        for uuid in self.recorded():
-            path = self.directory / uuid
-            try:
-                with path.open("rb") as stream:
-                    entry = json.loads(stream.read(RECORD_LIMIT))
-                owner_boot, pid = str(entry["boot_id"]), int(entry["pid"])
-                started = str(entry.get("started", ""))
-                parent, type_id = str(entry.get("parent", "")), str(entry.get("type_id", ""))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                log.warning("dropping the unreadable record %s: %s", path, err)
-                self.forget(uuid)
-                continue
-            if not same_boot(owner_boot, boot_id):
-                self.forget(uuid)
-                continue
-            if pid != os.getpid() and self._owner.alive(pid, started):
-                continue
-            device = sysfs_root / "bus" / "mdev" / "devices" / uuid
-            if not os.path.lexists(device):
-                self.forget(uuid)
-                continue
-            if not self._still_ours(sysfs_root, device, parent, type_id):
-                self.forget(uuid)
-                continue
-            group = SysfsTree(sysfs_root).link_name(device / "iommu_group")
-            if group is not None and self._held(self._dev_root, group):
-                log.warning(
-                    "the leftover temporary instance %s is in use (its VFIO group is open); "
-                    "left as it is, removed at a later start once free",
-                    uuid,
-                )
-                continue
-            try:
-                _write_attribute(SysfsTree(sysfs_root), device / "remove", "1")
-            except InstanceError as err:
-                log.error("cannot remove the leftover temporary instance %s: %s", uuid, err)
-                continue
-            log.warning("removed the temporary instance %s left by a daemon that died", uuid)
-            self.forget(uuid)
-            removed.append(uuid)
-        return removed
+
+        def alive(entry: InstanceRecord) -> bool:
+            return entry.pid != os.getpid() and self._owner.alive(entry.pid, entry.started)
+
+        removed = self._ledger.recover(alive, lambda entry: self._remove(sysfs_root, entry))
+        return [entry.uuid for entry in removed]
+
+    def _remove(self, sysfs_root: Path, entry: InstanceRecord) -> Recovery:
+        """Remove the leftover instance of *entry*, unless it is gone, no longer the one
+        recorded, or in use."""
+        uuid = entry.uuid
+        device = sysfs_root / "bus" / "mdev" / "devices" / uuid
+        if not os.path.lexists(device):
+            return Recovery.GONE
+        if not self._still_ours(sysfs_root, device, entry.parent, entry.type_id):
+            return Recovery.GONE
+        group = SysfsTree(sysfs_root).link_name(device / "iommu_group")
+        if group is not None and self._held(self._dev_root, group):
+            log.warning(
+                "the leftover temporary instance %s is in use (its VFIO group is open); "
+                "left as it is, removed at a later start once free",
+                uuid,
+            )
+            return Recovery.KEEP
+        try:
+            _write(SysfsTree(sysfs_root), device / "remove", "1")
+        except InstanceError as err:
+            log.error("cannot remove the leftover temporary instance %s: %s", uuid, err)
+            return Recovery.KEEP
+        log.warning("removed the temporary instance %s left by a daemon that died", uuid)
+        return Recovery.UNDONE
 
     @staticmethod
     def _still_ours(sysfs_root: Path, device: Path, parent: str, type_id: str) -> bool:

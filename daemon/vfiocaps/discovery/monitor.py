@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hostpaths import UDEV_CONTROL
 from .errors import UdevUnavailableError
 
 log = logging.getLogger("vfiocaps.discovery")
@@ -16,7 +17,6 @@ log = logging.getLogger("vfiocaps.discovery")
 # udevd itself asks for 128 MiB; the kernel caps it at net.core.rmem_max unless we may force it.
 RECEIVE_BUFFER_BYTES = 128 * 1024 * 1024
 # udevd's control socket; libudev ignores udev events when it is missing and /dev is no devtmpfs.
-UDEV_CONTROL = Path("/run/udev/control")
 # At most this many uevents are read in one go, so that a storm cannot starve the loop.
 DRAIN_LIMIT = 4096
 

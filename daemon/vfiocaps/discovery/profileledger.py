@@ -3,23 +3,20 @@ that a profile a crash left behind is recognised and cleared at start."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..bootid import BOOT_ID_PATH, read_boot_id
+from ..bootid import BOOT_ID_PATH
 from ..errors import DiscoveryError
 from ..ids import is_pci_address
-from ..statefile import OwnerLock, replace_file
+from ..ledger import Ledger, LedgerFormat
+from ..statefile import OwnerLock
 from .functions import NO_PROFILE
 
 log = logging.getLogger("vfiocaps.discovery")
-
-# Records larger than this were not written by vfiocapsd.
-RECORD_LIMIT = 4096
 
 
 class ProfileError(DiscoveryError):
@@ -58,6 +55,33 @@ class ProfileRecord:
             )
         )
 
+    @classmethod
+    def from_value(cls, name: str, values: Any) -> ProfileRecord:
+        """A record as read from a file (records of older versions name no pid, start time or
+        stamp).
+
+        Raises:
+            KeyError, TypeError, ValueError, AttributeError: it is no such record.
+        """
+        optional = {"pid": "0", "started": "", "stamp": ""}
+        return cls(
+            **{
+                k: str(values[k] if k not in optional else values.get(k, optional[k]))
+                for k in cls.__annotations__
+            }
+        )
+
+
+PROFILE_RECORDS: LedgerFormat[ProfileRecord] = LedgerFormat(
+    what="profile record",
+    name_of=lambda record: f"{record.function}.json",
+    is_entry_name=lambda name: name.endswith(".json"),
+    encode=lambda record: dict(record.__dict__),
+    decode=ProfileRecord.from_value,
+    valid=ProfileRecord.valid,
+    boot_of=lambda record: record.boot_id,
+)
+
 
 class ProfileLedger:
     """One file per profile set for a probe under *directory* (``<runtime>/profiles``),
@@ -65,15 +89,12 @@ class ProfileLedger:
 
     def __init__(self, directory: Path, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.directory = directory
-        self._boot_id_path = boot_id_path
+        self._ledger = Ledger(directory, PROFILE_RECORDS, boot_id_path)
         self._owner = OwnerLock(directory)
 
     def boot_id(self) -> str:
         """This boot's id (see :func:`vfiocaps.bootid.read_boot_id`). Raises nothing."""
-        return read_boot_id(self._boot_id_path)
-
-    def _path(self, function: str) -> Path:
-        return self.directory / f"{function}.json"
+        return self._ledger.boot_id()
 
     def add(self, record: ProfileRecord, *, exclusive: bool = False) -> bool:
         """Record *record* durably (a new file renamed into place). With *exclusive*, only when
@@ -83,65 +104,37 @@ class ProfileLedger:
         Raises:
             ProfileError: the record cannot be written; then nothing may be set.
         """
-        path = self._path(record.function)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._owner.hold()
-            if not exclusive:
-                replace_file(path, json.dumps(record.__dict__))
-                return True
-            staged = self.directory / f".{record.function}.{os.getpid()}.{id(record)}.new"
-            replace_file(staged, json.dumps(record.__dict__))
-            try:
-                os.link(staged, path)
-            except FileExistsError:
-                return False
-            finally:
-                staged.unlink(missing_ok=True)
-        except OSError as err:
+            return self._ledger.add(record, exclusive=exclusive)
+        except (OSError, ValueError) as err:
             raise ProfileError(f"cannot record the profile in {self.directory}: {err}") from err
-        return True
 
     def remove(self, function: str) -> None:
         """Forget the record of *function*. Raises nothing."""
-        with contextlib.suppress(FileNotFoundError):
-            self._path(function).unlink()
+        self._ledger.discard(f"{function}.json")
 
     def records(self) -> list[ProfileRecord]:
         """Every record; unreadable or malformed ones are logged and removed."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            log.error("profiles: cannot list %s: %s", self.directory, err.strerror)
-            return []
-        found = []
-        for name in names:
-            path = self.directory / name
-            if not name.endswith(".json"):
-                continue
-            try:
-                with path.open("rb") as stream:
-                    data = stream.read(RECORD_LIMIT + 1)
-                if len(data) > RECORD_LIMIT:
-                    raise ValueError("too large")
-                values = json.loads(data)
-                optional = {"pid": "0", "started": "", "stamp": ""}
-                fields = {
-                    k: str(values[k] if k not in optional else values.get(k, optional[k]))
-                    for k in ProfileRecord.__annotations__
-                }
-                record = ProfileRecord(**fields)
-                if not record.valid() or name != f"{record.function}.json":
-                    raise ValueError("fields out of range")
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                log.error("profiles: discarding unreadable record %s: %s", path, err)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            found.append(record)
-        return found
+        return self._ledger.entries()
+
+    def leftovers(self) -> list[ProfileRecord]:
+        """The records an earlier vfiocapsd of this boot left (records of an earlier boot are
+        dropped; those of a vfiocapsd still running are left to it)."""
+        return self._ledger.leftovers(self._writer_running)
+
+    def _writer_running(self, record: ProfileRecord) -> bool:
+        owner = int(record.pid)
+        if owner == os.getpid() or not self.owner_alive(record):
+            return False
+        log.info(
+            "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
+            record.function,
+            record.profile,
+            owner,
+        )
+        return True
 
     def owner_alive(self, record: ProfileRecord) -> bool:
         """Whether the vfiocapsd that wrote *record* still runs (see

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..bootid import same_boot
 from ..errors import (
     DiscoveryError,
     ProfileConflictError,
@@ -23,7 +22,9 @@ from ..errors import (
     ProfileUnknownError,
 )
 from ..model import Parent
+from ..tasks import TaskSet
 from ..vfiogroup import group_node, held_elsewhere
+from .attributes import AttributeWriteError, write_attribute, write_failure
 from .functions import CURRENT_PROFILE, NO_PROFILE, PROFILE_DIR, VirtualFunction
 from .profileledger import ProfileError, ProfileLedger, ProfileRecord
 from .scan import PCI_DEVICES, HostReader
@@ -86,8 +87,7 @@ def refusal(attribute: Path, value: str, err: OSError) -> DiscoveryError:
     :class:`ProfileRefusedError` subclass naming the file, the errno and what to do, or a
     :class:`ProfileError` for any other errno."""
     code = err.errno or 0
-    name = errno.errorcode.get(code, str(code))
-    text = f"writing {value} to {attribute} failed with {name} ({err.strerror})"
+    text = write_failure(attribute, value, err)
     known = _REFUSALS.get(code)
     if known is None:
         return ProfileError(text)
@@ -144,7 +144,7 @@ class ProfileSetter:
         self._write_lock = asyncio.Lock()
         # Writes whose thread has not returned yet (they missed their deadline), by function.
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._late: set[asyncio.Task[None]] = set()
+        self._late = TaskSet("late profile write")
 
     def _function_dir(self, function: str) -> Path | None:
         sysfs = self._reader.sysfs
@@ -266,15 +266,11 @@ class ProfileSetter:
                     del self._pending[function]
             await self.clear(function)
 
-        task = asyncio.get_running_loop().create_task(follow(), name=f"vfiocaps-late-{function}")
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
+        self._late.spawn(follow(), name=f"vfiocaps-late-{function}")
 
     async def close(self) -> None:
         """Stop waiting for late writes (their records stay for the next start)."""
-        for task in list(self._late):
-            task.cancel()
-        await asyncio.gather(*self._late, return_exceptions=True)
+        await self._late.stop()
 
     async def apply(self, record: ProfileRecord) -> None:
         """Set the recorded profile on its function; on failure, drop the record if the
@@ -346,22 +342,8 @@ class ProfileSetter:
         """Clear profiles an earlier vfiocapsd set in this boot and did not clear; return the
         functions cleared. A profile of a vfiocapsd still running is left to it; records of an
         earlier boot are dropped (profiles do not survive a reboot). Raises nothing."""
-        boot_id = self._ledger.boot_id()
         cleared = []
-        for record in self._ledger.records():
-            if not same_boot(record.boot_id, boot_id):
-                log.info("profiles: dropping a record of an earlier boot for %s", record.function)
-                self._ledger.remove(record.function)
-                continue
-            owner = int(record.pid)
-            if owner != os.getpid() and self._ledger.owner_alive(record):
-                log.info(
-                    "profiles: %s carries profile %s of the running vfiocapsd %d; left to it",
-                    record.function,
-                    record.profile,
-                    owner,
-                )
-                continue
+        for record in self._ledger.leftovers():
             if record.stamp and self.stamp(record.function) not in (record.stamp, ""):
                 log.warning(
                     "profiles: %s was written again since an earlier vfiocapsd set profile %s "
@@ -382,34 +364,16 @@ class ProfileSetter:
 
 
 def _write_attribute(reader: HostReader, attribute: Path, value: str) -> None:
-    """Write *value* to an existing attribute whose directory resolves inside the tree, as
-    ``echo value > attribute`` does (truncating: an emulated tree holds plain files).
+    """:func:`write_attribute`, its failure as a :class:`ProfileError` or, when the driver
+    refused the value, as :func:`refusal` maps its errno.
 
     Raises:
-        ProfileError: the attribute is missing or a link.
+        ProfileError: the attribute is missing, a link or read-only.
         ProfileRefusedError: the driver refused the value (a subclass per errno).
     """
-    directory = reader.sysfs.resolve(attribute.parent)
-    if directory is None:
-        raise ProfileError(f"{attribute.parent} is missing or outside {reader.sysfs.root}")
-    real = directory / attribute.name
     try:
-        fd = os.open(real, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        raise _open_failure(real, err) from err
-    try:
-        os.write(fd, value.encode())
-    except OSError as err:
-        raise refusal(real, value, err) from err
-    finally:
-        os.close(fd)
-
-
-def _open_failure(real: Path, err: OSError) -> ProfileError:
-    """The error for an attribute that cannot be opened, saying what to do where one can."""
-    if err.errno == errno.EROFS:
-        return ProfileError(
-            f"cannot open {real}: sysfs is read-only to vfiocapsd; setting a vGPU profile for "
-            "a probe needs ReadWritePaths=/sys/devices in its service (see vfiocapsd.service)"
-        )
-    return ProfileError(f"cannot open {real}: {err.strerror}")
+        write_attribute(reader.sysfs, attribute, value)
+    except AttributeWriteError as err:
+        if err.refused and isinstance(err.__cause__, OSError):
+            raise refusal(err.path, value, err.__cause__) from err
+        raise ProfileError(str(err)) from err

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ids import is_mdev_uuid, is_pci_address
+from ..ids import is_mdev_uuid, is_pci_address, is_sysfs_name
 from ..model import Device, DeviceKind, DriverIdentity, HostSnapshot, MdevType, Parent
 from .functions import CURRENT_PROFILE, PROFILE_DIR, FunctionReader, profile_types
 from .identity import IdentityResolver
-from .names import usable_name
 from .sysfs import SysfsTree
 
 # The name checks are also importable from here, where they were first defined.
@@ -83,7 +82,7 @@ class HostReader:
     def read_type(self, parent: str, type_dir: Path) -> MdevType | None:
         """One entry of ``mdev_supported_types``."""
         type_id = type_dir.name
-        if not usable_name(type_id):
+        if not is_sysfs_name(type_id):
             log.warning("sysfs: mdev type %r of %s has an unusable name; skipped", type_id, parent)
             return None
         real = self.sysfs.resolve(type_dir)
@@ -112,7 +111,7 @@ class HostReader:
         """A parent at its resolved device directory, if it is registered with mdev now
         (listed in ``class/mdev_bus`` and offering ``mdev_supported_types``)."""
         name = parent_dir.name
-        if not usable_name(name):
+        if not is_sysfs_name(name):
             return None
         listed = self.sysfs.resolve(self.sysfs.path(f"{MDEV_BUS_CLASS}/{name}"))
         if listed is None or listed != parent_dir:

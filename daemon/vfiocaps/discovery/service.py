@@ -14,6 +14,7 @@ from ..bootid import BOOT_ID_PATH
 from ..config import Config
 from ..ids import is_pci_address
 from ..model import Device, DeviceAdded, DiscoveryEvent, HostSnapshot, Parent, TypeKind
+from ..tasks import TaskSet
 from .errors import DiscoveryStateError
 from .eventlog import format_event
 from .identity import IdentityResolver, ModuleFiles
@@ -108,7 +109,7 @@ class Discovery:
             ProfileLedger(config.runtime_dir / "profiles", boot_id_path),
             config.dev_root,
         )
-        self._profile_tasks: set[asyncio.Task[None]] = set()
+        self._profile_tasks = TaskSet("profile")
         self._watch = ProfileWatch(self._reader.sysfs)
         self._watch_task: asyncio.Task[None] | None = None
         self._state = HostState(self._reader)
@@ -198,9 +199,8 @@ class Discovery:
             return
         self._lifecycle = DiscoveryState.CLOSED
         try:
-            if self._profile_tasks:
-                # Setting or clearing a profile is finished (or left recorded), not cut short.
-                await asyncio.wait(set(self._profile_tasks), timeout=PROFILE_CLOSE_SECONDS)
+            # Setting or clearing a profile is finished (or left recorded), not cut short.
+            await self._profile_tasks.settle(PROFILE_CLOSE_SECONDS)
             await self._profiles.close()  # late writes keep their records for the next start
             watch, self._watch_task = self._watch_task, None
             if watch is not None:
@@ -283,9 +283,7 @@ class Discovery:
         engine does sysfs writes off the loop)."""
 
         def spawn() -> None:
-            task = asyncio.create_task(work(), name=f"vfiocaps-profile-{function}")
-            self._profile_tasks.add(task)
-            task.add_done_callback(self._profile_tasks.discard)
+            self._profile_tasks.spawn(work(), name=f"vfiocaps-profile-{function}")
 
         if _on_loop():
             spawn()

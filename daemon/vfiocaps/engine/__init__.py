@@ -1,9 +1,11 @@
 """The engine: turns discovery events into cached capabilities with as few probes as truth allows.
 
 Its parts know nothing of each other's owner: :mod:`.keys` (cache keys, stale records),
-:mod:`.table` (live devices and their states), :mod:`.cache` (records written behind),
+:mod:`.table` (live devices and their states), :mod:`.follow` (discovery's reports applied to
+the table), :mod:`.cache` (records written behind),
 :mod:`.qemu` (the QEMU binary), :mod:`.scheduler` (probe jobs), :mod:`.typeprobe` (temporary
-instances), :mod:`.announcer` (listeners); :mod:`.core` wires them into :class:`Engine`.
+instances), :mod:`.announcer` (listeners), :mod:`.domain` (answers for domains: fingerprints,
+migration checks, domain XML); :mod:`.core` wires them into :class:`Engine`.
 """
 
 from .core import Engine

@@ -2,18 +2,18 @@
 
 Devices live in a :class:`DeviceTable`, records in a :class:`RecordCache`, probes run in a
 :class:`ProbeScheduler`, the QEMU binary is followed by a :class:`QemuWatcher`, types nobody
-instantiated are probed by a :class:`TypeProber`, and an :class:`Announcer` tells listeners.
-It knows nothing of D-Bus.
+instantiated are probed by a :class:`TypeProber`, discovery's reports are applied by a
+:class:`HostFollower`, and an :class:`Announcer` tells listeners. It knows nothing of D-Bus; the
+daemon's run-state says when it has learned the host (see :mod:`vfiocaps.runstate`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..bootid import BOOT_ID_PATH
@@ -21,29 +21,19 @@ from ..capabilities import Capabilities, ProbeOutcome
 from ..config import Config
 from ..discovery.instances import InstanceLedger
 from ..errors import NotFoundError, ProbeBusyError, ProbeError, ProbeTimeoutError
-from ..model import (
-    Device,
-    DeviceAdded,
-    DeviceRemoved,
-    DiscoveryEvent,
-    DriverChanged,
-    HostSnapshot,
-    MdevType,
-    Parent,
-    ParentRegistered,
-    ParentUnregistered,
-    Resynchronised,
-)
+from ..model import Device, MdevType, Parent
+from ..runstate import Lifecycle
 from ..store import CapabilityKey, CapabilityStore, KnownDevice
+from ..tasks import TaskSet
 from . import keys
 from .announcer import Announcer
 from .cache import RecordCache
+from .follow import HostFollower
 from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
 from .qemu import QemuWatcher, identify_beside
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
-from .tasks import TaskSet
 from .temporary import NewInstances
 from .typeprobe import TypeProber
 from .views import (
@@ -61,8 +51,6 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TIMINGS = Timings()
-# The longest a Refresh waits for discovery to apply a profile change it has just seen.
-RECHECK_SECONDS = 2.0
 
 
 def _now_us() -> int:
@@ -79,6 +67,7 @@ class Engine:
         runner: ProbeRunner,
         store: CapabilityStore,
         *,
+        lifecycle: Lifecycle,
         clock_us: Callable[[], int] = _now_us,
         timings: Timings = DEFAULT_TIMINGS,
         boot_id_path: Path = BOOT_ID_PATH,
@@ -140,19 +129,29 @@ class Engine:
             write_seconds=timings.sysfs_write,
         )
         self._tasks = TaskSet()
-        self._started = asyncio.Event()
         self._new_instances = NewInstances(
             config,
             self._gate,
             self._scheduler,
             self._types,
             self._tasks,
-            started=self._started,
+            learned=lambda: lifecycle.serving,
             snapshot=lambda: self._source.snapshot,
             resolve=self._resolve,
             entry=self._table.get,
         )
-        self._batch_applied = asyncio.Event()
+        self._follower = HostFollower(
+            source,
+            self._table,
+            self._cache,
+            self._types,
+            self._new_instances,
+            tell,
+            key_for=self._key_for,
+            resolve=self._resolve,
+            invalidate=self._invalidate,
+            rekey_all=self._rekey_all,
+        )
         self._kvm_available = False
 
     def subscribe(self, listener: EngineListener) -> None:
@@ -233,11 +232,14 @@ class Engine:
         snapshot, kernel = self._source.snapshot, self.config.kernel_release
         return keys.key_for(device, snapshot, kernel, self._qemu.identity)
 
-    async def run(self) -> None:
-        """Open the cache, learn the host, and follow its changes until cancelled.
+    async def run(self, serve: Callable[[], Awaitable[None]]) -> None:
+        """Open the cache, learn the host, await *serve* (which makes the daemon serve: the
+        learned moment), then follow the host's changes until cancelled. Discovery's events
+        wait meanwhile, so no device comes or goes while the daemon starts to serve.
 
         Raises:
             asyncio.CancelledError: when stopped; everything started here is stopped first.
+            Exception: what *serve* raises, after everything started here is stopped.
         """
         kernel = self.config.kernel_release
         try:
@@ -251,22 +253,14 @@ class Engine:
             self._tasks.spawn(self._cache.run_writer())
             self._tasks.spawn(self._qemu.run())
             with self._announcer.batch():
-                self._apply_snapshot(snapshot)
+                self._follower.apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:
                 self._tasks.spawn(self._types.run_idle())
-            self._started.set()
+            await serve()
             self._announcer.status_changed()
-            async for batch in self._source.events():
-                with self._announcer.batch():
-                    for event in batch:
-                        self._handle(event)
-                self._batch_applied.set()
+            await self._follower.follow()
         finally:
             await self._shutdown()
-
-    async def wait_started(self) -> None:
-        """Wait until the initial enumeration has been applied."""
-        await self._started.wait()
 
     async def _shutdown(self) -> None:
         await self._tasks.stop()
@@ -292,46 +286,6 @@ class Engine:
         self._rekey_all()
         return count
 
-    def _apply_snapshot(self, snapshot: HostSnapshot) -> None:
-        for device_id in [i for i in self._table.ids() if i not in snapshot.devices]:
-            self._remove_device(device_id)
-        for device in snapshot.devices.values():
-            self._add_device(device)
-
-    def _handle(self, event: DiscoveryEvent) -> None:
-        if isinstance(event, DeviceAdded):
-            self._add_device(event.device)
-        elif isinstance(event, DeviceRemoved):
-            self._remove_device(event.device.device_id)
-        elif isinstance(event, DriverChanged):
-            cached = self._cache.keys()
-            self._invalidate(keys.driver_changed(cached, event.module, event.old, event.new))
-        elif isinstance(event, Resynchronised):
-            self._apply_snapshot(event.snapshot)
-        elif isinstance(event, ParentRegistered | ParentUnregistered):
-            self._rekey_all()
-        if isinstance(event, ParentRegistered | DriverChanged | Resynchronised):
-            self._types.wake()
-
-    def _add_device(self, device: Device) -> None:
-        existing = self._table.get(device.device_id)
-        if existing is not None and existing.device == device:
-            return
-        entry = DeviceEntry(device=device, key=self._key_for(device))
-        entry.state, entry.last_error = self._resolve(entry.key, device)
-        self._table.put(entry)
-        if entry.key is not None and entry.state in (ProbeState.PENDING, ProbeState.PROBING):
-            self._new_instances.queue(entry, appeared=existing is None)
-        self._types.device_appeared(device.device_id)
-        self._cache.devices_changed(write_now=False)
-        if existing is None:
-            self._announcer.status_changed()
-
-    def _remove_device(self, device_id: str) -> None:
-        if self._table.remove(device_id):
-            self._cache.devices_changed(write_now=True)
-            self._announcer.status_changed()
-
     def _rekey_all(self) -> None:
         for entry in self._table:
             key = self._key_for(entry.device)
@@ -354,15 +308,8 @@ class Engine:
         return self._scheduler.state_of(key)
 
     async def recheck_profiles(self) -> None:
-        """Look for vGPU profiles set or cleared by other tools now (they send no uevent) and,
-        if any changed, wait (bounded) until discovery's answer has been applied. Raises
-        nothing."""
-        self._batch_applied.clear()
-        if not self._source.recheck_profiles():
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RECHECK_SECONDS):
-                await self._batch_applied.wait()
+        """See :meth:`HostFollower.recheck_profiles`. Raises nothing."""
+        await self._follower.recheck_profiles()
 
     async def refresh(self, device_id: str) -> DeviceView:
         """Drop the device's cached record, probe anew and return the fresh view.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -10,10 +9,10 @@ from ..config import Config
 from ..errors import NotFoundError, ProbeError
 from ..model import Device, DeviceKind, HostSnapshot
 from ..store import CapabilityKey
+from ..tasks import TaskSet
 from .holds import ProbeGate
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry
-from .tasks import TaskSet
 from .typeprobe import TypeProber
 from .views import ProbeState
 
@@ -43,7 +42,7 @@ class NewInstances:
         types: TypeProber,
         tasks: TaskSet,
         *,
-        started: asyncio.Event,
+        learned: Callable[[], bool],
         snapshot: Callable[[], HostSnapshot],
         resolve: Callable[[CapabilityKey | None, Device], tuple[ProbeState, str]],
         entry: Callable[[str], DeviceEntry | None],
@@ -54,7 +53,7 @@ class NewInstances:
         self._scheduler = scheduler
         self._types = types
         self._tasks = tasks
-        self._started = started
+        self._learned = learned
         self._snapshot = snapshot
         self._resolve = resolve
         self._entry = entry
@@ -67,7 +66,7 @@ class NewInstances:
         device = entry.device
         users_new = (
             appeared
-            and self._started.is_set()
+            and self._learned()
             and device.kind is DeviceKind.MDEV
             and not self._types.is_temporary(device)
         )

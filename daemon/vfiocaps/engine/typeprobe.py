@@ -19,6 +19,7 @@ from ..errors import (
     ProfileRefusedError,
 )
 from ..model import NEEDS_GPU_INSTANCE, Device, DeviceKind, MdevType, Parent, TypeKind
+from ..tasks import TaskSet
 from .views import DeviceSource, DeviceView, ProbeState
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class TypeProber:
         self._appear_seconds = appear_seconds
         self._write_seconds = write_seconds
         self._late_seconds = late_seconds
-        self._late: set[asyncio.Task[None]] = set()
+        self._late = TaskSet("late sysfs write")
         self._probing: set[tuple[str, str]] = set()
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._wakeup = asyncio.Event()
@@ -134,15 +135,11 @@ class TypeProber:
                 return
             await late()
 
-        task = asyncio.get_running_loop().create_task(follow(), name=f"vfiocaps-late-{what}")
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
+        self._late.spawn(follow(), name=f"vfiocaps-late-{what}")
 
     async def close(self) -> None:
         """Stop waiting for late writes (their records stay for the next start)."""
-        for task in list(self._late):
-            task.cancel()
-        await asyncio.gather(*self._late, return_exceptions=True)
+        await self._late.stop()
 
     async def remove_leftovers(self, sysfs_root: Path) -> None:
         """Remove the instances an earlier daemon of this boot created and did not remove."""

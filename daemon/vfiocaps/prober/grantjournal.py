@@ -7,7 +7,8 @@ lends nodes:
   it has a node lent (until it exits, at the latest). A record whose owner's lock can be taken,
   or is gone, belongs to a dead process.
 * ``<owner>-<node hash>.json``: the node's path, device number and inode, its original owner
-  and mode, the probe user's uid, the owner's pid and the boot id.
+  and mode, the probe user's uid, the owner's pid and the boot id: the entries of a
+  :class:`vfiocaps.ledger.Ledger`, read, refused and recovered by its rules.
 
 Every change of the journal happens under an ``flock`` of the directory, which must be ours and
 writable by nobody else.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProbeError
-from ..statefile import lock_held, replace_file
+from ..hostpaths import BOOT_ID_PATH
+from ..ledger import Ledger, LedgerFormat
+from ..statefile import lock_held
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -59,13 +61,13 @@ class GrantRecord:
     pid: int
     boot_id: str
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
     @classmethod
-    def from_json(cls, text: str) -> GrantRecord:
-        """Parse a record. Raises ``ValueError`` for anything but a well-formed record."""
-        values: Any = json.loads(text)
+    def from_value(cls, name: str, values: Any) -> GrantRecord:
+        """A record as read from the file *name*.
+
+        Raises:
+            ValueError: it is anything but a well-formed record.
+        """
         if not isinstance(values, dict):
             raise ValueError("not an object")
         original = values.get("original")
@@ -89,6 +91,25 @@ class GrantRecord:
             boot_id=values["boot_id"],
         )
 
+    def valid(self) -> bool:
+        return os.path.isabs(self.node) and "\0" not in self.node and self.owner != ""
+
+
+def _record_name(record: GrantRecord) -> str:
+    """A record's file: its owner's name and a hash of its node."""
+    return f"{record.owner}-{hashlib.sha256(os.fsencode(record.node)).hexdigest()[:32]}.json"
+
+
+GRANT_RECORDS: LedgerFormat[GrantRecord] = LedgerFormat(
+    what="grant record",
+    name_of=_record_name,
+    is_entry_name=lambda name: name.endswith(".json"),
+    encode=asdict,
+    decode=GrantRecord.from_value,
+    valid=GrantRecord.valid,
+    boot_of=lambda record: record.boot_id,
+)
+
 
 def _check_private_directory(path: Path, st: os.stat_result) -> None:
     """Raises :class:`GrantError` unless *path* (*st*) is ours and nobody else may write it."""
@@ -102,9 +123,10 @@ def _check_private_directory(path: Path, st: os.stat_result) -> None:
 class GrantJournal:
     """The journal directory *path*, as used by the process whose records are named *owner*."""
 
-    def __init__(self, path: Path, owner: str) -> None:
+    def __init__(self, path: Path, owner: str, boot_id_path: Path = BOOT_ID_PATH) -> None:
         self.path = path
         self.owner = owner
+        self.ledger = Ledger(path, GRANT_RECORDS, boot_id_path)
         self._owner_fd: int | None = None
 
     @contextlib.contextmanager
@@ -144,21 +166,16 @@ class GrantJournal:
         os.close(self._owner_fd)
         self._owner_fd = None
 
-    def _record_path(self, owner: str, node: str) -> Path:
-        name = hashlib.sha256(os.fsencode(node)).hexdigest()[:32]
-        return self.path / f"{owner}-{name}.json"
-
     def write(self, record: GrantRecord) -> None:
         """Write *record* durably (replacing an older one of the same owner and node).
 
-        Raises ``OSError``.
+        Raises ``OSError`` (``ValueError`` for a record that is not valid).
         """
-        replace_file(self._record_path(record.owner, record.node), record.to_json())
+        self.ledger.add(record)
 
     def forget(self, record: GrantRecord) -> None:
         """Remove the file of *record*, if it is still there."""
-        with contextlib.suppress(FileNotFoundError):
-            self._record_path(record.owner, record.node).unlink()
+        self.ledger.remove(record)
 
     def owner_alive(self, owner: str) -> bool:
         """Whether the process named *owner* still holds its owner lock."""
@@ -169,21 +186,9 @@ class GrantJournal:
         except OSError:
             return False
 
-    def records(self) -> Iterator[tuple[Path, GrantRecord | None]]:
-        """Every record file with its record (None when it is unreadable or not ours)."""
-        for path in sorted(self.path.glob("*.json")):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                with os.fdopen(fd) as handle:
-                    st = os.fstat(handle.fileno())
-                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                        raise ValueError("not a regular file of ours")
-                    yield path, GrantRecord.from_json(handle.read(64 * 1024))
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError) as err:
-                log.error("discarding unreadable grant record %s: %s", path, err)
-                yield path, None
+    def records(self) -> list[GrantRecord]:
+        """Every record (unreadable ones and those not ours are logged and removed)."""
+        return self.ledger.entries()
 
     def drop_dead_owner_locks(self) -> None:
         """Remove the owner locks of processes that are gone."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -33,8 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bootid import BOOT_ID_PATH, read_boot_id, same_boot
+from ..bootid import BOOT_ID_PATH, read_boot_id
 from ..errors import ProbeBusyError
+from ..hostpaths import DEV_ROOT
+from ..ledger import Recovery
 from .grantjournal import (
     GrantError,
     GrantJournal,
@@ -112,7 +115,7 @@ class NodeGrants:
     """
 
     journal: Path | None = None
-    dev_root: Path = Path("/dev")
+    dev_root: Path = DEV_ROOT
     boot_id_path: Path = BOOT_ID_PATH
     _grants: dict[Path, _Grant] = field(default_factory=dict)
     _owner: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(6)}")
@@ -120,7 +123,7 @@ class NodeGrants:
 
     def __post_init__(self) -> None:
         if self.journal is not None:
-            self._journal = GrantJournal(self.journal, self._owner)
+            self._journal = GrantJournal(self.journal, self._owner, self.boot_id_path)
 
     # ---- the journal ------------------------------------------------------------------------
 
@@ -143,8 +146,8 @@ class NodeGrants:
         """A live process's record of the node *st* describes, if any."""
         if journal is None:
             return None
-        for _, record in journal.records():
-            if record is None or (record.rdev, record.ino) != (st.st_rdev, st.st_ino):
+        for record in journal.records():
+            if (record.rdev, record.ino) != (st.st_rdev, st.st_ino):
                 continue
             if self._held(journal, record):
                 return record
@@ -219,7 +222,7 @@ class NodeGrants:
                 os.chown(_fd_path(fd), uid, -1)
                 if original.mode & 0o600 != 0o600:
                     os.chmod(_fd_path(fd), original.mode | 0o600)
-            except OSError as err:
+            except (OSError, ValueError) as err:
                 self._give_back(journal, record)
                 raise GrantError(f"cannot grant {node} to uid {uid}: {err}") from err
             return record
@@ -239,19 +242,20 @@ class NodeGrants:
         except GrantError as err:
             log.error("cannot give %s back: %s", node, err)
 
-    def _give_back(self, journal: GrantJournal | None, record: GrantRecord) -> bool:
-        """Restore the recorded node if it is still the one lent; drop the record. Raises
-        nothing; returns whether the node was changed."""
+    def _give_back(self, journal: GrantJournal | None, record: GrantRecord) -> Recovery:
+        """Restore the recorded node if it is still the one lent and drop the record: UNDONE
+        (restored), GONE (the node is gone or changed hands: left as it is), or KEEP (it could
+        not be restored: the record stays for the next recovery). Raises nothing."""
         node = Path(record.node)
         try:
             fd = _open_node(node)
         except FileNotFoundError:
             _forget(journal, record)  # the device went away with its node
-            return False
+            return Recovery.GONE
         except GrantError as err:
             log.warning("%s; its grant record is dropped", err)
             _forget(journal, record)
-            return False
+            return Recovery.GONE
         try:
             st = os.fstat(fd)
             if (st.st_rdev, st.st_ino) != (record.rdev, record.ino):
@@ -261,12 +265,12 @@ class NodeGrants:
             else:
                 _set_state(fd, record.original)
                 _forget(journal, record)
-                return True
+                return Recovery.UNDONE
             _forget(journal, record)
-            return False
+            return Recovery.GONE
         except OSError as err:
             log.error("cannot restore owner and mode of %s: %s", node, err)
-            return False  # the record stays for the next recovery
+            return Recovery.KEEP  # the record stays for the next recovery
         finally:
             os.close(fd)
 
@@ -281,25 +285,19 @@ class NodeGrants:
         if self.journal is None:
             return []
         changed: list[Path] = []
-        boot_id = read_boot_id(self.boot_id_path)
         with self._locked() as journal:
             if journal is None:
                 return []
-            for path, record in journal.records():
-                if record is None:
-                    path.unlink(missing_ok=True)
-                elif self._held(journal, record):
-                    continue
-                elif not same_boot(record.boot_id, boot_id):
-                    log.info("dropping grant record of %s from another boot", record.node)
-                    path.unlink(missing_ok=True)
-                elif not self._recoverable(record):
-                    log.error("refusing grant record %s for %s", path, record.node)
-                    path.unlink(missing_ok=True)
-                else:
-                    log.warning("giving back %s, left granted by pid %d", record.node, record.pid)
-                    if self._give_back(journal, record):
-                        changed.append(Path(record.node))
+
+            def give_back(record: GrantRecord) -> Recovery:
+                if not self._recoverable(record):
+                    log.error("refusing the grant record of %s", record.node)
+                    return Recovery.GONE
+                log.warning("giving back %s, left granted by pid %d", record.node, record.pid)
+                return self._give_back(journal, record)
+
+            alive = functools.partial(self._held, journal)
+            changed += [Path(record.node) for record in journal.ledger.recover(alive, give_back)]
             journal.drop_dead_owner_locks()
             if probe_uid is not None:
                 changed += self._reset_leaked(journal, probe_uid)

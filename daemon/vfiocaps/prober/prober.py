@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -16,6 +15,7 @@ from ..errors import ProbeBusyError, ProbeError
 from ..model import Device, Parent
 from ..process import ProcessStartError
 from ..qemubinary import QemuBinary
+from ..runstate import Lifecycle
 from ..vfiogroup import group_node
 from .grants import NodeGrants
 from .identity import QemuMissingError, binary_stat, read_identity, read_properties
@@ -91,7 +91,9 @@ class Prober:
     """Probes devices with a minimal sandboxed QEMU; safe to use from several tasks at once.
 
     *observer*, when given, is told when each QEMU launch starts, has its QMP session and has
-    been reaped (with the QEMU pid); *architecture* overrides the host's for the machine type.
+    been reaped (with the QEMU pid); *architecture* overrides the host's for the machine type;
+    *lifecycle* is the daemon's run-state, which says when discovered devices may be probed
+    (never, without one).
     """
 
     def __init__(
@@ -100,12 +102,13 @@ class Prober:
         *,
         observer: LaunchObserver | None = None,
         architecture: str | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
         self.architecture = architecture
         self.grants = NodeGrants(journal=config.runtime_dir / "grants", dev_root=config.dev_root)
-        self._may_probe = asyncio.Event()
+        self._lifecycle = lifecycle or Lifecycle()
 
     async def read_qemu(self) -> QemuBinary:
         """Ask the configured QEMU binary who it is: its version (one short launch), all the
@@ -167,19 +170,15 @@ class Prober:
             probe_uid = None
         return self.grants.recover(probe_uid)
 
-    def allow_probes(self) -> None:
-        """Let the engine's probes start: called once the daemon owns its name, so that a second
-        daemon, which will not get the name, never lends a device node."""
-        self._may_probe.set()
-
     async def wait_allowed(self) -> None:
-        """Return once :meth:`allow_probes` was called."""
-        await self._may_probe.wait()
+        """Return once the daemon serves: it owns its name, so that a second daemon, which will
+        not get the name, never lends a device node."""
+        await self._lifecycle.wait_serving()
 
     async def probe_device(
         self, device: Device, parent: Parent | None, qemu: QemuBinary | None
     ) -> ProbeReport:
-        """Probe a discovered device, once :meth:`allow_probes` was called; an mdev is probed
+        """Probe a discovered device, once the daemon serves; an mdev is probed
         with its parent's driver identity.
 
         Never raises for device- or host-level failures (see :meth:`probe`).

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ProbeBusyError, ProbeError
+from ..hostpaths import DEV_ROOT
 from ..process import Credentials
 from ..vfiogroup import held_elsewhere
 
@@ -151,7 +152,7 @@ def launch_group_refusal(gid: int, dev_root: Path, own: frozenset[str], nodes: s
     return ""
 
 
-def resolve_probe_identity(probe_user: str, dev_root: Path = Path("/dev")) -> ProbeIdentity:
+def resolve_probe_identity(probe_user: str, dev_root: Path = DEV_ROOT) -> ProbeIdentity:
     """The identity QEMU runs with: *probe_user* when we are root, else our own user.
 
     Raises :class:`ProbeSandboxError` when we are root and *probe_user* does not exist, is

@@ -9,10 +9,8 @@ from pathlib import Path
 
 from ..discovery import host_reader
 from ..errors import InvalidArgumentError, NotFoundError
+from ..hostpaths import MODULES_ROOT, SYSFS_ROOT
 from ..model import Device, DeviceKind
-
-SYSTEM_SYSFS = Path("/sys")
-MODULES_ROOT = Path("/lib/modules")
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class ProbeTarget:
     def from_sysfs(
         cls,
         path: Path,
-        sysfs_root: Path = SYSTEM_SYSFS,
+        sysfs_root: Path = SYSFS_ROOT,
         modules_root: Path = MODULES_ROOT,
         kernel_release: str | None = None,
     ) -> ProbeTarget:
@@ -70,7 +68,7 @@ class ProbeTarget:
         """The address QEMU's ``host=`` takes: a PCI function's, when the probe reads the
         host's own ``/sys`` (where QEMU looks the address up); ``None`` for an mdev or a
         function in another tree, which QEMU is given by ``sysfsdev=``."""
-        if self.kind is not DeviceKind.PCI or sysfs_root != SYSTEM_SYSFS:
+        if self.kind is not DeviceKind.PCI or sysfs_root != SYSFS_ROOT:
             return None
         return self.device_id
 

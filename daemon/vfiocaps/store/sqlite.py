@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,19 +17,12 @@ import aiosqlite
 from ..capabilities import ProbeOutcome
 from ..errors import StoreError
 from ..qemubinary import QemuBinary
+from .dbfile import DatabaseFile, StoreCorruptError, StoreUnavailableError
 from .records import CapabilityKey, CapabilityRecord, KnownDevice, ProbeHistoryEntry
 from .rows import DELETE_RECORD, SELECT_RECORDS, UPSERT_RECORD, record_to_row, row_to_record
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
-
-
-class StoreCorruptError(StoreError):
-    """The database file is not a usable SQLite database of ours."""
-
-
-class StoreUnavailableError(StoreError):
-    """The database cannot be written now (read-only, disk full, locked); it may recover."""
 
 
 def _classify(err: sqlite3.Error, action: str) -> StoreError:
@@ -70,7 +61,7 @@ class CapabilityStore:
         self.path = path
         self.history_limit = history_limit
         self._db: aiosqlite.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._file = DatabaseFile(path)
         self._lock = asyncio.Lock()
 
     @property
@@ -88,7 +79,7 @@ class CapabilityStore:
             await self._open_checked()
         except StoreCorruptError as err:
             await self._close_quietly()
-            self.move_aside(str(err))
+            self._file.move_aside(str(err))
             await self._open_checked()
 
     async def _open_checked(self) -> None:
@@ -112,24 +103,7 @@ class CapabilityStore:
             await self._migrate(db)
         except sqlite3.Error as err:
             raise _classify(err, f"cannot open {self.path}") from err
-        self._identity = self._file_identity()
-
-    def _file_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
-
-    def _check_not_replaced(self, action: str) -> None:
-        """Writes through an open descriptor to a file replaced or removed behind our back
-        would be lost at the next start; treat that file as damaged instead.
-
-        Raises:
-            StoreCorruptError: the path no longer names the file that was opened.
-        """
-        if self._identity is not None and self._file_identity() != self._identity:
-            raise StoreCorruptError(f"{action}: {self.path} was replaced or removed while open")
+        self._file.opened()
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         cursor = await db.execute("PRAGMA user_version")
@@ -156,23 +130,6 @@ class CapabilityStore:
             raise
         log.info("cache %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
-    def move_aside(self, reason: str) -> Path:
-        """Rename the database (and its WAL and shared-memory files) out of the way.
-
-        Raises:
-            StoreUnavailableError: the files cannot be renamed.
-        """
-        target = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                source = Path(f"{self.path}{suffix}")
-                if source.exists():
-                    os.replace(source, f"{target}{suffix}")
-        except OSError as err:
-            raise StoreUnavailableError(f"cannot move {self.path} aside: {err}") from err
-        log.warning("cache %s is unusable (%s); moved to %s, rebuilding", self.path, reason, target)
-        return target
-
     async def recover(self, reason: str) -> None:
         """Close, move the damaged file aside and start a fresh database.
 
@@ -182,7 +139,7 @@ class CapabilityStore:
         async with self._lock:
             await self._close_quietly()
             if self.path.exists():
-                self.move_aside(reason)
+                self._file.move_aside(reason)
             await self._open_checked()
 
     async def close(self) -> None:
@@ -192,7 +149,7 @@ class CapabilityStore:
 
     async def _close_quietly(self) -> None:
         db, self._db = self._db, None
-        self._identity = None
+        self._file.closed()
         if db is not None:
             try:
                 await db.close()
@@ -222,7 +179,7 @@ class CapabilityStore:
         """
         async with self._lock:
             db = self._connection()
-            self._check_not_replaced(action)
+            self._file.check_not_replaced(action)
             try:
                 await db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as err:
