@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import name_floor
 from bench.common import PROBE_LOG_LINE, add_match, summary
+from bench.floor_unit import floor_command, launcher_interpreter, seconds_to_floor
 from bench.naive_probe import probe_all
 from bench.name_timing import seconds_to_name
 from bench.qemu_floor import bare_qemu, self_test_accel
@@ -319,28 +319,6 @@ async def naive_and_floor(
     return naive, floors, accel.value
 
 
-async def floor_start(unit: Unit, round_: int) -> float:
-    """The floor of the daemon's start, with the daemon stopped: ``bench/name_floor.py`` started
-    by systemd as a plain service (no sandbox) with the daemon's interpreter, owning the daemon's
-    name on the system bus; seconds from the start until the name is owned."""
-    name = f"vfiocaps-bench-floor-{round_}"
-    command = [
-        "systemd-run", "--quiet", "--collect", f"--unit={name}", "--service-type=exec",
-        sys.executable, name_floor.__file__, "system", BUS_NAME,
-    ]  # fmt: skip
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    try:
-        return await seconds_to_name(
-            bus,
-            BUS_NAME,
-            lambda: subprocess.run(command, check=True, timeout=120),
-            ALL_ANSWERED_TIMEOUT,
-        )
-    finally:
-        bus.disconnect()
-        await asyncio.to_thread(systemctl, "stop", f"{name}.service")
-
-
 def sample_devices(mdevs: MdevLab) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """One new instance of every type the sample drivers offer: ({type: UUID}, {type: facts})."""
     devices: dict[str, str] = {}
@@ -376,6 +354,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         mdevs.load(module)
     subprocess.run(["udevadm", "settle", "--timeout=60"], check=True, timeout=90)
     base = unit.exec_start()
+    interpreter = launcher_interpreter(Path(base[0]))  # the daemon's, for its start's floor
     systemctl("stop", unit.service)
     devices, facts = sample_devices(mdevs)
     say(f"one instance each of {', '.join(devices)}")
@@ -384,7 +363,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for repeat in range(args.repeats):
             for concurrency in args.concurrency:
-                start_floors.append(asyncio.run(floor_start(unit, len(start_floors))))
+                floor_unit = f"vfiocaps-bench-floor-{len(start_floors)}"
+                start_floors.append(
+                    asyncio.run(
+                        seconds_to_floor(BUS_NAME, floor_unit, interpreter, ALL_ANSWERED_TIMEOUT)
+                    )
+                )
                 say(f"cold start, concurrency {concurrency}, round {repeat + 1}/{args.repeats}")
                 unit.configure(base, concurrency)
                 run = asyncio.run(cold_start(unit, daemon, devices, concurrency))
@@ -404,6 +388,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     figures = summarise(devices, facts, starts, naive, floors, accel, args)
     figures["name_floor"] = summary(start_floors)
     figures["name_floor_runs"] = start_floors
+    figures["name_floor_command"] = floor_command("vfiocaps-bench-floor-N", interpreter, BUS_NAME)
     return figures
 
 
