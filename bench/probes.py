@@ -127,7 +127,7 @@ async def real_qemu(qemu: str, scratch: Path, progress: Progress) -> dict[str, A
             current.ended = now
 
     prober = Prober(config, observer=observe)
-    known = await prober.read_qemu()
+    known = await prober.read_qemu_properties(await prober.read_qemu())
     probes: list[float] = []
     launches: list[float] = []
     probe_stages: list[Stages] = []

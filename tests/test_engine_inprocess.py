@@ -13,6 +13,7 @@ import pytest
 
 from support.engine_rig import (
     KERNEL,
+    FailingPropertiesRunner,
     ManualClock,
     ScriptedRunner,
     driver,
@@ -25,6 +26,7 @@ from vfiocaps.capabilities import ProbeOutcome
 from vfiocaps.engine import CacheState, Timings
 from vfiocaps.errors import NotFoundError, ProbeBusyError, ProbeError
 from vfiocaps.model import DeviceAdded, DeviceRemoved, DriverChanged
+from vfiocaps.qemubinary import QemuBinary
 from vfiocaps.store import CapabilityStore
 
 
@@ -232,6 +234,74 @@ async def test_a_warm_cache_launches_nothing(tmp_path: Path) -> None:
         assert again.runner.identity_calls == 0  # the binary came from the cache too
     finally:
         await again.stop()
+
+
+async def test_a_cold_start_asks_only_the_version_and_the_first_probe_the_properties(
+    tmp_path: Path,
+) -> None:
+    """Serving needs the version (the cache's key); the vfio-pci properties, which shape the
+    probes, are asked once, by the first probe and once probes are allowed, and then stored."""
+    devices = [mdev("mtty", "mtty-1"), mdev("mtty", "mtty-2")]
+    runner = ScriptedRunner(rig_config(tmp_path).qemu_binary)
+    runner.allowed.clear()  # as before the daemon owns its name
+    rig = await start_rig(tmp_path, host(*devices), runner=runner)
+    try:
+        await rig.idle()
+        assert (runner.identity_calls, runner.properties_calls) == (1, [])
+        runner.allowed.set()
+        await rig.settle("done")
+        assert runner.properties_calls == [True]  # once, for both probes, after the name
+        assert {qemu.vfio_pci_properties for qemu in runner.handed if qemu} == {runner.properties}
+    finally:
+        await rig.stop()
+    store = CapabilityStore(rig_config(tmp_path).database_path)
+    await store.open()
+    try:
+        st = rig.config.qemu_binary.stat()
+        found = await store.qemu_binary(str(rig.config.qemu_binary), st.st_ctime_ns, st.st_size)
+    finally:
+        await store.close()
+    assert found is not None
+    assert found.vfio_pci_properties == runner.properties
+
+
+async def test_a_warm_start_without_stored_properties_asks_them_with_its_first_probe(
+    tmp_path: Path,
+) -> None:
+    """A store that knows the binary's version only (no probe had asked the properties) serves
+    without launching QEMU; the next probe asks the properties."""
+    config = rig_config(tmp_path)
+    st = config.qemu_binary.stat()
+    store = CapabilityStore(config.database_path)
+    await store.open()
+    await store.remember_qemu_binary(
+        QemuBinary(str(config.qemu_binary), "10.0.3", st.st_ctime_ns, st.st_size)
+    )
+    await store.close()
+    runner = ScriptedRunner(config.qemu_binary)
+    rig = await start_rig(tmp_path, host(mdev("mtty", "mtty-1")), runner=runner)
+    try:
+        await rig.settle("done")
+        assert runner.identity_calls == 0
+        assert runner.properties_calls == [True]
+        assert [qemu.vfio_pci_properties for qemu in runner.handed if qemu] == [runner.properties]
+    finally:
+        await rig.stop()
+
+
+async def test_properties_that_cannot_be_asked_leave_the_probe_to_ask_them(
+    tmp_path: Path,
+) -> None:
+    """When the question fails the probe is handed the version alone (the prober asks then);
+    nothing is stored, so the next start asks again."""
+    runner = FailingPropertiesRunner(rig_config(tmp_path).qemu_binary)
+    rig = await start_rig(tmp_path, host(mdev("mtty", "mtty-1")), runner=runner)
+    try:
+        await rig.settle("done")
+        assert runner.properties_calls == [True]
+        assert [qemu.vfio_pci_properties for qemu in runner.handed if qemu] == [None]
+    finally:
+        await rig.stop()
 
 
 async def test_a_replaced_qemu_binary_invalidates_its_records(tmp_path: Path) -> None:

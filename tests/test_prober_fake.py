@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from support.prober import (
+    PROPERTIES_ASKED,
+    VERSION_ASKED,
     FakeHost,
+    counting_qemu,
     fake_host,
     install_fake_qemu,
     leftovers,
@@ -243,8 +246,9 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     qemu = install_fake_qemu(scratch / "qemu")
     make_readable(scratch)
     prober = Prober(Config(runtime_dir=scratch / "run", qemu_binary=qemu, probe_user=probe_user))
-    identity = await prober.read_qemu()
+    identity = await prober.read_qemu_properties(await prober.read_qemu())
     assert identity.version == "10.0.13"
+    assert identity.vfio_pci_properties is not None
     assert {"enable-migration", "x-device-dirty-page-tracking"} <= identity.vfio_pci_properties
     report = await prober.check_qemu(identity)
     assert report.outcome is ProbeOutcome.OK, report
@@ -252,19 +256,12 @@ async def test_fake_identifies_as_qemu_10_and_passes_the_bare_check(
     assert leftovers(scratch / "run") == []
 
 
-async def test_the_identity_costs_two_short_qemu_starts_and_a_probe_handed_it_none(
+async def test_the_identity_costs_one_short_qemu_start_and_a_probe_handed_it_none(
     scratch: Path, probe_user: str
 ) -> None:
-    """Reading the identity asks -version and the vfio-pci properties once each; a probe handed
-    that identity (as the engine hands it) asks neither again."""
-    fake = install_fake_qemu(scratch / "fake")
-    calls = scratch / "calls"
-    calls.write_text("")
-    calls.chmod(0o666)
-    binary = scratch / "qemu" / "qemu-system-x86_64"
-    binary.parent.mkdir(mode=0o755)
-    binary.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {fake} "$@"\n')
-    binary.chmod(0o755)
+    """Reading the identity asks -version only; the vfio-pci properties are one more short
+    start; a probe handed the completed identity (as the engine hands it) asks neither again."""
+    binary, calls = counting_qemu(scratch)
     config = Config(
         qemu_binary=binary,
         probe_user=probe_user,
@@ -273,11 +270,42 @@ async def test_the_identity_costs_two_short_qemu_starts_and_a_probe_handed_it_no
     )
     prober = Prober(config)
     identity = await prober.read_qemu()
+    assert identity.vfio_pci_properties is None
+    assert calls.read_text().splitlines() == [VERSION_ASKED]
+    identity = await prober.read_qemu_properties(identity)
     assert identity.vfio_pci_properties
-    asked = ["-version", "-nodefaults -machine none -device vfio-pci,help"]
-    assert calls.read_text().splitlines() == asked
+    assert calls.read_text().splitlines() == [VERSION_ASKED, PROPERTIES_ASKED]
     report = await prober.check_qemu(identity)
     assert report.outcome is ProbeOutcome.OK, report
     later = calls.read_text().splitlines()[2:]
     assert later, "the self-test launched QEMU"
-    assert not [line for line in later if line in asked]
+    assert not [line for line in later if line in (VERSION_ASKED, PROPERTIES_ASKED)]
+
+
+async def test_a_probe_handed_an_identity_without_properties_asks_them_and_uses_them(
+    scratch: Path, fake_host: FakeHost, probe_user: str
+) -> None:
+    """The engine hands a probe the version alone when the properties could not be asked: the
+    probe asks them (one short start) and its answer rests on them (the mtty retry with
+    x-device-dirty-page-tracking=off exists only when QEMU has that property)."""
+    binary, calls = counting_qemu(scratch)
+    device = fake_host.add_mdev(UUIDS["mtty"], "mtty-1", "mtty", "0")
+    make_readable(scratch)
+    prober = Prober(
+        Config(
+            sysfs_root=fake_host.sysfs,
+            dev_root=fake_host.dev,
+            runtime_dir=scratch / "run",
+            qemu_binary=binary,
+            probe_user=probe_user,
+            probe_timeout=20.0,
+        )
+    )
+    identity = await prober.read_qemu()
+    report = await prober.probe(ProbeTarget.from_sysfs(device, fake_host.sysfs), identity)
+    assert report.outcome is ProbeOutcome.OK, report
+    assert report.capabilities is not None
+    assert report.capabilities.migration_with_options is Migration.SUPPORTED
+    asked = calls.read_text().splitlines()
+    assert asked[:2] == [VERSION_ASKED, PROPERTIES_ASKED]
+    assert asked.count(PROPERTIES_ASKED) == 1

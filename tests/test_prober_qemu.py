@@ -66,6 +66,9 @@ async def test_identity_of_the_installed_qemu(scratch: Path, probe_user: str) ->
     assert identity.version_tuple >= (7, 0)
     resolved = Path(REAL_QEMU or "").resolve().stat()
     assert (identity.ctime_ns, identity.size) == (resolved.st_ctime_ns, resolved.st_size)
+    assert identity.vfio_pci_properties is None  # not asked for serving
+    identity = await prober.read_qemu_properties(identity)
+    assert identity.vfio_pci_properties is not None
     assert {"sysfsdev", "display"} <= identity.vfio_pci_properties
     # A probe handed the identity launches only its own QEMU: no -version, no -device help.
     report = await prober.check_qemu(identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from support.prober import probe_user
+from vfiocaps.prober import kernelfacts
 from vfiocaps.prober import vfiofeatures as vf
 from vfiocaps.prober.kernelfacts import parse_reader_output, read_kernel_facts, reader_argv
 from vfiocaps.prober.sandbox import resolve_probe_identity
@@ -377,3 +379,58 @@ def test_the_reader_starts_without_typing_json_or_re(tmp_path: Path) -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
     assert not imported & {"typing", "json", "re", "enum", "collections"}, sorted(imported)
     assert json.loads(out.stdout)["observable"] is False
+
+
+def _children_of_this_process() -> list[int]:
+    """The pids whose parent is this process (zombies included), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                children.append(int(entry.name))
+    return children
+
+
+async def test_the_reader_is_a_forked_child_that_keeps_none_of_the_daemons_descriptors(
+    tmp_path: Path,
+) -> None:
+    """The daemon's descriptors (its bus connection, its database) are closed in the reader
+    before it touches a device: a descriptor the daemon holds is no path the reader can open."""
+    held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dev_root = tmp_path / "dev"
+        (dev_root / "vfio").mkdir(parents=True)
+        (dev_root / "vfio" / "vfio").symlink_to(f"/proc/self/fd/{held}")
+        before = _children_of_this_process()
+        facts = await read_kernel_facts(dev_root, tmp_path / "group", "dev", None)
+    finally:
+        os.close(held)
+    assert facts.observable is False
+    assert "cannot open the VFIO container" in facts.reason
+    assert "No such file or directory" in facts.reason
+    assert _children_of_this_process() == before, "the reader was not reaped"
+
+
+async def test_a_reader_past_its_time_limit_is_killed_and_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernelfacts, "READER_TIME_LIMIT", 0.0)
+    before = _children_of_this_process()
+    facts = await read_kernel_facts(tmp_path, tmp_path / "vfio" / "7", "dev", None)
+    assert facts.observable is False
+    assert facts.reason == "the VFIO feature reader gave no answer in 0 s"
+    assert _children_of_this_process() == before
+
+
+async def test_a_cancelled_read_kills_and_reaps_the_reader(tmp_path: Path) -> None:
+    before = _children_of_this_process()
+    task = asyncio.ensure_future(read_kernel_facts(tmp_path, tmp_path / "vfio" / "7", "dev", None))
+    await asyncio.sleep(0)  # forked, now waiting for its end
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _children_of_this_process() == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import os
-import platform
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -66,7 +65,7 @@ def default_qemu_binary(machine: str | None = None) -> Path:
     Raises nothing: a missing binary is reported when a probe needs it, not at start-up.
     """
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(
-        (machine or platform.machine()).lower(), machine or platform.machine()
+        (machine or os.uname().machine).lower(), machine or os.uname().machine
     )
     name = f"qemu-system-{arch}"
     found = shutil.which(name)

@@ -28,7 +28,7 @@ from vfiocaps.capabilities import (
 from vfiocaps.config import Config
 from vfiocaps.discovery.instances import create_instance, instance_exists, remove_instance
 from vfiocaps.engine import DeviceView, Engine, EngineStatus, Timings
-from vfiocaps.errors import DiscoveryError
+from vfiocaps.errors import DiscoveryError, ProbeError
 from vfiocaps.model import (
     Device,
     DeviceAdded,
@@ -223,6 +223,8 @@ class ScriptedRunner:
     most_running: int = 0
     cancelled: int = 0
     identity_calls: int = 0
+    properties: frozenset[str] = frozenset({"sysfsdev", "enable-migration"})
+    properties_calls: list[bool] = field(default_factory=list)  # probes allowed at each
     handed: list[QemuBinary | None] = field(default_factory=list)  # the identity of each probe
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -244,6 +246,13 @@ class ScriptedRunner:
         self.identity_calls += 1
         st = self.qemu_binary.stat()
         return QemuBinary(str(self.qemu_binary), self.version, st.st_ctime_ns, st.st_size)
+
+    async def read_qemu_properties(self, qemu: QemuBinary) -> QemuBinary:
+        self.properties_calls.append(self.allowed.is_set())
+        st = self.qemu_binary.stat()
+        return replace(
+            qemu, ctime_ns=st.st_ctime_ns, size=st.st_size, vfio_pci_properties=self.properties
+        )
 
     async def probe_device(
         self, device: Device, owner: Parent | None, qemu: QemuBinary | None
@@ -322,6 +331,14 @@ def rig_config(directory: Path, **overrides: object) -> Config:
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
+
+
+class FailingPropertiesRunner(ScriptedRunner):
+    """A runner whose QEMU answers ``-version`` but not the properties question."""
+
+    async def read_qemu_properties(self, qemu: QemuBinary) -> QemuBinary:
+        self.properties_calls.append(self.allowed.is_set())
+        raise ProbeError("QEMU did not answer within 10.0s")
 
 
 @dataclass

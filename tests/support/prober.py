@@ -171,6 +171,24 @@ def node_state(path: Path) -> tuple[int, int, int]:
     return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
+VERSION_ASKED = "-version"
+PROPERTIES_ASKED = "-nodefaults -machine none -device vfio-pci,help"
+
+
+def counting_qemu(directory: Path) -> tuple[Path, Path]:
+    """The fake QEMU in *directory* behind a script that appends each argv (one line) to a
+    file anyone can write: (the binary, that file)."""
+    fake = install_fake_qemu(directory / "fake")
+    calls = directory / "calls"
+    calls.write_text("")
+    calls.chmod(0o666)
+    binary = directory / "qemu" / "qemu-system-x86_64"
+    binary.parent.mkdir(mode=0o755)
+    binary.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {fake} "$@"\n')
+    binary.chmod(0o755)
+    return binary, calls
+
+
 def fake_qemu_config(
     scratch: Path,
     host: FakeHost,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,9 @@ def _write(tree: SysfsTree, path: Path, value: str) -> None:
 
 def new_instance_uuid() -> str:
     """A fresh UUID for a temporary instance (chosen, and recorded, before it is created)."""
-    return str(uuidlib.uuid4())
+    import uuid  # only when an instance is created: it imports platform, which the start skips
+
+    return str(uuid.uuid4())
 
 
 def create_instance(sysfs_root: Path, parent: Parent, type_id: str, uuid: str) -> str:

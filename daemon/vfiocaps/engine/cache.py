@@ -73,6 +73,11 @@ class RecordCache:
         self._records = {record.key: record for record in records}
         log.info("cache %s: %d records", self._store.path, len(records))
 
+    @property
+    def exists(self) -> bool:
+        """Whether the store's file exists (a new one knows no record and no QEMU binary)."""
+        return self._store.path.exists()
+
     async def qemu_binary(self, path: str, ctime_ns: int, size: int) -> QemuBinary | None:
         """The QEMU binary the store remembers for this file, if any and readable."""
         if not self._store.is_open:

@@ -31,7 +31,7 @@ from .cache import RecordCache
 from .follow import HostFollower
 from .holds import DomainHolds, ProbeGate
 from .present import device_view, known_devices, type_views
-from .qemu import QemuWatcher
+from .qemu import QemuWatcher, identify_beside
 from .scheduler import ProbeScheduler
 from .table import DeviceEntry, DeviceTable
 from .temporary import NewInstances
@@ -106,7 +106,7 @@ class Engine:
             self._cache,
             runner,
             parent_of=lambda device: self._source.snapshot.parents.get(device.parent),
-            qemu_of=lambda: self._qemu.identity,
+            qemu_of=self._qemu.for_probe,
             clock_us=clock_us,
             retry_seconds=config.probe_retry_seconds,
             running_changed=tell.status_changed,
@@ -243,16 +243,15 @@ class Engine:
         """
         kernel = self.config.kernel_release
         try:
-            await self._cache.open()
-            await self._qemu.check(initial=True)
+            await self._types.remove_leftovers(self.config.sysfs_root)
+            # The host is read while the cache opens and QEMU is asked (one short start at most).
+            snapshot = await identify_beside(self._cache, self._qemu, self._source.start())
             for stale in keys.at_start(self._cache.keys(), kernel, self._qemu.identity):
                 self._invalidate(stale)
-            await self._types.remove_leftovers(self.config.sysfs_root)
             for _ in range(self.config.probe_concurrency):
                 self._tasks.spawn(self._scheduler.run_worker())
             self._tasks.spawn(self._cache.run_writer())
             self._tasks.spawn(self._qemu.run())
-            snapshot = await self._source.start()
             with self._announcer.batch():
                 self._follower.apply_snapshot(snapshot)
             if self.config.probe_types_without_instances:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..capabilities import ProbeOutcome, ProbeReport, clean_report, printable
@@ -64,7 +64,7 @@ class ProbeScheduler:
         runner: ProbeRunner,
         *,
         parent_of: Callable[[Device], Parent | None],
-        qemu_of: Callable[[], QemuBinary | None],
+        qemu_of: Callable[[], Awaitable[QemuBinary | None]],
         clock_us: Callable[[], int],
         retry_seconds: float,
         running_changed: Callable[[], None],
@@ -333,8 +333,9 @@ class ProbeScheduler:
         self._running_changed()
         try:
             # What QEMU and the driver wrote is evidence: stored and shown without control codes.
+            qemu = await self._qemu_of()
             report = clean_report(
-                await self._runner.probe_device(device, self._parent_of(device), self._qemu_of())
+                await self._runner.probe_device(device, self._parent_of(device), qemu)
             )
         finally:
             self.running -= 1

@@ -127,7 +127,16 @@ class ProbeRunner(Protocol):
     """What the engine needs from the prober (:class:`vfiocaps.prober.Prober` is one)."""
 
     async def read_qemu(self) -> QemuBinary:
-        """Ask the configured QEMU binary who it is (version, ``vfio-pci`` properties).
+        """Ask the configured QEMU binary who it is (its version; the properties left unasked).
+
+        Raises:
+            ProbeError: the binary cannot be asked.
+        """
+        ...
+
+    async def read_qemu_properties(self, qemu: QemuBinary) -> QemuBinary:
+        """*qemu* with its ``vfio-pci`` properties, and the change time and size of the file
+        asked.
 
         Raises:
             ProbeError: the binary cannot be asked.

@@ -1,9 +1,10 @@
-"""Asking a QEMU binary who it is: its version banner and its vfio-pci properties."""
+"""Asking a QEMU binary who it is: its version banner, and its vfio-pci properties apart."""
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ProbeError
@@ -77,19 +78,30 @@ async def read_version(binary: Path, credentials: Credentials | None) -> str:
     return parse_version(banner.stdout)
 
 
-async def read_identity(
-    binary: Path, credentials: Credentials | None, version: str | None = None
-) -> QemuBinary:
-    """Ask *binary* for its version (unless *version*, read from this file already, is given)
-    and its vfio-pci properties (run as *credentials*); the answer names the binary as given,
-    with the change time and size of the file it resolves to.
+async def read_identity(binary: Path, credentials: Credentials | None) -> QemuBinary:
+    """Who *binary* is, as far as serving needs (one ``-version`` start, run as *credentials*):
+    the version, and the change time and size of the file it resolves to, named as given. The
+    ``vfio-pci`` properties are left unasked (see :func:`read_properties`).
 
-    Raises :class:`QemuMissingError` when it cannot be executed and
-    :class:`QemuUnusableError` when it does not answer like QEMU.
+    Raises:
+        QemuMissingError: it cannot be executed.
+        QemuUnusableError: it does not answer like QEMU.
     """
-    resolved, st = binary_stat(binary)
-    if version is None:
-        version = await read_version(resolved, credentials)
+    _, st = binary_stat(binary)
+    version = await read_version(binary, credentials)
+    return QemuBinary(path=str(binary), version=version, ctime_ns=st.st_ctime_ns, size=st.st_size)
+
+
+async def read_properties(qemu: QemuBinary, credentials: Credentials | None) -> QemuBinary:
+    """*qemu* with the ``vfio-pci`` properties its file has now (one short start, run as
+    *credentials*), and the change time and size of that file: a caller that finds them
+    changed knows the answer may belong to another binary.
+
+    Raises:
+        QemuMissingError: it cannot be executed.
+        QemuUnusableError: it does not answer within the time limit.
+    """
+    resolved, st = binary_stat(Path(qemu.path))
     try:
         device_help = await run_command(
             [str(resolved), "-nodefaults", "-machine", "none", "-device", "vfio-pci,help"],
@@ -101,9 +113,8 @@ async def read_identity(
         raise QemuMissingError(str(err)) from err
     except TimeoutError as err:
         raise QemuUnusableError(f"{resolved} did not answer within {IDENTITY_TIMEOUT}s") from err
-    return QemuBinary(
-        path=str(binary),
-        version=version,
+    return replace(
+        qemu,
         ctime_ns=st.st_ctime_ns,
         size=st.st_size,
         vfio_pci_properties=parse_device_properties(device_help.stdout + device_help.stderr),

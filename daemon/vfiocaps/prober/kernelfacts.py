@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from ..process import (
-    Credentials,
-    ManagedProcess,
-    ProcessSpec,
-    ProcessStartError,
-    minimal_environment,
-)
+from ..process import Credentials
 from . import vfiofeatures
 from .migration import KernelMigrationFacts
 
@@ -29,7 +26,8 @@ KNOWN_FLAGS = frozenset(name for _, name in vfiofeatures.MIGRATION_FLAGS)
 def reader_argv(
     container: Path, group: Path, device: str, answer_fd: int | None = None
 ) -> tuple[str, ...]:
-    """The reader's command line: the daemon's interpreter, isolated (no environment, no site)."""
+    """The reader as a program of its own, run by hand (the lab runs it so): the daemon's
+    interpreter, isolated (no environment, no site)."""
     answer = ("--answer-fd", str(answer_fd)) if answer_fd is not None else ()
     return (
         sys.executable,
@@ -51,30 +49,36 @@ async def read_kernel_facts(
 ) -> KernelMigrationFacts:
     """Ask the kernel about *device* through *group*, as the probe user; never raises.
 
-    Whatever stops the answer (the reader cannot start, times out, the vendor driver refuses
-    the open) gives facts that are not observable, with the reason. The reader runs in its own
-    process group, killed at the time limit or on cancellation; its answer comes through a
-    pipe of which at most ``ANSWER_LIMIT`` bytes are read.
+    The reader is a child forked from the daemon, not a new interpreter (a Python start per
+    probe costs more than everything else the probe does beside QEMU): it leaves the daemon's
+    session and every descriptor but its answer pipe, becomes the probe user (*credentials*;
+    the change of user also makes it undumpable, so that no other process of the probe user can
+    trace it) and only then opens the device and asks the ioctls (:mod:`.vfiofeatures`). Whatever
+    stops the answer (the child cannot start, times out, the vendor driver refuses the open)
+    gives facts that are not observable, with the reason. The child is killed at the time limit
+    or on cancellation and always reaped; at most ``ANSWER_LIMIT`` bytes of its answer are read.
     """
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
-        argv = reader_argv(dev_root / "vfio" / "vfio", group, device, write_end)
-        spec = ProcessSpec(
-            argv=argv, env=minimal_environment(), pass_fds=(write_end,), credentials=credentials
-        )
         try:
-            async with ManagedProcess(spec) as process:
-                os.close(write_end)
-                write_end = -1
-                async with asyncio.timeout(READER_TIME_LIMIT):
-                    result = await process.wait()
-        except ProcessStartError as err:
+            pid = os.fork()
+        except OSError as err:
             return KernelMigrationFacts(
-                False, reason=f"the VFIO feature reader did not start: {err}"
+                False, reason=f"the VFIO feature reader did not start: {err.strerror}"
             )
-        except TimeoutError:
+        if pid == 0:  # pragma: no cover - the child; its answer is what the tests check
+            _answer_and_exit(write_end, dev_root / "vfio" / "vfio", group, device, credentials)
+        os.close(write_end)
+        write_end = -1
+        try:
+            status = await _reaped_in_time(pid, READER_TIME_LIMIT)
+        except OSError as err:
             return KernelMigrationFacts(
-                False, reason=f"the VFIO feature reader gave no answer in {READER_TIME_LIMIT:.0f} s"
+                False, reason=f"cannot wait for the VFIO feature reader: {err.strerror}"
+            )
+        if status is None:
+            return KernelMigrationFacts(
+                False, reason=f"the VFIO feature reader gave no answer in {READER_TIME_LIMIT:g} s"
             )
         # The reader has exited: what it wrote is in the pipe (a pipe holds 64 KiB), read once.
         os.set_blocking(read_end, False)
@@ -87,11 +91,117 @@ async def read_kernel_facts(
         if write_end >= 0:
             os.close(write_end)
     facts = parse_reader_output(answer.decode("utf-8", errors="replace"))
-    if result.returncode != 0 and facts.observable:
-        facts = KernelMigrationFacts(False, reason=f"the reader exited with {result.returncode}")
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0 and facts.observable:
+        facts = KernelMigrationFacts(False, reason=f"the reader exited with {returncode}")
     if not facts.observable:
         log.debug("kernel migration facts of %s not observable: %s", device, facts.reason)
     return facts
+
+
+def _answer_and_exit(
+    answer_fd: int, container: Path, group: Path, device: str, credentials: Credentials | None
+) -> NoReturn:
+    """The forked reader: drop everything of the daemon, become the probe user, answer, exit.
+
+    Runs in the child only and never returns: whatever happens ends in ``os._exit`` (status 0
+    once the answer is written), so no code of the daemon runs on in this process.
+    """
+    status = 1
+    try:
+        os.setsid()  # out of the daemon's process group and session
+        os.closerange(3, answer_fd)
+        os.closerange(answer_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        if credentials is not None:
+            os.setgroups(list(credentials.groups))
+            os.setresgid(credentials.gid, credentials.gid, credentials.gid)
+            os.setresuid(credentials.uid, credentials.uid, credentials.uid)
+        text = vfiofeatures.answer(str(container), str(group), device)
+        os.write(answer_fd, text.encode()[:ANSWER_LIMIT])
+        status = 0
+    finally:
+        os._exit(status)
+
+
+async def _reaped_in_time(pid: int, limit: float) -> int | None:
+    """The wait status of the child *pid* once it has ended, or ``None`` when it was killed
+    after *limit* seconds. A cancellation kills and reaps it, then propagates.
+
+    Raises:
+        OSError: see :func:`_wait_child` (the child is reaped).
+    """
+    try:
+        async with asyncio.timeout(limit):
+            return await _wait_child(pid)
+    except TimeoutError:
+        await _kill_and_reap(pid)
+        return None
+    except asyncio.CancelledError:
+        await _kill_and_reap(pid)
+        raise
+
+
+async def _kill_and_reap(pid: int) -> None:
+    """SIGKILL the child *pid* and wait until it is reaped; a cancellation that arrives
+    meanwhile is re-raised once it is."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    waiting = asyncio.ensure_future(_wait_child(pid))
+    cancelled = False
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            cancelled = True
+    with contextlib.suppress(OSError):  # reaped all the same
+        waiting.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _wait_child(pid: int) -> int:
+    """Wait (without blocking the loop) until the child *pid* ends, reap it and return its wait
+    status. A cancellation leaves it unreaped.
+
+    Raises:
+        OSError: no pidfd for it (Linux before 5.3, or no descriptor left); it is killed and
+            reaped then.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        _kill_and_reap_now(pid)
+        raise
+    loop = asyncio.get_running_loop()
+    try:
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+    return _reap_ended(pid)
+
+
+def _reap_ended(pid: int) -> int:
+    """Reap the child *pid*, which has ended (its pidfd said so: this does not wait), and
+    return its wait status."""
+    return os.waitpid(pid, os.WNOHANG)[1]
+
+
+def _kill_and_reap_now(pid: int) -> None:
+    """SIGKILL the child *pid* and reap it; it ends at once unless the kernel holds it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def parse_reader_output(text: str) -> KernelMigrationFacts:

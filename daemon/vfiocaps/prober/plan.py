@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import platform
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ def machine_for_architecture(architecture: str | None = None) -> str:
 
     Raises :class:`UnsupportedArchitectureError` for an architecture without one.
     """
-    arch = (architecture or platform.machine()).lower()
+    arch = (architecture or os.uname().machine).lower()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     try:
         return MACHINE_FOR_ARCHITECTURE[arch]

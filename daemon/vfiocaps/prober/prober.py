@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,12 +17,9 @@ from ..process import ProcessStartError
 from ..qemubinary import QemuBinary
 from ..runstate import Lifecycle
 from ..vfiogroup import group_node
-from .events import LaunchObserver
 from .grants import NodeGrants
-from .identity import QemuMissingError, binary_stat, read_identity
+from .identity import QemuMissingError, binary_stat, read_identity, read_properties
 from .observation import Attempt, Step, Verdict
-from .plan import Accel, machine_for_architecture
-from .render import render_access
 from .sandbox import (
     KvmAccess,
     ProbeIdentity,
@@ -34,12 +30,13 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
-from .target import ProbeTarget
 
 if TYPE_CHECKING:
+    from .events import LaunchObserver
     from .launch import LaunchContext
     from .migration import KernelMigrationFacts
     from .strategy import ProbeStrategy
+    from .target import ProbeTarget
 
 log = logging.getLogger("vfiocaps.prober")
 
@@ -114,8 +111,10 @@ class Prober:
         self._lifecycle = lifecycle or Lifecycle()
 
     async def read_qemu(self) -> QemuBinary:
-        """Ask the configured QEMU binary who it is: version and ``vfio-pci`` properties (two
-        short launches). The daemon's engine keeps the answer and hands it to each probe.
+        """Ask the configured QEMU binary who it is: its version (one short launch), all the
+        daemon needs to serve; the ``vfio-pci`` properties are left to
+        :meth:`read_qemu_properties`. The daemon's engine keeps the answer and hands it to each
+        probe.
 
         Raises:
             QemuMissingError: the binary does not exist or cannot be executed.
@@ -124,9 +123,19 @@ class Prober:
         """
         return await read_identity(self.config.qemu_binary, self._identity().credentials)
 
+    async def read_qemu_properties(self, qemu: QemuBinary) -> QemuBinary:
+        """*qemu* with its ``vfio-pci`` properties (one short launch), which shape a probe's
+        launches; the change time and size are those of the file asked.
+
+        Raises:
+            QemuMissingError, QemuUnusableError, ProbeSandboxError: see :meth:`read_qemu`.
+        """
+        return await read_properties(qemu, self._identity().credentials)
+
     async def _binary_for(self, qemu: QemuBinary | None) -> tuple[Path, QemuBinary]:
-        """The file to launch and its identity: *qemu* while the file is unchanged (a stat, no
-        launch), else what the binary says now.
+        """The file to launch and its identity with its properties: *qemu* while the file is
+        unchanged (a stat, no launch), else what the binary says now; the properties are asked
+        when *qemu* lacks them.
 
         Raises:
             QemuMissingError, QemuUnusableError, ProbeSandboxError: see :meth:`read_qemu`.
@@ -134,6 +143,8 @@ class Prober:
         resolved, st = binary_stat(self.config.qemu_binary)
         if qemu is None or (qemu.ctime_ns, qemu.size) != (st.st_ctime_ns, st.st_size):
             qemu = await self.read_qemu()
+        if qemu.vfio_pci_properties is None:
+            qemu = await self.read_qemu_properties(qemu)
         return resolved, qemu
 
     def _identity(self) -> ProbeIdentity:
@@ -175,6 +186,8 @@ class Prober:
         await self.wait_allowed()
         if device.driver is None and parent is not None and parent.driver is not None:
             device = replace(device, driver=parent.driver)
+        from .target import ProbeTarget
+
         return await self.probe(ProbeTarget.from_device(device), qemu)
 
     async def probe(self, target: ProbeTarget, qemu: QemuBinary | None = None) -> ProbeReport:
@@ -227,10 +240,15 @@ class Prober:
     async def _probe(
         self, target: ProbeTarget | None, known: QemuBinary | None, run: _ProbeRun
     ) -> Verdict:
-        # The launch code (QMP, the strategy, the kernel's facts) is imported by the first probe,
-        # not by the daemon's start, which does not need it before it serves.
+        # The launch code (QMP, the strategy, the kernel's facts, the QEMU command line) is
+        # imported by the first probe, not by the daemon's start, which does not need it before
+        # it serves.
+        import uuid
+
         from .kernelfacts import read_kernel_facts
         from .launch import LaunchContext, probe_environment
+        from .plan import Accel, machine_for_architecture
+        from .render import render_access
         from .strategy import ProbeStrategy
 
         identity = self._identity()
@@ -273,7 +291,7 @@ class Prober:
                 stream_limit=self.config.migration_stream_limit,
             )
             strategy = ProbeStrategy(
-                vfio_pci_properties=qemu.vfio_pci_properties,
+                vfio_pci_properties=qemu.vfio_pci_properties or frozenset(),
                 accel=accel,
                 device_names=(target.qemu_name,) if target else (),
                 kernel=kernel,

@@ -1,15 +1,16 @@
 """Read a VFIO device's migration features from the kernel and print them as JSON (stdlib only).
 
-Run by vfiocapsd as the probe user, with the daemon's interpreter, isolated from the
-environment (``python -I -S vfiofeatures.py --container /dev/vfio/vfio --group /dev/vfio/N
---device NAME``), while it holds the group node granted. It opens the device the way QEMU does
-with the legacy (type1) container: ``VFIO_GROUP_SET_CONTAINER``, ``VFIO_SET_IOMMU``,
-``VFIO_GROUP_GET_DEVICE_FD`` with the mdev UUID or the PCI address; then asks
-``VFIO_DEVICE_FEATURE`` ``GET|MIGRATION`` (the migration flags) and ``PROBE|SET|
+vfiocapsd asks it (:func:`answer`) in a child forked for each probe that has become the probe
+user, while the probe holds the group node granted (see ``kernelfacts.py``). Run by hand it is a
+program of its own (``python -I -S vfiofeatures.py --container /dev/vfio/vfio --group
+/dev/vfio/N --device NAME``), which is how the lab reads a device's features. It opens the
+device the way QEMU does with the legacy (type1) container: ``VFIO_GROUP_SET_CONTAINER``,
+``VFIO_SET_IOMMU``, ``VFIO_GROUP_GET_DEVICE_FD`` with the mdev UUID or the PCI address; then
+asks ``VFIO_DEVICE_FEATURE`` ``GET|MIGRATION`` (the migration flags) and ``PROBE|SET|
 DMA_LOGGING_START`` (device dirty tracking), exactly the questions QEMU asks at realize.
 
-Output, one JSON object on stdout (or on the descriptor ``--answer-fd N``, as vfiocapsd runs
-it), exit status 0 whenever an answer was printed:
+The answer is one JSON object (on stdout, or on the descriptor ``--answer-fd N``; exit status 0
+whenever an answer was printed):
 ``{"observable": true, "migration": true, "flags": ["stop-copy", "p2p", "pre-copy"],
 "raw_flags": 7, "dirty_tracking": true}`` or ``{"observable": false, "reason": "..."}`` when
 the kernel or the vendor driver does not let this process open the device (Intel GVT-g needs
@@ -238,6 +239,19 @@ def to_json(value: object) -> str:
     raise TypeError(f"not part of an answer: {value!r}")
 
 
+def answer(container_path: str, group_path: str, device: str) -> str:
+    """The reader's answer for *device* as one JSON line (see the module's description); a
+    device that cannot be opened or asked is an answer too ("not observable", with the reason).
+    Raises nothing but what the interpreter raises (e.g. ``MemoryError``)."""
+    try:
+        features = read_features(container_path, group_path, device)
+    except NotObservable as err:
+        features = {"observable": False, "reason": str(err)}
+    except OSError as err:
+        features = {"observable": False, "reason": f"{device}: {err.strerror or err}"}
+    return to_json(features) + "\n"
+
+
 USAGE = "usage: vfiofeatures.py --container PATH --group PATH --device NAME [--answer-fd N]"
 
 
@@ -269,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{err}\n")
         return 2
     _no_new_privs()
-    try:
-        answer = read_features(args["container"], args["group"], args["device"])
-    except NotObservable as err:
-        answer = {"observable": False, "reason": str(err)}
-    text = to_json(answer) + "\n"
+    text = answer(args["container"], args["group"], args["device"])
     if "answer-fd" in args:
         with os.fdopen(int(args["answer-fd"]), "w") as out:
             out.write(text)

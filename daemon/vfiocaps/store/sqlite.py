@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -32,6 +33,20 @@ def _classify(err: sqlite3.Error, action: str) -> StoreError:
     if "malformed" in text or "not a database" in text:
         return StoreCorruptError(f"{action}: {text}")
     return StoreUnavailableError(f"{action}: {text}")
+
+
+def _property_names(stored: object) -> frozenset[str] | None:
+    """The ``vfio-pci`` property names a row holds, or ``None`` when not asked yet or unreadable
+    (they are asked again then)."""
+    if not isinstance(stored, str):
+        return None
+    try:
+        names = json.loads(stored)
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return None
+    return frozenset(names)
 
 
 class CapabilityStore:
@@ -100,15 +115,18 @@ class CapabilityStore:
             )
         if version == SCHEMA_VERSION:
             return
-        await db.execute("BEGIN IMMEDIATE")
+        # One script, one trip to the database's thread (a new cache runs every migration).
+        steps = [
+            s for target in range(version + 1, SCHEMA_VERSION + 1) for s in MIGRATIONS[target - 1]
+        ]
+        script = ";\n".join(
+            ["BEGIN IMMEDIATE", *steps, f"PRAGMA user_version = {SCHEMA_VERSION}", "COMMIT"]
+        )
         try:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1]:
-                    await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await db.execute("COMMIT")
+            await db.executescript(script)
         except BaseException:
-            await db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # none is open when BEGIN failed
+                await db.execute("ROLLBACK")
             raise
         log.info("cache %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
@@ -310,8 +328,8 @@ class CapabilityStore:
         return [KnownDevice(*row) for row in rows]
 
     async def qemu_binary(self, path: str, ctime_ns: int, size: int) -> QemuBinary | None:
-        """What a warm start needs of this exact binary (version and ``vfio-pci`` properties),
-        if it was remembered with both.
+        """What a warm start needs of this exact binary: its version, with its ``vfio-pci``
+        properties once a probe has asked them (else ``None`` there).
 
         Raises:
             StoreCorruptError, StoreUnavailableError: the database cannot be read.
@@ -322,16 +340,10 @@ class CapabilityStore:
             "WHERE path = ? AND ctime_ns = ? AND size = ?",
             (path, ctime_ns, size),
         )
-        if not rows or rows[0][1] is None:
+        if not rows:
             return None
         version, properties = rows[0]
-        try:
-            names = json.loads(properties)
-        except ValueError:
-            return None
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            return None
-        return QemuBinary(str(path), str(version), ctime_ns, size, frozenset(names))
+        return QemuBinary(str(path), str(version), ctime_ns, size, _property_names(properties))
 
     async def remember_qemu_binary(self, binary: QemuBinary) -> None:
         """Remember *binary* for the next start (replacing older entries for its path).
@@ -352,7 +364,9 @@ class CapabilityStore:
                             binary.ctime_ns,
                             binary.size,
                             binary.version,
-                            json.dumps(sorted(binary.vfio_pci_properties)),
+                            None
+                            if binary.vfio_pci_properties is None
+                            else json.dumps(sorted(binary.vfio_pci_properties)),
                         )
                     ],
                 ),
