@@ -1,7 +1,8 @@
 """Probes yield to VMs: an instance of an unprobed type is created and a libvirt VM started on it
-at once, once per sample driver by default (`--races N` for more), with the vfiocaps hook: every start succeeds, and every device
-gets its answer once the VM is gone, without anyone asking again. Without the hook the starts
-that fail are counted, not judged, and only when asked (`tests/lab/run -- -m measure -k race`).
+at once, once per sample driver (`--races N` for N rounds), with the vfiocaps hook: every start
+succeeds, and every device gets its answer once the VM is gone, without anyone asking again.
+Without the hook the starts that fail are counted, not judged, and only when asked
+(`tests/lab/run -- -m measure -k race --races 5`).
 Runs last: it removes and re-creates (with the same UUIDs) the instances of the types it races
 on."""
 
