@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from support.contract import CONTRACT, DOC
+from support.engine_rig import driver
 from vfiocaps.capabilities import (
     Capabilities,
     Decider,
@@ -127,7 +128,7 @@ def test_dbus_values_of_nothing_known() -> None:
 
 
 def test_labels_and_fingerprint_carry_the_fields_the_schema_places_there() -> None:
-    view = TypeView("p", "t", "t", "", "vfio-pci", 1, 0, None, FULL)
+    view = TypeView("p", "t", "t", "", "vfio-pci", 1, 0, driver("p"), FULL)
     written = {
         name.rsplit(".", 1)[1] for name in labels_of([view]) if name.startswith(LABEL_PREFIX)
     }

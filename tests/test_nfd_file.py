@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.daemon_lab import Lab
+from support.engine_rig import driver
 from support.harness import wait_until
 from support.nfd_format import expiry_time, read_labels
 from vfiocaps.capabilities import Capabilities, Display, Migration
@@ -35,7 +36,7 @@ def views() -> list[TypeView]:
             device_api="vfio-pci",
             available_instances=1,
             instances=0,
-            driver=None,
+            driver=driver("mtty"),
             capabilities=MTTY,
         )
     ]

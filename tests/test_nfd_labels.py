@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from support.daemon_lab import Lab
+from support.engine_rig import driver
 from support.harness import BUS_NAME, ROOT_PATH, busctl, wait_until
 from support.nfd_format import MAX_FILE_BYTES, expiry_time, label_problem, read_labels
 from vfiocaps.capabilities import Capabilities, Display, GlHost, Migration
@@ -53,7 +54,7 @@ def type_view(parent: str, type_id: str, caps: Capabilities | None) -> TypeView:
         device_api="vfio-pci",
         available_instances=1,
         instances=0,
-        driver=None,
+        driver=None if caps is None else driver(parent),
         capabilities=caps,
     )
 

@@ -1,4 +1,5 @@
-"""The one rule for each piece of knowledge: names, sysfs writes, atomic replace, task sets."""
+"""The one rule for each piece of knowledge: names, sysfs writes, atomic replace, task sets,
+what "probed" means."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from vfiocaps.discovery.sysfs import SysfsTree
 from vfiocaps.domainxml import Viewer
 from vfiocaps.engine import DeviceView, ProbeState
 from vfiocaps.engine.domain import DomainAnswers
+from vfiocaps.engine.views import answer_of
 from vfiocaps.errors import InvalidArgumentError, ProbeBusyError, ProbeError
 from vfiocaps.ids import MAX_NAME_LENGTH, is_sysfs_name, name_problem
 from vfiocaps.model import Parent
@@ -322,3 +324,24 @@ def test_the_render_node_is_looked_up_on_each_call(tmp_path: Path) -> None:
     (tmp_path / "dri").mkdir()
     (tmp_path / "dri" / "renderD128").touch()
     assert "renderD128" in answers.parts(view, Viewer.REMOTE).fragment()
+
+
+# ---- "probed": one rule for the engine, the bus, the labels and the domain answers ----------
+
+
+def test_a_view_is_answered_only_with_capabilities_and_the_driver_they_came_from() -> None:
+    done = _view("mtty-1")
+    assert done.answer is not None
+    assert done.answer.capabilities == done.capabilities
+    assert done.answer.driver == done.driver
+    assert _view("mtty-1", state=ProbeState.PENDING).answer is None
+    without_driver = DeviceView(
+        device=done.device,
+        driver=None,
+        type_name="mtty-1",
+        state=ProbeState.DONE,
+        capabilities=done.capabilities,
+    )
+    assert without_driver.answer is None
+    assert answer_of(done.capabilities, None) is None
+    assert answer_of(None, done.driver) is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.engine_rig import driver
 from support.umockdev_hosts import DirectoryTestbed
 from support.umockdev_sriov import H100, L40S, SriovHostBuilder
 from vfiocaps.bus.errors import ERROR_PREFIX, to_dbus_error
@@ -141,7 +142,7 @@ def test_the_same_id_on_two_card_models_is_two_types_with_two_keys_and_labels(
             device_api="vfio-pci",
             available_instances=t.available_instances,
             instances=1,
-            driver=None,
+            driver=driver("nvidia"),
             capabilities=caps,
             kind=TypeKind.VF_PROFILE,
         )

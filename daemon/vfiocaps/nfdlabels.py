@@ -135,11 +135,12 @@ def labels_of(
     """The labels of every probed type in *types*, by full label name."""
     per_token: dict[str, dict[str, set[str]]] = {}
     for view in types:
-        if view.capabilities is None:
+        answer = view.answer
+        if answer is None:
             continue
         fingerprint = fingerprint_of(view) if fingerprint_of else ""
         answers = per_token.setdefault(view_token(view), {})
-        for key, value in _answers(view.capabilities, fingerprint).items():
+        for key, value in _answers(answer.capabilities, fingerprint).items():
             answers.setdefault(key, set()).add(value)
     labels = {EMULATED_LABEL: "true"} if emulated else {}
     labels.update(

@@ -103,8 +103,9 @@ def label_writer(config: Config, engine: Engine) -> NfdLabelWriter | None:
 
 def _fingerprint_of(view: TypeView) -> str:
     """A probed type's migration fingerprint (JSON), as the NFD labels hash it."""
-    if view.driver is None or view.capabilities is None:
+    answer = view.answer
+    if answer is None:
         return ""
     return fingerprint.for_type(
-        view.driver, view.type_id, view.device_api, view.capabilities, view.parent_pci_id
+        answer.driver, view.type_id, view.device_api, answer.capabilities, view.parent_pci_id
     ).to_json()

@@ -128,10 +128,10 @@ def type_dict(view: TypeView) -> dict[str, Variant]:
         "Instances": Variant("u", view.instances),
         "Driver": Variant("s", view.driver.module if view.driver else ""),
         "DriverVersion": Variant("s", view.driver.version if view.driver else ""),
-        "Probed": Variant("b", view.capabilities is not None),
+        "Probed": Variant("b", view.answer is not None),
         "Requires": Variant("s", view.requires),
     }
-    if view.capabilities is not None:
+    if (learned := view.answer) is not None:
         for item in fields_in(Place.TYPE_SUMMARY):
-            answer[item.name] = Variant(item.signature, item.dbus(view.capabilities))
+            answer[item.name] = Variant(item.signature, item.dbus(learned.capabilities))
     return answer

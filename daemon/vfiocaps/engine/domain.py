@@ -24,13 +24,14 @@ def probed(view: DeviceView) -> tuple[Capabilities, DriverIdentity]:
         ProbeBusyError: the device is busy and nothing is known of its type yet.
         ProbeError: the device has not been probed successfully.
     """
-    if view.capabilities is None or view.driver is None:
+    answer = view.answer
+    if answer is None:
         device_id = view.device.device_id
         if view.state is ProbeState.BUSY:
             raise ProbeBusyError(f"{device_id} is in use and its type is not known")
         reason = view.last_error or f"probe state is {view.state.value}"
         raise ProbeError(f"no capabilities for {device_id}: {reason}")
-    return view.capabilities, view.driver
+    return answer.capabilities, answer.driver
 
 
 class DomainAnswers:
@@ -60,9 +61,8 @@ class DomainAnswers:
         return [
             view
             for view in self._views()
-            if view.capabilities is not None
-            and view.driver is not None
-            and view.driver.module == source.driver
+            if (answer := view.answer) is not None
+            and answer.driver.module == source.driver
             and view.device.type_id == source.type_id
         ]
 

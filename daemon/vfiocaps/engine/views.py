@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..capabilities import Capabilities, ProbeReport
 from ..model import Device, DiscoveryEvent, DriverIdentity, HostSnapshot, Parent, TypeKind
@@ -29,6 +29,20 @@ class CacheState(enum.Enum):
     DEGRADED = "degraded"
 
 
+class Answer(NamedTuple):
+    """What a probe learned of a type, with the driver it was learned from."""
+
+    capabilities: Capabilities
+    driver: DriverIdentity
+
+
+def answer_of(capabilities: Capabilities | None, driver: DriverIdentity | None) -> Answer | None:
+    """The one rule for "probed": capabilities are known, and the driver they were learned from."""
+    if capabilities is None or driver is None:
+        return None
+    return Answer(capabilities, driver)
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceView:
     """A device as consumers see it: discovery's facts plus what the cache says."""
@@ -41,6 +55,11 @@ class DeviceView:
     probed_at_us: int = 0
     last_error: str = ""
     parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind it, as its cache key has it
+
+    @property
+    def answer(self) -> Answer | None:
+        """The device's type's answer, or None when it has none yet."""
+        return answer_of(self.capabilities, self.driver)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +79,11 @@ class TypeView:
     kind: TypeKind = TypeKind.MDEV
     parent_pci_id: str = ""  # vvvv:dddd of the PCI device behind the type
     requires: str = ""  # what must exist before an instance can be made (MdevType.requires)
+
+    @property
+    def answer(self) -> Answer | None:
+        """The type's answer, or None when it has none yet."""
+        return answer_of(self.capabilities, self.driver)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,27 @@ def results_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--races",
+        type=int,
+        default=1,
+        metavar="N",
+        help="VM-start races per sample driver in test_99_vm_race (default 1; 5 for the figures "
+        "in docs/security.md)",
+    )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Each test phase's time, appended to durations.tsv in the results share as it ends: a
+    guest stopped by the lab's time limit still says where its time went."""
+    results = results_dir()
+    if results is None or report.when not in ("setup", "call", "teardown"):
+        return
+    with (results / "durations.tsv").open("a") as out:
+        out.write(f"{report.nodeid}\t{report.when}\t{report.duration:.2f}\t{report.outcome}\n")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     results = results_dir()
     if results is None:

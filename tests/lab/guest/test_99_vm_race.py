@@ -1,7 +1,8 @@
 """Probes yield to VMs: an instance of an unprobed type is created and a libvirt VM started on it
-at once, 5 times per sample driver, with the vfiocaps hook: every start succeeds, and every device
-gets its answer once the VM is gone, without anyone asking again. Without the hook the starts
-that fail are counted, not judged, and only when asked (`tests/lab/run -- -m measure -k race`).
+at once, once per sample driver (`--races N` for N rounds), with the vfiocaps hook: every start
+succeeds, and every device gets its answer once the VM is gone, without anyone asking again.
+Without the hook the starts that fail are counted, not judged, and only when asked
+(`tests/lab/run -- -m measure -k race --races 5`).
 Runs last: it removes and re-creates (with the same UUIDs) the instances of the types it races
 on."""
 
@@ -22,15 +23,14 @@ import pytest
 from labkit import SAMPLE_TYPES, SYSFS, Daemon, MdevLab, wait_for
 from libvirtkit import DOMAIN_PREFIX, DomainParts, Libvirt, domain
 
-TRIALS = 5
 HOOK = Path("/etc/libvirt/hooks/qemu.d/vfiocaps")
 HOOK_PARKED = Path("/var/tmp/vfiocaps-hook.parked")
 WORKDIR = Path("/var/tmp/vfiocaps-lab-race")
 ANSWER_SECONDS = 240.0  # with the hook: the answer is a must
 BARE_ANSWER_SECONDS = 30.0  # without: recorded, not judged (a failed probe retries after 30 s)
 RACES: list[dict[str, Any]] = []
-# 15 races of a VM start, a probe and a stop each: far beyond the suite's 900 s per test under
-# TCG on a loaded host.
+# Up to 15 races (--races 5) of a VM start, a probe and a stop each: far beyond the suite's 900 s
+# per test under TCG on a loaded host.
 RACE_TIMEOUT = 5400
 
 
@@ -130,23 +130,32 @@ def race(
     }
 
 
-def rounds(race_types: dict[str, str]) -> list[tuple[int, str, str]]:
-    """(index, module, type) for TRIALS rounds over the drivers, one driver after the other in
+@pytest.fixture(scope="module")
+def trials(request: pytest.FixtureRequest) -> int:
+    """Races per driver: the suite's --races."""
+    wanted = int(request.config.getoption("races"))
+    if wanted < 1:
+        raise pytest.UsageError("--races must be at least 1")
+    return wanted
+
+
+def rounds(race_types: dict[str, str], trials: int) -> list[tuple[int, str, str]]:
+    """(index, module, type) for *trials* rounds over the drivers, one driver after the other in
     each round, so that a run cut short still has every driver."""
-    return [(i, m, t) for i in range(TRIALS) for m, t in race_types.items()]
+    return [(i, m, t) for i in range(trials) for m, t in race_types.items()]
 
 
 @pytest.mark.measure
 @pytest.mark.timeout(RACE_TIMEOUT)
 def test_starts_race_probes_without_the_hook(
-    race_types: dict[str, str], daemon: Daemon, mdevs: MdevLab, libvirt: Libvirt
+    race_types: dict[str, str], trials: int, daemon: Daemon, mdevs: MdevLab, libvirt: Libvirt
 ) -> None:
     """Counted, not judged: what a stack without the hook gets (settle time and busy skip)."""
     assert HOOK.exists(), "make install did not install the libvirt hook"
     HOOK.rename(HOOK_PARKED)
     try:
         restart_libvirtd(libvirt)
-        for index, module, type_id in rounds(race_types):
+        for index, module, type_id in rounds(race_types, trials):
             name = f"{DOMAIN_PREFIX}race-bare-{type_id}-{index}"
             found = race(libvirt, daemon, mdevs, module, type_id, name, BARE_ANSWER_SECONDS)
             RACES.append({"hook": False, **found})
@@ -161,12 +170,12 @@ def test_starts_race_probes_without_the_hook(
 
 @pytest.mark.timeout(RACE_TIMEOUT)
 def test_with_the_hook_every_start_succeeds_and_every_device_is_answered(
-    race_types: dict[str, str], daemon: Daemon, mdevs: MdevLab, libvirt: Libvirt
+    race_types: dict[str, str], trials: int, daemon: Daemon, mdevs: MdevLab, libvirt: Libvirt
 ) -> None:
     assert os.access(HOOK, os.X_OK), "the libvirt hook is not installed executable"
     restart_libvirtd(libvirt)
     runs = []
-    for index, module, type_id in rounds(race_types):
+    for index, module, type_id in rounds(race_types, trials):
         name = f"{DOMAIN_PREFIX}race-hook-{type_id}-{index}"
         found = race(libvirt, daemon, mdevs, module, type_id, name, ANSWER_SECONDS)
         runs.append({"hook": True, **found})
