@@ -59,18 +59,23 @@ def test_the_floor_uses_the_interpreter_line_of_the_installed_launcher(
         floor_unit.launcher_interpreter(tmp_path / "binary")
 
 
-async def test_isolated_floor_owns_the_name_only_with_the_library_directory(
-    floor_unit: Any, bus: Any
-) -> None:
-    """Without site packages (``-S``, like a service's Python that cannot see the package's
-    private directory) the floor cannot import dbus-fast and ends at once; given the directory
-    the launcher puts on ``sys.path``, it owns the name and stops cleanly on SIGTERM."""
+def test_isolated_floor_without_the_library_directory_ends_at_once(bus: Any) -> None:
+    """Without site packages (``-S``: like a service's Python, which does not see the package's
+    private directory) the floor cannot import dbus-fast: it ends at once, saying so."""
     isolated = [sys.executable, "-I", "-S", str(FLOOR), bus.address, NAME]
     lost = subprocess.run(isolated, capture_output=True, text=True, timeout=120, check=False)
     assert lost.returncode == 1
     assert "No module named 'dbus_fast'" in lost.stderr
 
+
+async def test_isolated_floor_owns_the_name_with_the_library_directory(
+    floor_unit: Any, bus: Any
+) -> None:
+    """Given the directory the launcher puts first on ``sys.path``, the isolated floor owns the
+    name and stops cleanly on SIGTERM."""
     from bench.name_timing import seconds_to_name
+
+    isolated = [sys.executable, "-I", "-S", str(FLOOR), bus.address, NAME]
 
     connection = await MessageBus(bus_address=bus.address).connect()
     processes: list[subprocess.Popen[bytes]] = []
