@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -274,9 +275,12 @@ class ProbeScheduler:
             entry = ready[0]
             job.tried.add(entry.device.device_id)
             job.current = entry.device.device_id
+            began = time.monotonic()
             for waiting_entry in self._table.waiting(key):
                 self._table.set_state(waiting_entry, ProbeState.PROBING, "")
+            announced = time.monotonic()
             report = await self._probe(entry.device)
+            probed = time.monotonic()
             job.current = ""
             if report.outcome is not ProbeOutcome.OK and not self._free(entry):
                 # A domain took the device while it was probed: no answer; wait for release.
@@ -308,6 +312,15 @@ class ProbeScheduler:
             )
             self._cache.remember(record, history)
             self._settle(key, record)
+            log.debug(
+                "probe of %s in the engine: probing to done %.3f s: announce probing %.3f, "
+                "prober %.3f, record and announce done %.3f",
+                entry.device.device_id,
+                time.monotonic() - began,
+                announced - began,
+                probed - announced,
+                time.monotonic() - probed,
+            )
             return record
 
     def _not_ready_record(self, key: CapabilityKey, entries: list[DeviceEntry]) -> CapabilityRecord:

@@ -30,6 +30,7 @@ from .sandbox import (
     remove_stale_probe_directories,
     resolve_probe_identity,
 )
+from .steptimes import LAUNCHES, StepClock
 
 if TYPE_CHECKING:
     from .events import LaunchObserver
@@ -47,6 +48,7 @@ class _ProbeRun:
 
     launches: list[LaunchRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    clock: StepClock = field(default_factory=StepClock)
 
 
 def launch_identity(
@@ -235,6 +237,8 @@ class Prober:
             report.duration,
             f": {report.error}" if report.error else "",
         )
+        run.clock.lap("report")
+        log.debug("probe of %s: %s", target.device_id if target else "QEMU", run.clock.summary())
         return report
 
     async def _probe(
@@ -251,10 +255,14 @@ class Prober:
         from .render import render_access
         from .strategy import ProbeStrategy
 
+        clock = run.clock
+        clock.lap("imports")
         identity = self._identity()
         run.notes.append(identity.description)
+        clock.lap("identity")
         binary, qemu = await self._binary_for(known)
         machine = machine_for_architecture(self.architecture)
+        clock.lap("binary")
         node: Path | None = None
         if target is not None:
             if not target.iommu_group:
@@ -267,16 +275,20 @@ class Prober:
         else:
             accel = Accel.TCG
             run.notes.append(f"KVM is not usable ({kvm.reason}); probing with TCG")
+        clock.lap("checks")
         with contextlib.ExitStack() as stack:
             workdir = stack.enter_context(private_directory(self.config.runtime_dir))
+            clock.lap("sandbox")
             if identity.credentials is not None and node is not None:
                 stack.enter_context(self.grants.granted(node, identity.uid))
             identity = launch_identity(identity, kvm, self.grants, stack)
+            clock.lap("grant")
             kernel: KernelMigrationFacts | None = None
             if target is not None and node is not None:
                 kernel = await read_kernel_facts(
                     self.config.dev_root, node, target.qemu_name, identity.credentials
                 )
+            clock.lap("features")
             context = LaunchContext(
                 binary=binary,
                 machine=machine,
@@ -298,11 +310,13 @@ class Prober:
                 render=render_access(self.config.dev_root, identity) if target else None,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
+            clock.lap("plan")
             verdict = await self._launches(context, strategy, attempt, run)
+            clock.lap(LAUNCHES)
             if node is not None and identity.credentials is not None:
                 verdict = taken_during_probe(verdict, node, identity.uid)
-            return verdict
-        raise AssertionError("unreachable")  # pragma: no cover
+        clock.lap("release")
+        return verdict
 
     async def _launches(
         self, context: LaunchContext, strategy: ProbeStrategy, attempt: Attempt, run: _ProbeRun

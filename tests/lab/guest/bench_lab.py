@@ -354,6 +354,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         mdevs.load(module)
     subprocess.run(["udevadm", "settle", "--timeout=60"], check=True, timeout=90)
     base = unit.exec_start()
+    if args.daemon_verbose:
+        base = [*base, "--verbose"]
     interpreter = launcher_interpreter(Path(base[0]))  # the daemon's, for its start's floor
     systemctl("stop", unit.service)
     devices, facts = sample_devices(mdevs)
@@ -451,6 +453,11 @@ def main() -> int:
         type=int,
         action="append",
         help="probe concurrency of a cold start (repeatable; default 1 and 2)",
+    )
+    parser.add_argument(
+        "--daemon-verbose",
+        action="store_true",
+        help="start the daemon with --verbose: its journal then has each probe's time per step",
     )
     args = parser.parse_args()
     args.concurrency = args.concurrency or [1, 2]
