@@ -25,6 +25,7 @@ from .sandbox import (
     ProbeIdentity,
     ProbeSandboxError,
     check_group_not_busy,
+    device_nodes_by_group,
     kvm_access,
     private_directory,
     remove_stale_probe_directories,
@@ -257,7 +258,12 @@ class Prober:
 
         clock = run.clock
         clock.lap("imports")
-        identity = self._identity()
+        # One scan of the device nodes for every check of this probe (the probe user's groups,
+        # /dev/kvm's and a render node's group); only root switches users and checks groups.
+        dev_root = self.config.dev_root
+        scanned = device_nodes_by_group(dev_root) if os.geteuid() == 0 else None
+        clock.lap("device scan")
+        identity = resolve_probe_identity(self.config.probe_user, dev_root, scanned)
         run.notes.append(identity.description)
         clock.lap("identity")
         binary, qemu = await self._binary_for(known)
@@ -269,7 +275,7 @@ class Prober:
                 raise ProbeError(f"{target.device_id} has no IOMMU group")
             node = group_node(self.config.dev_root, target.iommu_group)
             check_group_not_busy(node)
-        kvm = kvm_access(self.config.dev_root, identity)
+        kvm = kvm_access(dev_root, identity, scanned)
         if kvm.usable:
             accel = Accel.KVM
         else:
@@ -307,7 +313,7 @@ class Prober:
                 accel=accel,
                 device_names=(target.qemu_name,) if target else (),
                 kernel=kernel,
-                render=render_access(self.config.dev_root, identity) if target else None,
+                render=render_access(dev_root, identity, scanned) if target else None,
             )
             attempt = strategy.first() if target else Attempt(Step.BARE, None, accel)
             clock.lap("plan")

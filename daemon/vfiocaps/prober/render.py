@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..drm import render_nodes
-from .sandbox import ProbeIdentity, launch_group_refusal
+from .sandbox import DeviceNodes, ProbeIdentity, launch_group_refusal
 
 NOT_ACCESSIBLE = "render node not accessible to the probe user"
 # The groups udev gives render nodes (systemd: render; older rules: video).
@@ -29,7 +29,9 @@ class RenderAccess:
     reason: str = ""
 
 
-def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
+def render_access(
+    dev_root: Path, identity: ProbeIdentity, scanned: DeviceNodes | None = None
+) -> RenderAccess:
     """The first render node under *dev_root* the probe user can open read-write.
 
     A node is a character device (a link or another file is refused). It is reachable when
@@ -37,14 +39,15 @@ def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
     through its group when that group is read-write and passes the probe user's group policy
     for a launch (:func:`vfiocaps.prober.sandbox.launch_group_refusal`: Debian's ``render``,
     owning nothing but render nodes; never ``root``, ``disk``, ``video`` and the like; Debian:
-    ``root:render 0660``). Raises nothing; the answer says why not.
+    ``root:render 0660``). *scanned*: see :func:`~vfiocaps.prober.sandbox.launch_group_refusal`.
+    Raises nothing; the answer says why not.
     """
     nodes = render_nodes(dev_root)
     if not nodes:
         return RenderAccess(None, False, reason=f"no DRM render node in {dev_root / 'dri'}")
     refusals = []
     for node in nodes:
-        access = _node_access(node, identity, dev_root, set(nodes))
+        access = _node_access(node, identity, dev_root, set(nodes), scanned)
         if access.usable:
             return access
         refusals.append(access)
@@ -52,7 +55,11 @@ def render_access(dev_root: Path, identity: ProbeIdentity) -> RenderAccess:
 
 
 def _node_access(
-    node: Path, identity: ProbeIdentity, dev_root: Path, render: set[Path]
+    node: Path,
+    identity: ProbeIdentity,
+    dev_root: Path,
+    render: set[Path],
+    scanned: DeviceNodes | None,
 ) -> RenderAccess:
     try:
         st = os.lstat(node)  # never through a link: the node's own group is what QEMU gets
@@ -69,7 +76,7 @@ def _node_access(
     if st.st_uid == identity.uid or mode & 0o006 == 0o006:
         return RenderAccess(node, True)
     if mode & 0o060 == 0o060:
-        refusal = launch_group_refusal(st.st_gid, dev_root, RENDER_GROUPS, render)
+        refusal = launch_group_refusal(st.st_gid, dev_root, RENDER_GROUPS, render, scanned)
         if not refusal:
             return RenderAccess(node, True, group=st.st_gid)
         return RenderAccess(

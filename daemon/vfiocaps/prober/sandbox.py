@@ -101,9 +101,13 @@ def device_groups(dev_root: Path) -> set[int]:
     return set(device_nodes_by_group(dev_root))
 
 
-def device_nodes_by_group(dev_root: Path) -> dict[int, list[Path]]:
+# The device nodes under a device root by owning group: one scan, shared by the checks of a probe.
+DeviceNodes = dict[int, list[Path]]
+
+
+def device_nodes_by_group(dev_root: Path) -> DeviceNodes:
     """The device nodes under *dev_root* (links not followed) by owning group. Raises nothing."""
-    found: dict[int, list[Path]] = {}
+    found: DeviceNodes = {}
     seen = 0
     pending = [(dev_root, 0)]
     while pending and seen < DEV_SCAN_LIMIT:
@@ -135,25 +139,36 @@ def _group_name(gid: int) -> str:
 _REFUSED_NAMES = PRIVILEGED_GROUPS | DEVICE_GROUPS
 
 
-def launch_group_refusal(gid: int, dev_root: Path, own: frozenset[str], nodes: set[Path]) -> str:
+def launch_group_refusal(
+    gid: int,
+    dev_root: Path,
+    own: frozenset[str],
+    nodes: set[Path],
+    scanned: DeviceNodes | None = None,
+) -> str:
     """Why the group *gid* may not be given to QEMU for one launch to reach *nodes* (``""``:
     it may). Refused: root's group, a group of :data:`PRIVILEGED_GROUPS` or :data:`DEVICE_GROUPS`
     other than *own* (the names expected for such nodes: ``kvm`` for /dev/kvm, ``render`` for
-    render nodes), and a group that owns any other device node under *dev_root*. Raises
-    nothing."""
+    render nodes), and a group that owns any other device node under *dev_root* (*scanned*: the
+    probe's scan of *dev_root*, else it is scanned now). Raises nothing."""
     name = _group_name(gid)
     if gid == 0:
         return "its group is root's"
     if name not in own and (name in PRIVILEGED_GROUPS or name in DEVICE_GROUPS):
         return f"its group {name} gives access to devices or files of value"
-    others = [node for node in device_nodes_by_group(dev_root).get(gid, []) if node not in nodes]
+    if scanned is None:
+        scanned = device_nodes_by_group(dev_root)
+    others = [node for node in scanned.get(gid, []) if node not in nodes]
     if others:
         return f"its group {name} also owns {others[0]}"
     return ""
 
 
-def resolve_probe_identity(probe_user: str, dev_root: Path = DEV_ROOT) -> ProbeIdentity:
-    """The identity QEMU runs with: *probe_user* when we are root, else our own user.
+def resolve_probe_identity(
+    probe_user: str, dev_root: Path = DEV_ROOT, scanned: DeviceNodes | None = None
+) -> ProbeIdentity:
+    """The identity QEMU runs with: *probe_user* when we are root, else our own user. The groups
+    owning device nodes come from *scanned* (the probe's scan of *dev_root*), else a scan now.
 
     Raises :class:`ProbeSandboxError` when we are root and *probe_user* does not exist, is
     root, or is in a privileged group (see the module's docstring).
@@ -175,7 +190,7 @@ def resolve_probe_identity(probe_user: str, dev_root: Path = DEV_ROOT) -> ProbeI
         raise ProbeSandboxError(f"probe user {probe_user!r} is root; QEMU never runs as root")
     groups = set(os.getgrouplist(probe_user, entry.pw_gid))
     refused = {gid for gid in groups if gid == 0 or _group_name(gid) in _REFUSED_NAMES}
-    refused |= groups & device_groups(dev_root)
+    refused |= groups & (set(scanned) if scanned is not None else device_groups(dev_root))
     if refused:
         names = ", ".join(sorted(_group_name(gid) for gid in refused))
         raise ProbeSandboxError(
@@ -214,8 +229,11 @@ class KvmAccess:
     reason: str = ""
 
 
-def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
-    """Decide whether a probe can use KVM. Raises nothing; the answer says why not."""
+def kvm_access(
+    dev_root: Path, identity: ProbeIdentity, scanned: DeviceNodes | None = None
+) -> KvmAccess:
+    """Decide whether a probe can use KVM (*scanned*: see :func:`launch_group_refusal`). Raises
+    nothing; the answer says why not."""
     node = dev_root / "kvm"
     try:
         st = os.stat(node)
@@ -242,7 +260,9 @@ def kvm_access(dev_root: Path, identity: ProbeIdentity) -> KvmAccess:
         return KvmAccess(True, node)
     # Through its group only when the probe user's policy allows that group for a launch (a
     # node left root:disk must not give QEMU the disk group); else the node is lent.
-    if mode & 0o060 == 0o060 and not launch_group_refusal(st.st_gid, dev_root, KVM_GROUPS, {node}):
+    if mode & 0o060 == 0o060 and not launch_group_refusal(
+        st.st_gid, dev_root, KVM_GROUPS, {node}, scanned
+    ):
         return KvmAccess(True, node, group=st.st_gid)
     return KvmAccess(True, node, needs_grant=True)
 
