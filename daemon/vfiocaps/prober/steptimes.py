@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-LAUNCHES = "launches"  # the step of the QEMU launches and the decisions between them
+LAUNCHES = "launches"  # the QEMU launches' own time (what a probe's launch records hold)
 
 
 class StepClock:
@@ -26,6 +26,13 @@ class StepClock:
         self._mark = now
         self.steps[name] = self.steps.get(name, 0.0) + seconds
         return seconds
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Count up to *seconds* of the step *source* as the step *target* (a step inside it
+        that is timed apart), never more than *source* holds."""
+        moved = max(0.0, min(seconds, self.steps.get(source, 0.0)))
+        self.steps[source] = self.steps.get(source, 0.0) - moved
+        self.steps[target] = self.steps.get(target, 0.0) + moved
 
     def elapsed(self) -> float:
         """Seconds since the clock started."""
