@@ -121,7 +121,7 @@ def test_a_device_removed_during_its_probe_does_not_fail_its_type(lab: Lab) -> N
     lab.overrides({"devices": {RACER: {"fault": {"on": "realize", "pause_seconds": 15}}}})
     daemon = lab.start("--probe-retry-seconds", "600")
     lab.host.add_instance("mtty", "mtty-1", uuid=RACER)
-    wait_until(lambda: qemu_pids(lab), 60, "the probe QEMU")
+    wait_until(lambda: qemu_pids(lab, RACER), 60, "the probe QEMU")
     lab.host.remove_instance(RACER)
     wait_until(lambda: not qemu_pids(lab), 60, "the probe to fail")
     lab.overrides({})

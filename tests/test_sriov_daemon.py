@@ -41,8 +41,8 @@ def host(lab: Lab) -> SriovMockHost:
 
 def probe_type(lab: Lab, parent: str, type_id: str, check: bool = True) -> Any:
     out = busctl(
-        lab.bus.address, "call", "--json=short", BUS_NAME, ROOT_PATH, MANAGER, "ProbeType",
-        "ss", parent, type_id, timeout=120, check=check,
+        lab.bus.address, "call", "--json=short", "--timeout=110", BUS_NAME, ROOT_PATH, MANAGER,
+        "ProbeType", "ss", parent, type_id, timeout=120, check=check,
     )  # fmt: skip
     if not check:
         return out

@@ -130,14 +130,20 @@ class PrivateBus:
 def busctl(
     address: str, *args: str, check: bool = True, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``busctl`` against *address*."""
-    return subprocess.run(
+    """Run the real ``busctl`` against *address*; with *check*, a failure is an AssertionError
+    that carries busctl's own message (the D-Bus error, or its timeout)."""
+    done = subprocess.run(
         ["busctl", f"--address={address}", *args],
         capture_output=True,
         text=True,
-        check=check,
+        check=False,
         timeout=timeout,
     )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"busctl {' '.join(args)} exited with {done.returncode}: {done.stderr.strip()[:2000]}"
+        )
+    return done
 
 
 def match_rules(address: str) -> int:

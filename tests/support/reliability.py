@@ -65,9 +65,21 @@ def daemon_pid(daemon: DaemonProcess) -> int:
     raise AssertionError(f"no vfiocapsd process below {daemon.process.pid}")
 
 
-def qemu_pids(lab: Lab) -> list[int]:
-    """Live processes running this lab's QEMU binary."""
-    return [pid for pid in all_pids() if str(lab.qemu) in cmdline(pid)[:2]]
+# The daemon's questions about the binary itself (its version, vfio-pci's properties): short QEMU
+# starts that are no probe.
+IDENTITY_ARGUMENTS = {"-version", "vfio-pci,help"}
+
+
+def qemu_pids(lab: Lab, naming: str = "") -> list[int]:
+    """Live probe processes of this lab's QEMU binary (not the daemon's questions about the
+    binary); with *naming*, only those with an argument that contains it (a device's UUID)."""
+    return [
+        pid
+        for pid in all_pids()
+        if str(lab.qemu) in (line := cmdline(pid))[:2]
+        and not IDENTITY_ARGUMENTS.intersection(line)
+        and (not naming or any(naming in argument for argument in line))
+    ]
 
 
 def zombie_children(pid: int) -> list[int]:
