@@ -1,4 +1,5 @@
-"""The layering rules of docs/architecture.md: which part of the daemon may import which."""
+"""The layering rules of docs/architecture.md: which part of the daemon may import which, and
+how large a module or a class may grow."""
 
 from __future__ import annotations
 
@@ -125,3 +126,17 @@ def test_the_rules_name_only_parts_that_exist() -> None:
     assert named <= parts, f"rules for parts that do not exist: {sorted(named - parts)}"
     unplaced = parts - named - FOUNDATION
     assert not unplaced, f"parts with no layer: {sorted(unplaced)}"
+
+
+MODULE_LINES = 450  # no module of the daemon past this
+CLASS_LINES = 350  # no class past this
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.stem)
+def test_no_module_or_class_is_past_its_size(path: Path) -> None:
+    text = path.read_text()
+    assert len(text.splitlines()) <= MODULE_LINES, f"{path.name}: split it (docs/architecture.md)"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+            size = node.end_lineno - node.lineno + 1
+            assert size <= CLASS_LINES, f"{path.name}: class {node.name} is {size} lines"

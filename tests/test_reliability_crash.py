@@ -35,9 +35,15 @@ MIGRATIONS = {"supported", "unsupported", "unknown"}
 
 
 def check_database(path: os.PathLike[str]) -> tuple[int, int]:
-    """Integrity and whole rows; returns (capability records, history rows)."""
+    """Integrity and whole rows; returns (capability records, history rows). A daemon killed
+    between creating the file and its first migration's commit leaves a database of schema 0
+    with no table at all: whole, and migrated at the next start."""
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        if db.execute("PRAGMA user_version").fetchone() == (0,):
+            tables = db.execute("SELECT name FROM sqlite_master").fetchall()
+            assert tables == [], f"schema 0 with tables: {tables}"
+            return 0, 0
         rows = db.execute(
             "SELECT driver, type_id, outcome, error, probed_at_us, retry_at_us, document "
             "FROM capabilities"
