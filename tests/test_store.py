@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from dataclasses import replace
@@ -382,3 +383,20 @@ async def test_unopenable_directory_is_a_store_error(tmp_path: Path) -> None:
         await store.open()
     with pytest.raises(StoreUnavailableError):
         await store.load_records()
+
+
+async def test_a_call_while_a_new_store_opens_waits_for_its_tables(tmp_path: Path) -> None:
+    """The QEMU binary is asked while a new cache is created: what it stores must not meet a
+    connection whose tables do not exist yet."""
+    store = CapabilityStore(tmp_path / "c.sqlite")
+    opening = asyncio.ensure_future(store.open())
+    try:
+        while not store.is_open:  # the connection exists; its migration may not have run
+            await asyncio.sleep(0)
+        binary = QemuBinary("/q", "10.0.3", 1, 2)
+        await store.remember_qemu_binary(binary)
+        await opening
+        assert await store.qemu_binary("/q", 1, 2) == binary
+    finally:
+        await asyncio.gather(opening, return_exceptions=True)
+        await store.close()

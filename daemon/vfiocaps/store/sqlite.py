@@ -75,12 +75,15 @@ class CapabilityStore:
         Raises:
             StoreUnavailableError: the file or its directory cannot be created or opened at all.
         """
-        try:
-            await self._open_checked()
-        except StoreCorruptError as err:
-            await self._close_quietly()
-            self._file.move_aside(str(err))
-            await self._open_checked()
+        # Under the lock: a read or write that comes meanwhile (the QEMU binary's, asked while
+        # a new cache is created) waits for the migrated database instead of finding no table.
+        async with self._lock:
+            try:
+                await self._open_checked()
+            except StoreCorruptError as err:
+                await self._close_quietly()
+                self._file.move_aside(str(err))
+                await self._open_checked()
 
     async def _open_checked(self) -> None:
         try:
