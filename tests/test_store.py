@@ -391,8 +391,11 @@ async def test_a_call_while_a_new_store_opens_waits_for_its_tables(tmp_path: Pat
     store = CapabilityStore(tmp_path / "c.sqlite")
     opening = asyncio.ensure_future(store.open())
     try:
-        while not store.is_open:  # the connection exists; its migration may not have run
+        for _ in range(100_000):  # until the connection exists; its migration may not have run
+            if store.is_open:
+                break
             await asyncio.sleep(0)
+        assert store.is_open
         binary = QemuBinary("/q", "10.0.3", 1, 2)
         await store.remember_qemu_binary(binary)
         await opening
