@@ -30,6 +30,7 @@ FOUNDATION = frozenset(
         "directories",
         "config",
         "process",
+        "forked",
         "qemubinary",
         "hostpaths",
         "tasks",

@@ -157,6 +157,8 @@ GVTG = ParentSpec(
 PARENTS = {spec.module: spec for spec in (MTTY, MDPY, MBOCHS, NVIDIA, GVTG)}
 # Type directory names sysfs may hold beyond the samples' plain ones: printable names with
 # punctuation and spaces (taken everywhere), and one with a newline (refused everywhere).
+# Not any driver's types: names a driver could register (the mdev core takes any kobject name,
+# that is anything without a "/"), to hold every layer to one rule of what a type id may be.
 ODD_TYPES: dict[str, tuple[TypeSpec, ...]] = {
     "mtty": (
         TypeSpec("type~1", "tilde", 2),
