@@ -332,7 +332,10 @@ def test_opt_in_probes_every_profile_on_a_free_vf_and_clears_each(lab: Lab) -> N
         probed = {key[1] for key, t in listed.items() if t["Probed"]}
         return cleared and probed == {"1060", "1061", "1062"}
 
-    wait_until(settled, 120, "every profile probed and cleared", 0.5)
+    try:
+        wait_until(settled, 120, "every profile probed and cleared", 0.5)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; the daemon's log:\n{daemon.log()[-6000:]}") from err
     assert manager_property(lab.bus, "ProbeCount") == 3
     # The MIG-backed one needs a GPU instance first: never set, never probed.
     assert list_types(lab.bus)[(H100.address, "1070")]["Probed"] is False
