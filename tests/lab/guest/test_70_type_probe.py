@@ -12,9 +12,10 @@ from labkit import Daemon, MdevLab
 DROP_IN = Path("/run/systemd/system/vfiocapsd.service.d/50-probe-types.conf")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def writable_sysfs(daemon: Daemon) -> Iterator[None]:
-    """The drop-in the README documents for creating instances: sysfs devices writable."""
+    """The drop-in the README documents for creating instances: sysfs devices writable (one
+    daemon restart with it for every type of this module, one without it after)."""
     DROP_IN.parent.mkdir(parents=True, exist_ok=True)
     DROP_IN.write_text("[Service]\nReadWritePaths=/sys/devices\n")
     subprocess.run(["systemctl", "daemon-reload"], check=True, timeout=60)

@@ -1,8 +1,9 @@
-"""Probes yield to VMs: an instance of an unprobed type is created and a libvirt VM started on it
-at once, once per sample driver (`--races N` for N rounds), with the vfiocaps hook: every start
-succeeds, and every device gets its answer once the VM is gone, without anyone asking again.
-Without the hook the starts that fail are counted, not judged, and only when asked
-(`tests/lab/run -- -m measure -k race --races 5`).
+"""Probes yield to VMs: instances of unprobed types are created and a libvirt VM started on them
+at once, with the vfiocaps hook: every start succeeds, and every device gets its answer once the
+VM is gone, without anyone asking again. With the hook, each round (`--races N` for N rounds) is
+one VM holding a new instance of every sample driver, so the hook holds several devices of one
+domain at once. Without the hook each driver gets its own VM in each round, and the starts that
+fail are counted, not judged, and only when asked (`tests/lab/run -- -m measure -k race --races 5`).
 Runs last: it removes and re-creates (with the same UUIDs) the instances of the types it races
 on."""
 
@@ -29,8 +30,8 @@ WORKDIR = Path("/var/tmp/vfiocaps-lab-race")
 ANSWER_SECONDS = 240.0  # with the hook: the answer is a must
 BARE_ANSWER_SECONDS = 30.0  # without: recorded, not judged (a failed probe retries after 30 s)
 RACES: list[dict[str, Any]] = []
-# Up to 15 races (--races 5) of a VM start, a probe and a stop each: far beyond the suite's 900 s
-# per test under TCG on a loaded host.
+# Up to 15 races (--races 5 without the hook) of a VM start, a probe and a stop each: far beyond
+# the suite's 900 s per test under TCG on a loaded host.
 RACE_TIMEOUT = 5400
 
 
@@ -88,51 +89,63 @@ def race(
     libvirt: Libvirt,
     daemon: Daemon,
     mdevs: MdevLab,
-    module: str,
-    type_id: str,
+    types: list[tuple[str, str]],
     name: str,
     answer_seconds: float,
-) -> dict[str, Any]:
-    """Drop the driver's answers, create an instance and start a VM on it at once; stop it and
-    wait for the device's answer."""
-    mdev_uuid = str(uuid.uuid4())
+) -> list[dict[str, Any]]:
+    """Drop the answers of the drivers of *types* ([(module, type id)]), create an instance of
+    each and start one VM on all of them at once; stop it and wait for every device's answer.
+    One record per device, each with the VM's start."""
+    created = [(module, type_id, str(uuid.uuid4())) for module, type_id in types]
     WORKDIR.mkdir(parents=True, exist_ok=True)
     xml_file = WORKDIR / f"{name}.xml"
-    xml_file.write_text(domain(name, DomainParts(hostdevs=[hostdev(mdev_uuid)])))
+    parts = DomainParts(hostdevs=[hostdev(mdev_uuid) for _, _, mdev_uuid in created])
+    xml_file.write_text(domain(name, parts))
     assert libvirt.virsh("define", str(xml_file), check="race: define").ok
-    daemon.manager("Invalidate", "s", module)
-    create = mdevs.parent_dir(module) / "mdev_supported_types" / type_id / "create"
-    create.write_text(mdev_uuid)
+    for module, _, _ in created:
+        daemon.manager("Invalidate", "s", module)
+    for module, type_id, mdev_uuid in created:
+        create = mdevs.parent_dir(module) / "mdev_supported_types" / type_id / "create"
+        create.write_text(mdev_uuid)
     started = libvirt.virsh("start", name, check=f"race: {name} start")
-    running: tuple[str, str] = ("", "")
+    running: dict[str, tuple[str, str]] = {}
     if started.ok:
-        time.sleep(3)  # the VM runs: the daemon must leave the device alone
-        running = state(daemon, mdev_uuid)
+        time.sleep(3)  # the VM runs: the daemon must leave its devices alone
+        running = {mdev_uuid: state(daemon, mdev_uuid) for _, _, mdev_uuid in created}
     libvirt.virsh("destroy", name, check="race: destroy", timeout=120)
     began = time.monotonic()
+
+    def answered() -> bool:
+        return all(state(daemon, mdev_uuid)[0] == "done" for _, _, mdev_uuid in created)
+
     with contextlib.suppress(AssertionError):
-        wait_for(lambda: state(daemon, mdev_uuid)[0] == "done", answer_seconds, "the answer", 1.0)
-    answer = state(daemon, mdev_uuid)
+        wait_for(answered, answer_seconds, "the answers", 1.0)
+    waited = round(time.monotonic() - began, 1)
+    answers = {mdev_uuid: state(daemon, mdev_uuid) for _, _, mdev_uuid in created}
     libvirt.virsh("undefine", name, check="cleanup", timeout=120)
-    if (SYSFS / "bus/mdev/devices" / mdev_uuid).exists():
-        mdevs.remove(mdev_uuid)
-    return {
-        "domain": name,
-        "module": module,
-        "type": type_id,
-        "uuid": mdev_uuid,
-        "started": started.ok,
-        "start_seconds": round(started.seconds, 2),
-        "start_error": "" if started.ok else started.message()[-400:],
-        "state_while_running": list(running),
-        "answer": list(answer),
-        "answer_seconds_after_stop": round(time.monotonic() - began, 1),
-    }
+    for _, _, mdev_uuid in created:
+        if (SYSFS / "bus/mdev/devices" / mdev_uuid).exists():
+            mdevs.remove(mdev_uuid)
+    return [
+        {
+            "domain": name,
+            "module": module,
+            "type": type_id,
+            "uuid": mdev_uuid,
+            "started": started.ok,
+            "start_seconds": round(started.seconds, 2),
+            "start_error": "" if started.ok else started.message()[-400:],
+            "state_while_running": list(running.get(mdev_uuid, ("", ""))),
+            "answer": list(answers[mdev_uuid]),
+            "answer_seconds_after_stop": waited,
+        }
+        for module, type_id, mdev_uuid in created
+    ]
 
 
 @pytest.fixture(scope="module")
 def trials(request: pytest.FixtureRequest) -> int:
-    """Races per driver: the suite's --races."""
+    """Rounds of races: the suite's --races."""
     wanted = int(request.config.getoption("races"))
     if wanted < 1:
         raise pytest.UsageError("--races must be at least 1")
@@ -157,8 +170,8 @@ def test_starts_race_probes_without_the_hook(
         restart_libvirtd(libvirt)
         for index, module, type_id in rounds(race_types, trials):
             name = f"{DOMAIN_PREFIX}race-bare-{type_id}-{index}"
-            found = race(libvirt, daemon, mdevs, module, type_id, name, BARE_ANSWER_SECONDS)
-            RACES.append({"hook": False, **found})
+            found = race(libvirt, daemon, mdevs, [(module, type_id)], name, BARE_ANSWER_SECONDS)
+            RACES.extend({"hook": False, **record} for record in found)
             save()
     finally:
         HOOK_PARKED.rename(HOOK)
@@ -172,18 +185,19 @@ def test_starts_race_probes_without_the_hook(
 def test_with_the_hook_every_start_succeeds_and_every_device_is_answered(
     race_types: dict[str, str], trials: int, daemon: Daemon, mdevs: MdevLab, libvirt: Libvirt
 ) -> None:
+    # libvirtd has read the hook: the libvirt fixture restarted it after the package installed it,
+    # and the test without the hook restarts it with the hook back in place.
     assert os.access(HOOK, os.X_OK), "the libvirt hook is not installed executable"
-    restart_libvirtd(libvirt)
-    runs = []
-    for index, module, type_id in rounds(race_types, trials):
-        name = f"{DOMAIN_PREFIX}race-hook-{type_id}-{index}"
-        found = race(libvirt, daemon, mdevs, module, type_id, name, ANSWER_SECONDS)
-        runs.append({"hook": True, **found})
-        RACES.append(runs[-1])
+    runs: list[dict[str, Any]] = []
+    for index in range(trials):
+        name = f"{DOMAIN_PREFIX}race-hook-{index}"
+        found = race(libvirt, daemon, mdevs, list(race_types.items()), name, ANSWER_SECONDS)
+        runs += [{"hook": True, **record} for record in found]
+        RACES.extend(runs[-len(found) :])
         save()
     failed = [(r["domain"], r["start_error"]) for r in runs if not r["started"]]
     assert failed == [], failed
     unanswered = [(r["domain"], r["answer"]) for r in runs if r["answer"][0] != "done"]
     assert unanswered == [], unanswered
     held = [r for r in runs if "held by domain" in r["state_while_running"][1]]
-    print(f"with the hook: {len(runs)} of {len(runs)} starts succeeded, {len(held)} held")
+    print(f"with the hook: {trials} of {trials} starts succeeded, {len(held)} of {len(runs)} held")
