@@ -120,6 +120,25 @@ def test_arguments_that_are_not_utf8_get_one_line(
         assert err.count("\n") == 1
 
 
+def test_control_characters_in_arguments_are_shown_escaped_on_one_line(tmp_path: Path) -> None:
+    """A newline or an escape in a word argparse rejects is written as its escape: the error
+    stays one line and moves no cursor (both programs parse with vfiocaps.cmdline)."""
+    dirs = ["--cache-dir", str(tmp_path / "cache"), "--runtime-dir", str(tmp_path / "run")]
+    for program, argv in (
+        ("vfiocapsctl", [*CTL, "--bus-address", "unix:path=/nonexistent", "status", "\n\x01"]),
+        ("vfiocapsctl", [*CTL, "--timeout", "\x1b[2J"]),
+        ("vfiocapsd", [*DAEMON, *dirs, "\n\x01"]),
+        ("vfiocapsd", [*DAEMON, *dirs, "--probe-timeout", "\x1b]0;x\x07"]),
+    ):
+        result = run(argv)
+        err = one_line_error(result, program)
+        assert result.returncode == 2, err
+        assert not {"\x1b", "\x01", "\x07"} & set(err), err
+        message = [line for line in err.splitlines() if line.startswith(f"{program}: ")]
+        assert len(message) == 1, err
+        assert "\\n" in message[0] or "\\x1b" in message[0], err
+
+
 def test_a_missing_or_malformed_bus_address_is_one_line_in_both_programs(tmp_path: Path) -> None:
     dirs = ["--cache-dir", str(tmp_path / "cache"), "--runtime-dir", str(tmp_path / "run")]
     cases: list[tuple[list[str | bytes], dict[str, str]]] = [

@@ -36,6 +36,7 @@ FOUNDATION = frozenset(
         "tasks",
         "ledger",
         "runstate",
+        "cmdline",
     }
 )
 # Pure renderings of an answer: no I/O of the daemon's, usable by the daemon and by vfiocapsctl.

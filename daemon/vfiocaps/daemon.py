@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .app import serve
+from .cmdline import EXIT_USAGE, Parser
 from .config import (
     DEFAULT_PROBE_USER,
     BusChoice,
@@ -33,7 +34,6 @@ log = logging.getLogger("vfiocaps")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def _absolute(value: str) -> Path:
@@ -45,7 +45,7 @@ def _absolute(value: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vfiocapsd`` command line."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vfiocapsd",
         description="Probe VFIO devices for display, GL and migration, cache the results, "
         "and serve them on D-Bus as org.vfiocaps.",

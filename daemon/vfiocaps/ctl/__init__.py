@@ -12,6 +12,7 @@ from typing import Any
 from .. import __version__
 from ..bus.connection import close_bus, connect_bus
 from ..client import ClientError, VfiocapsClient
+from ..cmdline import EXIT_USAGE, Parser
 from ..config import BusChoice
 from ..domainxml import Viewer
 from ..errors import VfiocapsError
@@ -25,7 +26,6 @@ from .exits import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNDECIDED,
-    EXIT_USAGE,
     exit_status_of,
 )
 from .probe import add_probe_parser, positive_seconds, probe_command
@@ -35,16 +35,6 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON (default: text)"
     )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with the program's prefix and what to do on every command-line error."""
-
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        program, _, command = self.prog.partition(" ")
-        where = f"{command}: " if command else ""
-        self.exit(EXIT_USAGE, f"{program}: {where}{message} (see '{self.prog} --help')\n")
 
 
 def _viewer_option(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +49,7 @@ def _viewer_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vfiocapsctl`` command line."""
-    parser = _Parser(
+    parser = Parser(
         prog="vfiocapsctl",
         description="Ask vfiocapsd what VFIO devices can do: display, GL, migration.",
         epilog=EXIT_CODES,
@@ -90,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vfiocapsctl {__version__}")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
     _json_flag(commands.add_parser("status", help="the daemon's state"))
     _json_flag(commands.add_parser("list", help="every device and its capabilities"))
@@ -151,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_migration_parser(commands: Any) -> None:
     migration = commands.add_parser("migration", help="migration compatibility between hosts")
     verbs = migration.add_subparsers(
-        dest="verb", required=True, metavar="VERB", parser_class=_Parser
+        dest="verb", required=True, metavar="VERB", parser_class=Parser
     )
     made = verbs.add_parser(
         "fingerprint", help="what must match on another host for this device's state to load"

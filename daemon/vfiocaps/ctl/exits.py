@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..bus.errors import ERROR_NAMES
+from ..cmdline import EXIT_USAGE
 from ..errors import (
     BusError,
     BusyError,
@@ -19,7 +20,6 @@ from ..errors import (
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_BUSY = 4
 EXIT_NOT_FOUND = 5
